@@ -1,0 +1,38 @@
+# twinarm — a new user needs two commands: `make demo` and `make test` (each runs `make setup` itself).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# setup is redone only when the dependency pins change
+STAMP := $(VENV)/.setup-$(shell cat pyproject.toml requirements.lock 2>/dev/null | sha256sum | cut -c1-16)
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PYTHONDONTWRITEBYTECODE := 1
+
+.DEFAULT_GOAL := help
+.PHONY: help setup demo test test-fast ui bench-grader bench-rl faults clean-home
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+setup: $(STAMP) ## create .venv and install the pinned environment (idempotent; instant when done)
+
+$(STAMP): pyproject.toml requirements.lock
+	@$(PYTHON) scripts/check_python.py
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	@rm -f $(VENV)/.setup-*
+	@touch $@
+	@echo "environment ready: $(VENV)"
+
+demo: setup ## run the embedded demo ablation (arith world, tiny model, CPU) and print where results are
+	$(BIN)/twinarm run configs/demo.yaml
+
+test: setup ## run the whole test suite (unit + end-to-end demo-sized runs)
+	$(BIN)/python -m pytest -q
+
+test-fast: setup ## unit tests only (skips the end-to-end runs)
+	$(BIN)/python -m pytest -q -m "not e2e"
+
+clean-home: ## delete .twinarm/ (all runs, lineage, MLflow store)
+	rm -rf .twinarm

@@ -1,0 +1,567 @@
+"""The ablation spec (DESIGN §2): one typed document, `base` shared by every arm, arms as declared overrides.
+
+Load with `load_spec(path)`; it raises SpecError with messages that name the file, the line, the dotted key and
+what was expected. `resolve_arm(spec, arm)` applies an arm's overrides over `base` and re-validates.
+`stage_config(resolved, stage)` is the slice of the resolved config a stage may read: its hash is the stage's
+cache key, so a stage can never depend on a key that does not invalidate its cache.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from infra.errors import SpecError
+from infra.hashing import hash_json
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors; assignment is validated too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------- executor / compute
+
+class VerlSpec(Strict):
+    """Cluster executor settings (verl on Ray); only read when executor.kind == 'verl'."""
+
+    nnodes: int = Field(1, ge=1)
+    n_gpus_per_node: int = Field(8, ge=1)
+    rollout_engine: Literal["vllm", "sglang", "hf"] = "vllm"
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.6, gt=0, le=1)
+    extra_overrides: list[str] = Field(default_factory=list,
+                                       description="raw hydra overrides appended to verl's command line")
+
+
+class ComputeSpec(Strict):
+    """What changes numerics (part of every training stage's cache key)."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+
+class ExecutorSpec(Strict):
+    """Where the arms run. Placement keys (ray, cpus) do not change results and are not in cache keys."""
+
+    kind: Literal["local", "verl"] = "local"
+    compute: ComputeSpec = ComputeSpec()
+    use_ray: bool = True
+    ray_address: str | None = Field(None, description="Ray cluster address; None = RAY_ADDRESS or a local instance")
+    cpus_per_arm: float = Field(1, gt=0)
+    gpus_per_arm: float = Field(0, ge=0)
+    torch_threads: int | None = Field(None, ge=1)
+    verl: VerlSpec = VerlSpec()
+
+
+# ---------------------------------------------------------------- data
+
+class DataSourceSpec(Strict):
+    """Where a dataset comes from: the generated arith world, a local file, or the HF hub."""
+
+    kind: Literal["arith", "file", "hub"] = "arith"
+    path: str | None = Field(None, description="file: a .parquet or .jsonl path; hub: the dataset id")
+    split: str | None = None
+    revision: str | None = None
+
+    @model_validator(mode="after")
+    def _path_given(self) -> "DataSourceSpec":
+        if self.kind in ("file", "hub") and not self.path:
+            raise ValueError(f"kind '{self.kind}' needs a path")
+        return self
+
+
+class ArithWorldSpec(Strict):
+    """Sizes and shares of the generated arithmetic world (only read for data sources of kind 'arith')."""
+
+    seed: int = 0
+    n_base: int = Field(20000, ge=1, description="plain worked solutions for the base model")
+    n_sft1: int = Field(1500, ge=1)
+    n_sft2: int = Field(500, ge=0)
+    n_rl: int = Field(2000, ge=1)
+    n_val_per_domain: int = Field(24, ge=1)
+    n_heldout: int = Field(270, ge=1)
+    heldout_hard_share: float = Field(0.34, ge=0, le=1, description="share of held-out from the harder band")
+    verify_share: float = Field(0.3, ge=0, le=1, description="SFT-1 rows with a verify block on a correct step")
+    slip_share: float = Field(0.3, ge=0, le=1, description="SFT-1 rows with a slip caught by a redirect block")
+    sft2_redirect_share: float = Field(0.7, ge=0, le=1, description="SFT-2 rows whose prefix is wrong")
+    confidence_share: float = Field(0.8, ge=0, le=1, description="SFT-1 blocks that state a confidence")
+
+
+# ---------------------------------------------------------------- model
+
+class ToyModelSpec(Strict):
+    """The tiny Qwen2-architecture model and its locally trained byte-level BPE tokenizer."""
+
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(512, ge=8)
+    max_position: int = Field(320, ge=16)
+    vocab_size: int = Field(512, ge=300, description="BPE target; byte-level training may stop earlier")
+
+
+class BaseTrainingSpec(Strict):
+    """The base-model stage (toy models only): plain worked solutions until the stated val accuracy."""
+
+    seed: int = 0
+    max_steps: int = Field(2000, ge=1)
+    time_budget_s: float = Field(120, gt=0)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    warmup_steps: int = Field(50, ge=0)
+    eval_every: int = Field(250, ge=1)
+    target_val_accuracy: float = Field(0.6, ge=0, le=1, description="stop once greedy val accuracy reaches this")
+
+
+class ModelSpec(Strict):
+    source: str = Field("toy", description="'toy', a hub id (Qwen/Qwen3-8B) or a local path")
+    revision: str | None = None
+    toy: ToyModelSpec = ToyModelSpec()
+    base_training: BaseTrainingSpec = BaseTrainingSpec()
+    meta_open: str = "<|meta|>"
+    meta_close: str = "<|/meta|>"
+
+
+# ---------------------------------------------------------------- SFT
+
+class SFTSpec(Strict):
+    sft1: DataSourceSpec = DataSourceSpec()
+    sft2: DataSourceSpec | None = DataSourceSpec()
+    strip_meta: bool = Field(False, description="train on the no-meta twin (control arms)")
+    epochs: int = Field(2, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    grad_clip: float = Field(1.0, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_length: int = Field(256, ge=16)
+
+
+# ---------------------------------------------------------------- RL
+
+class PMIShiftParams(Strict):
+    scale: float = 1.0
+    kappa: float = Field(2.0, gt=0)
+    save_bonus: float = 1.0
+    derail_penalty: float = 2.0
+    eps: float = Field(0.0, ge=0)
+
+
+class PMIParams(Strict):
+    aggregate: Literal["sum", "mean"] = "sum"
+    clip: float = Field(2.0, gt=0)
+    placebo: bool = False
+
+
+class GMParams(Strict):
+    clip: float = Field(2.0, gt=0)
+
+
+class AsymCFParams(Strict):
+    alpha: float = 1.0
+    beta: float = 2.5
+    gamma: float = 0.5
+    cap: float = Field(1.0, gt=0)
+    margin: float = 0.1
+    saturated: float = 0.99
+
+
+class MASAParams(Strict):
+    difficulty_base: float = Field(0.01, gt=0, lt=1)
+    gate_std: float = Field(0.1, ge=0)
+    cutoff_factor: float = Field(2.0, gt=0)
+
+
+class SignalParams(Strict):
+    pmishift: PMIShiftParams = PMIShiftParams()
+    pmi: PMIParams = PMIParams()
+    gm: GMParams = GMParams()
+    asym_cf: AsymCFParams = AsymCFParams()
+    masa: MASAParams = MASAParams()
+
+
+HEADS = ("correctness", "meta", "calibration", "format", "emission")
+REGIONS = ("answer", "meta", "confidence", "format")
+
+
+def _default_routing() -> dict[str, dict[str, float]]:
+    # Which token regions each head's advantage reaches. Correctness reaches the whole response (plain GRPO).
+    return {
+        "correctness": {"answer": 1.0, "meta": 1.0, "confidence": 1.0, "format": 1.0},
+        "meta": {"answer": 0.0, "meta": 1.0, "confidence": 0.0, "format": 1.0},
+        "calibration": {"answer": 0.0, "meta": 0.0, "confidence": 1.0, "format": 0.0},
+        "format": {"answer": 0.0, "meta": 0.0, "confidence": 0.0, "format": 1.0},
+        "emission": {"answer": 0.0, "meta": 0.0, "confidence": 0.0, "format": 1.0},
+    }
+
+
+class HeadsSpec(Strict):
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {"correctness": 1.0, "meta": 1.0, "calibration": 0.0, "format": 0.0,
+                                 "emission": 0.0})
+    routing: dict[str, dict[str, float]] = Field(default_factory=_default_routing)
+    warmup_steps: dict[str, int] = Field(
+        default_factory=lambda: {"correctness": 0, "meta": 0, "calibration": 0, "format": 0, "emission": 0},
+        description="linear ramp of each head's weight from 0 over this many RL steps")
+
+    @model_validator(mode="after")
+    def _known_names(self) -> "HeadsSpec":
+        for field in ("weights", "routing", "warmup_steps"):
+            unknown = set(getattr(self, field)) - set(HEADS)
+            if unknown:
+                raise ValueError(f"{field}: unknown head(s) {sorted(unknown)}; heads are {list(HEADS)}")
+        for head, regions in self.routing.items():
+            unknown = set(regions) - set(REGIONS)
+            if unknown:
+                raise ValueError(f"routing.{head}: unknown region(s) {sorted(unknown)}; regions are {list(REGIONS)}")
+        return self
+
+
+class RLSpec(Strict):
+    data: DataSourceSpec = DataSourceSpec()
+    val: DataSourceSpec = DataSourceSpec()
+    reward: str = Field("vanilla", description="reward signal from the registry: vanilla, pmishift, pmi, gm, cf, "
+                                               "asym_cf, masa")
+    signal: SignalParams = SignalParams()
+    heads: HeadsSpec = HeadsSpec()
+    adv_norm_std: bool = Field(False, description="divide group-centred advantages by the group std (every arm alike)")
+    lr: float = Field(1e-6, gt=0)
+    lr_warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    batch_size: int = Field(64, ge=1, description="prompts per step")
+    mini_batch_size: int = Field(8, ge=1, description="prompts per PPO mini-batch")
+    n: int = Field(8, ge=1, description="samples per prompt")
+    temperature: float = Field(0.6, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    clip_low: float = Field(0.2, ge=0)
+    clip_high: float = Field(0.28, ge=0)
+    kl_coef: float = Field(0.0, ge=0)
+    loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
+    max_prompt_length: int = Field(1024, ge=8)
+    max_response_length: int = Field(4096, ge=8)
+    steps: int = Field(300, ge=1)
+    save_freq: int = Field(50, ge=1)
+    test_freq: int = Field(10, ge=1)
+    val_temperature: float = Field(0.0, ge=0, description="0 = greedy validation")
+    val_n: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _batches(self) -> "RLSpec":
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of mini_batch_size "
+                             f"{self.mini_batch_size}")
+        return self
+
+
+# ---------------------------------------------------------------- grader / eval
+
+class GraderSpec(Strict):
+    backend: Literal["math_verify"] = "math_verify"
+    timeout_s: float = Field(5.0, gt=0, description="hard per-item timeout; a timeout grades as incorrect")
+    workers: int = Field(2, ge=1)
+    float_rounding: int = Field(6, ge=0)
+
+
+class EvalSpec(Strict):
+    heldout: str = Field("datasets/heldout-1030.yaml", description="a held-out manifest path, or 'arith'")
+    data_dir: str | None = Field(None, description="local directory with the held-out files (else the hub)")
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    n: int = Field(8, ge=1)
+    n_per_suite: dict[str, int] = Field(default_factory=lambda: {"aime24": 16})
+    seed: int = 0
+    max_new_tokens: int = Field(4096, ge=8)
+    sweep: bool = Field(True, description="score every saved checkpoint on the val mix")
+    bootstrap_resamples: int = Field(1000, ge=10)
+    ece_bins: int = Field(15, ge=2)
+
+
+class BaseSpec(Strict):
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    executor: ExecutorSpec = ExecutorSpec()
+    world: ArithWorldSpec = ArithWorldSpec()
+    model: ModelSpec = ModelSpec()
+    sft: SFTSpec = SFTSpec()
+    rl: RLSpec = RLSpec()
+    grader: GraderSpec = GraderSpec()
+    eval: EvalSpec = EvalSpec()
+
+
+class ArmSpec(Strict):
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted keys of base -> value")
+    description: str = ""
+
+
+class ContrastSpec(Strict):
+    treatment: str
+    control: str
+    question: str = ""
+    mechanisms: list[str] = Field(default_factory=list,
+                                  description="mechanisms this contrast is declared to change (package effects)")
+
+
+class AblationSpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    base: BaseSpec = BaseSpec()
+    arms: dict[str, ArmSpec]
+    contrasts: dict[str, ContrastSpec] = Field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- mechanisms
+
+# Which mechanism a dotted key belongs to; the audit names package effects by these.
+_MECHANISMS = [
+    ("sft.strip_meta", "meta_sft"),
+    ("sft.sft1", "sft_data"),
+    ("sft.sft2", "sft_data"),
+    ("rl.reward", "meta_reward"),
+    ("rl.signal", "meta_reward"),
+    ("rl.heads", "meta_reward"),
+]
+
+
+def mechanism_of(key: str) -> str:
+    """The mechanism a differing key belongs to: a named mechanism, else the key itself (a hyperparameter)."""
+    for prefix, name in _MECHANISMS:
+        if key == prefix or key.startswith(prefix + "."):
+            return name
+    return key
+
+
+# ---------------------------------------------------------------- loading and errors
+
+def _yaml_lines(text: str) -> dict[tuple, int]:
+    """Map key paths to 1-based line numbers, so errors can point at the line."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node: yaml.Node, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                sub = path + (str(key_node.value),)
+                lines[sub] = key_node.start_mark.line + 1
+                walk(value_node, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[path + (i,)] = item.start_mark.line + 1
+                walk(item, path + (i,))
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _where(file: str, lines: dict[tuple, int], path: tuple) -> str:
+    for n in range(len(path), 0, -1):
+        if path[:n] in lines:
+            return f"{file}:{lines[path[:n]]}"
+    return file
+
+
+def _dotted(path: tuple) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _describe(err: dict) -> str:
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    got = err.get("input")
+    got_s = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
+    return f"{msg} (got {got_s})"
+
+
+def _suggest(key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _submodel(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
+    """The model class inside an annotation (X, X | None, dict[str, X]) and whether a free dict key precedes it."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, False
+    args = getattr(annotation, "__args__", ())
+    is_dict = getattr(annotation, "__origin__", None) is dict
+    for arg in args:
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg, is_dict
+    return None, False
+
+
+def _allowed_keys(model: type[BaseModel], path: tuple) -> list[str]:
+    """The field names allowed at the parent of `path`, for 'did you mean' hints."""
+    current: type[BaseModel] | None = model
+    parts = list(path[:-1])
+    while parts and current is not None:
+        field = current.model_fields.get(parts.pop(0))
+        if field is None:
+            return []
+        current, keyed = _submodel(field.annotation)
+        if keyed and parts:
+            parts.pop(0)
+    return list(current.model_fields) if current is not None else []
+
+
+def _format_validation(exc: ValidationError, file: str, lines: dict[tuple, int], prefix: tuple = (),
+                       model: type[BaseModel] = AblationSpec) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        path = prefix + tuple(p for p in err["loc"] if p not in ("function-after",))
+        dotted = _dotted(path)
+        hint = ""
+        if err["type"] == "extra_forbidden":
+            hint = _suggest(str(path[-1]), _allowed_keys(model, path))
+        problems.append(f"{_where(file, lines, path)}: {dotted}: {_describe(err)}{hint}")
+    return problems
+
+
+def load_spec(path: str | Path) -> AblationSpec:
+    """Load, validate and check an ablation spec; every arm is resolved once so bad overrides fail here."""
+    path = Path(path)
+    file = str(path)
+    if not path.is_file():
+        raise SpecError(f"{file}: spec file not found")
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{file}:{mark.line + 1}" if mark else file
+        raise SpecError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{file}: expected a mapping with keys name, base, arms, contrasts")
+    lines = _yaml_lines(text)
+    try:
+        spec = AblationSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError("invalid spec:\n  " + "\n  ".join(_format_validation(exc, file, lines))) from None
+    problems = []
+    for arm_name, arm in spec.arms.items():
+        if not arm.overrides:
+            problems.append(f"{_where(file, lines, ('arms', arm_name))}: arms.{arm_name}: an arm must declare at "
+                            f"least one override of base (an arm identical to base measures nothing)")
+            continue
+        try:
+            resolve_arm(spec, arm_name)
+        except SpecError as exc:
+            problems.append(str(exc).replace("<spec>", _where(file, lines, ("arms", arm_name, "overrides"))))
+    for c_name, contrast in spec.contrasts.items():
+        for role in ("treatment", "control"):
+            arm = getattr(contrast, role)
+            if arm not in spec.arms:
+                problems.append(f"{_where(file, lines, ('contrasts', c_name, role))}: contrasts.{c_name}.{role}: "
+                                f"unknown arm '{arm}' (arms: {', '.join(spec.arms)})")
+    if problems:
+        raise SpecError("invalid spec:\n  " + "\n  ".join(problems))
+    return spec
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted leaf keys of a nested dict (lists are leaves)."""
+    if isinstance(obj, dict) and obj:
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: obj}
+
+
+def flatten(config: BaseModel | dict) -> dict[str, Any]:
+    data = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
+    return _flatten(data)
+
+
+def resolve_arm(spec: AblationSpec, arm: str) -> BaseSpec:
+    """base with the arm's overrides applied, validated. Overriding a key base does not have is an error."""
+    if arm not in spec.arms:
+        raise SpecError(f"unknown arm '{arm}' (arms: {', '.join(spec.arms)})")
+    data = spec.base.model_dump(mode="json")
+    known = set(flatten(data))
+    prefixes = {k.rsplit(".", i)[0] for k in known for i in range(k.count(".") + 1)}
+    for key, value in spec.arms[arm].overrides.items():
+        if key not in prefixes:
+            hint = _suggest(key, sorted(prefixes))
+            raise SpecError(f"<spec>: arms.{arm}.overrides.{key}: no such key in base{hint}")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = copy.deepcopy(value)
+    try:
+        return BaseSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = [f"<spec>: arms.{arm}.overrides: {_dotted(tuple(e['loc']))}: {_describe(e)}"
+                    for e in exc.errors()]
+        raise SpecError("\n  ".join(problems)) from None
+
+
+def resolved_arms(spec: AblationSpec) -> dict[str, BaseSpec]:
+    return {arm: resolve_arm(spec, arm) for arm in spec.arms}
+
+
+def config_hash(config: BaseModel | dict) -> str:
+    """Stable under key order and re-serialisation (canonical JSON of the validated, dumped model)."""
+    data = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
+    return hash_json(data)
+
+
+def config_diff(a: BaseModel | dict, b: BaseModel | dict) -> dict[str, tuple[Any, Any]]:
+    """Leaf keys whose values differ between two configs: key -> (a value, b value)."""
+    fa, fb = flatten(a), flatten(b)
+    return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
+
+
+def declared_keys(spec: AblationSpec, arm: str) -> set[str]:
+    """Leaf keys an arm's overrides name (an override of a section names every leaf under it)."""
+    base_leaves = flatten(spec.base)
+    out = set()
+    for key in spec.arms[arm].overrides:
+        out |= {k for k in base_leaves if k == key or k.startswith(key + ".")} or {key}
+    return out
+
+
+# ---------------------------------------------------------------- stage projections
+
+# The slice of a resolved arm config each stage may read. A stage function receives only this dict, so its
+# cache key (the hash of this dict plus its inputs and code) covers everything that can change its output.
+STAGE_KEYS: dict[str, tuple[str, ...]] = {
+    "data": ("world", "sft.sft1", "sft.sft2", "rl.data", "rl.val"),
+    "base_model": ("model", "world", "executor.compute"),
+    "twins": ("model.meta_open", "model.meta_close", "sft.sft1", "sft.sft2", "world"),
+    "sft": ("sft", "executor.compute", "seed"),
+    "rl": ("rl", "grader", "executor.compute", "seed"),
+    "sweep": ("rl.val", "rl.val_temperature", "rl.val_n", "rl.max_response_length", "grader", "eval.seed",
+              "executor.compute"),
+    "heldout": ("eval", "grader", "rl.max_response_length", "executor.compute"),
+}
+
+
+def stage_config(resolved: BaseSpec, stage: str, seed: int | None = None) -> dict[str, Any]:
+    data = resolved.model_dump(mode="json")
+    data["seed"] = seed if seed is not None else resolved.seeds[0]
+    out: dict[str, Any] = {}
+    for key in STAGE_KEYS[stage]:
+        node: Any = data
+        for part in key.split("."):
+            node = node[part]
+        out[key] = node
+    return out

@@ -1,0 +1,181 @@
+"""The meta-block grammar (DESIGN §7): closed blocks, format classes, cue categories, stated confidence.
+
+Only closed blocks count: `<|meta|>` … `<|/meta|>` with no other tag between them. Confidence and the decision
+are parsed inside a closed block only. Character offsets are kept so that loss masks and token regions can be
+derived from the text without re-tokenising pieces.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+META_OPEN = "<|meta|>"
+META_CLOSE = "<|/meta|>"
+
+FormatClass = Literal["none", "wellformed", "drift", "truncation", "discard"]
+
+CUES: dict[str, tuple[str, ...]] = {
+    "verify": ("verify", "verified", "check", "checking", "checked", "recheck", "recompute", "confirm",
+               "confirmed", "double-check"),
+    "redirect": ("redirect", "wait", "instead", "redo", "fix", "fixed", "correction", "rewrite", "restart"),
+    "diagnosis": ("mistake", "wrong", "error", "slip", "sign", "precedence", "dropped", "missed", "forgot",
+                  "because"),
+    "uncertainty": ("unsure", "maybe", "perhaps", "might", "uncertain", "probably", "likely", "doubt"),
+}
+_CUE_RE = {cat: re.compile(r"(?<![\w-])(?:" + "|".join(re.escape(w) for w in words) + r")(?![\w-])", re.IGNORECASE)
+           for cat, words in CUES.items()}
+_CONFIDENCE_RE = re.compile(r"(?<![\w])confidence\s*[:=]?\s*(\d{1,3}(?:\.\d+)?)\s*(%?)", re.IGNORECASE)
+_DECISION_RE = re.compile(r"(?<![\w])decision\s*:\s*(redirect|verify)(?![\w])", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class MetaBlock:
+    """A closed block. start/end span the tags too; content_start/content_end only the inside."""
+
+    start: int
+    end: int
+    content_start: int
+    content_end: int
+    content: str
+    confidence: float | None = None
+    confidence_span: tuple[int, int] | None = None  # absolute offsets of the confidence statement
+    decision: str | None = None
+    categories: frozenset[str] = field(default_factory=frozenset)
+
+
+def _tags(text: str, open_tag: str, close_tag: str) -> list[tuple[int, str]]:
+    pattern = re.compile(re.escape(open_tag) + "|" + re.escape(close_tag))
+    return [(m.start(), "open" if m.group() == open_tag else "close") for m in pattern.finditer(text)]
+
+
+def cue_categories(content: str) -> frozenset[str]:
+    return frozenset(cat for cat, rx in _CUE_RE.items() if rx.search(content))
+
+
+def parse_confidence(content: str) -> tuple[float | None, tuple[int, int] | None]:
+    """The last stated confidence in a block's content: 0.8, 80 %, 80 → 0.8. Out of range → None."""
+    matches = list(_CONFIDENCE_RE.finditer(content))
+    if not matches:
+        return None, None
+    m = matches[-1]
+    value = float(m.group(1))
+    if m.group(2) or value > 1:
+        value /= 100
+    if not 0 <= value <= 1:
+        return None, None
+    return value, (m.start(), m.end())
+
+
+def find_blocks(text: str, open_tag: str = META_OPEN, close_tag: str = META_CLOSE) -> list[MetaBlock]:
+    """Closed blocks in order. An open tag followed by another open tag before a close is not a block."""
+    blocks = []
+    pending: int | None = None
+    for pos, kind in _tags(text, open_tag, close_tag):
+        if kind == "open":
+            pending = pos
+        elif pending is not None:
+            c0, c1 = pending + len(open_tag), pos
+            content = text[c0:c1]
+            conf, span = parse_confidence(content)
+            decision = _DECISION_RE.search(content)
+            blocks.append(MetaBlock(
+                start=pending, end=pos + len(close_tag), content_start=c0, content_end=c1, content=content,
+                confidence=conf, confidence_span=(c0 + span[0], c0 + span[1]) if span else None,
+                decision=decision.group(1).lower() if decision else None, categories=cue_categories(content)))
+            pending = None
+    return blocks
+
+
+def format_class(text: str, truncated: bool = False, max_blocks: int = 1, open_tag: str = META_OPEN,
+                 close_tag: str = META_CLOSE) -> FormatClass:
+    """none · wellformed (≤ max_blocks closed, un-nested blocks) · drift (one open, never closed) ·
+    truncation (open, cut at the length limit) · discard (anything else)."""
+    tags = _tags(text, open_tag, close_tag)
+    if not tags:
+        return "none"
+    kinds = [k for _, k in tags]
+    n_open = kinds.count("open")
+    alternating = all(k == ("open" if i % 2 == 0 else "close") for i, k in enumerate(kinds))
+    if alternating and len(kinds) % 2 == 0 and n_open <= max_blocks:
+        return "wellformed"
+    if alternating and len(kinds) % 2 == 1 and n_open <= max_blocks:
+        return "truncation" if truncated else "drift"
+    return "discard"
+
+
+def split_first_block(text: str, open_tag: str = META_OPEN, close_tag: str = META_CLOSE
+                      ) -> tuple[str, str, str] | None:
+    """y = p ∘ m ∘ c around the first closed block (m includes its tags); None when there is none."""
+    blocks = find_blocks(text, open_tag, close_tag)
+    if not blocks:
+        return None
+    b = blocks[0]
+    return text[:b.start], text[b.start:b.end], text[b.end:]
+
+
+def strip_meta(text: str, open_tag: str = META_OPEN, close_tag: str = META_CLOSE) -> str:
+    """The no-meta twin: remove whole closed blocks (tags included), then stray tags; nothing else changes."""
+    out, last = [], 0
+    for b in find_blocks(text, open_tag, close_tag):
+        out.append(text[last:b.start])
+        last = b.end
+    out.append(text[last:])
+    stripped = "".join(out)
+    return stripped.replace(open_tag, "").replace(close_tag, "")
+
+
+def has_tags(text: str, open_tag: str = META_OPEN, close_tag: str = META_CLOSE) -> bool:
+    return open_tag in text or close_tag in text
+
+
+Region = Literal["answer", "meta", "confidence", "format"]
+
+
+def char_regions(text: str, open_tag: str = META_OPEN, close_tag: str = META_CLOSE
+                 ) -> list[tuple[int, int, Region]]:
+    """Partition the text into regions for advantage routing: tags and stray tags → format, a block's
+    confidence statement → confidence, the rest of a closed block → meta, everything else → answer."""
+    spans: list[tuple[int, int, Region]] = []
+    for b in find_blocks(text, open_tag, close_tag):
+        spans.append((b.start, b.content_start, "format"))
+        if b.confidence_span:
+            spans += [(b.content_start, b.confidence_span[0], "meta"), (*b.confidence_span, "confidence"),
+                      (b.confidence_span[1], b.content_end, "meta")]
+        else:
+            spans.append((b.content_start, b.content_end, "meta"))
+        spans.append((b.content_end, b.end, "format"))
+    inside = [(s, e) for s, e, _ in spans]
+    for pos, kind in _tags(text, open_tag, close_tag):
+        tag_len = len(open_tag if kind == "open" else close_tag)
+        if not any(s <= pos < e for s, e in inside):
+            spans.append((pos, pos + tag_len, "format"))
+    spans.sort()
+    out: list[tuple[int, int, Region]] = []
+    cursor = 0
+    for s, e, region in spans:
+        if s > cursor:
+            out.append((cursor, s, "answer"))
+        if e > s:
+            out.append((s, e, region))
+        cursor = max(cursor, e)
+    if cursor < len(text):
+        out.append((cursor, len(text), "answer"))
+    return out
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last brace-balanced \\boxed{...} (also \\fbox{...}); None if there is none or it never closes."""
+    for m in reversed(list(re.finditer(r"\\(?:boxed|fbox)\s*\{", text))):
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            ch = text[i]
+            if ch == "\\" and i + 1 < len(text):
+                i += 2
+                continue
+            depth += ch == "{"
+            depth -= ch == "}"
+            i += 1
+        if depth == 0:
+            return text[m.end():i - 1]
+    return None

@@ -1,0 +1,239 @@
+"""The stage contract shared by every task, and the Session that records stages (lineage + MLflow).
+
+A stage is called with a StageCall: the slice of the resolved config it may read, its input artifacts, and the
+hash of the code it runs. Its compute key (hash of those) names its working directory and is its Prefect cache
+key, so the same computation is done once, whatever ablation or arm asks for it. Its run id adds the
+ablation/arm/seed, so each ablation's lineage names its own runs. A stage writes `stage-output.json` last,
+atomically: present means complete, and a rerun returns it without recomputing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+from infra.artifacts import ArtifactStore, atomic_write_json, clean_stale_tmp, uri_path
+from infra.code import code_version, source_hash
+from infra.errors import TwinarmError
+from infra.hashing import hash_json
+from infra.home import Home, configure_environment
+from infra.lineage import Artifact, Lineage, Run, StageRecord, utcnow
+from infra.locks import exclusive
+from infra.spec import AblationSpec, config_hash, flatten
+from infra.tracking import Tracker
+
+SHARED = "*"  # the arm of stages every arm shares (data, base model, twins, held-out job)
+
+# The packages each stage's output depends on: their sources are part of its cache key.
+STAGE_PACKAGES: dict[str, tuple[str, ...]] = {
+    "resolve": ("infra",),
+    "data": ("worlds", "sft", "evals"),
+    "base_model": ("worlds", "sft", "rl", "evals", "rewards"),
+    "twins": ("worlds", "sft"),
+    "sft": ("sft", "worlds"),
+    "rl": ("rl", "rewards", "sft", "evals", "worlds"),
+    "sweep": ("evals", "rewards", "sft", "worlds"),
+    "heldout": ("evals", "rewards", "sft", "worlds"),
+    "audit": ("audit", "infra"),
+    "report": ("evals", "audit", "infra"),
+}
+
+
+@dataclass(frozen=True)
+class StageCall:
+    home: str
+    ablation: str
+    arm: str
+    seed: int | None
+    stage: str
+    config: dict[str, Any]
+    inputs: dict[str, Artifact]
+    code: str
+    fresh: bool = False
+    mlflow_run_id: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Compute key: what the output depends on (not which ablation or arm asked)."""
+        return hash_json({"stage": self.stage, "config": self.config, "code": self.code,
+                          "inputs": {role: a.artifact_id for role, a in sorted(self.inputs.items())}})
+
+    @property
+    def run_id(self) -> str:
+        return hash_json({"ablation": self.ablation, "arm": self.arm, "seed": self.seed, "key": self.key})
+
+    @property
+    def workdir(self) -> Path:
+        return Path(self.home) / "runs" / self.stage / self.key
+
+    def input_path(self, role: str) -> Path:
+        return uri_path(self.inputs[role].uri)
+
+
+@dataclass
+class StageOutput:
+    outputs: dict[str, Artifact]
+    facts: dict[str, Any] = field(default_factory=dict)
+    metrics: list[tuple[str, float, int]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)  # small files to attach to the MLflow run
+    code_version: str = ""
+    started_at: str = ""
+    ended_at: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["metrics"] = [list(m) for m in self.metrics]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "StageOutput":
+        data = dict(data)
+        data["outputs"] = {role: Artifact(**a) for role, a in data["outputs"].items()}
+        data["metrics"] = [tuple(m) for m in data["metrics"]]
+        return cls(**data)
+
+
+def stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """Prefect cache key: the compute key of the task's StageCall."""
+    return parameters["call"].key
+
+
+def load_output(call: StageCall) -> StageOutput | None:
+    marker = call.workdir / "stage-output.json"
+    if call.fresh or not marker.exists():
+        return None
+    out = StageOutput.from_json(json.loads(marker.read_text()))
+    if any(not uri_path(a.uri).exists() for a in out.outputs.values()):
+        return None  # an output was deleted by hand: recompute
+    return out
+
+
+def run_stage(call: StageCall, body: Callable[[StageCall], StageOutput]) -> StageOutput:
+    """Run a stage body at most once per compute key: locked, resumable, completion marker written last."""
+    done = load_output(call)
+    if done is not None:
+        return done
+    call.workdir.mkdir(parents=True, exist_ok=True)
+    with exclusive(call.workdir / ".lock", f"stage '{call.stage}' ({call.key})"):
+        done = load_output(call)  # another process may have finished it while we waited
+        if done is not None:
+            return done
+        clean_stale_tmp(call.workdir)
+        started = utcnow().isoformat()
+        out = body(call)
+        out.code_version = code_version()
+        out.started_at, out.ended_at = started, utcnow().isoformat()
+        atomic_write_json(call.workdir / "stage-output.json", out.to_json())
+    return out
+
+
+def store(call: StageCall) -> ArtifactStore:
+    return ArtifactStore(Path(call.home) / "artifacts")
+
+
+class Session:
+    """The flow process's view of one ablation run: the only lineage writer, the MLflow parent run, the lock."""
+
+    def __init__(self, spec: AblationSpec, spec_file: str, fresh: bool = False, flow_run_id: str | None = None):
+        self.home: Home = configure_environment()
+        self.spec = spec
+        self.spec_file = spec_file
+        self.fresh = fresh
+        self.flow_run_id = flow_run_id
+        self.spec_hash = config_hash(spec)
+        self.lineage = Lineage(self.home.lineage_db)
+        self.store = ArtifactStore(self.home.artifacts)
+        self.status: dict[str, str] = {}  # "stage/arm/seed" -> computed | cached | failed
+        self.summaries: dict[str, dict[str, Any]] = {}
+        self._lock = None
+
+    def __enter__(self) -> "Session":
+        self._lock = exclusive(self.home.locks / f"{self.spec.name}.lock", f"ablation '{self.spec.name}'")
+        self._lock.__enter__()
+        self.lineage.init()
+        self.tracker = Tracker(self.home)
+        self.parent_run = self.tracker.parent_run(self.spec.name, self.spec_hash, self.spec.description)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.tracker.finish(self.parent_run, "FAILED" if exc_type else "FINISHED")
+        finally:
+            self._lock.__exit__(exc_type, exc, tb)
+
+    def call(self, stage: str, arm: str, seed: int | None, config: dict[str, Any],
+             inputs: dict[str, Artifact]) -> StageCall:
+        call = StageCall(home=str(self.home.root), ablation=self.spec.name, arm=arm, seed=seed, stage=stage,
+                         config=config, inputs=inputs, code=source_hash(STAGE_PACKAGES[stage]), fresh=self.fresh)
+        name = f"{arm if arm != SHARED else 'shared'}/{stage}" + (f"/seed{seed}" if seed is not None else "")
+        mlflow_id = self.tracker.child_run(self.spec.name, self.parent_run, call.run_id, name, flatten(config),
+                                           tags={"twinarm.stage": stage, "twinarm.arm": arm,
+                                                 "twinarm.seed": str(seed)})
+        self.lineage.record(self._record(call, status="running"))
+        return dataclasses.replace(call, mlflow_run_id=mlflow_id)
+
+    def _record(self, call: StageCall, status: str, out: StageOutput | None = None) -> StageRecord:
+        run = Run(run_id=call.run_id, ablation=call.ablation, arm=call.arm, stage=call.stage, seed=call.seed,
+                  config=call.config, config_hash=config_hash(call.config),
+                  code_version=out.code_version if out else code_version(), status=status,
+                  started_at=datetime.fromisoformat(out.started_at) if out and out.started_at else None,
+                  ended_at=datetime.fromisoformat(out.ended_at) if out and out.ended_at else None,
+                  flow_run_id=self.flow_run_id, mlflow_run_id=call.mlflow_run_id)
+        return StageRecord(run=run, inputs=[(a, role) for role, a in sorted(call.inputs.items())],
+                           outputs=[(a, role) for role, a in sorted((out.outputs if out else {}).items())],
+                           facts=(out.facts if out else {}))
+
+    def finish(self, call: StageCall, out: StageOutput, cached: bool) -> StageOutput:
+        """Record a completed stage: lineage (run, edges, facts) and MLflow (metrics, datasets, models, files)."""
+        self.lineage.record(self._record(call, status="completed", out=out))
+        run_id = call.mlflow_run_id
+        assert run_id is not None
+        self.tracker.log_metrics(run_id, out.metrics)
+        for role, art in sorted(out.outputs.items()):
+            if art.kind in ("dataset", "table"):
+                self.tracker.log_dataset(run_id, art, name=f"{call.stage}/{role}", context="output")
+            elif art.kind == "checkpoint":
+                self.tracker.log_model(call.ablation, run_id, art, name=f"{call.arm}-{call.stage}-{role}",
+                                       step=art.facets.get("step"))
+        for role, art in sorted(call.inputs.items()):
+            if art.kind in ("dataset", "table"):
+                self.tracker.log_dataset(run_id, art, name=role, context="input")
+        for path in out.files:
+            self.tracker.log_artifact(run_id, Path(path))
+        self.tracker.finish(run_id)
+        label = f"{call.stage}/{call.arm}" + (f"/seed{call.seed}" if call.seed is not None else "")
+        self.status[label] = "cached" if cached else "computed"
+        if out.summary:
+            self.summaries[label] = out.summary
+        return out
+
+    def fail(self, call: StageCall, exc: BaseException) -> None:
+        self.lineage.record(self._record(call, status="failed"))
+        if call.mlflow_run_id:
+            self.tracker.client.set_tag(call.mlflow_run_id, "twinarm.error",
+                                        "".join(traceback.format_exception_only(type(exc), exc))[:5000])
+            self.tracker.finish(call.mlflow_run_id, "FAILED")
+        self.status[f"{call.stage}/{call.arm}"] = "failed"
+
+
+def run_task(session: Session, task: Any, call: StageCall) -> StageOutput:
+    """Run a stage task through Prefect (cache by compute key) and record it; failures are recorded too."""
+    state = task.with_options(refresh_cache=session.fresh)(call=call, return_state=True)
+    if state.is_failed():
+        try:
+            state.result()
+        except BaseException as exc:
+            session.fail(call, exc)
+            raise
+    out = state.result()
+    return session.finish(call, out, cached=state.name == "Cached")
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise TwinarmError(message)
