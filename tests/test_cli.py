@@ -1,0 +1,37 @@
+"""The command line: exit codes 0/1/2 and one clear line instead of a traceback."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def twinarm(*args: str, home: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          env={"TWINARM_HOME": str(home), "PATH": "/usr/bin:/bin", "COLUMNS": "200"}, timeout=120)
+
+
+def test_validate_ok_and_bad_spec_exit_codes(tmp_path):
+    ok = twinarm("validate", "configs/demo.yaml", home=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "control" in ok.stdout and "pmishift" in ok.stdout and "sft.strip_meta" in ok.stdout
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nbase:\n  rl:\n    stepz: 3\narms:\n  a:\n    overrides: {rl.lr: 1.0e-5}\n")
+    res = twinarm("validate", str(bad), home=tmp_path)
+    assert res.returncode == 2
+    assert "base.rl.stepz" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_lineage_without_store_and_bad_sql(tmp_path):
+    res = twinarm("lineage", "SELECT 1", home=tmp_path / "empty")
+    assert res.returncode == 1 and "no lineage yet" in res.stderr and "Traceback" not in res.stderr
+    from infra.lineage import Lineage
+
+    Lineage(tmp_path / "h" / "lineage.duckdb").init()
+    res = twinarm("lineage", "SELEC nonsense", home=tmp_path / "h")
+    assert res.returncode == 1 and "lineage query failed" in res.stderr
+    res = twinarm("lineage", "SELECT count(*) AS n FROM runs", "--format", "csv", home=tmp_path / "h")
+    assert res.returncode == 0 and res.stdout.splitlines() == ["n", "0"]

@@ -1,0 +1,126 @@
+"""The ablation spec: errors name the file, the line and the dotted key; hashes are stable; arms resolve."""
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from infra.errors import SpecError
+from infra.spec import (config_diff, config_hash, declared_keys, load_spec, mechanism_of, resolve_arm,
+                        resolved_arms, stage_config)
+
+REPO = Path(__file__).resolve().parent.parent
+
+GOOD = """\
+name: t
+base:
+  rl:
+    lr: 2.0e-5
+    reward: pmishift
+arms:
+  control:
+    overrides: {sft.strip_meta: true, rl.reward: vanilla}
+  pmishift:
+    overrides: {rl.reward: pmishift}
+contrasts:
+  meta: {treatment: pmishift, control: control}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def error_of(path: Path) -> str:
+    with pytest.raises(SpecError) as exc:
+        load_spec(path)
+    return str(exc.value)
+
+
+def test_good_spec_resolves_arms_with_declared_differences(tmp_path):
+    spec = load_spec(write(tmp_path, GOOD))
+    arms = resolved_arms(spec)
+    assert arms["control"].sft.strip_meta is True and arms["pmishift"].sft.strip_meta is False
+    assert arms["control"].rl.lr == arms["pmishift"].rl.lr == 2e-5
+    diff = config_diff(arms["pmishift"], arms["control"])
+    assert set(diff) == {"sft.strip_meta", "rl.reward"}
+    assert diff["rl.reward"] == ("pmishift", "vanilla")
+    assert declared_keys(spec, "control") == {"sft.strip_meta", "rl.reward"}
+    assert {mechanism_of(k) for k in diff} == {"meta_sft", "meta_reward"}
+
+
+def test_unknown_key_names_file_line_and_key(tmp_path):
+    path = write(tmp_path, GOOD.replace("    lr: 2.0e-5", "    lrr: 2.0e-5"))
+    msg = error_of(path)
+    assert f"{path}:4" in msg and "base.rl.lrr" in msg and "unknown key" in msg and "did you mean 'lr'" in msg
+
+
+def test_wrong_type_names_file_key_and_expectation(tmp_path):
+    path = write(tmp_path, GOOD.replace("lr: 2.0e-5", "lr: fast"))
+    msg = error_of(path)
+    assert f"{path}:4" in msg and "base.rl.lr" in msg and "number" in msg and "'fast'" in msg
+
+
+def test_override_of_missing_key_is_refused(tmp_path):
+    path = write(tmp_path, GOOD.replace("rl.reward: vanilla}", "rl.rewrd: vanilla}"))
+    msg = error_of(path)
+    assert str(path) in msg and "arms.control.overrides.rl.rewrd" in msg and "no such key in base" in msg
+    assert "did you mean 'rl.reward'" in msg
+
+
+def test_override_with_wrong_type_is_refused(tmp_path):
+    path = write(tmp_path, GOOD.replace("sft.strip_meta: true", "sft.strip_meta: maybe"))
+    msg = error_of(path)
+    assert str(path) in msg and "arms.control.overrides" in msg and "sft.strip_meta" in msg
+
+
+def test_arm_without_overrides_is_refused(tmp_path):
+    path = write(tmp_path, GOOD.replace("    overrides: {rl.reward: pmishift}", "    description: same as base"))
+    msg = error_of(path)
+    assert f"{path}:9" in msg and "arms.pmishift" in msg and "at least one override" in msg
+
+
+def test_contrast_naming_unknown_arm_is_refused(tmp_path):
+    path = write(tmp_path, GOOD.replace("treatment: pmishift", "treatment: pmi_shift"))
+    msg = error_of(path)
+    assert f"{path}:12" in msg and "contrasts.meta.treatment" in msg and "unknown arm 'pmi_shift'" in msg
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    assert "spec file not found" in error_of(tmp_path / "nope.yaml")
+    msg = error_of(write(tmp_path, "name: t\nbase: [1,\n"))
+    assert "not valid YAML" in msg and str(tmp_path / "spec.yaml") in msg
+
+
+def test_config_hash_is_stable_under_key_order_and_reserialisation(tmp_path):
+    spec = load_spec(write(tmp_path, GOOD))
+    cfg = resolve_arm(spec, "control")
+    h = config_hash(cfg)
+    data = cfg.model_dump(mode="json")
+    reordered = json.loads(json.dumps(dict(reversed(list(data.items())))))
+    assert config_hash(reordered) == h
+    # YAML round trip of the resolved config (floats, nested dicts) gives the same hash
+    assert config_hash(type(cfg).model_validate(yaml.safe_load(yaml.safe_dump(data)))) == h
+    # and a real change does not
+    data["rl"]["lr"] = 3e-5
+    assert config_hash(data) != h
+
+
+def test_stage_config_is_the_declared_slice(tmp_path):
+    spec = load_spec(write(tmp_path, GOOD))
+    control, pmishift = resolve_arm(spec, "control"), resolve_arm(spec, "pmishift")
+    # the arms differ in sft.strip_meta and rl.reward: SFT slices differ, the base-model slice does not
+    assert stage_config(control, "base_model") == stage_config(pmishift, "base_model")
+    assert stage_config(control, "sft") != stage_config(pmishift, "sft")
+    assert stage_config(control, "sft", seed=1)["seed"] == 1
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "qwen3-8b.yaml"])
+def test_shipped_specs_validate(name):
+    spec = load_spec(REPO / "configs" / name)
+    assert len(resolved_arms(spec)) >= 2
