@@ -152,6 +152,9 @@ class PMIShiftParams(Strict):
     save_bonus: float = 1.0
     derail_penalty: float = 2.0
     eps: float = Field(0.0, ge=0)
+    position: Literal["natural", "matched"] = Field(
+        "natural", description="natural: o = B(x∘p); matched: o = B(x∘p∘placebo block), so o and c are both "
+                               "measured right after a closed block (ARITH-NOTES position confound)")
 
 
 class PMIParams(Strict):
@@ -339,7 +342,7 @@ def mechanism_of(key: str) -> str:
 
 # ---------------------------------------------------------------- loading and errors
 
-def _yaml_lines(text: str) -> dict[tuple, int]:
+def yaml_key_lines(text: str) -> dict[tuple, int]:
     """Map key paths to 1-based line numbers, so errors can point at the line."""
     lines: dict[tuple, int] = {}
 
@@ -419,7 +422,7 @@ def _allowed_keys(model: type[BaseModel], path: tuple) -> list[str]:
     return list(current.model_fields) if current is not None else []
 
 
-def _format_validation(exc: ValidationError, file: str, lines: dict[tuple, int], prefix: tuple = (),
+def format_validation_errors(exc: ValidationError, file: str, lines: dict[tuple, int], prefix: tuple = (),
                        model: type[BaseModel] = AblationSpec) -> list[str]:
     problems = []
     for err in exc.errors():
@@ -447,11 +450,11 @@ def load_spec(path: str | Path) -> AblationSpec:
         raise SpecError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{file}: expected a mapping with keys name, base, arms, contrasts")
-    lines = _yaml_lines(text)
+    lines = yaml_key_lines(text)
     try:
         spec = AblationSpec.model_validate(raw)
     except ValidationError as exc:
-        raise SpecError("invalid spec:\n  " + "\n  ".join(_format_validation(exc, file, lines))) from None
+        raise SpecError("invalid spec:\n  " + "\n  ".join(format_validation_errors(exc, file, lines))) from None
     problems = []
     for arm_name, arm in spec.arms.items():
         if not arm.overrides:

@@ -233,7 +233,3 @@ def run_task(session: Session, task: Any, call: StageCall) -> StageOutput:
     out = state.result()
     return session.finish(call, out, cached=state.name == "Cached")
 
-
-def require(condition: bool, message: str) -> None:
-    if not condition:
-        raise TwinarmError(message)

@@ -1,0 +1,90 @@
+"""Run a stage body inline, or as a Ray task on a local Ray instance or a cluster (DESIGN §5).
+
+The arms of an ablation are independent after their shared stages, so the flow submits one Prefect task per
+arm and each of those calls `call(...)`: with use_ray the bodies run as Ray tasks in parallel, with the CPUs
+and GPUs per arm from the spec. A Ray address in the spec or RAY_ADDRESS targets a cluster instead of a local
+instance (TWINARM_HOME must then be on storage the cluster's nodes share).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Callable, TypeVar
+
+from infra.code import REPO_ROOT
+from infra.errors import TwinarmError
+from infra.spec import ExecutorSpec
+
+T = TypeVar("T")
+_init_lock = threading.Lock()
+# Environment the workers need to find the same state and settings as the flow process.
+FORWARD_ENV = ("TWINARM_HOME", "MLFLOW_TRACKING_URI", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+               "TOKENIZERS_PARALLELISM", "PREFECT_HOME")
+
+
+def ray_address(executor: ExecutorSpec) -> str | None:
+    return executor.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """ray.init retries an unreachable address for minutes; a plain TCP connect answers in seconds."""
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    if hostport in ("auto", "local") or ":" not in hostport:
+        return
+    host, port = hostport.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as exc:
+        raise TwinarmError(f"could not connect to the Ray cluster at {address}: {exc}. Check executor.ray_address "
+                           f"/ RAY_ADDRESS, or set executor.use_ray: false to run arms in the flow process.") from None
+
+
+def ensure_ray(executor: ExecutorSpec) -> None:
+    import ray
+
+    with _init_lock:
+        if ray.is_initialized():
+            return
+        env_vars = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}
+        address = ray_address(executor)
+        if address:
+            _check_reachable(address)
+        try:
+            if address:
+                ray.init(address=address, configure_logging=False, runtime_env={
+                    "env_vars": env_vars, "working_dir": str(REPO_ROOT),
+                    "excludes": [".venv", ".twinarm", ".git", "bench-out", "*.duckdb", "*.db"]})
+            else:
+                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False,
+                         runtime_env={"env_vars": env_vars})
+        except Exception as exc:  # Ray raises several types for a bad address; the user needs one message
+            where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+            raise TwinarmError(f"could not connect to {where}: {exc}. Check executor.ray_address / RAY_ADDRESS, "
+                               f"or set executor.use_ray: false to run arms in the flow process.") from None
+
+
+def call(fn: Callable[..., T], *args: Any, executor: ExecutorSpec, **kwargs: Any) -> T:
+    """fn(*args, **kwargs) inline, or as a Ray task with the spec's resources; errors surface unchanged."""
+    if not executor.use_ray:
+        return fn(*args, **kwargs)
+    import ray
+    from ray.exceptions import RayTaskError
+
+    ensure_ray(executor)
+    remote = ray.remote(num_cpus=executor.cpus_per_arm, num_gpus=executor.gpus_per_arm, max_retries=0)(fn)
+    try:
+        return ray.get(remote.remote(*args, **kwargs))
+    except RayTaskError as exc:
+        # the body's own exception (a TwinarmError with its clear message), not Ray's wrapper
+        raise (exc.cause if isinstance(exc.cause, BaseException) else exc.as_instanceof_cause()) from None
+
+
+def torch_threads(executor: ExecutorSpec) -> int:
+    """Threads for torch in a stage body: the spec's value, else the CPUs granted to the arm (at least 1)."""
+    if executor.torch_threads:
+        return executor.torch_threads
+    if executor.use_ray:
+        return max(1, int(executor.cpus_per_arm))
+    return max(1, os.cpu_count() or 1)

@@ -1,0 +1,49 @@
+"""Stage bodies run inline or as Ray tasks; a body's clear error surfaces unchanged through Ray."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+from ray import cloudpickle
+
+from infra.errors import DataError
+from infra.ray_exec import call, torch_threads
+from infra.spec import ExecutorSpec
+
+
+# Ray workers cannot import test modules: ship these functions by value (stage bodies live in packages).
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def body(x: int) -> tuple[int, int]:
+    return os.getpid(), x * 2
+
+
+def failing_body(path: str) -> None:
+    raise DataError(f"{path}: row 3: field 'answer': expected a string")
+
+
+def test_inline_and_ray_give_the_same_result_and_errors():
+    inline = ExecutorSpec(use_ray=False)
+    assert call(body, 21, executor=inline) == (os.getpid(), 42)
+    with pytest.raises(DataError, match="row 3: field 'answer'"):
+        call(failing_body, "data.parquet", executor=inline)
+
+    remote = ExecutorSpec(use_ray=True, cpus_per_arm=1)
+    pid, value = call(body, 21, executor=remote)
+    assert value == 42 and pid != os.getpid()  # it really ran in a Ray worker
+    with pytest.raises(DataError, match="row 3: field 'answer'"):
+        call(failing_body, "data.parquet", executor=remote)
+    assert torch_threads(remote) == 1
+
+
+def test_unreachable_cluster_is_one_clear_error(monkeypatch):
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    from infra.errors import TwinarmError
+
+    with pytest.raises(TwinarmError, match="could not connect to the Ray cluster at 127.0.0.1:1"):
+        call(body, 1, executor=ExecutorSpec(use_ray=True, ray_address="127.0.0.1:1"))
