@@ -25,7 +25,9 @@ CUES: dict[str, tuple[str, ...]] = {
 }
 _CUE_RE = {cat: re.compile(r"(?<![\w-])(?:" + "|".join(re.escape(w) for w in words) + r")(?![\w-])", re.IGNORECASE)
            for cat, words in CUES.items()}
-_CONFIDENCE_RE = re.compile(r"(?<![\w])confidence\s*[:=]?\s*(\d{1,3}(?:\.\d+)?)\s*(%?)", re.IGNORECASE)
+_CONFIDENCE_RE = re.compile(r"(?<![\w])confidence\s*[:=]?\s*(\d{1,3}(?:\.\d+)?)(?!\.?\d)(?:\s*(%))?", re.IGNORECASE)
+_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BRACE_RE = re.compile(r"\\.|[{}]", re.DOTALL)
 _DECISION_RE = re.compile(r"(?<![\w])decision\s*:\s*(redirect|verify)(?![\w])", re.IGNORECASE)
 
 
@@ -121,8 +123,24 @@ def strip_meta(text: str, open_tag: str = META_OPEN, close_tag: str = META_CLOSE
         out.append(text[last:b.start])
         last = b.end
     out.append(text[last:])
-    stripped = "".join(out)
-    return stripped.replace(open_tag, "").replace(close_tag, "")
+    return _remove_tags("".join(out), (open_tag, close_tag))
+
+
+def _remove_tags(text: str, tags: tuple[str, ...]) -> str:
+    """Remove every tag, including tags that only form once another is removed ("<|me<|/meta|>ta|>"): one
+    replace pass would leave those. A stack keeps it linear even for deeply nested fragments."""
+    if not any(t in text for t in tags):
+        return text
+    ends = {t[-1] for t in tags}
+    buf: list[str] = []
+    for ch in text:
+        buf.append(ch)
+        if ch in ends:
+            for t in tags:
+                if len(buf) >= len(t) and "".join(buf[-len(t):]) == t:
+                    del buf[-len(t):]
+                    break
+    return "".join(buf)
 
 
 def has_tags(text: str, open_tag: str = META_OPEN, close_tag: str = META_CLOSE) -> bool:
@@ -137,7 +155,8 @@ def char_regions(text: str, open_tag: str = META_OPEN, close_tag: str = META_CLO
     """Partition the text into regions for advantage routing: tags and stray tags → format, a block's
     confidence statement → confidence, the rest of a closed block → meta, everything else → answer."""
     spans: list[tuple[int, int, Region]] = []
-    for b in find_blocks(text, open_tag, close_tag):
+    blocks = find_blocks(text, open_tag, close_tag)
+    for b in blocks:
         spans.append((b.start, b.content_start, "format"))
         if b.confidence_span:
             spans += [(b.content_start, b.confidence_span[0], "meta"), (*b.confidence_span, "confidence"),
@@ -145,10 +164,11 @@ def char_regions(text: str, open_tag: str = META_OPEN, close_tag: str = META_CLO
         else:
             spans.append((b.content_start, b.content_end, "meta"))
         spans.append((b.content_end, b.end, "format"))
-    inside = [(s, e) for s, e, _ in spans]
+    # A block's content holds no tag, so the only tags inside blocks are their own (a set keeps this linear).
+    block_tags = {b.start for b in blocks} | {b.content_end for b in blocks}
     for pos, kind in _tags(text, open_tag, close_tag):
         tag_len = len(open_tag if kind == "open" else close_tag)
-        if not any(s <= pos < e for s, e in inside):
+        if pos not in block_tags:
             spans.append((pos, pos + tag_len, "format"))
     spans.sort()
     out: list[tuple[int, int, Region]] = []
@@ -166,16 +186,19 @@ def char_regions(text: str, open_tag: str = META_OPEN, close_tag: str = META_CLO
 
 def last_boxed(text: str) -> str | None:
     """Content of the last brace-balanced \\boxed{...} (also \\fbox{...}); None if there is none or it never closes."""
-    for m in reversed(list(re.finditer(r"\\(?:boxed|fbox)\s*\{", text))):
-        depth, i = 1, m.end()
-        while i < len(text) and depth:
-            ch = text[i]
-            if ch == "\\" and i + 1 < len(text):
-                i += 2
-                continue
-            depth += ch == "{"
-            depth -= ch == "}"
-            i += 1
-        if depth == 0:
-            return text[m.end():i - 1]
+    opens = [m.end() - 1 for m in _BOXED_RE.finditer(text)]
+    if not opens:
+        return None
+    # Match all braces in one pass (a backslash escapes the next character): rescanning from each unclosed
+    # \boxed{ to the end of the text was quadratic.
+    closes: dict[int, int] = {}
+    stack: list[int] = []
+    for m in _BRACE_RE.finditer(text):
+        if m.group() == "{":
+            stack.append(m.start())
+        elif m.group() == "}" and stack:
+            closes[stack.pop()] = m.start()
+    for o in reversed(opens):
+        if o in closes:
+            return text[o + 1:closes[o]]
     return None

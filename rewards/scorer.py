@@ -1,0 +1,212 @@
+"""Teacher-forced log-probs of target spans given contexts, scored by the frozen reference model (DESIGN §6).
+
+The contract is at the token-id level (`Scorer.target_logprobs`): for each (context, target) pair, the list of
+log π(t_i | context, t_<i) at temperature 1. Implementations:
+- `HFScorer`: a transformers causal LM on CPU or one GPU, batched by token budget.
+- `TableScorer`: hand-built tables keyed by text, for unit tests with hand-computed expectations.
+- later a vLLM scorer: `prompt_logprobs=0, max_tokens=1` on context + target gives the log-prob of every prompt
+  token; the last len(target) entries are the answer. Nothing else in rewards/ depends on the backend.
+
+`text_logprobs` is the text layer the signals use: it tokenises contexts and targets SEPARATELY and concatenates
+the ids. Tokenising context + target as one string would let BPE merge across the boundary (a trailing space or
+digit of the context fusing with the first target token), so `\\boxed{16}` could become different token sequences
+after x∘p and after x∘p∘m, or split differently from `\\boxed{-2}`; the gold/decoy comparison and the o/c shift
+need the same target tokens under every context. The price is a possibly non-canonical split at the seam, the
+same for every context and both targets.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
+
+if TYPE_CHECKING:
+    import torch
+
+
+class Scorer(Protocol):
+    """calls: (context, target) requests served so far; forwards: model forward passes (batches) so far."""
+
+    calls: int
+    forwards: int
+
+    def target_logprobs(self, contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]
+                        ) -> list[list[float]]: ...
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a text piece without BOS/EOS (the rendered prompt already carries the template)."""
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def text_logprobs(scorer: Scorer, tokenizer: Any, contexts: Sequence[str], targets: Sequence[str]
+                  ) -> list[list[float]]:
+    """Per-token log-probs of each target text after its context text (tokenised separately, see module doc)."""
+    cache: dict[str, list[int]] = {}
+
+    def ids(text: str) -> list[int]:
+        if text not in cache:
+            cache[text] = encode(tokenizer, text)
+        return cache[text]
+
+    return scorer.target_logprobs([ids(c) for c in contexts], [ids(t) for t in targets])
+
+
+def _check(contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> None:
+    if len(contexts) != len(targets):
+        raise ValueError(f"{len(contexts)} contexts but {len(targets)} targets")
+    if any(len(c) == 0 for c in contexts):
+        raise ValueError("an empty context has no position to predict the first target token from")
+
+
+class HFScorer:
+    """A transformers causal LM (model.eval(), frozen) as a scorer.
+
+    Requests are sorted by length and packed into batches whose padded size (rows × longest) stays within
+    `token_budget`; right padding with an attention mask keeps every real token at its unpadded position, so a
+    request's log-probs do not depend on its batch mates. One forward per batch runs the decoder only; the LM
+    head and an fp32 log-softmax are applied to the gathered target positions alone (a full-vocabulary logit
+    tensor over every position would dominate memory for a 150k vocabulary). Models whose logits are not
+    lm_head(hidden) (final soft-capping, logit scaling) are refused rather than scored wrongly.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any = None, *, token_budget: int = 16384, max_rows: int = 256
+                 ) -> None:
+        cfg = model.config
+        if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1.0):
+            raise NotImplementedError(f"{type(model).__name__}: logits are not lm_head(hidden); not supported")
+        self.model = model.eval()
+        self.decoder = model.get_decoder()
+        self.head = model.get_output_embeddings()
+        self.tokenizer = tokenizer
+        self.token_budget = token_budget
+        self.max_rows = max_rows
+        self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0  # any id: padded positions are masked
+        self.calls = 0
+        self.forwards = 0
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: str = "cpu", dtype: str = "auto", **kw: Any) -> "HFScorer":
+        """The frozen reference model (an arm's SFT checkpoint in HF format) and its tokenizer."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+        model.to(device).requires_grad_(False)
+        return cls(model, AutoTokenizer.from_pretrained(path), **kw)
+
+    @property
+    def device(self) -> "torch.device":
+        return next(self.model.parameters()).device
+
+    def _batches(self, lengths: list[int]) -> list[list[int]]:
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        batches: list[list[int]] = []
+        for i in order:
+            # sorted longest first, so a batch's first row sets its padded width
+            if batches and len(batches[-1]) < self.max_rows and \
+                    (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= self.token_budget:
+                batches[-1].append(i)
+            else:
+                batches.append([i])
+        return batches
+
+    def target_logprobs(self, contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]
+                        ) -> list[list[float]]:
+        import torch
+
+        _check(contexts, targets)
+        out: list[list[float]] = [[] for _ in contexts]
+        live = [i for i, t in enumerate(targets) if len(t)]
+        # the last target token is never an input: drop it to save a position
+        seqs = {i: list(contexts[i]) + list(targets[i][:-1]) for i in live}
+        for batch in self._batches([len(seqs[i]) for i in live]):
+            rows = [live[j] for j in batch]
+            width = len(seqs[rows[0]])
+            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            b_idx, p_idx, t_ids = [], [], []
+            for b, i in enumerate(rows):
+                n = len(seqs[i])
+                ids[b, :n] = torch.tensor(seqs[i], dtype=torch.long)
+                mask[b, :n] = 1
+                start = len(contexts[i]) - 1  # logits at position k predict token k + 1
+                b_idx += [b] * len(targets[i])
+                p_idx += range(start, start + len(targets[i]))
+                t_ids += list(targets[i])
+            with torch.inference_mode():
+                hidden = self.decoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                      use_cache=False).last_hidden_state
+                picked = hidden[torch.tensor(b_idx, device=self.device), torch.tensor(p_idx, device=self.device)]
+                logp = self.head(picked).float().log_softmax(-1)
+                lp = logp.gather(-1, torch.tensor(t_ids, device=self.device)[:, None])[:, 0].tolist()
+            self.forwards += 1
+            k = 0
+            for i in rows:
+                out[i] = lp[k:k + len(targets[i])]
+                k += len(targets[i])
+        self.calls += len(contexts)
+        return out
+
+
+class PieceTokenizer:
+    """A transparent tokenizer for hand-built tests: greedy longest match over `pieces` (multi-character tokens
+    such as the meta tags or `\\boxed{`), otherwise one character per token, over a fixed vocabulary (pieces,
+    then printable ASCII, then `extra` characters). encode/decode follow the transformers call signatures."""
+
+    def __init__(self, pieces: Sequence[str] = ("<|meta|>", "<|/meta|>", "\\boxed{"), extra: str = "") -> None:
+        import string
+
+        chars = [c for c in dict.fromkeys(string.printable + extra) if c not in pieces]
+        self.vocab = list(dict.fromkeys([*pieces, *chars]))
+        self.ids = {p: i for i, p in enumerate(self.vocab)}
+        self._pieces = sorted((p for p in pieces if len(p) > 1), key=len, reverse=True)
+
+    def tokens(self, text: str) -> list[str]:
+        out, i = [], 0
+        while i < len(text):
+            piece = next((p for p in self._pieces if text.startswith(p, i)), text[i])
+            if piece not in self.ids:
+                raise ValueError(f"character {piece!r} is not in the vocabulary")
+            out.append(piece)
+            i += len(piece)
+        return out
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [self.ids[t] for t in self.tokens(text)]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return "".join(self.vocab[i] for i in ids)
+
+    def batch_decode(self, sequences: Sequence[Sequence[int]], skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(s) for s in sequences]
+
+
+class TableScorer:
+    """Log-probs from a hand-built table: table[(context text, target prefix text)][next token text] = log-prob.
+
+    Ids are decoded back to text with `tokenizer` (a PieceTokenizer keeps that exact). Entries not in the table
+    get `default`, the same under every context, so a test lists only the tokens whose log-probs it compares.
+    `log` keeps every (context, target) text pair served, for tests that check what was asked.
+    """
+
+    def __init__(self, tokenizer: Any, table: Mapping[tuple[str, str], Mapping[str, float]],
+                 default: float = -1.0) -> None:
+        self.tokenizer = tokenizer
+        self.table = table
+        self.default = default
+        self.calls = 0
+        self.forwards = 0
+        self.log: list[tuple[str, str]] = []
+
+    def target_logprobs(self, contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]
+                        ) -> list[list[float]]:
+        _check(contexts, targets)
+        dec = self.tokenizer.decode
+        out = []
+        for ctx, tgt in zip(contexts, targets):
+            ctx_text = dec(list(ctx))
+            self.log.append((ctx_text, dec(list(tgt))))
+            out.append([self.table.get((ctx_text, dec(list(tgt[:i]))), {}).get(dec([tgt[i]]), self.default)
+                        for i in range(len(tgt))])
+        self.calls += len(contexts)
+        self.forwards += len(contexts)
+        return out

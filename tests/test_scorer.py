@@ -1,0 +1,123 @@
+"""The scorer contract: HF implementation against an unbatched reference, batching invariance, the text layer."""
+from __future__ import annotations
+
+import pytest
+
+from rewards.scorer import HFScorer, PieceTokenizer, TableScorer, encode, text_logprobs
+
+TOK = PieceTokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(TOK.vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+REQUESTS = [("Q: 7-3*(2-5)=?\nA: 2-5=3, 7-9=-2.\n", "\\boxed{16}"),
+            ("Q: 7-3*(2-5)=?\nA: 2-5=3, 7-9=-2.\n<|meta|>sign slip<|/meta|>", "\\boxed{-2}"),
+            ("x", "\\boxed{16} and a longer target to pad against"),
+            ("a much longer context " * 4, "}")]
+
+
+def reference(model, ctx: list[int], tgt: list[int]) -> list[float]:
+    """One unpadded full forward; log-softmax over the whole vocabulary at each target position."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(torch.tensor([ctx + tgt])).logits[0].float()
+    logp = logits.log_softmax(-1)
+    return [logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(tgt)]
+
+
+def test_hf_scorer_matches_unbatched_reference(tiny_model):
+    scorer = HFScorer(tiny_model, token_budget=4096)
+    ctxs = [encode(TOK, c) for c, _ in REQUESTS]
+    tgts = [encode(TOK, t) for _, t in REQUESTS]
+    got = scorer.target_logprobs(ctxs, tgts)
+    assert scorer.calls == 4 and scorer.forwards == 1
+    for c, t, row in zip(ctxs, tgts, got):
+        assert len(row) == len(t)
+        assert row == pytest.approx(reference(tiny_model, c, t), abs=1e-5)
+        assert all(v < 0 for v in row)
+
+
+def test_hf_scorer_batching_invariance(tiny_model):
+    ctxs = [encode(TOK, c) for c, _ in REQUESTS]
+    tgts = [encode(TOK, t) for _, t in REQUESTS]
+    together = HFScorer(tiny_model).target_logprobs(ctxs, tgts)
+    small = HFScorer(tiny_model, token_budget=100)  # forces several batches
+    split = small.target_logprobs(ctxs, tgts)
+    assert small.forwards > 1 and small.calls == 4
+    alone = [HFScorer(tiny_model).target_logprobs([c], [t])[0] for c, t in zip(ctxs, tgts)]
+    for a, b, c in zip(together, split, alone):
+        assert a == pytest.approx(b, abs=1e-5) and a == pytest.approx(c, abs=1e-5)
+    # the order of requests does not matter either
+    rev = HFScorer(tiny_model).target_logprobs(ctxs[::-1], tgts[::-1])[::-1]
+    assert all(a == pytest.approx(b, abs=1e-5) for a, b in zip(together, rev))
+
+
+def test_hf_scorer_edges(tiny_model):
+    scorer = HFScorer(tiny_model)
+    assert scorer.target_logprobs([[1, 2], [3]], [[], [4]])[0] == []
+    with pytest.raises(ValueError, match="empty context"):
+        scorer.target_logprobs([[]], [[1]])
+    with pytest.raises(ValueError, match="2 contexts but 1 targets"):
+        scorer.target_logprobs([[1], [2]], [[3]])
+
+
+class Recorder:
+    calls = forwards = 0
+
+    def __init__(self):
+        self.seen = []
+
+    def target_logprobs(self, contexts, targets):
+        self.seen.append((contexts, targets))
+        return [[0.0] * len(t) for t in targets]
+
+
+def test_text_layer_tokenises_target_separately():
+    # "ab" is one token, so "xa" + "b" tokenised jointly would be [x, ab]: the target token would vanish
+    tok = PieceTokenizer(pieces=("ab",))
+    rec = Recorder()
+    text_logprobs(rec, tok, ["xa", "yy"], ["b", "b"])
+    (contexts, targets), = rec.seen
+    assert targets == [tok.encode("b")] * 2 and contexts[0] == tok.encode("xa")
+    assert tok.encode("xab") != tok.encode("xa") + tok.encode("b")
+
+
+def test_table_scorer_lookup_and_default():
+    s = TableScorer(TOK, {("ctx", ""): {"\\boxed{": -0.5}, ("ctx", "\\boxed{"): {"1": -2.0}}, default=-7.0)
+    out = text_logprobs(s, TOK, ["ctx", "other"], ["\\boxed{1}", "\\boxed{1}"])
+    assert out == [[-0.5, -2.0, -7.0], [-7.0, -7.0, -7.0]]
+    assert s.calls == 2 and s.log == [("ctx", "\\boxed{1}"), ("other", "\\boxed{1}")]
+
+
+def test_from_pretrained_loads_model_and_tokenizer(tmp_path):
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(["7-3*(2-5)=16"], trainers.BpeTrainer(
+        vocab_size=270, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="!")
+    torch.manual_seed(1)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    scorer = HFScorer.from_pretrained(str(tmp_path), dtype="float32")
+    assert scorer.pad_id == tok.pad_token_id and not any(p.requires_grad for p in scorer.model.parameters())
+    got = text_logprobs(scorer, scorer.tokenizer, ["7-3*(2-5)=", "7-3"], ["16", "*(2-5)"])
+    for (c, t), row in zip([("7-3*(2-5)=", "16"), ("7-3", "*(2-5)")], got):
+        ids = scorer.tokenizer.encode  # (the reload may pick the model type's tokenizer class: compare its ids)
+        assert row == pytest.approx(reference(model, ids(c), ids(t)), abs=1e-5)
