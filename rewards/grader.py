@@ -1,0 +1,460 @@
+"""THE grading function (DESIGN §6 correctness head, §8 evaluation): one call path for every arm and stage.
+
+    correct = math_verify.verify(parse(\\boxed{gold}), parse(\\boxed{last_boxed(response)}))
+
+No brace-balanced `\\boxed{}` in the response → incorrect, extracted None. Grading runs in worker processes (fresh
+interpreters, so callers may have torch, CUDA, Ray or threads) with two per-item budgets:
+- soft: a SIGALRM timer in the worker's main thread interrupts pure-Python sympy work at 80 % of `timeout_s`; the
+  worker survives. math-verify's own signal timeouts are switched off: they would cancel this timer, and they
+  swallow a timeout into a silent "False" that could not be counted.
+- hard: the parent kills a worker whose current item has run `timeout_s` (work stuck in C ignores signals), marks
+  that item incorrect with timed_out=True, re-queues the rest of its chunk and starts a replacement.
+Workers report after every item, so a kill loses only the hung item. Identical (extracted, gold) pairs are graded
+once per batch and remembered in an LRU cache in the parent.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from infra.errors import DataError, TwinarmError
+from infra.hashing import hash_file, hash_json
+from sft.grammar import last_boxed
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
+    from infra.spec import GraderSpec
+
+CALL_PATH = ("rewards.grader.Grader.grade→math_verify.verify(parse(boxed(gold)), "
+             "parse(boxed(last_boxed(response))))")
+
+_CACHE_ENTRIES = 65536
+_CACHE_MAX_CHARS = 1000  # longer answers are rare repeats: not worth holding in memory (parent or worker)
+_CHUNK_MAX = 8  # items per message: small, so a chunk of slow items cannot hold up the end of a batch
+_PIPELINE_CHARS = 16384  # a queued chunk must fit the socket buffer (a send to a busy worker must not block)
+_START_TIMEOUT_S = 120.0  # a worker that cannot import math-verify in this long is broken, not slow
+_SOFT_FRACTION = 0.8
+_ERROR_CHARS = 200
+_REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Grade:
+    correct: bool
+    extracted: str | None
+    timed_out: bool = False
+    error: str | None = None
+
+
+# ---------------------------------------------------------------- the semantics (runs in workers)
+
+def _quiet_math_verify() -> None:
+    # Its "timeout is disabled" warning is expected: the timeouts are ours (module docstring).
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+
+def _parse(answer: str) -> tuple:
+    from math_verify import parse
+
+    return tuple(parse("\\boxed{" + answer + "}", parsing_timeout=None))
+
+
+_parse_cached = lru_cache(maxsize=4096)(_parse)  # a batch repeats each gold n times
+
+
+def _parsed(answer: str) -> tuple:
+    return _parse_cached(answer) if len(answer) <= _CACHE_MAX_CHARS else _parse(answer)
+
+
+def _verify(extracted: str, gold: str, float_rounding: int) -> bool:
+    from math_verify import verify
+
+    return verify(list(_parsed(gold)), list(_parsed(extracted)), float_rounding=float_rounding, timeout_seconds=None)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS]
+
+
+def grade_one(response: str, gold: str, float_rounding: int = 6) -> Grade:
+    """The same semantics as Grader.grade for one item, in this process and WITHOUT a timeout (tests, debugging)."""
+    _quiet_math_verify()
+    extracted = last_boxed(response)
+    if extracted is None:
+        return Grade(False, None)
+    try:
+        return Grade(bool(_verify(extracted, gold, float_rounding)), extracted)
+    except Exception as exc:
+        return Grade(False, extracted, error=_describe(exc))
+
+
+class _SoftTimeout(BaseException):
+    """A BaseException so that math-verify's and sympy's `except Exception` cannot swallow it."""
+
+
+_armed = False
+_expired = False
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    global _expired
+    if _armed:  # a signal delivered after the item finished is ignored
+        _expired = True
+        raise _SoftTimeout
+
+
+def _run_item(extracted: str, gold: str, float_rounding: int, soft_s: float | None) -> tuple[bool, bool, str | None]:
+    """(correct, timed_out, error) for one item under the soft budget."""
+    global _armed, _expired
+    _expired = False
+    correct, error = False, None
+    try:
+        try:
+            if soft_s:
+                _armed = True
+                signal.setitimer(signal.ITIMER_REAL, soft_s)
+            correct = bool(_verify(extracted, gold, float_rounding))
+        finally:
+            _armed = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except _SoftTimeout:
+        pass
+    except Exception as exc:
+        error = _describe(exc)
+    if _expired:  # also when a bare `except:` inside sympy swallowed the interrupt and carried on
+        return False, True, None
+    return correct, False, error
+
+
+def _worker_entry() -> None:
+    """Worker process main: argv = socket fd, float_rounding, soft budget (repr of a float or None)."""
+    from multiprocessing.connection import Connection
+
+    fd, float_rounding, soft = sys.argv[1:4]
+    _worker_loop(Connection(int(fd)), int(float_rounding), None if soft == "None" else float(soft))
+
+
+def _worker_loop(conn: Connection, float_rounding: int, soft_s: float | None) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the workers
+    signal.signal(signal.SIGALRM, _on_alarm)
+    _quiet_math_verify()
+    # Warm-up outside any item's budget: the first parse of each kind triggers lazy imports.
+    for pred, gold in (("0.5", "\\frac{1}{2}"), ("3", "x=3"), ("(1,2)", "[0,1)"), ("2\\sqrt{3}", "\\pi")):
+        _run_item(pred, gold, float_rounding, None)
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            chunk = conn.recv()
+        except (EOFError, OSError):  # the parent is gone
+            return
+        if chunk is None:
+            return
+        for idx, extracted, gold in chunk:
+            result = _run_item(extracted, gold, float_rounding, soft_s)
+            try:
+                conn.send((idx, *result))
+            except OSError:  # the parent is gone
+                return
+
+
+# ---------------------------------------------------------------- the pool (parent side)
+
+def _soft_budget(timeout_s: float) -> float | None:
+    return timeout_s * _SOFT_FRACTION
+
+
+class _Worker:
+    """One grading process and the items it was sent, in the order it grades them.
+
+    A fresh interpreter started with subprocess rather than multiprocessing's spawn: the same isolation from
+    whatever the caller has loaded (torch, CUDA, Ray, threads), without re-running the caller's __main__ module
+    in every worker (a script without an `if __name__ == "__main__"` guard would break or run twice).
+    """
+
+    def __init__(self, float_rounding: int, soft_s: float | None) -> None:
+        from multiprocessing.connection import Connection
+
+        ours, theirs = socket.socketpair()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")]))}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from rewards.grader import _worker_entry; _worker_entry()",
+             str(theirs.fileno()), str(float_rounding), repr(soft_s)],
+            pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        theirs.close()  # the worker's end lives only in the worker, so its death reads as EOF here
+        self.conn = Connection(ours.detach())
+        self.started = time.monotonic()
+        self.ready = False
+        self.gone = False  # its socket hit EOF: the process has exited or is exiting
+        self.items: deque[tuple[int, str, str]] = deque()
+        self.head_since = 0.0  # when the worker began its current (first outstanding) item
+
+    def send(self, chunk: list[tuple[int, str, str]], now: float) -> None:
+        self.conn.send(chunk)
+        if not self.items:
+            self.head_since = now
+        self.items.extend(chunk)
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        try:
+            self.conn.send(None)
+            self.proc.wait(grace_s if not self.items else 0)
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            pass
+        self.kill()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self.conn.close()
+
+
+@lru_cache(maxsize=1)
+def grader_versions() -> dict[str, str]:
+    """Everything the grading outcome depends on: the packages in the call path and our own sources."""
+    out = {}
+    for package in ("math-verify", "latex2sympy2_extended", "sympy", "antlr4-python3-runtime"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = "absent"
+    here = Path(__file__).resolve()
+    out["source"] = hash_json([hash_file(here), hash_file(_REPO / "sft" / "grammar.py")])
+    return out
+
+
+def grader_version() -> str:
+    v = grader_versions()
+    return f"math-verify=={v['math-verify']}+sympy=={v['sympy']}+latex2sympy2_extended=={v['latex2sympy2_extended']}" \
+           f"+antlr4=={v['antlr4-python3-runtime']};src={v['source']}"
+
+
+def _check_inputs(responses: list[str], golds: list[str]) -> None:
+    if len(responses) != len(golds):
+        raise DataError(f"grade: {len(responses)} responses but {len(golds)} golds")
+    for name, values in (("responses", responses), ("golds", golds)):
+        for i, value in enumerate(values):
+            if not isinstance(value, str):
+                raise DataError(f"grade: {name}[{i}]: expected a string, got {type(value).__name__}")
+    for i, gold in enumerate(golds):
+        if not gold.strip():
+            raise DataError(f"grade: golds[{i}]: empty gold (every response would grade as wrong)")
+
+
+class Grader:
+    """The process pool grader for one GraderSpec. Thread-safe (calls are serialised); workers start lazily.
+
+    facts()["counts"]: items (graded items returned), unboxed, cache_hits (items answered without a worker of
+    their own: the LRU, or an identical (extracted, gold) earlier in the same batch), graded (distinct pairs sent
+    to workers), timeouts and errors (items, duplicates included), worker_starts, worker_kills, max_item_s.
+    """
+
+    def __init__(self, cfg: GraderSpec) -> None:
+        self.cfg = cfg  # GraderSpec.backend admits only "math_verify"
+        self._lock = threading.Lock()
+        self._workers: list[_Worker] = []
+        self._pid = os.getpid()
+        self._cache: OrderedDict[tuple[str, str], bool] = OrderedDict()
+        self._counts = {"items": 0, "unboxed": 0, "cache_hits": 0, "graded": 0, "timeouts": 0, "errors": 0,
+                        "worker_starts": 0, "worker_kills": 0}
+        self._max_item_s = 0.0
+        _LIVE.add(self)
+
+    # -- public
+
+    def grade(self, responses: list[str], golds: list[str]) -> list[Grade]:
+        _check_inputs(responses, golds)
+        with self._lock:
+            out: list[Grade | None] = [None] * len(responses)
+            jobs: dict[tuple[str, str], list[int]] = {}
+            for i, (response, gold) in enumerate(zip(responses, golds)):
+                extracted = last_boxed(response)
+                if extracted is None:
+                    out[i] = Grade(False, None)
+                    self._counts["unboxed"] += 1
+                    continue
+                key = (extracted, gold)
+                if key in self._cache:
+                    self._cache.move_to_end(key)
+                    out[i] = Grade(self._cache[key], extracted)
+                    self._counts["cache_hits"] += 1
+                elif key in jobs:  # graded once for the whole batch
+                    jobs[key].append(i)
+                    self._counts["cache_hits"] += 1
+                else:
+                    jobs[key] = [i]
+            keys = list(jobs)
+            results = self._run(keys)
+            for key, (correct, timed_out, error) in zip(keys, results):
+                for i in jobs[key]:
+                    out[i] = Grade(correct, key[0], timed_out, error)
+                self._counts["timeouts"] += timed_out * len(jobs[key])
+                self._counts["errors"] += (error is not None) * len(jobs[key])
+                if not timed_out and error is None and len(key[0]) + len(key[1]) <= _CACHE_MAX_CHARS:
+                    self._remember(key, correct)
+            self._counts["items"] += len(out)
+            self._counts["graded"] += len(keys)
+            return out  # type: ignore[return-value]  # every slot is filled above
+
+    def facts(self) -> dict:
+        """Runtime facts for lineage and the audit: what graded, with which config, along which path, how often."""
+        with self._lock:
+            counts = {**self._counts, "max_item_s": round(self._max_item_s, 4)}
+        return {"grader_version": grader_version(), "versions": dict(grader_versions()),
+                "config": self.cfg.model_dump(mode="json"), "call_path": CALL_PATH, "counts": counts}
+
+    def close(self) -> None:
+        """Stop the workers; a later grade() starts new ones."""
+        # Bounded wait: at interpreter exit a daemon thread may still be inside grade(); stop the workers anyway.
+        locked = self._lock.acquire(timeout=10)
+        try:
+            if self._pid == os.getpid():
+                for worker in self._workers:
+                    worker.stop()
+            self._workers = []
+        finally:
+            if locked:
+                self._lock.release()
+
+    # -- internals
+
+    def _remember(self, key: tuple[str, str], correct: bool) -> None:
+        self._cache[key] = correct
+        if len(self._cache) > _CACHE_ENTRIES:
+            self._cache.popitem(last=False)
+
+    def _start_worker(self) -> _Worker:
+        self._counts["worker_starts"] += 1
+        return _Worker(self.cfg.float_rounding, _soft_budget(self.cfg.timeout_s))
+
+    def _ensure_workers(self) -> None:
+        if self._pid != os.getpid():  # forked: the workers belong to the parent process
+            self._workers, self._pid = [], os.getpid()
+        while len(self._workers) < self.cfg.workers:
+            self._workers.append(self._start_worker())
+
+    def _replace(self, index: int, todo: deque, results: list, head_result: tuple[bool, bool, str | None],
+                 now: float) -> int:
+        """Kill worker `index`, settle its current item with head_result, re-queue the rest; returns items settled."""
+        worker = self._workers[index]
+        worker.kill()
+        self._counts["worker_kills"] += 1
+        settled = 0
+        if worker.items:
+            idx = worker.items.popleft()[0]
+            results[idx] = head_result
+            self._max_item_s = max(self._max_item_s, now - worker.head_since)
+            settled = 1
+            if worker.items:
+                todo.appendleft(list(worker.items))
+        self._workers[index] = self._start_worker()
+        return settled
+
+    def _drain(self, worker: _Worker, results: list) -> int:
+        """Read every message the worker has sent; returns the number of items it settled."""
+        settled = 0
+        try:
+            while worker.conn.poll():
+                msg = worker.conn.recv()
+                now = time.monotonic()
+                if msg[0] == "ready":
+                    worker.ready = True
+                    continue
+                idx, correct, timed_out, error = msg
+                head = worker.items.popleft()
+                assert head[0] == idx, "grader worker answered out of order"
+                results[idx] = (correct, timed_out, error)
+                self._max_item_s = max(self._max_item_s, now - worker.head_since)
+                worker.head_since = now
+                settled += 1
+        except (EOFError, OSError):
+            worker.gone = True
+        return settled
+
+    def _run(self, keys: list[tuple[str, str]]) -> list[tuple[bool, bool, str | None]]:
+        if not keys:
+            return []
+        try:
+            return self._pump(keys)
+        except BaseException:
+            # Interrupted mid-batch (Ctrl-C, a failed start): busy workers would answer into the next batch.
+            for worker in self._workers:
+                worker.kill()
+            self._workers = []
+            raise
+
+    def _pump(self, keys: list[tuple[str, str]]) -> list[tuple[bool, bool, str | None]]:
+        from multiprocessing.connection import wait
+
+        results: list[Any] = [None] * len(keys)
+        self._ensure_workers()
+        size = max(1, min(_CHUNK_MAX, math.ceil(len(keys) / (4 * len(self._workers)))))
+        items = [(j, extracted, gold) for j, (extracted, gold) in enumerate(keys)]
+        todo = deque(items[i:i + size] for i in range(0, len(items), size))
+        remaining = len(keys)
+        hard = self.cfg.timeout_s
+        while remaining:
+            now = time.monotonic()
+            for worker in self._workers:
+                # One chunk queued behind the current one keeps the worker busy between round trips; only a
+                # small one, which the socket buffer takes without blocking while the worker is busy.
+                while worker.ready and todo and (not worker.items or (
+                        len(worker.items) <= size and sum(len(e) + len(g) for _, e, g in todo[0]) <= _PIPELINE_CHARS)):
+                    worker.send(todo.popleft(), now)
+            deadlines = [w.head_since + hard for w in self._workers if w.items]
+            deadlines += [w.started + _START_TIMEOUT_S for w in self._workers if not w.ready]
+            timeout = max(0.0, min(deadlines) - now) if deadlines else None
+            wait([w.conn for w in self._workers], timeout)  # a dead worker's socket reads as EOF
+            for index, worker in enumerate(self._workers):
+                remaining -= self._drain(worker, results)
+                now = time.monotonic()
+                code = worker.proc.wait() if worker.gone else worker.proc.poll()
+                if code is not None:
+                    if not worker.ready:
+                        raise TwinarmError(f"grader worker exited with code {code} before it was ready "
+                                           f"(can it import math_verify? see its stderr above)")
+                    remaining -= self._replace(index, todo, results, (False, False, f"worker died (exit code {code})"),
+                                               now)
+                elif worker.items and now - worker.head_since >= hard:
+                    remaining -= self._replace(index, todo, results, (False, True, None), now)
+                elif not worker.ready and now - worker.started >= _START_TIMEOUT_S:
+                    raise TwinarmError(f"grader worker did not start within {_START_TIMEOUT_S:.0f} s")
+        return results
+
+
+# ---------------------------------------------------------------- shared instances
+
+_LIVE: weakref.WeakSet[Grader] = weakref.WeakSet()
+_SHARED: dict[str, Grader] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def get_grader(cfg: GraderSpec) -> Grader:
+    """The process-wide Grader for this config (one pool per distinct config)."""
+    key = hash_json(cfg.model_dump(mode="json"))
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = Grader(cfg)
+        return _SHARED[key]
+
+
+@atexit.register
+def _close_all() -> None:
+    for grader in list(_LIVE):
+        grader.close()
