@@ -34,5 +34,9 @@ test: setup ## run the whole test suite (unit + end-to-end demo-sized runs)
 test-fast: setup ## unit tests only (skips the end-to-end runs)
 	$(BIN)/python -m pytest -q -m "not e2e"
 
+ui: setup ## start the Prefect UI (127.0.0.1:4200) and MLflow UI (127.0.0.1:5000) and serve the deployments
+	$(BIN)/twinarm ui
+
+
 clean-home: ## delete .twinarm/ (all runs, lineage, MLflow store)
 	rm -rf .twinarm

@@ -103,7 +103,6 @@ class SuiteRows(_Strict):
     source: str = Field(description="gold rule for rewards.golds.extract_gold")
     first: int | None = Field(None, ge=1, description="keep the first N rows in dataset order")
     rows: int = Field(ge=1, description="rows expected after selection")
-    n: int = Field(ge=1, description="samples per problem")
     fields: FieldMap
 
     @field_validator("source")
@@ -194,7 +193,6 @@ class ValidationReport:
 class SuiteData:
     name: str
     source: str
-    n: int                      # samples per problem
     origin: str
     rows: list[dict[str, Any]]  # prompt rows (PROMPT_ROW_FIELDS), dataset order
     rows_hash: str              # hash of the normalised rows: equal content <=> equal hash, wherever it came from
@@ -381,7 +379,7 @@ def normalise_suite(name: str, spec: SuiteRows, raw: list[tuple[str, dict]], ori
         more = len(report.problems) - len(listed)
         raise DataError(f"held-out suite '{name}' ({origin}) failed validation ({len(report.problems)} problem(s)):"
                         f"\n  " + "\n  ".join(listed) + (f"\n  ... and {more} more" if more else ""))
-    return SuiteData(name=name, source=spec.source, n=spec.n, origin=origin, rows=rows,
+    return SuiteData(name=name, source=spec.source, origin=origin, rows=rows,
                      rows_hash=hash_json(rows), report=report)
 
 
@@ -412,24 +410,38 @@ def load_heldout(manifest_path: str | Path, data_dir: str | Path | None) -> list
     return suites
 
 
-def load_arith_heldout(path: str | Path, n: int, expected_rows: int) -> SuiteData:
+def load_arith_heldout(path: str | Path, expected_rows: int) -> SuiteData:
     """The arith world's held-out parquet (already in the prompt-row schema), validated like a manifest suite.
     The suite is named 'arith' and its golds are checked with the 'arith' rule."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: arith held-out file not found")
-    spec = SuiteRows(source=ARITH, rows=expected_rows, n=n,
+    spec = SuiteRows(source=ARITH, rows=expected_rows,
                      fields=FieldMap(id="{id}", problem="prompt", gold="answer", domain="{domain}", level="level"))
     return normalise_suite(ARITH, spec, _read_parquet(path), str(path))
 
 
 def load_eval_heldout(heldout: str, data_dir: str | Path | None, arith_file: str | Path | None = None,
-                      arith_rows: int | None = None, arith_n: int | None = None) -> list[SuiteData]:
+                      arith_rows: int | None = None) -> list[SuiteData]:
     """What `eval.heldout` names: 'arith' (the world's held-out file, its row count and samples per problem,
     all given by the caller) or a manifest path (read from `data_dir`, else the hub)."""
     if heldout != ARITH:
         return load_heldout(heldout, data_dir)
-    if arith_file is None or arith_rows is None or arith_n is None:
+    if arith_file is None or arith_rows is None:
         raise DataError("eval.heldout is 'arith': the arith world's held-out file, its row count and samples per "
                         "problem are needed")
-    return [load_arith_heldout(arith_file, arith_n, arith_rows)]
+    return [load_arith_heldout(arith_file, arith_rows)]
+
+
+def load_prompt_rows(path: str | Path, name: str, source: str = ARITH) -> SuiteData:
+    """A file already in the prompt-row schema (RL prompts, a val mix), validated like a held-out suite:
+    unique ids, a parseable gold per row (by `source`'s gold rule), no mis-escaped control characters."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: {name} file not found")
+    raw = _read_file(path)
+    if not raw:
+        raise DataError(f"{path}: {name} file has no rows")
+    spec = SuiteRows(source=source, rows=len(raw),
+                     fields=FieldMap(id="{id}", problem="prompt", gold="answer", domain="{domain}", level="level"))
+    return normalise_suite(name, spec, raw, str(path))

@@ -33,7 +33,6 @@ def test_manifest_pins_every_suite():
     assert hubs == {"gsm8k": ("openai/gsm8k", "main", "test"), "math500": ("HuggingFaceH4/MATH-500", None, "test"),
                     "aime24": ("HuggingFaceH4/aime_2024", None, "train")}
     assert all(s.hub.revision for s in manifest.suites.values())
-    assert {name: s.n for name, s in manifest.suites.items()} == {"gsm8k": 8, "math500": 8, "aime24": 16}
 
 
 def test_real_files_give_1030_rows_with_parsed_golds(heldout):
@@ -115,7 +114,7 @@ def write_suite(tmp_path: Path, rows: list[dict], source: str = "math500", n_row
             fh.write(json.dumps(row) + "\n")
     manifest = {"name": "mini", "total": n_rows, "suites": {"mini": {
         "source": source, "hub": {"id": "x/mini", "config": None, "split": "test", "revision": "main"},
-        "file": "mini.jsonl", "rows": n_rows, "n": 4,
+        "file": "mini.jsonl", "rows": n_rows,
         "fields": fields or {"id": "{unique_id}", "problem": "problem", "gold": "answer", "domain": "{subject}",
                              "level": "level"}}}}
     path = tmp_path / "mini.yaml"
@@ -138,7 +137,7 @@ def refused(tmp_path: Path, rows: list[dict], **kw) -> str:
 
 def test_good_mini_suite_loads(tmp_path):
     (suite,) = load_heldout(write_suite(tmp_path, [math_row(i) for i in range(3)]), tmp_path / "data")
-    assert [r["answer"] for r in suite.rows] == ["1", "2", "3"] and suite.n == 4
+    assert [r["answer"] for r in suite.rows] == ["1", "2", "3"]
 
 
 def test_duplicate_id_is_refused(tmp_path):
@@ -201,12 +200,12 @@ def arith_rows(k: int) -> list[dict]:
 def test_arith_heldout_parquet(tmp_path):
     path = tmp_path / "heldout.parquet"
     pq.write_table(pa.Table.from_pylist(arith_rows(5), schema=PROMPT_ROW_SCHEMA), path)
-    (suite,) = load_eval_heldout("arith", None, arith_file=path, arith_rows=5, arith_n=4)
-    assert suite.name == "arith" and suite.n == 4 and suite.rows == arith_rows(5)
+    (suite,) = load_eval_heldout("arith", None, arith_file=path, arith_rows=5)
+    assert suite.name == "arith" and suite.rows == arith_rows(5)
     rows = arith_rows(5)
     rows[4]["id"] = "arith-000"
     pq.write_table(pa.Table.from_pylist(rows, schema=PROMPT_ROW_SCHEMA), path)
     with pytest.raises(DataError, match="heldout.parquet: row 4: field 'id': duplicate id 'arith-000'"):
-        load_arith_heldout(path, 4, 5)
+        load_arith_heldout(path, 5)
     with pytest.raises(DataError, match="arith world's held-out file"):
         load_eval_heldout("arith", None)
