@@ -1,0 +1,123 @@
+"""The tiny model factory (Qwen2 architecture) and the device / precision / thread helpers every stage uses.
+
+bf16 autocast on CPU is only worth it (2.5–3× faster here) when the CPU has native BF16 instructions; without
+them it is emulated and slower, so `resolve_precision` detects them instead of assuming.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+from infra.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+    from infra.spec import ComputeSpec, ToyModelSpec
+
+
+def toy_model(spec: "ToyModelSpec", tokenizer: "PreTrainedTokenizerFast", seed: int) -> "PreTrainedModel":
+    """A freshly initialised Qwen2ForCausalLM sized by the spec (same seed → same weights), fp32 master
+    weights, eager attention (the fastest at these sizes on CPU, and exact under autocast)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if spec.hidden_size % spec.num_heads or spec.num_heads % spec.num_kv_heads:
+        raise DataError(f"toy model: hidden_size {spec.hidden_size} must be a multiple of num_heads "
+                        f"{spec.num_heads}, which must be a multiple of num_kv_heads {spec.num_kv_heads}")
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
+        intermediate_size=spec.intermediate_size, max_position_embeddings=spec.max_position,
+        tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None, use_cache=True, attn_implementation="eager")
+    with seeded(seed):
+        model = Qwen2ForCausalLM(config)
+    return model.to(torch.float32)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run under a fixed torch seed without disturbing the caller's global RNG."""
+    import torch
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def n_params(model: "PreTrainedModel") -> int:
+    """Distinct parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_model(model: "PreTrainedModel", out_dir: Path) -> Path:
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    return Path(out_dir)
+
+
+def load_model(path: Path, device: str = "cpu") -> "PreTrainedModel":
+    """Reload in fp32 (the master precision) whatever the checkpoint's dtype note says."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager")
+    return model.to(device)
+
+
+# ---------------------------------------------------------------- compute
+
+def resolve_device(compute: "ComputeSpec") -> str:
+    import torch
+
+    if compute.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if compute.device == "cuda" and not torch.cuda.is_available():
+        raise DataError("executor.compute.device is 'cuda' but no CUDA device is available")
+    return compute.device
+
+
+def cpu_has_bf16() -> bool:
+    """Native BF16 instructions (AVX512-BF16 or AMX-BF16). Linux reports them in /proc/cpuinfo; elsewhere we
+    do not know, and say no."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_precision(compute: "ComputeSpec", device: str) -> str:
+    """'bf16' or 'fp32'. auto → bf16 on a GPU that supports it or on a CPU with native BF16, else fp32."""
+    import torch
+
+    if compute.precision != "auto":
+        return compute.precision
+    if device == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def autocast(device: str, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision around forward passes: weights and optimizer stay fp32."""
+    import torch
+
+    if precision == "bf16":
+        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def set_threads(n: int | None) -> int:
+    """Torch intra-op threads: n, or all the CPUs this process may use. Returns the number set."""
+    import torch
+
+    if n is None:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(n)
+    return n
