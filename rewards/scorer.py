@@ -87,11 +87,13 @@ class HFScorer:
     def from_pretrained(cls, path: str, device: str = "cpu", dtype: str = "auto", **kw: Any) -> "HFScorer":
         """The frozen reference model (an arm's SFT checkpoint in HF format) and its tokenizer."""
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
+
+        from worlds.tokenizer import load_tokenizer
 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
         model.to(device).requires_grad_(False)
-        return cls(model, AutoTokenizer.from_pretrained(path), **kw)
+        return cls(model, load_tokenizer(path), **kw)
 
     @property
     def device(self) -> "torch.device":

@@ -1,0 +1,316 @@
+"""GRPO, local executor: one process, HF transformers generate/forward, CPU or one GPU (DESIGN §5).
+
+One step: sample `batch_size` prompts (a seeded permutation per epoch) → `n` samples each → the shared reward
+pipeline (grade → decoys → signal → heads → per-head group centring → token advantages by region) → PPO-clip
+updates over mini-batches with verl's own policy loss (clip-higher, dual-clip, token-mean), so the algorithm is
+the one the verl executor runs. The control arm takes the same path with the vanilla signal (no scorer is even
+loaded, and "scorer calls = 0" is recorded).
+
+Every `save_freq` steps (and at the end) a checkpoint is written atomically: HF weights + tokenizer + optimizer
++ RNG + the run's state (metrics so far, LR per step, counters). Every step's rollouts go to parquet; every
+`test_freq` steps the val mix is scored with pure correctness per domain. Sampling is seeded per step from
+(seed, step), so a run resumed from its latest complete checkpoint ends exactly where an uninterrupted run does.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from infra.artifacts import write_parquet
+from infra.checkpoints import complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint, step_of
+from infra.errors import DataError
+from infra.hashing import hash_json
+from infra.spec import ComputeSpec, GraderSpec, RLSpec
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+    from rewards.pipeline import Sample
+
+MetricRows = list[tuple[str, float, int]]
+
+
+def derived_seed(*parts: Any) -> int:
+    """A 31-bit seed from any parts (stable across processes, unlike hash())."""
+    return int(hash_json(list(parts), 8), 16) & 0x7FFFFFFF
+
+
+def prompt_indices(step: int, n_rows: int, batch_size: int, seed: int) -> list[int]:
+    """Prompts of RL step `step` (1-based): a seeded permutation per epoch, cut in order, wrapping into the
+    next epoch's permutation when the batch straddles two epochs."""
+    import numpy as np
+
+    out: list[int] = []
+    start = (step - 1) * batch_size
+    while len(out) < batch_size:
+        epoch, k = divmod(start + len(out), n_rows)
+        perm = np.random.default_rng(derived_seed("prompts", seed, epoch)).permutation(n_rows)
+        out += perm[k:k + batch_size - len(out)].tolist()
+    return out
+
+
+def _actor_config(rl: RLSpec) -> Any:
+    from verl.workers.config.actor import ActorConfig
+
+    mini = rl.mini_batch_size * rl.n
+    return ActorConfig(strategy="fsdp", clip_ratio=rl.clip_low, clip_ratio_low=rl.clip_low,
+                       clip_ratio_high=rl.clip_high, loss_agg_mode=rl.loss_agg, ppo_mini_batch_size=mini,
+                       ppo_micro_batch_size_per_gpu=mini, rollout_n=rl.n)
+
+
+def _collate(rows: list[tuple[list[int], list[int], list[float]]], pad_id: int, device: str
+             ) -> dict[str, "torch.Tensor"]:
+    """Left-pad prompts and right-pad responses so every response starts at the same column."""
+    import torch
+
+    p_len = max(len(p) for p, _, _ in rows)
+    r_len = max(len(r) for _, r, _ in rows)
+    ids = torch.full((len(rows), p_len + r_len), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    resp_mask = torch.zeros((len(rows), r_len), dtype=torch.float32)
+    adv = torch.zeros((len(rows), r_len), dtype=torch.float32)
+    for i, (p, r, a) in enumerate(rows):
+        ids[i, p_len - len(p):p_len] = torch.tensor(p)
+        ids[i, p_len:p_len + len(r)] = torch.tensor(r)
+        attn[i, p_len - len(p):p_len + len(r)] = 1
+        resp_mask[i, :len(r)] = 1
+        adv[i, :len(r)] = torch.tensor(a)
+    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)  # what generate() uses under left padding
+    return {"ids": ids.to(device), "attn": attn.to(device), "pos": position_ids.to(device),
+            "resp_mask": resp_mask.to(device), "adv": adv.to(device), "p_len": torch.tensor(p_len)}
+
+
+def response_logprobs(model: "PreTrainedModel", batch: dict[str, "torch.Tensor"], device: str, precision: str
+                      ) -> "torch.Tensor":
+    """log π(response token | everything before it), shape (rows, response length)."""
+    import torch
+
+    from worlds.model import autocast
+
+    p_len = int(batch["p_len"])
+    r_len = batch["resp_mask"].shape[1]
+    with autocast(device, precision):
+        logits = model(input_ids=batch["ids"], attention_mask=batch["attn"], position_ids=batch["pos"],
+                       use_cache=False).logits
+    logits = logits[:, p_len - 1:p_len - 1 + r_len].float()
+    targets = batch["ids"][:, p_len:p_len + r_len]
+    return torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def ppo_update(model: "PreTrainedModel", optimizer: "torch.optim.Optimizer", rows: list[tuple[list[int],
+               list[int], list[float]]], rl: RLSpec, actor_cfg: Any, pad_id: int, device: str, precision: str
+               ) -> dict[str, float]:
+    """One PPO pass over the batch in mini-batches of mini_batch_size prompts × n samples (verl's layout)."""
+    import torch
+    from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
+
+    size = rl.mini_batch_size * rl.n
+    minis = [_collate(rows[i:i + size], pad_id, device) for i in range(0, len(rows), size)]
+    with torch.no_grad():  # the behaviour policy: the weights that sampled the batch
+        old = [response_logprobs(model, mb, device, precision) for mb in minis]
+    stats: dict[str, list[float]] = defaultdict(list)
+    for mb, old_lp in zip(minis, old):
+        new_lp = response_logprobs(model, mb, device, precision)
+        loss, pg_metrics = compute_policy_loss_vanilla(old_lp, new_lp, mb["adv"], mb["resp_mask"],
+                                                       loss_agg_mode=rl.loss_agg, config=actor_cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rl.grad_clip)
+        optimizer.step()
+        stats["actor/pg_loss"].append(loss.item())
+        stats["actor/grad_norm"].append(float(grad_norm))
+        for key, value in pg_metrics.items():
+            stats[key].append(float(value))
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def lr_at(step: int, rl: RLSpec) -> float:
+    """verl's actor schedule: linear warm-up over lr_warmup_steps, then constant."""
+    if rl.lr_warmup_steps and step <= rl.lr_warmup_steps:
+        return rl.lr * step / rl.lr_warmup_steps
+    return rl.lr
+
+
+def _rollout_rows(step: int, rows: list[dict[str, Any]], records: list[dict[str, Any]], n: int
+                  ) -> list[dict[str, Any]]:
+    out = []
+    for k, rec in enumerate(records):
+        prompt = rows[rec["group"]]
+        blocks = rec["blocks"]
+        out.append({
+            "step": step, "prompt_id": prompt["id"], "domain": prompt.get("domain"), "sample": k % n,
+            "response": rec["response"], "gold": rec["gold"], "decoy": rec["decoy"], "correct": rec["correct"],
+            "extracted": rec["extracted"], "timed_out": rec["timed_out"], "truncated": rec["truncated"],
+            "format_class": rec["format_class"], "n_tokens": rec["n_tokens"], "n_blocks": len(blocks),
+            "categories": sorted({c for b in blocks for c in b["categories"]}),
+            "confidence": next((b["confidence"] for b in blocks if b["confidence"] is not None), None),
+            "decision": next((b["decision"] for b in blocks if b["decision"]), None),
+            "signal": rec["signal"], "signal_value": rec["signal_value"],
+            "signal_extras": json.dumps(rec["signal_extras"], sort_keys=True, default=str),
+            "heads": json.dumps(rec["heads"], sort_keys=True), "adv": json.dumps(rec["adv"], sort_keys=True),
+        })
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def validate(engine: Any, tokenizer: "PreTrainedTokenizerFast", grader: Any, val: list[dict[str, Any]],
+             rl: RLSpec, seed: int, step: int, out_dir: Path) -> dict[str, float]:
+    """Pure correctness on the val mix, overall and per domain (never mixed with shaped reward)."""
+    from evals.evaluate import sample_and_grade
+
+    rows = sample_and_grade(engine, tokenizer, grader, "val", val, rl.val_n, rl.val_temperature, rl.top_p,
+                            rl.max_response_length, derived_seed("val", seed, step))
+    write_parquet([{"step": step, **r} for r in rows], out_dir / "val" / f"step-{step:07d}.parquet")
+    return val_metrics(rows)
+
+
+def val_metrics(rows: list[dict[str, Any]], prefix: str = "val") -> dict[str, float]:
+    by_domain: dict[str, list[bool]] = defaultdict(list)
+    for r in rows:
+        by_domain[r["domain"]].append(r["correct"])
+    metrics = {f"{prefix}/accuracy/pure": _mean([r["correct"] for r in rows]),
+               f"{prefix}/meta/block_rate": _mean([r["n_blocks"] > 0 for r in rows])}
+    metrics.update({f"{prefix}/accuracy/pure/{d}": _mean(v) for d, v in sorted(by_domain.items())})
+    return metrics
+
+
+def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str, Any]], rl: RLSpec,
+               grader_spec: GraderSpec, compute: ComputeSpec, seed: int, out_dir: Path,
+               on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Train one arm from `init_dir` (its SFT result, also the frozen scorer); resumable on `out_dir`.
+
+    Returns {checkpoints: [(step, path)], metrics: [(key, value, step)], facts, summary}.
+    """
+    import torch
+
+    from evals.engine import HFEngine, render_prompt
+    from rewards.grader import get_grader
+    from rewards.pipeline import Sample, score_batch
+    from rewards.scorer import HFScorer
+    from rewards.signals import get_signal
+    from worlds.model import load_model, resolve_device, resolve_precision
+    from worlds.tokenizer import load_tokenizer
+
+    if not prompts or not val:
+        raise DataError(f"RL needs prompts and a val set (got {len(prompts)} prompts, {len(val)} val rows)")
+    out_dir = Path(out_dir)
+    device = resolve_device(compute)
+    precision = resolve_precision(compute, device)
+    tokenizer = load_tokenizer(init_dir)
+    model = load_model(init_dir, device)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=rl.lr, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=rl.weight_decay)
+    signal = get_signal(rl.reward)
+    scorer = HFScorer.from_pretrained(init_dir, device=device) if "scorer" in signal.needs else None
+    grader = get_grader(grader_spec)
+    engine = HFEngine(model, tokenizer, device=device, precision=precision)
+    actor_cfg = _actor_config(rl)
+    meta_open_id = tokenizer.convert_tokens_to_ids("<|meta|>")
+    fingerprint = hash_json({"rl": rl.model_dump(mode="json"), "seed": seed, "prompts": [r["id"] for r in prompts],
+                             "val": [r["id"] for r in val]})
+
+    state: dict[str, Any] = {"step": 0, "fingerprint": fingerprint, "metrics": [], "lr": [],
+                             "prompt_ids": [], "totals": {}, "adv_norm_std_applied": None}
+    if (ckpt := latest_checkpoint(out_dir)) is not None:
+        saved = load_checkpoint(ckpt, model, optimizer)
+        if saved.get("fingerprint") != fingerprint:
+            raise DataError(f"{out_dir}: holds checkpoints of a different RL run (config, seed or data differ)")
+        state = saved
+    totals: Counter = Counter(state["totals"])
+    metrics: MetricRows = [tuple(m) for m in state["metrics"]]
+
+    def record(step: int, values: dict[str, float]) -> None:
+        clean = {k: float(v) for k, v in values.items() if v is not None and not math.isnan(float(v))}
+        metrics.extend((k, v, step) for k, v in sorted(clean.items()))
+        if on_step:
+            on_step(step, clean)
+
+    def regenerate(contexts: list[str]) -> list[str]:  # cf / asym_cf: continue x∘p with the meta token banned
+        gens = engine.generate(contexts, n=1, temperature=rl.temperature, top_p=rl.top_p,
+                               max_new_tokens=rl.max_response_length,
+                               seed=derived_seed("cf", seed, state["step"]), banned_tokens=[meta_open_id])
+        return [g[0].text for g in gens]
+
+    if state["step"] == 0:
+        record(0, validate(engine, tokenizer, grader, val, rl, seed, 0, out_dir))
+    for step in range(state["step"] + 1, rl.steps + 1):
+        t_step = time.perf_counter()
+        lr = lr_at(step, rl)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        rows = [prompts[i] for i in prompt_indices(step, len(prompts), rl.batch_size, seed)]
+        rendered = [render_prompt(tokenizer, r["prompt"]) for r in rows]
+        t0 = time.perf_counter()
+        gens = engine.generate(rendered, n=rl.n, temperature=rl.temperature, top_p=rl.top_p,
+                               max_new_tokens=rl.max_response_length, seed=derived_seed("rollout", seed, step))
+        t_sample = time.perf_counter() - t0
+        groups: list[list[Sample]] = [[Sample(prompt=rendered[i], response=g.text, response_ids=g.token_ids,
+                                              gold=str(rows[i]["answer"]), truncated=g.truncated) for g in gs]
+                                      for i, gs in enumerate(gens)]
+        batch = score_batch(groups, rl=rl, step=step, grader=grader, tokenizer=tokenizer, scorer=scorer,
+                            regenerate=regenerate)
+        f = batch.facts
+        if state["adv_norm_std_applied"] is not None and state["adv_norm_std_applied"] != f["adv_norm_std_applied"]:
+            raise RuntimeError("advantage normalisation changed within a run")
+        state["adv_norm_std_applied"] = f["adv_norm_std_applied"]
+        t0 = time.perf_counter()
+        prompt_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in rendered]
+        update_rows = [(prompt_ids[g], list(s.response_ids), adv)
+                       for (g, s), adv in zip([(g, s) for g, gs in enumerate(groups) for s in gs],
+                                              batch.token_advantages)]
+        update = ppo_update(model, optimizer, update_rows, rl, actor_cfg, tokenizer.pad_token_id, device, precision)
+        t_update = time.perf_counter() - t0
+
+        write_parquet(_rollout_rows(step, rows, batch.records, rl.n), out_dir / "rollouts" / f"step-{step:07d}.parquet")
+        recs = batch.records
+        for key in ("scorer/calls", "scorer/forwards", "signal/scored", "signal/skipped", "signal/save",
+                    "signal/derail", "grader/timeouts", "signal/regenerations"):
+            totals[key] += f.get(key) or 0
+        state["lr"].append(lr)
+        state["prompt_ids"] += [r["id"] for r in rows]
+        values = {
+            "train/accuracy/pure": f["accuracy/pure"], "actor/lr": lr, **update,
+            "train/signal/mean": f["signal/mean"], "train/signal/save": f["signal/save"],
+            "train/signal/derail": f["signal/derail"], "train/signal/skipped": f["signal/skipped"],
+            "train/meta/block_rate": _mean([len(r["blocks"]) > 0 for r in recs]),
+            "train/response_length/mean": _mean([r["n_tokens"] for r in recs]),
+            "train/truncated_rate": _mean([r["truncated"] for r in recs]),
+            "train/adv_nonzero_rate": _mean([any(abs(a) > 0 for a in adv) for adv in batch.token_advantages]),
+            "time/sample_s": t_sample, "time/grade_s": f["time/grading_s"], "time/score_s": f["time/scoring_s"],
+            "time/update_s": t_update, "scorer/calls": totals["scorer/calls"],
+            **{f"train/format/{c}": _mean([r["format_class"] == c for r in recs])
+               for c in ("none", "wellformed", "drift", "truncation", "discard")},
+        }
+        if step % rl.test_freq == 0 or step == rl.steps:
+            values.update(validate(engine, tokenizer, grader, val, rl, seed, step, out_dir))
+        values["time/step_s"] = time.perf_counter() - t_step
+        record(step, values)
+        state["step"] = step
+        if step % rl.save_freq == 0 or step == rl.steps:
+            state.update(metrics=[list(m) for m in metrics], totals=dict(totals))
+            save_checkpoint(out_dir, step, model, optimizer, state, tokenizer=tokenizer)
+
+    checkpoints = [(step_of(p), p) for p in complete_checkpoints(out_dir)]
+    final_val = {k: v for k, v, s in metrics if s == rl.steps and k.startswith("val/")}
+    facts = {
+        "reward": rl.reward, "adv_norm_std_applied": state["adv_norm_std_applied"],
+        "scorer_calls": totals["scorer/calls"], "scorer_forwards": totals["scorer/forwards"],
+        "lr_per_step": state["lr"], "save_freq": rl.save_freq, "test_freq": rl.test_freq, "steps": rl.steps,
+        "rows_seen": len(set(state["prompt_ids"])), "prompts_sampled": len(state["prompt_ids"]),
+        "example_order": hash_json(state["prompt_ids"]),
+        "signal_totals": {k: totals[k] for k in ("signal/scored", "signal/skipped", "signal/save",
+                                                 "signal/derail", "signal/regenerations")},
+        "grader": grader.facts(), "device": device, "precision": precision,
+    }
+    summary = {"val_acc": round(final_val.get("val/accuracy/pure", float("nan")), 3),
+               "scorer_calls": totals["scorer/calls"]}
+    return {"checkpoints": checkpoints, "metrics": metrics, "facts": facts, "summary": summary}
