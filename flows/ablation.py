@@ -1,6 +1,11 @@
-"""The twin-arm ablation flow: spec → resolved arms → (stages added by later issues) → summary.
+"""The twin-arm ablation flow, top to bottom:
 
-Thin on purpose: each stage is a task in tasks/, recorded by the Session (the one lineage writer).
+spec → resolved arms → data → base model → twins → SFT per arm → GRPO per arm → checkpoint sweeps per arm →
+held-out (all arms, one job) → summary
+
+Thin on purpose: each stage is a task in tasks/ that returns a StageOutput; the Session (the one lineage writer)
+records it. Shared stages run once for every group of arms whose slice of the config and inputs are equal;
+per-arm stages run concurrently (as Ray tasks when the executor says so).
 """
 from __future__ import annotations
 
@@ -8,13 +13,25 @@ from infra.home import configure_environment
 
 configure_environment()  # before prefect reads its settings
 
+import dataclasses  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
 from prefect import flow, runtime  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 
 from infra.errors import SpecError  # noqa: E402
-from infra.spec import AblationSpec, load_spec, resolve_arm  # noqa: E402
+from infra.lineage import Artifact  # noqa: E402
+from infra.spec import AblationSpec, BaseSpec, load_spec, resolved_arms, stage_config  # noqa: E402
+from tasks import base_model as base_stage  # noqa: E402
+from tasks import data as data_stage  # noqa: E402
+from tasks import heldout as heldout_stage  # noqa: E402
 from tasks import resolve as resolve_stage  # noqa: E402
-from tasks.common import Session, run_task  # noqa: E402
+from tasks import rl as rl_stage  # noqa: E402
+from tasks import sft as sft_stage  # noqa: E402
+from tasks import sweep as sweep_stage  # noqa: E402
+from tasks import twins as twins_stage  # noqa: E402
+from tasks.common import SHARED, Session, StageOutput, run_calls, run_task  # noqa: E402
 
 
 class RunOverrides(BaseModel):
@@ -42,16 +59,95 @@ def apply_overrides(spec: AblationSpec, overrides: RunOverrides) -> AblationSpec
     return spec
 
 
+Arms = dict[str, BaseSpec]
+Outputs = dict[str, Artifact]
+
+
+def shared(s: Session, task: Any, stage: str, arms: Arms, inputs_for: Callable[[str], Outputs]
+           ) -> dict[str, StageOutput]:
+    """Run a shared stage once per group of arms with equal config slice and inputs; arm label '*' when every
+    arm shares it."""
+    groups: dict[str, tuple[Any, list[str]]] = {}
+    for arm, cfg in arms.items():
+        call = s.stage_call(stage, SHARED, None, stage_config(cfg, stage), inputs_for(arm))
+        groups.setdefault(call.key, (call, []))[1].append(arm)
+    out: dict[str, StageOutput] = {}
+    for call, members in groups.values():
+        label = SHARED if len(members) == len(arms) else "+".join(members)
+        result = run_task(s, task, s.begin(dataclasses.replace(call, arm=label)))
+        out.update(dict.fromkeys(members, result))
+    return out
+
+
+def one_protocol(arms: Arms) -> dict[str, Any]:
+    """The held-out job's config: it must be the same for every arm (one job, one protocol)."""
+    configs = {arm: stage_config(cfg, "heldout") for arm, cfg in arms.items()}
+    first = next(iter(configs.values()))
+    differ = sorted({k for c in configs.values() for k in c if c[k] != first[k]})
+    if differ:
+        raise SpecError(f"the held-out evaluation runs every arm in one job under one protocol, but arms differ in "
+                        f"{differ}; move these keys out of the arms' overrides")
+    return first
+
+
+def per_arm(s: Session, task: Any, stage: str, arms: Arms, inputs_for: Callable[[str, int], Outputs],
+            **kwargs: Any) -> dict[tuple[str, int], StageOutput]:
+    """Run a stage for every arm × seed, concurrently; equal computations run once."""
+    calls = [s.begin(s.stage_call(stage, arm, seed, stage_config(cfg, stage, seed), inputs_for(arm, seed)))
+             for arm, cfg in arms.items() for seed in cfg.seeds]
+    return {(c.arm, c.seed): o for c, o in zip(calls, run_calls(s, task, calls, **kwargs))}
+
+
 @flow(name="twinarm-ablation", log_prints=True)
 def ablation(spec_file: str = "configs/demo.yaml", overrides: RunOverrides = RunOverrides(),
              fresh: bool = False) -> dict:
     """Run a matched twin-arm ablation from a spec file; completed stages are served from cache."""
     spec = apply_overrides(load_spec(spec_file), overrides)
+    arms = resolved_arms(spec)
+    placement = {"executor": spec.base.executor.model_dump(mode="json")}
     flow_run_id = str(runtime.flow_run.id) if runtime.flow_run.id else None
     with Session(spec, spec_file, fresh=fresh, flow_run_id=flow_run_id) as s:
-        spec_art = s.store.put(spec_file, kind="spec")
-        for arm in spec.arms:
-            resolved = resolve_arm(spec, arm).model_dump(mode="json")
-            run_task(s, resolve_stage.resolve, s.call("resolve", arm, None, resolved, {"spec": spec_art}))
+        spec_art = s.store.put(Path(spec_file), kind="spec")
+        for arm, cfg in arms.items():
+            run_task(s, resolve_stage.resolve,
+                     s.begin(s.stage_call("resolve", arm, None, cfg.model_dump(mode="json"), {"spec": spec_art})))
+
+        data = shared(s, data_stage.data, "data", arms, lambda arm: {})
+        base = shared(s, base_stage.base_model, "base_model", arms, lambda arm: {
+            role: art for role, art in data[arm].outputs.items() if role in base_stage.CORPUS_ROLES})
+        twins = shared(s, twins_stage.twins, "twins", arms, lambda arm: {
+            "base_model": base[arm].outputs["model"],
+            **{n: data[arm].outputs[n] for n in twins_stage.TWIN_SOURCES if n in data[arm].outputs}})
+
+        def sft_inputs(arm: str, seed: int) -> Outputs:
+            side = "nometa" if arms[arm].sft.strip_meta else "meta"
+            return {"init": base[arm].outputs["model"],
+                    **{n: twins[arm].outputs[f"{n}_{side}"] for n in twins_stage.TWIN_SOURCES
+                       if f"{n}_{side}" in twins[arm].outputs}}
+
+        sft = per_arm(s, sft_stage.sft, "sft", arms, sft_inputs, **placement)
+        rl = per_arm(s, rl_stage.rl, "rl", arms, lambda arm, seed: {
+            "init": sft[arm, seed].outputs["model"], "prompts": data[arm].outputs["rl_prompts"],
+            "val": data[arm].outputs["val"]}, **placement)
+
+        def saved(arm: str, seed: int) -> Outputs:
+            return {sweep_stage.checkpoint_role(arm, seed, art.facets["step"]): art
+                    for role, art in rl[arm, seed].outputs.items() if role.startswith("step-")}
+
+        if spec.base.eval.sweep:
+            per_arm(s, sweep_stage.sweep, "sweep", arms,
+                    lambda arm, seed: {"val": data[arm].outputs["val"], **saved(arm, seed)}, **placement)
+
+        first = next(iter(arms))
+        suites = {r: a for r, a in data[first].outputs.items() if r.startswith(data_stage.SUITE)}
+        starts_and_ends = {}
+        for (arm, seed), out in rl.items():
+            final = out.outputs["final"]
+            starts_and_ends[sweep_stage.checkpoint_role(arm, seed, 0)] = sft[arm, seed].outputs["model"]
+            starts_and_ends[sweep_stage.checkpoint_role(arm, seed, final.facets["step"])] = final
+        run_task(s, heldout_stage.heldout,
+                 s.begin(s.stage_call("heldout", SHARED, None, one_protocol(arms), {**suites, **starts_and_ends})),
+                 **placement)
+
         return {"ablation": spec.name, "home": str(s.home.root), "stages": dict(s.status),
                 "summaries": dict(s.summaries)}

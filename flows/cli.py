@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -29,6 +30,18 @@ def _guard(fn: Callable[[], int | None]) -> None:
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]: completed stages are kept; run the same command again to resume.")
         code = 130
+    except Exception as exc:  # a bug or an environment failure: one line here, the traceback in a file
+        code = 1
+        err.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
+        try:
+            from infra.home import home
+
+            path = home().root / "last-error.txt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(traceback.format_exc())
+            err.print(f"  (traceback saved to {path})")
+        except OSError:
+            pass
     raise typer.Exit(code)
 
 
@@ -137,6 +150,62 @@ def lineage(sql: str = typer.Argument(..., help="SQL over runs, artifacts, edges
         else:
             raise UsageError(f"--format: expected table, csv or json, got '{fmt}'")
         return 0
+
+    _guard(body)
+
+
+@app.command()
+def heldout(ablation: str = typer.Argument(..., help="a registered ablation (its ablation flow has run)")) -> None:
+    """Held-out evaluation of every saved checkpoint of an ablation that has no result yet (what the nightly
+    deployment does for every ablation)."""
+
+    def body() -> int:
+        from flows.heldout import nightly_heldout, registered
+        from infra.home import home
+        from infra.lineage import Lineage
+
+        known = registered(Lineage(home().lineage_db))
+        if ablation not in known:
+            raise UsageError(f"ablation '{ablation}' has no held-out job yet; registered: {', '.join(known) or 'none'}")
+        result = nightly_heldout(ablations=[ablation])["ablations"][ablation]
+        if "skipped" in result:
+            raise TwinarmError(result["skipped"])
+        out.print(f"{ablation}: {result['checkpoints']} checkpoints, {result['evaluated_now']} evaluated now")
+        return 0
+
+    _guard(body)
+
+
+@app.command()
+def serve(spec: str = typer.Option("configs/demo.yaml", help="the spec file the ablation form starts with"),
+          cron: str = typer.Option("0 3 * * *", help="schedule of the nightly held-out deployment")) -> None:
+    """Serve the ablation and nightly held-out deployments to a running Prefect server (PREFECT_API_URL)."""
+
+    def body() -> int:
+        import os
+
+        if not os.environ.get("PREFECT_API_URL"):
+            raise UsageError("PREFECT_API_URL is not set: start the server with `twinarm ui` (it serves the "
+                             "deployments itself) or point PREFECT_API_URL at your Prefect server")
+        from flows.deploy import serve as serve_deployments
+
+        serve_deployments(spec, cron)
+        return 0
+
+    _guard(body)
+
+
+@app.command()
+def ui(prefect_port: int = typer.Option(4200, help="Prefect UI/API port on 127.0.0.1"),
+       mlflow_port: int = typer.Option(5000, help="MLflow UI port on 127.0.0.1"),
+       spec: str = typer.Option("configs/demo.yaml", help="the spec file the ablation form starts with"),
+       deployments: bool = typer.Option(True, help="also serve the ablation and nightly deployments")) -> None:
+    """Start the Prefect UI and the MLflow UI on 127.0.0.1 (and serve the deployments) until Ctrl-C."""
+
+    def body() -> int:
+        from flows.ui import run_ui
+
+        return run_ui(prefect_port, mlflow_port, spec, deployments, out)
 
     _guard(body)
 

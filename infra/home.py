@@ -55,13 +55,11 @@ def home() -> Home:
     return Home(Path(os.environ.get("TWINARM_HOME", ".twinarm")).expanduser().resolve())
 
 
-_OURS: dict[str, str] = {}  # the values this module set, so a later call may move them with TWINARM_HOME
+_MARK = "TWINARM_ENV_HOME"  # the home the derived variables below point at; inherited by subprocesses
 
 
-def configure_environment() -> Home:
-    """Point Prefect and MLflow at TWINARM_HOME unless the user configured them. Call before importing prefect."""
-    h = home().ensure()
-    defaults = {
+def _derived(h: Home) -> dict[str, str]:
+    return {
         "PREFECT_HOME": str(h.prefect),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOCAL_STORAGE_PATH": str(h.prefect / "results"),
@@ -69,12 +67,23 @@ def configure_environment() -> Home:
         "PREFECT_LOGGING_LEVEL": "WARNING",
         "MLFLOW_TRACKING_URI": f"sqlite:///{h.mlflow_db}",
         "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # our own progress lines say what is happening
+        "TRANSFORMERS_VERBOSITY": "error",
         "RAY_USAGE_STATS_ENABLED": "0",
     }
-    for key, value in defaults.items():
-        if key not in os.environ or os.environ[key] == _OURS.get(key):
+
+
+def configure_environment() -> Home:
+    """Point Prefect and MLflow at TWINARM_HOME unless the user configured them. Call before importing prefect.
+
+    A variable still holding the value derived for an earlier home (this process's, or a parent's that started
+    us with another TWINARM_HOME) is ours and moves with TWINARM_HOME; any other value is the user's and stays."""
+    h = home().ensure()
+    earlier = _derived(Home(Path(os.environ[_MARK]))) if _MARK in os.environ else {}
+    for key, value in _derived(h).items():
+        if key not in os.environ or os.environ[key] == earlier.get(key):
             os.environ[key] = value
-            _OURS[key] = value
+    os.environ[_MARK] = str(h.root)
     import logging
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)

@@ -19,7 +19,7 @@ T = TypeVar("T")
 _init_lock = threading.Lock()
 # Environment the workers need to find the same state and settings as the flow process.
 FORWARD_ENV = ("TWINARM_HOME", "MLFLOW_TRACKING_URI", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-               "TOKENIZERS_PARALLELISM", "PREFECT_HOME")
+               "TOKENIZERS_PARALLELISM", "PREFECT_HOME", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY")
 
 
 def ray_address(executor: ExecutorSpec) -> str | None:

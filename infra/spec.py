@@ -87,10 +87,12 @@ class ArithWorldSpec(Strict):
     n_val_per_domain: int = Field(24, ge=1)
     n_heldout: int = Field(270, ge=1)
     heldout_hard_share: float = Field(0.34, ge=0, le=1, description="share of held-out from the harder band")
-    verify_share: float = Field(0.3, ge=0, le=1, description="SFT-1 rows with a verify block on a correct step")
-    slip_share: float = Field(0.3, ge=0, le=1, description="SFT-1 rows with a slip caught by a redirect block")
-    sft2_redirect_share: float = Field(0.7, ge=0, le=1, description="SFT-2 rows whose prefix is wrong")
+    verify_share: float = Field(0.4, ge=0, le=1, description="SFT-1 rows with a verify block on a correct step")
+    slip_share: float = Field(0.2, ge=0, le=1, description="SFT-1 rows with a slip caught by a redirect block")
+    sft2_redirect_share: float = Field(0.5, ge=0, le=1, description="SFT-2 rows whose prefix is wrong")
     confidence_share: float = Field(0.8, ge=0, le=1, description="SFT-1 blocks that state a confidence")
+    check_drill_share: float = Field(0.25, ge=0, le=1, description="base rows that are plain check drills "
+                                     "('Is 44-7=36?' checked column by column), so the base model can verify")
 
 
 # ---------------------------------------------------------------- model
@@ -111,13 +113,12 @@ class BaseTrainingSpec(Strict):
     """The base-model stage (toy models only): plain worked solutions until the stated val accuracy."""
 
     seed: int = 0
-    max_steps: int = Field(2000, ge=1)
-    time_budget_s: float = Field(120, gt=0)
+    max_steps: int = Field(700, ge=1, description="the cosine schedule's length (700 ≈ 61 % greedy val)")
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-3, gt=0)
     warmup_steps: int = Field(50, ge=0)
-    eval_every: int = Field(250, ge=1)
-    target_val_accuracy: float = Field(0.6, ge=0, le=1, description="stop once greedy val accuracy reaches this")
+    eval_every: int = Field(175, ge=1)
+    target_val_accuracy: float = Field(0.8, ge=0, le=1, description="stop once greedy val accuracy reaches this")
 
 
 class ModelSpec(Strict):
@@ -311,12 +312,26 @@ class ContrastSpec(Strict):
                                   description="mechanisms this contrast is declared to change (package effects)")
 
 
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # ablation and arm names end up in paths, run names and role keys
+
+
 class AblationSpec(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=NAME)
     description: str = ""
     base: BaseSpec = BaseSpec()
     arms: dict[str, ArmSpec]
     contrasts: dict[str, ContrastSpec] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _arm_names(self) -> "AblationSpec":
+        import re
+
+        bad = [a for a in self.arms if not re.match(NAME, a)]
+        if bad:
+            raise ValueError(f"arm names must be letters, digits, '_', '.', '-' (got {bad})")
+        if not self.arms:
+            raise ValueError("an ablation needs at least one arm")
+        return self
 
 
 # ---------------------------------------------------------------- mechanisms
@@ -547,9 +562,9 @@ def declared_keys(spec: AblationSpec, arm: str) -> set[str]:
 # The slice of a resolved arm config each stage may read. A stage function receives only this dict, so its
 # cache key (the hash of this dict plus its inputs and code) covers everything that can change its output.
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "data": ("world", "sft.sft1", "sft.sft2", "rl.data", "rl.val"),
-    "base_model": ("model", "world", "executor.compute"),
-    "twins": ("model.meta_open", "model.meta_close", "sft.sft1", "sft.sft2", "world"),
+    "data": ("world", "sft.sft1", "sft.sft2", "rl.data", "rl.val", "eval.heldout", "eval.data_dir"),
+    "base_model": ("model", "grader", "executor.compute"),
+    "twins": ("model.meta_open", "model.meta_close", "sft.max_length"),
     "sft": ("sft", "executor.compute", "seed"),
     "rl": ("rl", "grader", "executor.compute", "seed"),
     "sweep": ("rl.val", "rl.val_temperature", "rl.val_n", "rl.max_response_length", "grader", "eval.seed",

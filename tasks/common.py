@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -113,8 +114,9 @@ def load_output(call: StageCall) -> StageOutput | None:
     return out
 
 
-def run_stage(call: StageCall, body: Callable[[StageCall], StageOutput]) -> StageOutput:
-    """Run a stage body at most once per compute key: locked, resumable, completion marker written last."""
+def run_stage(call: StageCall, body: Callable[..., StageOutput], **kwargs: Any) -> StageOutput:
+    """Run body(call, **kwargs) at most once per compute key: locked, resumable, completion marker written last.
+    kwargs are placement details (threads) that do not change the result."""
     done = load_output(call)
     if done is not None:
         return done
@@ -125,7 +127,7 @@ def run_stage(call: StageCall, body: Callable[[StageCall], StageOutput]) -> Stag
             return done
         clean_stale_tmp(call.workdir)
         started = utcnow().isoformat()
-        out = body(call)
+        out = body(call, **kwargs)
         out.code_version = code_version()
         out.started_at, out.ended_at = started, utcnow().isoformat()
         atomic_write_json(call.workdir / "stage-output.json", out.to_json())
@@ -134,6 +136,33 @@ def run_stage(call: StageCall, body: Callable[[StageCall], StageOutput]) -> Stag
 
 def store(call: StageCall) -> ArtifactStore:
     return ArtifactStore(Path(call.home) / "artifacts")
+
+
+def live_metrics(call: StageCall) -> Callable[[list[tuple[str, float, int]]], Any]:
+    """Log (key, value, step) rows to the stage's MLflow run as they happen (deduplicated by key and step, so
+    the rows a resumed stage logs again are not repeated)."""
+    if not call.mlflow_run_id:
+        return lambda rows: None
+    from infra.tracking import Tracker
+
+    tracker = Tracker(configure_environment())
+    return lambda rows: tracker.log_metrics(call.mlflow_run_id, rows)
+
+
+_inline = threading.Lock()  # model loading is not thread-safe: inline bodies run one at a time
+
+
+def placed(task_body: Callable[..., StageOutput], call: StageCall, executor: dict[str, Any]) -> StageOutput:
+    """Run a per-arm stage where the executor says: as a Ray task (arms in parallel, torch threads = CPUs per
+    arm), or inline in the flow process, one body at a time."""
+    from infra.ray_exec import call as place, torch_threads
+    from infra.spec import ExecutorSpec
+
+    spec = ExecutorSpec(**executor)
+    if spec.use_ray:
+        return place(run_stage, call, task_body, executor=spec, threads=torch_threads(spec))
+    with _inline:
+        return run_stage(call, task_body, threads=torch_threads(spec))
 
 
 class Session:
@@ -166,16 +195,21 @@ class Session:
         finally:
             self._lock.__exit__(exc_type, exc, tb)
 
-    def call(self, stage: str, arm: str, seed: int | None, config: dict[str, Any],
-             inputs: dict[str, Artifact]) -> StageCall:
-        call = StageCall(home=str(self.home.root), ablation=self.spec.name, arm=arm, seed=seed, stage=stage,
+    def stage_call(self, stage: str, arm: str, seed: int | None, config: dict[str, Any],
+                   inputs: dict[str, Artifact]) -> StageCall:
+        return StageCall(home=str(self.home.root), ablation=self.spec.name, arm=arm, seed=seed, stage=stage,
                          config=config, inputs=inputs, code=source_hash(STAGE_PACKAGES[stage]), fresh=self.fresh)
-        name = f"{arm if arm != SHARED else 'shared'}/{stage}" + (f"/seed{seed}" if seed is not None else "")
-        mlflow_id = self.tracker.child_run(self.spec.name, self.parent_run, call.run_id, name, flatten(config),
-                                           tags={"twinarm.stage": stage, "twinarm.arm": arm,
-                                                 "twinarm.seed": str(seed)})
+
+    def begin(self, call: StageCall) -> StageCall:
+        """Record the run as running (lineage) and find or create its MLflow child run."""
+        name = f"{'shared' if call.arm == SHARED else call.arm}/{call.stage}" + (
+            f"/seed{call.seed}" if call.seed is not None else "")
+        mlflow_id = self.tracker.child_run(self.spec.name, self.parent_run, call.run_id, name, flatten(call.config),
+                                           tags={"twinarm.stage": call.stage, "twinarm.arm": call.arm,
+                                                 "twinarm.seed": str(call.seed)})
+        call = dataclasses.replace(call, mlflow_run_id=mlflow_id)
         self.lineage.record(self._record(call, status="running"))
-        return dataclasses.replace(call, mlflow_run_id=mlflow_id)
+        return call
 
     def _record(self, call: StageCall, status: str, out: StageOutput | None = None) -> StageRecord:
         run = Run(run_id=call.run_id, ablation=call.ablation, arm=call.arm, stage=call.stage, seed=call.seed,
@@ -221,15 +255,41 @@ class Session:
         self.status[f"{call.stage}/{call.arm}"] = "failed"
 
 
-def run_task(session: Session, task: Any, call: StageCall) -> StageOutput:
-    """Run a stage task through Prefect (cache by compute key) and record it; failures are recorded too."""
-    state = task.with_options(refresh_cache=session.fresh)(call=call, return_state=True)
-    if state.is_failed():
-        try:
-            state.result()
-        except BaseException as exc:
-            session.fail(call, exc)
-            raise
-    out = state.result()
-    return session.finish(call, out, cached=state.name == "Cached")
+def run_calls(session: Session, task: Any, calls: list[StageCall], **kwargs: Any) -> list[StageOutput]:
+    """Run stage calls through Prefect and record each; calls with the same compute key run once.
 
+    The unique calls are submitted together, so independent arms run concurrently (each task body may hand
+    its work to a Ray worker). A failure is recorded against every call that needed it, then re-raised.
+    """
+    unique: dict[str, StageCall] = {}
+    for call in calls:
+        unique.setdefault(call.key, call)
+    futures = {key: task.with_options(refresh_cache=session.fresh).submit(call=call, **kwargs)
+               for key, call in unique.items()}
+    states = {}
+    for key, future in futures.items():
+        future.wait()
+        states[key] = future.state
+    outputs: list[StageOutput] = []
+    failure: BaseException | None = None
+    for call in calls:
+        state = states[call.key]
+        if state.is_failed() or state.is_crashed() or state.is_cancelled():
+            try:
+                state.result()
+                exc: BaseException = RuntimeError(f"stage {call.stage} ended in state {state.name}")
+            except BaseException as raised:  # the task's own exception, re-raised below
+                exc = raised
+            session.fail(call, exc)
+            failure = failure or exc
+            continue
+        ran_here = unique[call.key] is call and state.name != "Cached"
+        outputs.append(session.finish(call, state.result(), cached=not ran_here))
+    if failure is not None:
+        raise failure
+    return outputs
+
+
+def run_task(session: Session, task: Any, call: StageCall, **kwargs: Any) -> StageOutput:
+    """One stage call (see run_calls)."""
+    return run_calls(session, task, [call], **kwargs)[0]

@@ -38,6 +38,43 @@ def flow_home(tmp_path_factory):
         os.environ["TWINARM_HOME"] = old
 
 
+def tiny_spec_dict(name: str = "tiny") -> dict:
+    """The demo spec shrunk to CI size: same world, same model family, same stages, minutes → seconds."""
+    import yaml
+
+    spec = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    spec["name"] = name
+    base = spec["base"]
+    base["world"].update(n_base=2000, n_sft1=200, n_sft2=60, n_rl=200, n_val_per_domain=4, n_heldout=36)
+    base["model"] = {"source": "toy",
+                     "toy": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+                             "intermediate_size": 128},
+                     "base_training": {"max_steps": 60, "eval_every": 30, "batch_size": 32,
+                                       "target_val_accuracy": 0.99}}
+    base["sft"].update(epochs=1, batch_size=32)
+    base["rl"].update(steps=6, save_freq=2, test_freq=2, batch_size=4, mini_batch_size=2, n=4,
+                      max_response_length=96)
+    base["executor"]["use_ray"] = False
+    return spec
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(tmp_path_factory) -> Path:
+    import yaml
+
+    path = tmp_path_factory.mktemp("specs") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_spec_dict(), sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(flow_home, tiny_spec):
+    """The tiny ablation, run once through the real flow; tests read its lineage, MLflow store and outputs."""
+    from flows.ablation import ablation
+
+    return ablation(spec_file=str(tiny_spec))
+
+
 @pytest.fixture(scope="session")
 def benchmarks_dir() -> Path:
     if not BENCHMARKS.is_dir():

@@ -1,0 +1,44 @@
+"""Stage: the SFT-1/SFT-2 twin datasets — the meta side as given, the no-meta side with the blocks stripped,
+row-for-row aligned, verified (report stored as an artifact); rows that cannot be twinned are refused on both
+sides and listed."""
+from __future__ import annotations
+
+from prefect import task
+
+from tasks.common import StageCall, StageOutput, run_stage, stage_cache_key, store
+
+TWIN_SOURCES = ("sft1", "sft2")
+
+
+def twins_body(call: StageCall) -> StageOutput:
+    from sft.twins import build_twins, load_sft_rows, write_twins
+    from worlds.tokenizer import load_tokenizer
+
+    cfg = call.config
+    open_tag, close_tag, max_length = cfg["model.meta_open"], cfg["model.meta_close"], cfg["sft.max_length"]
+    tokenizer = load_tokenizer(call.input_path("base_model"))
+    outputs, facts, summary = {}, {}, {}
+    for name in TWIN_SOURCES:
+        if name not in call.inputs:
+            continue
+        twinset = build_twins(load_sft_rows(call.input_path(name)), open_tag, close_tag, tokenizer=tokenizer,
+                              max_length=max_length)
+        out = call.workdir / name
+        report = write_twins(twinset, out, tokenizer=tokenizer, max_length=max_length)
+        rows = len(twinset.meta)
+        outputs[f"{name}_meta"] = store(call).put(out / "meta.parquet", kind="dataset", rows=rows, side="meta")
+        outputs[f"{name}_nometa"] = store(call).put(out / "nometa.parquet", kind="dataset", rows=rows,
+                                                    side="nometa")
+        outputs[f"{name}_report"] = store(call).put(out / "report.json", kind="report")
+        facts[f"{name}_report"] = {"passed": report.passed, "checks": {c.name: c.passed for c in report.checks},
+                                   "rows": rows, "refused": report.refused, "mask_level": report.mask_level,
+                                   "tokenizer": report.tokenizer}
+        summary[f"{name}_rows"] = rows
+        summary[f"{name}_refused"] = len(twinset.refused)
+    return StageOutput(outputs=outputs, facts=facts, summary=summary,
+                       files=[str(call.workdir / n / "report.json") for n in TWIN_SOURCES if n in call.inputs])
+
+
+@task(name="twins", cache_key_fn=stage_cache_key, persist_result=True)
+def twins(call: StageCall) -> StageOutput:
+    return run_stage(call, twins_body)
