@@ -37,6 +37,15 @@ test-fast: setup ## unit tests only (skips the end-to-end runs)
 ui: setup ## start the Prefect UI (127.0.0.1:4200) and MLflow UI (127.0.0.1:5000) and serve the deployments
 	$(BIN)/twinarm ui
 
+bench-grader: setup ## grader throughput, latency and hard timeouts on the held-out 1030 (../shared/data/benchmarks)
+	$(BIN)/python scripts/bench_grader.py ../shared/data/benchmarks
+
+bench-rl: setup ## GRPO step time vanilla vs PMI-shift (needs `make demo` first), then demo wall time sequential vs Ray
+	$(BIN)/python scripts/bench_rl.py step
+	$(BIN)/python scripts/bench_rl.py demo
+
+faults: setup ## SIGKILL each stage at random points, rerun, compare with an uninterrupted run
+	$(BIN)/python scripts/fault_inject.py
 
 clean-home: ## delete .twinarm/ (all runs, lineage, MLflow store)
 	rm -rf .twinarm

@@ -98,12 +98,25 @@ def per_arm(s: Session, task: Any, stage: str, arms: Arms, inputs_for: Callable[
     return {(c.arm, c.seed): o for c, o in zip(calls, run_calls(s, task, calls, **kwargs))}
 
 
+def preflight(spec_file: str, arms: Arms) -> None:
+    """Refuse what would fail late, before any compute."""
+    from infra.ray_exec import check_reachable, ray_address
+
+    if cluster := sorted(arm for arm, cfg in arms.items() if cfg.executor.kind == "verl"):
+        # running an 8B spec through the local executor instead would be a silent substitute
+        raise SpecError(f"{spec_file}: base.executor.kind 'verl' (arms {', '.join(cluster)}): the verl cluster "
+                        f"executor is not built yet (docs/gpu-cluster.md); on one GPU use executor.kind: local")
+    for address in sorted({ray_address(cfg.executor) for cfg in arms.values() if cfg.executor.use_ray} - {None}):
+        check_reachable(address)
+
+
 @flow(name="twinarm-ablation", log_prints=True)
 def ablation(spec_file: str = "configs/demo.yaml", overrides: RunOverrides = RunOverrides(),
              fresh: bool = False) -> dict:
     """Run a matched twin-arm ablation from a spec file; completed stages are served from cache."""
     spec = apply_overrides(load_spec(spec_file), overrides)
     arms = resolved_arms(spec)
+    preflight(spec_file, arms)
     placement = {"executor": spec.base.executor.model_dump(mode="json")}
     flow_run_id = str(runtime.flow_run.id) if runtime.flow_run.id else None
     with Session(spec, spec_file, fresh=fresh, flow_run_id=flow_run_id) as s:

@@ -26,7 +26,7 @@ def ray_address(executor: ExecutorSpec) -> str | None:
     return executor.ray_address or os.environ.get("RAY_ADDRESS") or None
 
 
-def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """ray.init retries an unreachable address for minutes; a plain TCP connect answers in seconds."""
     import socket
 
@@ -50,7 +50,7 @@ def ensure_ray(executor: ExecutorSpec) -> None:
         env_vars = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}
         address = ray_address(executor)
         if address:
-            _check_reachable(address)
+            check_reachable(address)
         try:
             if address:
                 ray.init(address=address, configure_logging=False, runtime_env={

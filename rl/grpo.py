@@ -24,6 +24,7 @@ from infra.artifacts import write_parquet
 from infra.checkpoints import complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint, step_of
 from infra.errors import DataError
 from infra.hashing import hash_json
+from infra.progress import Progress
 from infra.spec import ComputeSpec, GraderSpec, RLSpec
 
 if TYPE_CHECKING:
@@ -242,6 +243,7 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
 
     if state["step"] == 0:
         record(0, validate(engine, tokenizer, grader, val, rl, seed, 0, out_dir))
+    bar = Progress("GRPO steps", rl.steps, start=state["step"])
     for step in range(state["step"] + 1, rl.steps + 1):
         t_step = time.perf_counter()
         lr = lr_at(step, rl)
@@ -294,11 +296,14 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
             values.update(validate(engine, tokenizer, grader, val, rl, seed, step, out_dir))
         values["time/step_s"] = time.perf_counter() - t_step
         record(step, values)
+        bar.advance(acc=f["accuracy/pure"], **({"val": values["val/accuracy/pure"]} if "val/accuracy/pure" in values
+                                               else {}))
         state["step"] = step
         if step % rl.save_freq == 0 or step == rl.steps:
             state.update(metrics=[list(m) for m in metrics], totals=dict(totals))
             save_checkpoint(out_dir, step, model, optimizer, state, tokenizer=tokenizer)
 
+    bar.close()
     checkpoints = [(step_of(p), p) for p in complete_checkpoints(out_dir)]
     final_val = {k: v for k, v, s in metrics if s == rl.steps and k.startswith("val/")}
     facts = {

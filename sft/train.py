@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from infra.artifacts import read_json
 from infra.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from infra.errors import DataError
+from infra.progress import Progress
 from infra.hashing import canonical_json
 
 if TYPE_CHECKING:
@@ -217,6 +218,7 @@ def train_lm(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerFast", row
         resumed_from = state["step"]
     pad = tokenizer.pad_token_id
     last_ckpt = state["step"]
+    bar = Progress("train steps", config.max_steps, start=state["step"])
     while not state["done"]:
         step = state["step"]
         t0 = time.perf_counter()
@@ -240,11 +242,13 @@ def train_lm(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerFast", row
         if limit is None and state["step"] - last_ckpt >= config.checkpoint_every:
             save_checkpoint(out_dir, state["step"], model, opt, state, keep=KEEP_CHECKPOINTS)  # before the callback, which may be slow or fail
             last_ckpt = state["step"]
+        bar.advance(loss=record["loss"])
         stop = bool(on_step(record)) if on_step else False
         state["stopped"] = "callback" if stop else limit
         state["done"] = state["stopped"] is not None
         if state["done"]:
             save_checkpoint(out_dir, state["step"], model, opt, state, keep=KEEP_CHECKPOINTS)
+    bar.close()
     history = state["history"]
     return {"steps": state["step"], "stopped": state["stopped"], "seconds": round(state["seconds"], 3),
             "tokens": sum(r["tokens"] for r in history), "final_loss": history[-1]["loss"] if history else None,

@@ -24,6 +24,7 @@ from infra.hashing import hash_json
 from infra.home import Home, configure_environment
 from infra.lineage import Artifact, Lineage, Run, StageRecord, utcnow
 from infra.locks import exclusive
+from infra.progress import stage_label
 from infra.spec import AblationSpec, config_hash, flatten
 from infra.tracking import Tracker
 
@@ -127,7 +128,9 @@ def run_stage(call: StageCall, body: Callable[..., StageOutput], **kwargs: Any) 
             return done
         clean_stale_tmp(call.workdir)
         started = utcnow().isoformat()
-        out = body(call, **kwargs)
+        label = call.stage if call.arm == SHARED else f"{call.stage}/{call.arm}"
+        with stage_label(label if call.seed in (None, 0) else f"{label}/seed{call.seed}"):
+            out = body(call, **kwargs)
         out.code_version = code_version()
         out.started_at, out.ended_at = started, utcnow().isoformat()
         atomic_write_json(call.workdir / "stage-output.json", out.to_json())

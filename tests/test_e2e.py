@@ -96,3 +96,31 @@ def test_sigkill_mid_rl_resumes_to_the_uninterrupted_result(tiny_run, flow_home,
     runs = con.execute("SELECT count(*) FROM runs").fetchone()[0]
     assert dupes == 0
     assert runs == 1 + lineage.rows("SELECT count(*) AS n FROM runs WHERE ablation = 'tiny'")[0]["n"]
+
+
+def test_nightly_evaluates_each_new_checkpoint_once(tiny_run, flow_home, tmp_path):
+    """On a copy of the ablation's home (so other tests keep their lineage): the first nightly run evaluates the
+    RL checkpoints the ablation's own held-out job did not; the second evaluates nothing and records nothing."""
+    import shutil
+
+    home = tmp_path / "home"
+    shutil.copytree(flow_home.root, home, ignore=shutil.ignore_patterns("*.lock", "locks"))
+    env = {**os.environ, "TWINARM_HOME": str(home)}
+
+    def nightly() -> str:
+        res = subprocess.run([sys.executable, "-m", "flows.cli", "heldout", "tiny"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stdout + res.stderr
+        return res.stdout.strip().splitlines()[-1]
+
+    lineage = Lineage(flow_home.lineage_db)
+    saved = len(lineage.rows("SELECT DISTINCT artifact_id FROM run_outputs WHERE ablation = 'tiny' AND stage = 'rl' "
+                             "AND role LIKE 'step-%'"))
+    already = len(lineage.rows("SELECT DISTINCT arm FROM run_outputs WHERE ablation = 'tiny' AND stage = 'rl' "
+                               "AND role = 'final'"))
+    assert nightly() == f"tiny: {saved} checkpoints, {saved - already} evaluated now"  # finals were done
+    results = sorted(p.name for p in (home / "results" / "heldout").rglob("*") if p.is_file())
+    counts = Lineage(home / "lineage.duckdb").counts()
+    assert nightly() == f"tiny: {saved} checkpoints, 0 evaluated now"
+    assert sorted(p.name for p in (home / "results" / "heldout").rglob("*") if p.is_file()) == results
+    assert Lineage(home / "lineage.duckdb").counts() == counts

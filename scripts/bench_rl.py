@@ -1,0 +1,179 @@
+"""Benchmark training cost: GRPO step time of the vanilla vs the PMI-shift reward on the same batch, and the demo
+ablation's wall time with arms sequential vs parallel on local Ray (plus the cached rerun), with peak memory.
+
+    # step: one arm's SFT model from a completed ablation, K GRPO steps per reward from the same start
+    .venv/bin/python scripts/bench_rl.py step [--home .twinarm] [--ablation demo] [--spec configs/demo.yaml]
+    # demo: the whole ablation in fresh homes, arms sequential then on Ray, then the cached rerun
+    .venv/bin/python scripts/bench_rl.py demo [--spec configs/demo.yaml] [--work /tmp/twinarm-bench]
+
+Step timings are the GRPO loop's own metrics (time/sample_s, grade, score, update). Step 1 is the identical batch
+for both rewards (same start weights, prompts and sampling seed); later steps diverge as the weights do, so the
+median over steps 1..K-1 is reported too (step K also validates, and is left out). Peak memory: the RSS high-water
+mark of this process for `step`; for `demo` the largest summed RSS of the whole process tree (driver, Ray, arm
+workers, grader processes) sampled every 0.2 s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+PHASES = ("time/sample_s", "time/grade_s", "time/score_s", "time/update_s")
+
+
+def _artifact_path(lineage, ablation: str, stage: str, arm: str, role: str) -> Path:
+    from infra.artifacts import uri_path
+
+    rows = lineage.rows("SELECT a.uri FROM run_outputs o JOIN artifacts a USING (artifact_id) WHERE o.ablation = ? "
+                        "AND o.stage = ? AND o.arm = ? AND o.role = ? LIMIT 1", [ablation, stage, arm, role])
+    if not rows:
+        sys.exit(f"no {stage}/{arm} output '{role}' for ablation '{ablation}' in {lineage.path}: run the ablation "
+                 f"first (make demo)")
+    return uri_path(rows[0]["uri"])
+
+
+def bench_step(home: Path, ablation: str, spec_file: str, arm: str | None, steps: int, val_rows: int) -> dict:
+    os.environ["TWINARM_HOME"] = str(home)
+    from infra.home import configure_environment
+
+    configure_environment()
+    from infra.artifacts import read_parquet
+    from infra.lineage import Lineage
+    from infra.spec import load_spec, resolved_arms
+    from rl.grpo import train_grpo
+
+    spec = load_spec(spec_file)
+    arms = resolved_arms(spec)
+    arm = arm or next(a for a, cfg in arms.items() if cfg.rl.reward != "vanilla")
+    cfg = arms[arm]
+    lineage = Lineage(home / "lineage.duckdb")
+    init = _artifact_path(lineage, ablation, "sft", arm, "model")
+    shared = "*"
+    prompts = read_parquet(_artifact_path(lineage, ablation, "data", shared, "rl_prompts"))
+    val = read_parquet(_artifact_path(lineage, ablation, "data", shared, "val"))[:val_rows]
+    out: dict = {"arm": arm, "init": str(init), "steps": steps, "batch": f"{cfg.rl.batch_size} prompts x "
+                 f"{cfg.rl.n} samples, max {cfg.rl.max_response_length} tokens", "rewards": {}}
+    for reward in ("vanilla", cfg.rl.reward):
+        rl = cfg.rl.model_copy(update={"reward": reward, "steps": steps, "save_freq": steps, "test_freq": steps})
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            result = train_grpo(init, prompts, val, rl, cfg.grader, cfg.executor.compute, cfg.seeds[0], Path(tmp))
+            wall = time.perf_counter() - t0
+        by_step: dict[int, dict[str, float]] = {}
+        for key, value, step in result["metrics"]:
+            by_step.setdefault(step, {})[key] = value
+        train_steps = [by_step[s] for s in range(1, steps)]
+        phases = {p: round(statistics.median(m[p] for m in train_steps), 3) for p in PHASES}
+        out["rewards"][reward] = {
+            "step1_s": round(sum(by_step[1][p] for p in PHASES), 3),
+            "median_step_s": round(statistics.median(sum(m[p] for m in [x] for p in PHASES) for x in train_steps), 3),
+            "median_phases_s": phases, "scorer_calls": result["facts"]["scorer_calls"], "wall_s": round(wall, 1)}
+    v, t = out["rewards"]["vanilla"], out["rewards"][cfg.rl.reward]
+    out["ratio_step1"] = round(t["step1_s"] / v["step1_s"], 3)
+    out["ratio_median"] = round(t["median_step_s"] / v["median_step_s"], 3)
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return out
+
+
+def _tree_rss_peak(pid: int, stop: threading.Event, peak: list[int]) -> None:
+    import psutil
+
+    root = psutil.Process(pid)
+    while not stop.is_set():
+        total = 0
+        try:
+            for p in [root, *root.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            break
+        peak[0] = max(peak[0], total)
+        time.sleep(0.2)
+
+
+def _timed_run(spec: Path, home: Path) -> dict:
+    env = {**os.environ, "TWINARM_HOME": str(home)}
+    env.pop("TWINARM_ENV_HOME", None)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([str(REPO / ".venv" / "bin" / "twinarm"), "run", str(spec)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stop, peak = threading.Event(), [0]
+    sampler = threading.Thread(target=_tree_rss_peak, args=(proc.pid, stop, peak), daemon=True)
+    sampler.start()
+    output, _ = proc.communicate()
+    stop.set()
+    sampler.join()
+    if proc.returncode:
+        sys.exit(f"twinarm run {spec} failed (exit {proc.returncode}):\n{output[-3000:]}")
+    return {"wall_s": round(time.perf_counter() - t0, 1), "peak_tree_rss_mb": round(peak[0] / 2**20)}
+
+
+def _stage_seconds(home: Path) -> dict[str, float]:
+    from infra.lineage import Lineage
+
+    rows = Lineage(home / "lineage.duckdb").rows(
+        "SELECT stage, arm, epoch(ended_at) - epoch(started_at) AS s FROM runs WHERE status = 'completed' "
+        "ORDER BY started_at")
+    return {f"{r['stage']}/{r['arm']}": round(r["s"], 1) for r in rows}
+
+
+def bench_demo(spec_file: str, work: Path) -> dict:
+    import yaml
+
+    spec = yaml.safe_load(Path(spec_file).read_text())
+    out: dict = {"spec": spec_file, "cpus": os.cpu_count()}
+    for placement, use_ray in (("sequential", False), ("ray", True)):
+        spec["base"]["executor"]["use_ray"] = use_ray
+        home = work / placement
+        if home.exists():
+            sys.exit(f"{home} exists: the demo must start from an empty home; remove it or pass another --work")
+        home.mkdir(parents=True)
+        path = home / "spec.yaml"
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        out[placement] = _timed_run(path, home)
+        out[placement]["stages_s"] = _stage_seconds(home)
+        print(json.dumps({placement: out[placement]}), flush=True)
+    out["cached_rerun"] = _timed_run(work / "ray" / "spec.yaml", work / "ray")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="mode", required=True)
+    step = sub.add_parser("step", help="GRPO step time, vanilla vs the treatment arm's reward")
+    step.add_argument("--home", type=Path, default=Path(os.environ.get("TWINARM_HOME", ".twinarm")))
+    step.add_argument("--ablation", default="demo")
+    step.add_argument("--spec", default="configs/demo.yaml")
+    step.add_argument("--arm", default=None, help="default: the first arm whose reward is not vanilla")
+    step.add_argument("--steps", type=int, default=6)
+    step.add_argument("--val-rows", type=int, default=16)
+    demo = sub.add_parser("demo", help="demo wall time, arms sequential vs on Ray, and the cached rerun")
+    demo.add_argument("--spec", default="configs/demo.yaml")
+    demo.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "twinarm-bench")
+    ap.add_argument("--json", type=Path, default=None, help="also write the result here")
+    args = ap.parse_args()
+    if args.mode == "step":
+        result = bench_step(args.home.resolve(), args.ablation, args.spec, args.arm, args.steps, args.val_rows)
+    else:
+        result = bench_demo(args.spec, args.work.resolve())
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

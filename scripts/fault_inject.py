@@ -1,0 +1,150 @@
+"""Fault injection: SIGKILL the ablation at a random point of each stage, repeatedly, then let it finish; every
+rerun must complete, the final artifacts must hash equal to an uninterrupted run's, and no row may be duplicated.
+
+    .venv/bin/python scripts/fault_inject.py [--spec SPEC] [--kills 2] [--seed 0] [--work /tmp/twinarm-faults]
+
+Default spec: the CI-sized demo (tests/conftest.py: tiny_spec_dict), arms inline. A kill takes the whole process
+tree (flow process, grader workers, Ray workers if the spec uses Ray). A stage counts as "running" once its
+working directory exists without its completion marker; the kill lands at a uniform random time within the
+duration that stage took in the reference run. Exit code 1 on any difference.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+STAGES = ("data", "base_model", "twins", "sft", "rl", "sweep", "heldout")
+
+
+def _start(spec: Path, home: Path) -> subprocess.Popen:
+    env = {**os.environ, "TWINARM_HOME": str(home)}
+    env.pop("TWINARM_ENV_HOME", None)
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(spec)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    import psutil
+
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.communicate()
+
+
+def _running(home: Path, stage: str) -> bool:
+    return any(d.is_dir() and not (d / "stage-output.json").exists() for d in (home / "runs" / stage).glob("*"))
+
+
+def _finish(spec: Path, home: Path) -> float:
+    t0 = time.perf_counter()
+    proc = _start(spec, home)
+    out, _ = proc.communicate(timeout=3600)
+    if proc.returncode:
+        sys.exit(f"a rerun failed (exit {proc.returncode}) — resume is broken:\n{out[-4000:]}")
+    return time.perf_counter() - t0
+
+
+def _state(home: Path, ablation: str) -> dict:
+    from infra.lineage import Lineage
+
+    lineage = Lineage(home / "lineage.duckdb")
+    outputs = {f"{r['stage']}/{r['arm']}/{r['seed']}/{r['role']}": r["artifact_id"] for r in lineage.rows(
+        "SELECT stage, arm, seed, role, artifact_id FROM run_outputs WHERE ablation = ?", [ablation])}
+    durations = {r["stage"]: r["s"] for r in lineage.rows(
+        "SELECT stage, max(epoch(ended_at) - epoch(started_at)) AS s FROM runs WHERE ablation = ? GROUP BY stage",
+        [ablation])}
+    con = sqlite3.connect(home / "mlflow.db")
+    dup_metrics = con.execute("SELECT count(*) FROM (SELECT run_uuid, key, step FROM metrics "
+                              "GROUP BY run_uuid, key, step HAVING count(*) > 1)").fetchone()[0]
+    mlflow_runs = con.execute("SELECT count(*) FROM runs WHERE lifecycle_stage = 'active'").fetchone()[0]
+    con.close()
+    return {"outputs": outputs, "durations": durations, "counts": lineage.counts(),
+            "mlflow_runs": mlflow_runs, "mlflow_duplicate_metrics": dup_metrics}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--spec", type=Path, default=None)
+    ap.add_argument("--kills", type=int, default=2, help="kills per stage")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "twinarm-faults")
+    args = ap.parse_args()
+    import yaml
+
+    work = args.work.resolve()
+    if work.exists():
+        sys.exit(f"{work} exists: use an empty --work directory")
+    work.mkdir(parents=True)
+    spec = args.spec
+    if spec is None:
+        sys.path.insert(0, str(REPO / "tests"))
+        from conftest import tiny_spec_dict
+
+        spec = work / "spec.yaml"
+        spec.write_text(yaml.safe_dump(tiny_spec_dict("faults"), sort_keys=False))
+    ablation = yaml.safe_load(spec.read_text())["name"]
+    rng = random.Random(args.seed)
+
+    reference_s = _finish(spec, work / "reference")
+    reference = _state(work / "reference", ablation)
+    print(f"reference run: {reference_s:.0f}s, {len(reference['outputs'])} outputs", flush=True)
+
+    home = work / "faulted"
+    kills = []
+    for stage in STAGES:
+        for _ in range(args.kills):
+            proc = _start(spec, home)
+            while proc.poll() is None and not _running(home, stage):
+                time.sleep(0.05)
+            if proc.poll() is not None:  # the stage was already complete: nothing left to interrupt
+                kills.append({"stage": stage, "at_s": None, "note": "stage already complete"})
+                continue
+            at = rng.uniform(0, max(0.2, reference["durations"].get(stage, 1.0)))
+            time.sleep(at)
+            still = _running(home, stage)
+            _kill_tree(proc)
+            kills.append({"stage": stage, "at_s": round(at, 2), "stage_still_running": still})
+            print(f"killed during {stage} after {at:.2f}s{'' if still else ' (it had just finished)'}", flush=True)
+    final_s = _finish(spec, home)
+    faulted = _state(home, ablation)
+    again_s = _finish(spec, home)
+    after = _state(home, ablation)
+
+    differ = sorted(k for k in reference["outputs"].keys() | faulted["outputs"].keys()
+                    if reference["outputs"].get(k) != faulted["outputs"].get(k))
+    summary = {
+        "kills": kills, "reference_s": round(reference_s, 1), "final_rerun_s": round(final_s, 1),
+        "cached_rerun_s": round(again_s, 1), "outputs_compared": len(reference["outputs"]),
+        "outputs_differing": differ,
+        "lineage_counts_equal": faulted["counts"] == reference["counts"],
+        "lineage_counts": {"reference": reference["counts"], "faulted": faulted["counts"]},
+        "mlflow_runs": {"reference": reference["mlflow_runs"], "faulted": faulted["mlflow_runs"]},
+        "mlflow_duplicate_metrics": faulted["mlflow_duplicate_metrics"],
+        "cached_rerun_added_rows": after["counts"] != faulted["counts"] or after["mlflow_runs"] != faulted["mlflow_runs"],
+    }
+    ok = (not differ and summary["lineage_counts_equal"] and faulted["mlflow_duplicate_metrics"] == 0
+          and faulted["mlflow_runs"] == reference["mlflow_runs"] and not summary["cached_rerun_added_rows"])
+    summary["ok"] = ok
+    print(json.dumps(summary, indent=1))
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
