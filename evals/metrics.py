@@ -112,12 +112,14 @@ def avg_at_k(correct: Sequence[bool | int]) -> float:
     return float(np.mean(np.asarray(correct, dtype=float)))
 
 
-def aggregate(rows: Sequence[Row], by: Sequence[str] = ("suite",), ks: Sequence[int] = (1,)) -> list[Row]:
+def aggregate(rows: Sequence[Row], by: Sequence[str] = ("suite",), ks: Sequence[int] = (1,), resamples: int = 0,
+              seed: int = 0, alpha: float = 0.05) -> list[Row]:
     """avg@k and unbiased pass@k per arm x step x `by` (a subset of suite, domain; () = all problems pooled).
 
     One dict per group: arm, step, the `by` keys, problems, samples, k (samples per problem when equal for all
     problems of the group, else None), avg_at_k, pass_at_<k> for each k (None when some problem has fewer than k
-    samples)."""
+    samples). With resamples > 0 each metric also gets <metric>_lo/_hi: the alpha/2, 1-alpha/2 percentiles of a
+    bootstrap over the group's problems (one set of resampled problems for every metric of the group)."""
     unknown = set(by) - {"suite", "domain"}
     if unknown:
         raise ValueError(f"aggregate by {sorted(unknown)}: only 'suite' and 'domain' are problem attributes")
@@ -129,11 +131,18 @@ def aggregate(rows: Sequence[Row], by: Sequence[str] = ("suite",), ks: Sequence[
     for key, problems in groups.items():
         ns = {p["n"] for p in problems}
         row: Row = {"arm": key[0], "step": key[1], **dict(zip(by, key[2:])), "problems": len(problems),
-                    "samples": sum(p["n"] for p in problems), "k": ns.pop() if len(ns) == 1 else None,
-                    "avg_at_k": float(np.mean([p["c"] / p["n"] for p in problems]))}
+                    "samples": sum(p["n"] for p in problems), "k": ns.pop() if len(ns) == 1 else None}
+        per_problem = {"avg_at_k": np.array([p["c"] / p["n"] for p in problems])}
         for k in ks:
             ok = all(p["n"] >= k for p in problems)
-            row[f"pass_at_{k}"] = float(np.mean([pass_at_k(p["n"], p["c"], k) for p in problems])) if ok else None
+            per_problem[f"pass_at_{k}"] = np.array([pass_at_k(p["n"], p["c"], k) for p in problems]) if ok else None
+        picks = (np.random.default_rng(seed).integers(0, len(problems), size=(resamples, len(problems)))
+                 if resamples else None)
+        for name, values in per_problem.items():
+            row[name] = None if values is None else float(values.mean())
+            if picks is not None:
+                ci = None if values is None else np.quantile(values[picks].mean(axis=1), [alpha / 2, 1 - alpha / 2])
+                row[f"{name}_lo"], row[f"{name}_hi"] = (None, None) if ci is None else (float(ci[0]), float(ci[1]))
         out.append(row)
     return sorted(out, key=lambda r: _order(r[f] for f in ("arm", "step", *by)))
 
@@ -327,6 +336,34 @@ def simpson_check(rows: Sequence[Row], treatment: str, control: str, stratum: st
             counts[row[stratum]][f"c_{side}"] += _correct(row, i)
     return {"treatment": treatment, "control": control, "by": stratum,
             **simpson([{"stratum": k, **v} for k, v in sorted(counts.items(), key=lambda kv: _order([kv[0]]))])}
+
+
+def quartile_simpson(rows: Sequence[Row], treatment: str, control: str) -> Row:
+    """simpson_check across difficulty quartiles. Difficulty is pooled over every row given (problem_difficulty),
+    so both arms are cut at the same quartiles; pass the rows of the steps being compared."""
+    quartile = {(d["suite"], d["problem_id"]): d["quartile"] for d in problem_difficulty(rows)}
+    return simpson_check([{**r, "quartile": quartile[(r["suite"], r["problem_id"])]} for r in rows], treatment,
+                         control, stratum="quartile")
+
+
+# ---------------------------------------------------------------- meta behaviour
+
+def meta_rates(rows: Sequence[Row]) -> list[Row]:
+    """Per arm x step: share of samples with a closed meta block (meta_emission), showing each cue category
+    (cue_<category>) and stating a confidence inside a block (confidence_stated)."""
+    _require(rows, ("arm", "step", "n_blocks", "categories", "confidence"))
+    groups: dict[tuple, list[tuple[bool, frozenset[str], bool]]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        groups[(row["arm"], row["step"])].append((int(row["n_blocks"] or 0) >= 1, _categories(row, i),
+                                                  _confidence(row, i) is not None))
+    categories = sorted(set(CUES).union(*(cats for items in groups.values() for _, cats, _ in items)))
+    out = []
+    for (arm, step), items in sorted(groups.items(), key=lambda kv: _order(kv[0])):
+        n = len(items)
+        out.append({"arm": arm, "step": step, "samples": n, "meta_emission": sum(m for m, _, _ in items) / n,
+                    **{f"cue_{cat}": sum(cat in cats for _, cats, _ in items) / n for cat in categories},
+                    "confidence_stated": sum(stated for *_, stated in items) / n})
+    return out
 
 
 # ---------------------------------------------------------------- meta-strip regrade

@@ -22,6 +22,10 @@ RUN_TAG = "twinarm.run_id"
 PURE_ACCURACY = "accuracy/pure"  # the correctness-only metric; never mixed with shaped reward
 
 
+def experiment_name(ablation: str) -> str:
+    return f"twinarm/{ablation}"
+
+
 def tracking_uri(home: Home) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home.mlflow_db}"
 
@@ -51,7 +55,7 @@ class Tracker:
     # ------------------------------------------------------------ runs
 
     def experiment(self, ablation: str) -> str:
-        name = f"twinarm/{ablation}"
+        name = experiment_name(ablation)
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
@@ -64,13 +68,20 @@ class Tracker:
         runs = self.client.search_runs([experiment_id], filter_string=filter_string, max_results=1)
         return runs[0].info.run_id if runs else None
 
+    def find_parent(self, ablation: str) -> str | None:
+        """The ablation's parent run, if a flow has created it."""
+        exp = self.client.get_experiment_by_name(experiment_name(ablation))
+        if exp is None:
+            return None
+        return self._find(exp.experiment_id,
+                          f"tags.`{PARENT_TAG}` = '{ablation}' and tags.`twinarm.kind` = 'ablation'")
+
     def parent_run(self, ablation: str, spec_hash: str, description: str = "") -> str:
-        exp = self.experiment(ablation)
-        found = self._find(exp, f"tags.`{PARENT_TAG}` = '{ablation}' and tags.`twinarm.kind` = 'ablation'")
+        found = self.find_parent(ablation)
         if found:
             self.client.set_tag(found, "twinarm.spec_hash", spec_hash)
             return found
-        run = self.client.create_run(exp, run_name=ablation, tags={
+        run = self.client.create_run(self.experiment(ablation), run_name=ablation, tags={
             PARENT_TAG: ablation, "twinarm.kind": "ablation", "twinarm.spec_hash": spec_hash,
             "mlflow.note.content": description})
         return run.info.run_id

@@ -1,0 +1,548 @@
+"""The checks of the matched-ness ledger (DESIGN §9), one function each, in ledger order (CHECKS).
+
+A check reads one ablation flow run from lineage (Scope), and returns ✓ verified, ✗ violated or ☐ open with the
+SQL it ran and the values it saw. A check that lacks what it needs is ☐ and says what is missing: never ✓ by
+default. Where lineage only points at data (twin datasets, held-out suites, training sets), the check reads the
+files behind the artifact uris, so data changed after its stage recorded a verdict is judged as it is now.
+"""
+from __future__ import annotations
+
+import json
+import unicodedata
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from functools import cached_property
+from itertools import combinations
+from typing import Any, Callable, Literal
+
+from infra.artifacts import read_parquet, uri_path
+from infra.errors import TwinarmError
+from infra.lineage import Lineage
+from infra.spec import AblationSpec, load_spec, mechanism_of
+
+Status = Literal["✓", "✗", "☐"]
+PASS: Status = "✓"
+FAIL: Status = "✗"
+OPEN: Status = "☐"
+
+GRADER_IDENTITY = ("grader_version", "config", "call_path")  # not the counters: they differ by design
+TRAINING_STAGES = ("base_model", "sft", "rl")
+ARM_STAGES = ("sft", "rl", "sweep")  # per-arm stages whose results the arms are compared by
+LISTED = 8  # items named in a summary before "and N more"
+
+
+@dataclass(frozen=True)
+class Evidence:
+    query: str  # SQL over the lineage DuckDB, runnable as is with `twinarm lineage`
+    values: Any  # the rows it returned (JSON columns decoded)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: Status
+    summary: str
+    evidence: list[Evidence] = field(default_factory=list)
+
+
+def _lit(value: str | None) -> str:
+    return "NULL" if value is None else "'" + value.replace("'", "''") + "'"
+
+
+def _canon(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str, ensure_ascii=False)
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = _canon(value)
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _listed(items: list[str]) -> str:
+    more = len(items) - LISTED
+    return "; ".join(items[:LISTED]) + (f"; and {more} more" if more > 0 else "")
+
+
+def label(arm: str, seed: int | None) -> str:
+    return arm if seed is None else f"{arm}/seed{seed}"
+
+
+@dataclass
+class Scope:
+    """The flow run under audit: its ablation, its flow run id and the arms it resolved (in order)."""
+
+    lineage: Lineage
+    ablation: str
+    flow_run_id: str | None
+    arms: list[str]
+
+    def on(self, alias: str = "r") -> str:
+        """SQL condition: a runs row (under alias) belongs to this flow run."""
+        flow = f"{alias}.flow_run_id IS NULL" if self.flow_run_id is None else \
+            f"{alias}.flow_run_id = {_lit(self.flow_run_id)}"
+        return f"{alias}.ablation = {_lit(self.ablation)} AND {flow}"
+
+    def ask(self, sql: str) -> Evidence:
+        rows = self.lineage.rows(sql)
+        return Evidence(sql, [{k: json.loads(v) if k.endswith("_json") and isinstance(v, str) else v
+                               for k, v in row.items()} for row in rows])
+
+    def facts(self, stages: tuple[str, ...], names: tuple[str, ...]) -> Evidence:
+        """Facts of the flow's completed runs of some stages, one row per run and fact."""
+        return self.ask(
+            "SELECT r.stage, r.arm, r.seed, f.name, f.value_json FROM runs r JOIN facts f ON f.run_id = r.run_id "
+            f"WHERE {self.on()} AND r.status = 'completed' AND r.stage IN ({', '.join(map(_lit, stages))}) "
+            f"AND f.name IN ({', '.join(map(_lit, names))}) ORDER BY r.stage, r.arm, r.seed, f.name")
+
+    @cached_property
+    def spec(self) -> tuple[AblationSpec | None, str, Evidence]:
+        """The spec the flow resolved its arms from (its stored copy), or None and why not."""
+        ev = self.ask("SELECT DISTINCT a.artifact_id, a.uri FROM runs r JOIN edges e ON e.run_id = r.run_id "
+                      "AND e.direction = 'in' AND e.role = 'spec' JOIN artifacts a ON a.artifact_id = e.artifact_id "
+                      f"WHERE {self.on()} AND r.stage = 'resolve'")
+        if len(ev.values) != 1:
+            return None, f"expected one spec artifact among the resolve runs' inputs, found {len(ev.values)}", ev
+        try:
+            return load_spec(uri_path(ev.values[0]["uri"])), "", ev
+        except (TwinarmError, ValueError) as exc:
+            return None, f"cannot load the stored spec: {exc}", ev
+
+    @cached_property
+    def config_diff(self) -> tuple[list[dict[str, Any]], Evidence]:
+        """The first law's table: every resolved-config key whose value differs between the flow's arms, with
+        each arm's value, the arms whose overrides declare it, and its mechanism."""
+        ev = self.ask(
+            "WITH c AS (SELECT c.arm, c.key, c.value_json FROM run_config c JOIN runs r ON r.run_id = c.run_id "
+            f"WHERE {self.on()} AND r.stage = 'resolve' AND r.status = 'completed'), "
+            "n AS (SELECT count(DISTINCT arm) AS arms FROM c) "
+            "SELECT key, arm, value_json FROM c WHERE key IN (SELECT key FROM c GROUP BY key "
+            "HAVING count(DISTINCT value_json::VARCHAR) > 1 OR count(*) < (SELECT arms FROM n)) ORDER BY key, arm")
+        spec = self.spec[0]
+        values: dict[str, dict[str, Any]] = defaultdict(dict)
+        for row in ev.values:
+            values[row["key"]][row["arm"]] = row["value_json"]
+        table = [{"key": key, **{arm: values[key].get(arm) for arm in self.arms},
+                  "declared_by": [] if spec is None else [a for a in self.arms if a in spec.arms and
+                                                          _declares(spec.arms[a].overrides, key)],
+                  "mechanism": mechanism_of(key)} for key in sorted(values)]
+        return table, ev
+
+
+def _declares(overrides: dict[str, Any], key: str) -> bool:
+    """An override names a leaf key when it is the key, a section above it, or (a section set to null) below it."""
+    return any(key == o or key.startswith(o + ".") or o.startswith(key + ".") for o in overrides)
+
+
+def _by_run(ev: Evidence) -> dict[tuple[str, str, int | None], dict[str, Any]]:
+    """(stage, arm, seed) -> {fact name: value} from a Scope.facts evidence."""
+    out: dict[tuple[str, str, int | None], dict[str, Any]] = defaultdict(dict)
+    for row in ev.values:
+        out[row["stage"], row["arm"], row["seed"]][row["name"]] = row["value_json"]
+    return out
+
+
+def _per_arm(scope: Scope, ev: Evidence, stage: str, names: tuple[str, ...]
+             ) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The stage's facts per arm/seed label, and what is missing: an arm without a completed run of the stage,
+    or a run without one of the facts (null counts as missing)."""
+    runs = {label(arm, seed): facts for (st, arm, seed), facts in _by_run(ev).items() if st == stage}
+    missing = [f"{arm}: no completed {stage} run with facts" for arm in scope.arms
+               if not any(key.split("/")[0] == arm for key in runs)]
+    missing += [f"{key}: {stage} fact {name}" for key, facts in runs.items() for name in names
+                if facts.get(name) is None]
+    return runs, missing
+
+
+def _differences(values: dict[str, Any], per_step: bool = False) -> str:
+    """How values that should be equal differ: each value with the labels that have it, or for per-step lists
+    the first step where they differ."""
+    lists = [v for v in values.values() if isinstance(v, list)]
+    if per_step and len(lists) == len(values):
+        first = next((i for i in range(max(map(len, lists))) if len({_canon(v[i:i + 1]) for v in lists}) > 1), None)
+        if first is not None:
+            at = [f"{k}={_short(v[first]) if first < len(v) else 'no step'}" for k, v in values.items()]
+            return f"from step {first + 1} ({' vs '.join(at)})"
+    groups: dict[str, tuple[Any, list[str]]] = {}
+    for key, value in values.items():
+        groups.setdefault(_canon(value), (value, []))[1].append(key)
+    return " vs ".join(f"{', '.join(keys)}={_short(value)}" for value, keys in groups.values())
+
+
+def _open(name: str, missing: list[str], evidence: list[Evidence]) -> Check:
+    return Check(name, OPEN, "missing: " + _listed(missing), evidence)
+
+
+def _too_few_arms(scope: Scope, name: str) -> Check | None:
+    if len(scope.arms) < 2:
+        return Check(name, OPEN, f"the flow run resolved {len(scope.arms)} arm(s) ({', '.join(scope.arms)}): "
+                                 "nothing to compare", [])
+    return None
+
+
+# ---------------------------------------------------------------- the checks
+
+def same_val_file(scope: Scope) -> Check:
+    name = "same val file"
+    if early := _too_few_arms(scope, name):
+        return early
+    ev = scope.ask("SELECT r.stage, r.arm, r.seed, e.artifact_id FROM runs r JOIN edges e ON e.run_id = r.run_id "
+                   f"AND e.direction = 'in' AND e.role = 'val' WHERE {scope.on()} AND r.status = 'completed' "
+                   "AND r.stage IN ('rl', 'sweep') ORDER BY r.stage, r.arm, r.seed")
+    files = {f"{row['stage']} {label(row['arm'], row['seed'])}": row["artifact_id"] for row in ev.values}
+    missing = [f"{arm}: no rl run with a val input" for arm in scope.arms
+               if not any(r["stage"] == "rl" and r["arm"] == arm for r in ev.values)]
+    if len(set(files.values())) > 1:
+        return Check(name, FAIL, "arms validate on different files (content hash): " + _differences(files), [ev])
+    if missing:
+        return _open(name, missing, [ev])
+    return Check(name, PASS, f"every arm's RL and sweep read val file {next(iter(files.values()))}", [ev])
+
+
+def same_heldout_files(scope: Scope) -> Check:
+    name = "same held-out files"
+    if early := _too_few_arms(scope, name):
+        return early
+    ev = scope.ask("SELECT r.run_id, e.role, e.artifact_id FROM runs r JOIN edges e ON e.run_id = r.run_id "
+                   f"AND e.direction = 'in' WHERE {scope.on()} AND r.stage = 'heldout' AND r.status = 'completed' "
+                   "AND (e.role LIKE 'heldout:%' OR e.role LIKE 'checkpoint:%') ORDER BY r.run_id, e.role")
+    suites: dict[str, set[str]] = defaultdict(set)  # heldout run -> "suite=artifact"
+    evaluated: dict[str, set[str]] = defaultdict(set)  # arm -> heldout runs that evaluated its checkpoints
+    for row in ev.values:
+        kind, rest = row["role"].split(":", 1)
+        if kind == "heldout":
+            suites[row["run_id"]].add(f"{rest}={row['artifact_id']}")
+        else:
+            evaluated[rest.split(":")[0]].add(row["run_id"])
+    per_arm = {arm: sorted(set().union(*(suites[run] for run in evaluated[arm]))) for arm in scope.arms
+               if evaluated.get(arm)}
+    if len({_canon(v) for v in per_arm.values()}) > 1:
+        return Check(name, FAIL, "arms were evaluated on different held-out files: " + _differences(per_arm), [ev])
+    missing = [f"{arm}: no held-out run evaluated its checkpoints" for arm in scope.arms if arm not in per_arm]
+    missing += [f"{arm}: its held-out run has no suite input" for arm, files in per_arm.items() if not files]
+    if missing:
+        return _open(name, missing, [ev])
+    return Check(name, PASS, f"every arm evaluated on {', '.join(next(iter(per_arm.values())))}", [ev])
+
+
+def same_grader(scope: Scope) -> Check:
+    name = "same grader"
+    ev = scope.facts(("rl", "sweep", "heldout"), ("grader",))
+    runs = _by_run(ev)
+    identity = {f"{stage} {label(arm, seed)}": {k: facts["grader"].get(k) for k in GRADER_IDENTITY}
+                for (stage, arm, seed), facts in runs.items()}
+    missing = [f"{arm}: rl grader" for arm in scope.arms if not any(s == "rl" and a == arm for s, a, _ in runs)]
+    if any(s == "sweep" for s, _, _ in runs):  # sweeps are optional (eval.sweep); when run, every arm needs one
+        missing += [f"{arm}: sweep grader" for arm in scope.arms if not any(s == "sweep" and a == arm
+                                                                            for s, a, _ in runs)]
+    if not any(s == "heldout" for s, _, _ in runs):
+        missing.append("held-out grader (no completed held-out run with the fact)")
+    common = Counter(_canon(v) for v in identity.values()).most_common(1)
+    odd = {k: v for k, v in identity.items() if common and _canon(v) != common[0][0]}
+    if odd:
+        reference = json.loads(common[0][0])
+        fields = sorted({f for v in odd.values() for f in GRADER_IDENTITY if _canon(v[f]) != _canon(reference[f])})
+        return Check(name, FAIL, f"grader {', '.join(fields)} differs: " + _listed(
+            [f"{k} {f}={_short(v[f], 80)}" for k, v in odd.items() for f in fields]) +
+            f" (the other stages: {', '.join(f'{f}={_short(reference[f], 80)}' for f in fields)})", [ev])
+    if missing:
+        return _open(name, missing, [ev])
+    ref = json.loads(common[0][0])
+    return Check(name, PASS, f"{len(identity)} grading stages ({', '.join(identity)}) share grader version "
+                             f"{ref['grader_version']} and call path {ref['call_path']}", [ev])
+
+
+def first_law(scope: Scope) -> Check:
+    name = "first law: configs differ only in declared keys"
+    if early := _too_few_arms(scope, name):
+        return early
+    spec, why, spec_ev = scope.spec
+    table, ev = scope.config_diff
+    if spec is None:
+        return Check(name, OPEN, f"declared overrides unknown: {why}", [spec_ev, ev])
+    confounds = [f"{row['key']} ({a}={_short(row[a])}, {b}={_short(row[b])})" for a, b in combinations(scope.arms, 2)
+                 for row in table if _canon(row[a]) != _canon(row[b]) and not {a, b} & set(row["declared_by"])]
+    if confounds:
+        return Check(name, FAIL, "undeclared differences (confounds): " + _listed(confounds), [spec_ev, ev])
+    return Check(name, PASS, f"resolved configs of {', '.join(scope.arms)} differ only in declared keys: "
+                             + (", ".join(row["key"] for row in table) or "none"), [spec_ev, ev])
+
+
+def package_effects(scope: Scope) -> Check:
+    name = "package effects named"
+    spec, why, spec_ev = scope.spec
+    table, ev = scope.config_diff
+    if spec is None:
+        return Check(name, OPEN, f"contrasts unknown: {why}", [spec_ev])
+    contrasts = {n: c for n, c in spec.contrasts.items() if c.treatment in scope.arms and c.control in scope.arms}
+    if not contrasts:
+        return Check(name, OPEN, "no contrast between the flow's arms is declared, so no effect can be named",
+                     [spec_ev, ev])
+    problems, named = [], []
+    for c_name, c in contrasts.items():
+        # declared keys that differ: an undeclared difference is the first law's finding, not a mechanism
+        keys = [row["key"] for row in table if _canon(row[c.treatment]) != _canon(row[c.control])
+                and {c.treatment, c.control} & set(row["declared_by"])]
+        mechanisms = sorted({mechanism_of(k) for k in keys if mechanism_of(k) != k})
+        where = f"contrast {c_name} ({c.treatment} − {c.control})"
+        for key in keys:
+            if mechanism_of(key) == key and key not in c.mechanisms:
+                problems.append(f"{where} changes hyperparameter {key}, which is no mechanism")
+        if c.mechanisms:
+            problems += [f"{where} changes mechanism {m} ({', '.join(k for k in keys if mechanism_of(k) == m)}), not "
+                         f"declared in contrasts.{c_name}.mechanisms {c.mechanisms}"
+                         for m in mechanisms if m not in c.mechanisms]
+        elif len(mechanisms) > 1:
+            problems.append(f"{where} changes {len(mechanisms)} mechanisms ({', '.join(mechanisms)}) without naming "
+                            f"them in contrasts.{c_name}.mechanisms")
+        named.append(f"{where}: {', '.join(mechanisms) or 'no mechanism'}"
+                     + (" (declared package effect)" if len(mechanisms) > 1 else ""))
+    if problems:
+        return Check(name, FAIL, _listed(problems), [spec_ev, ev])
+    return Check(name, PASS, "; ".join(named), [spec_ev, ev])
+
+
+def _equal_facts(scope: Scope, name: str, stage_facts: tuple[tuple[str, str], ...], what: str) -> Check:
+    """✓ when each (stage, fact) has one value across every arm's runs of the stage."""
+    if early := _too_few_arms(scope, name):
+        return early
+    ev = scope.facts(tuple(dict.fromkeys(s for s, _ in stage_facts)), tuple(dict.fromkeys(f for _, f in stage_facts)))
+    unequal, missing, seen = [], [], []
+    for stage, fact in stage_facts:
+        runs, lacking = _per_arm(scope, ev, stage, (fact,))
+        missing += lacking
+        values = {key: facts[fact] for key, facts in runs.items() if facts.get(fact) is not None}
+        if len({_canon(v) for v in values.values()}) > 1:
+            unequal.append(f"{stage} {fact} differs {_differences(values, fact.endswith('_per_step'))}")
+        elif values:
+            seen.append(f"{stage} {fact}={_short(next(iter(values.values())))}")
+    if unequal:
+        return Check(name, FAIL, _listed(unequal), [ev])
+    if missing:
+        return _open(name, missing, [ev])
+    return Check(name, PASS, f"{what} equal across {', '.join(scope.arms)}: " + "; ".join(seen), [ev])
+
+
+def advantage_normalisation(scope: Scope) -> Check:
+    return _equal_facts(scope, "advantage normalisation applied alike", (("rl", "adv_norm_std_applied"),),
+                        "advantage normalisation actually applied")
+
+
+def schedules(scope: Scope) -> Check:
+    return _equal_facts(scope, "save_freq and LR schedule per step",
+                        (("sft", "lr_per_step"), ("rl", "lr_per_step"), ("rl", "save_freq")),
+                        "LR per step and save_freq")
+
+
+def corpus_sizes(scope: Scope) -> Check:
+    return _equal_facts(scope, "corpus sizes equal", (("sft", "rows_seen"), ("rl", "rows_seen")),
+                        "rows seen")
+
+
+def control_zero_scorer_calls(scope: Scope) -> Check:
+    from rewards.signals import get_signal
+
+    name = "control arm made zero scorer calls"
+    ev = scope.facts(("rl",), ("reward", "scorer_calls", "scorer_forwards"))
+    runs, missing = _per_arm(scope, ev, "rl", ("reward",))
+    free, calls = [], []
+    for key, facts in runs.items():
+        try:
+            needs_scorer = "scorer" in get_signal(facts.get("reward", "")).needs
+        except KeyError:
+            missing.append(f"{key}: reward {facts.get('reward')!r} is not in the signal registry")
+            continue
+        if needs_scorer:
+            continue
+        counts = {f: facts.get(f) for f in ("scorer_calls", "scorer_forwards")}
+        missing += [f"{key}: rl fact {f}" for f, v in counts.items() if v is None]
+        free.append(f"{key} ({facts['reward']}): {counts['scorer_calls']} calls, {counts['scorer_forwards']} forwards")
+        if any(v for v in counts.values()):
+            calls.append(free[-1])
+    if calls:
+        return Check(name, FAIL, "a scorer-free reward used the scorer: " + _listed(calls), [ev])
+    if missing:
+        return _open(name, missing, [ev])
+    if not free:
+        return Check(name, OPEN, "no arm's reward is scorer-free: there is no control arm to check", [ev])
+    return Check(name, PASS, _listed(free), [ev])
+
+
+def sft_twins(scope: Scope) -> Check:
+    """The twins stage's own verdict (token-level masks) and a re-verification of the files the arms' SFT read."""
+    from sft.grammar import META_CLOSE, META_OPEN
+    from sft.twins import verify_twins
+
+    name = "SFT twins 1:1"
+    reports = scope.ask("SELECT r.run_id, r.config_json, f.name, f.value_json FROM runs r JOIN facts f "
+                        f"ON f.run_id = r.run_id WHERE {scope.on()} AND r.stage = 'twins' AND r.status = 'completed' "
+                        "AND f.name LIKE '%_report' ORDER BY f.name")
+    inputs = scope.ask(
+        "SELECT r.arm, r.seed, e.role, e.artifact_id, a.uri, list(DISTINCT t.role ORDER BY t.role) AS twin_roles "
+        "FROM runs r JOIN edges e ON e.run_id = r.run_id AND e.direction = 'in' AND e.role IN ('sft1', 'sft2') "
+        "JOIN artifacts a ON a.artifact_id = e.artifact_id "
+        "LEFT JOIN (SELECT o.artifact_id, o.role FROM runs tr JOIN edges o ON o.run_id = tr.run_id "
+        f"AND o.direction = 'out' WHERE {scope.on('tr')} AND tr.stage = 'twins') t ON t.artifact_id = e.artifact_id "
+        f"WHERE {scope.on()} AND r.stage = 'sft' AND r.status = 'completed' "
+        "GROUP BY ALL ORDER BY e.role, r.arm, r.seed")
+    evidence = [reports, inputs]
+    problems, missing, verified = [], [], []
+    for row in reports.values:
+        report = row["value_json"]
+        failed = [c for c, ok in report.get("checks", {}).items() if not ok]
+        if not report.get("passed") or failed:
+            problems.append(f"twins stage {row['name']} failed {', '.join(failed) or 'its verification'}")
+    if not reports.values:
+        missing.append("twins stage reports (no completed twins run with *_report facts)")
+    missing += [f"{arm}: no completed sft run" for arm in scope.arms if not any(r["arm"] == arm for r in inputs.values)]
+    config = reports.values[0]["config_json"] if reports.values else {}
+    tags = {"open_tag": config.get("model.meta_open", META_OPEN),
+            "close_tag": config.get("model.meta_close", META_CLOSE)}
+    by_role: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in inputs.values:
+        by_role[row["role"]].append(row)
+    for role, rows in sorted(by_role.items()):
+        runs = {label(r["arm"], r["seed"]) for r in rows}
+        absent = sorted({label(a, s) for a, s in {(r["arm"], r["seed"]) for r in inputs.values}} - runs)
+        if absent:
+            problems.append(f"{role}: read by {', '.join(sorted(runs))} but not by {', '.join(absent)}")
+        untwinned = [label(r["arm"], r["seed"]) for r in rows if not [t for t in r["twin_roles"] if t]]
+        if untwinned:
+            problems.append(f"{role}: {', '.join(untwinned)} trained on data that is no output of the twins stage")
+            continue
+        if len({r["artifact_id"] for r in rows}) == 1:
+            verified.append(f"{role}: every arm read the same file")
+            continue
+        sides = {side: {r["artifact_id"]: r["uri"] for r in rows if f"{role}_{side}" in r["twin_roles"]}
+                 for side in ("meta", "nometa")}
+        if any(len(files) != 1 for files in sides.values()):
+            problems.append(f"{role}: expected one meta and one no-meta file, the arms read "
+                            f"{ {side: sorted(files) for side, files in sides.items()} }")
+            continue
+        (meta_uri,), (nometa_uri,) = sides["meta"].values(), sides["nometa"].values()
+        try:
+            report = verify_twins(read_parquet(uri_path(meta_uri)), read_parquet(uri_path(nometa_uri)), **tags)
+        except (OSError, ValueError, TwinarmError) as exc:
+            missing.append(f"{role}: cannot re-verify the twin files ({exc})")
+            continue
+        problems += [f"{role} {c.name} fails on the files trained on ({c.failing} rows: {', '.join(c.rows[:5])})"
+                     for c in report.failed()]
+        verified.append(f"{role}: {report.stats['rows']} rows re-verified")
+    if problems:
+        return Check(name, FAIL, _listed(problems), evidence)
+    if missing:
+        return _open(name, missing, evidence)
+    levels = ", ".join(sorted({str(r["value_json"].get("mask_level")) for r in reports.values}))
+    return Check(name, PASS, f"twins reports passed (masks compared on {levels}); " + "; ".join(verified), evidence)
+
+
+def regrade_flips(scope: Scope) -> Check:
+    name = "meta-strip regrade flips 0"
+    ev = scope.facts(("heldout",), ("regrade_flips", "regrade_flip_examples", "samples"))
+    runs = _by_run(ev)
+    if not runs or any(facts.get("regrade_flips") is None for facts in runs.values()):
+        return Check(name, OPEN, "missing: heldout fact regrade_flips (no completed held-out run records it)", [ev])
+    flips = sum(facts["regrade_flips"] for facts in runs.values())
+    samples = sum(sum((facts.get("samples") or {}).values()) for facts in runs.values())
+    if flips:
+        examples = [f"{e['arm']}@{e['step']} {e['suite']}:{e['problem_id']}#{e['sample']}"
+                    for facts in runs.values() for e in facts.get("regrade_flip_examples") or []]
+        return Check(name, FAIL, f"{flips} graded samples change correctness when the meta blocks are stripped"
+                                 + (f", e.g. {_listed(examples)}" if examples else ""), [ev])
+    return Check(name, PASS, f"0 of {samples} held-out samples change correctness when meta is stripped", [ev])
+
+
+def _problem_text(row: dict[str, Any]) -> str | None:
+    """The problem a row poses: a prompt row's prompt, or a chat row's user turns."""
+    if row.get("prompt"):
+        return row["prompt"]
+    users = [m["content"] for m in row.get("messages") or [] if m.get("role") == "user"]
+    return "\n".join(users) or None
+
+
+def _normal(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def heldout_disjoint(scope: Scope) -> Check:
+    name = "held-out disjoint from training"
+    suites = scope.ask("SELECT DISTINCT e.role, a.artifact_id, a.uri FROM runs r JOIN edges e ON e.run_id = r.run_id "
+                       "AND e.direction = 'in' JOIN artifacts a ON a.artifact_id = e.artifact_id "
+                       f"WHERE {scope.on()} AND r.stage = 'heldout' AND r.status = 'completed' "
+                       "AND e.role LIKE 'heldout:%' ORDER BY e.role")
+    # every dataset a training stage read, except the val set (read for validation only)
+    training = scope.ask(
+        "SELECT DISTINCT e.role, a.artifact_id, a.uri FROM runs r JOIN edges e ON e.run_id = r.run_id "
+        "AND e.direction = 'in' JOIN artifacts a ON a.artifact_id = e.artifact_id "
+        f"WHERE {scope.on()} AND r.status = 'completed' AND r.stage IN ({', '.join(map(_lit, TRAINING_STAGES))}) "
+        "AND a.kind = 'dataset' AND e.role <> 'val' ORDER BY e.role")
+    evidence = [suites, training]
+    if not suites.values or not training.values:
+        return Check(name, OPEN, "missing: " + ("held-out suite inputs" if not suites.values else
+                                                "training datasets") + " in this flow run", evidence)
+    seen: dict[str, str] = {}  # normalised problem -> "role:id" of its first training row
+    try:
+        for art in {r["artifact_id"]: r for r in training.values}.values():
+            for row in read_parquet(uri_path(art["uri"])):
+                if (text := _problem_text(row)) is not None:
+                    seen.setdefault(_normal(text), f"{art['role']}:{row.get('id')}")
+        overlap, checked = [], 0
+        for art in suites.values:
+            for row in read_parquet(uri_path(art["uri"])):
+                checked += 1
+                if (hit := seen.get(_normal(row.get("prompt") or ""))) is not None:
+                    overlap.append(f"{art['role'][len('heldout:'):]}:{row.get('id')} (in {hit})")
+    except (OSError, ValueError) as exc:
+        return Check(name, OPEN, f"cannot read a dataset file: {exc}", evidence)
+    if overlap:
+        return Check(name, FAIL, f"{len(overlap)} held-out problem(s) appear in training data: " + _listed(overlap),
+                     evidence)
+    roles = ", ".join(sorted({r["role"] for r in training.values}))
+    return Check(name, PASS, f"{checked} held-out problems share no normalised problem text with the {len(seen)} "
+                             f"distinct training problems ({roles})", evidence)
+
+
+def seeds_per_arm(scope: Scope) -> Check:
+    name = "seeds per arm"
+    ev = scope.ask(f"SELECT r.arm, list(DISTINCT r.seed ORDER BY r.seed) AS seeds FROM runs r WHERE {scope.on()} "
+                   "AND r.stage = 'rl' AND r.status = 'completed' GROUP BY r.arm ORDER BY r.arm")
+    seeds = {row["arm"]: row["seeds"] for row in ev.values}
+    missing = [f"{arm}: no completed rl run" for arm in scope.arms if arm not in seeds]
+    if len({_canon(v) for v in seeds.values()}) > 1:
+        return Check(name, FAIL, "arms ran different seeds: " + _differences(seeds), [ev])
+    if missing:
+        return _open(name, missing, [ev])
+    shared = next(iter(seeds.values()))
+    if len(shared) < 2:
+        return Check(name, OPEN, f"one seed per arm ({shared[0]}): an arm difference cannot be told from seed "
+                                 "noise", [ev])
+    return Check(name, PASS, f"seeds {shared} in every arm", [ev])
+
+
+def same_code_version(scope: Scope) -> Check:
+    name = "same code version"
+    if early := _too_few_arms(scope, name):
+        return early
+    ev = scope.ask("SELECT r.stage, r.arm, r.seed, r.code_version FROM runs r "
+                   f"WHERE {scope.on()} AND r.status = 'completed' AND r.stage IN ({', '.join(map(_lit, ARM_STAGES))}) "
+                   "ORDER BY r.stage, r.arm, r.seed")
+    differ = []
+    for stage in ARM_STAGES:
+        versions = {label(r["arm"], r["seed"]): r["code_version"] for r in ev.values if r["stage"] == stage}
+        if len(set(versions.values())) > 1:
+            differ.append(f"{stage}: {_differences(versions)}")
+    if differ:
+        return Check(name, FAIL, "arms ran different code: " + _listed(differ), [ev])
+    missing = [f"{arm}: no completed sft/rl run" for arm in scope.arms
+               if not any(r["arm"] == arm and r["stage"] in ("sft", "rl") for r in ev.values)]
+    if missing:
+        return _open(name, missing, [ev])
+    versions = sorted({r["code_version"] for r in ev.values})
+    return Check(name, PASS, f"each of {', '.join(ARM_STAGES)} ran the same code in every arm: "
+                             f"{', '.join(versions)}", [ev])
+
+
+CHECKS: list[Callable[[Scope], Check]] = [
+    same_val_file, same_heldout_files, same_grader, first_law, package_effects, advantage_normalisation,
+    schedules, control_zero_scorer_calls, sft_twins, corpus_sizes, regrade_flips, heldout_disjoint, seeds_per_arm,
+    same_code_version,
+]

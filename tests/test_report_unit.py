@@ -1,0 +1,119 @@
+"""The report's pure pieces on constructed data: the difficulty-quartile Simpson flag, meta rates, bootstrap CIs of
+aggregate, the Δ the verdict shows, the latest flow run of an ablation, belief boundaries and the belief figure."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from audit.belief import Replay, boundaries, plot_belief
+from audit.flowrun import latest_flow
+from evals.metrics import aggregate, meta_rates, quartile_simpson
+from infra.errors import UsageError
+from infra.lineage import Artifact, Lineage, Run, StageRecord
+
+
+def problem(arm: str, pid: str, n: int, c: int, **extra) -> list[dict]:
+    """n samples of one problem, the first c correct."""
+    return [{"arm": arm, "step": 6, "suite": "s", "problem_id": pid, "domain": "d", "sample": j, "correct": j < c,
+             "n_blocks": 0, "categories": [], "confidence": None, **extra} for j in range(n)]
+
+
+def test_quartile_simpson_flags_a_pooled_difference_the_quartiles_contradict():
+    # Four easy problems (pooled accuracy 0.9) and four hard ones (0.2): quartiles Q1 and Q3. Within each quartile
+    # the treatment is better (+12.5 pp, +25 pp), but it has most of its samples on the hard problems and the
+    # control most of its on the easy ones, so pooled over samples the treatment looks 30 pp worse.
+    rows = []
+    for i in range(4):
+        rows += problem("t", f"easy{i}", 2, 2) + problem("c", f"easy{i}", 8, 7)
+        rows += problem("t", f"hard{i}", 8, 2) + problem("c", f"hard{i}", 2, 0)
+    result = quartile_simpson(rows, "t", "c")
+    assert {s["stratum"]: s["delta"] for s in result["strata"]} == pytest.approx({1: 0.125, 3: 0.25})
+    assert result["pooled"] == pytest.approx(16 / 40 - 28 / 40)
+    assert result["flag"] and "contradicts" in result["reason"]
+
+    balanced = []  # the same accuracies with the same samples per problem in both arms: no reversal possible
+    for i in range(4):
+        balanced += problem("t", f"easy{i}", 8, 8) + problem("c", f"easy{i}", 8, 7)
+        balanced += problem("t", f"hard{i}", 8, 2) + problem("c", f"hard{i}", 8, 0)
+    quiet = quartile_simpson(balanced, "t", "c")
+    assert not quiet["flag"] and quiet["pooled"] > 0
+
+
+def test_meta_rates_count_samples_with_blocks_cues_and_confidence():
+    rows = (problem("m", "p0", 2, 1, n_blocks=1, categories=["verify"], confidence=0.8)
+            + problem("m", "p1", 2, 0, n_blocks=0, categories=[], confidence=None))
+    rows[1] = dict(rows[1], categories=["verify", "redirect"], confidence=None)
+    (rates,) = meta_rates(rows)
+    assert rates["samples"] == 4 and rates["meta_emission"] == 0.5
+    assert rates["cue_verify"] == 0.5 and rates["cue_redirect"] == 0.25 and rates["cue_uncertainty"] == 0.0
+    assert rates["confidence_stated"] == 0.25
+
+
+def test_aggregate_bootstrap_ci_brackets_the_mean():
+    rows = [r for i, c in enumerate([0, 1, 2, 3, 4, 4, 4, 0]) for r in problem("a", f"p{i}", 4, c)]
+    (row,) = aggregate(rows, by=(), ks=(1, 4), resamples=500, seed=1)
+    assert row["avg_at_k_lo"] < row["avg_at_k"] < row["avg_at_k_hi"]
+    assert row["pass_at_4_lo"] <= row["pass_at_4"] <= row["pass_at_4_hi"]
+    assert aggregate(rows, by=(), ks=(1, 4), resamples=500, seed=1) == [row]  # seeded: reproducible
+    (same,) = aggregate([r for i in range(5) for r in problem("a", f"q{i}", 4, 2)], by=(), resamples=200)
+    assert same["avg_at_k_lo"] == same["avg_at_k_hi"] == 0.5  # identical problems: no spread
+    assert "avg_at_k_lo" not in aggregate(rows, by=())[0]
+
+
+def test_contrast_delta_is_the_difference_of_the_accuracies_it_shows():
+    pytest.importorskip("audit.ledger")
+    from audit.report import contrast_delta
+    from infra.spec import ContrastSpec
+
+    rows = [r for i, (ct, cc) in enumerate([(4, 1), (3, 3), (0, 2)])
+            for r in problem("t", f"p{i}", 4, ct) + problem("c", f"p{i}", 4, cc)]
+    rows += problem("t", "only-t", 4, 4)  # unpaired: left out of the accuracies and the Δ
+    d = contrast_delta(rows, ContrastSpec(treatment="t", control="c"), {"t": 6, "c": 6}, resamples=200, seed=0)
+    assert d["acc_t"] == pytest.approx(7 / 12) and d["acc_c"] == pytest.approx(6 / 12)
+    assert d["delta"] == pytest.approx(d["acc_t"] - d["acc_c"]) and d["only_treatment"] == 1
+    assert contrast_delta(rows, ContrastSpec(treatment="t", control="c"), {"t": 6, "c": 2}, 200, 0) is None
+
+
+def _run(run_id: str, stage: str, arm: str, flow: str, at: datetime) -> Run:
+    return Run(run_id=run_id, ablation="abl", arm=arm, stage=stage, seed=None, config={}, config_hash="h",
+               code_version="v", status="completed", started_at=at, ended_at=at, flow_run_id=flow)
+
+
+def test_latest_flow_takes_the_runs_of_the_last_ablation_flow(tmp_path):
+    lineage = Lineage(tmp_path / "lineage.duckdb")
+    lineage.init()
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    spec = Artifact("spec-id", "spec", "file:///x/spec.yaml")
+    # flow A resolved arm a and ran its RL; flow B (a new spec) resolved a again under a new config, later
+    lineage.record(StageRecord(_run("resolve-a1", "resolve", "a", "A", t0), inputs=[(spec, "spec")]))
+    lineage.record(StageRecord(_run("rl-a1", "rl", "a", "A", t0 + timedelta(minutes=5))))
+    lineage.record(StageRecord(_run("resolve-a2", "resolve", "a", "B", t0 + timedelta(hours=1)),
+                               inputs=[(spec, "spec")]))
+    # a nightly held-out flow records no resolve run: not an ablation flow, however recent
+    lineage.record(StageRecord(_run("nightly", "heldout", "*", "N", t0 + timedelta(days=1))))
+    flow = latest_flow(lineage, "abl")
+    assert flow.flow_run_id == "B" and flow.flows == 2
+    assert [r.run_id for r in flow.runs] == ["resolve-a2"] and flow.stage("rl") == []
+    with pytest.raises(UsageError, match="ablation 'nope' has no run.*known: abl"):
+        latest_flow(lineage, "nope")
+
+
+def test_boundaries_are_sentence_ends_and_meta_block_edges():
+    response = "Add 3.5 and 2. Then double it!\n\n<|meta|>Wait. check it<|/meta|>So \\boxed{11}"
+    found = [(b.pos, b.kind) for b in boundaries(response)]
+    block_start, block_end = response.index("<|meta|>"), response.index("So")
+    assert found == [(0, "start"), (14, "sentence"), (30, "sentence"), (block_start, "meta_open"),
+                     (response.index(" check"), "sentence"), (block_end, "meta_close"), (len(response), "end")]
+    assert response[:14] == "Add 3.5 and 2." and response[:block_start].endswith("!\n\n")
+
+
+def test_belief_figure_is_written_with_a_meta_block(tmp_path):
+    response = "First. <|meta|>Check.<|/meta|>Done \\boxed{5}"
+    points = [{"pos": b.pos, "kind": b.kind, "belief": belief, "terms": [belief], "piece": response[:b.pos]}
+              for b, belief in zip(boundaries(response), [-0.5, -0.2, -0.4, 1.2, 2.5])]
+    assert [p["kind"] for p in points] == ["start", "sentence", "meta_open", "meta_close", "end"]
+    rep = Replay(ablation="abl", arm="a", seed=0, step=3, rollout=1, prompt_id="p", gold="5", decoy="6",
+                 correct=True, scorer="/x", response=response, blocks=[(7, 30)], points=points)
+    png = plot_belief(rep, tmp_path / "belief.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
