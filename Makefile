@@ -9,7 +9,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONDONTWRITEBYTECODE := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-fast ui bench-grader bench-rl faults clean-home
+.PHONY: help setup demo test test-fast ui bench-grader bench-rl faults screenshots clean-home
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -46,6 +46,9 @@ bench-rl: setup ## GRPO step time vanilla vs PMI-shift (needs `make demo` first)
 
 faults: setup ## SIGKILL each stage at random points, rerun, compare with an uninterrupted run
 	$(BIN)/python scripts/fault_inject.py
+
+screenshots: setup ## docs/prefect-ablation-form.png: the Prefect UI's ablation form, via headless Chromium
+	$(BIN)/python scripts/screenshot_ui.py docs/prefect-ablation-form.png
 
 clean-home: ## delete .twinarm/ (all runs, lineage, MLflow store)
 	rm -rf .twinarm

@@ -26,6 +26,7 @@ from infra.spec import AblationSpec, BaseSpec, load_spec, resolved_arms, stage_c
 from tasks import base_model as base_stage  # noqa: E402
 from tasks import data as data_stage  # noqa: E402
 from tasks import heldout as heldout_stage  # noqa: E402
+from tasks import report as report_stage  # noqa: E402
 from tasks import resolve as resolve_stage  # noqa: E402
 from tasks import rl as rl_stage  # noqa: E402
 from tasks import sft as sft_stage  # noqa: E402
@@ -162,5 +163,7 @@ def ablation(spec_file: str = "configs/demo.yaml", overrides: RunOverrides = Run
                  s.begin(s.stage_call("heldout", SHARED, None, one_protocol(arms), {**suites, **starts_and_ends})),
                  **placement)
 
-        return {"ablation": spec.name, "home": str(s.home.root), "stages": dict(s.status),
-                "summaries": dict(s.summaries)}
+        result = {"ablation": spec.name, "home": str(s.home.root), "stages": dict(s.status),
+                  "summaries": dict(s.summaries)}
+    # after the session has recorded everything: the ledger and the report read this flow run back from lineage
+    return {**result, **report_stage.audit_and_report(result["home"], spec.name)}

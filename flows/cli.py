@@ -2,7 +2,9 @@
 2 the command could not run as asked (bad spec, bad input, bad arguments)."""
 from __future__ import annotations
 
+import errno
 import json
+import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -32,6 +34,15 @@ def _guard(fn: Callable[[], int | None]) -> None:
         code = 130
     except Exception as exc:  # a bug or an environment failure: one line here, the traceback in a file
         code = 1
+        if _disk_full(exc):
+            from infra.home import home
+
+            root = home().root
+            free = shutil.disk_usage(root).free / 2**20 if root.exists() else 0
+            err.print(f"[bold red]error:[/] no space left on the disk of {root} ({free:.0f} MiB free). Nothing "
+                      f"half-written is used: completed stages are kept. Free space (or point TWINARM_HOME "
+                      f"elsewhere) and run the same command again to resume.", highlight=False, soft_wrap=True)
+            raise typer.Exit(code)
         err.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
         try:
             from infra.home import home
@@ -43,6 +54,17 @@ def _guard(fn: Callable[[], int | None]) -> None:
         except OSError:
             pass
     raise typer.Exit(code)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC, also when a library (safetensors, sqlite, duckdb) re-raises it as its own exception type."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if getattr(seen, "errno", None) == errno.ENOSPC or "No space left on device" in str(seen) or \
+                "database or disk is full" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _csv_list(value: Optional[str], cast: type = str) -> Optional[list]:
@@ -96,6 +118,7 @@ def run(spec: Path = typer.Argument(..., help="ablation spec (YAML)"),
     def body() -> int:
         from flows.ablation import RunOverrides, ablation
 
+        quiet_prefect_failures()
         result = ablation(spec_file=str(spec), overrides=RunOverrides(arms=_csv_list(arms),
                                                                       seeds=_csv_list(seeds, int),
                                                                       rl_steps=rl_steps), fresh=fresh)
@@ -103,6 +126,14 @@ def run(spec: Path = typer.Argument(..., help="ablation spec (YAML)"),
         return 0
 
     _guard(body)
+
+
+def quiet_prefect_failures() -> None:
+    """A failing flow is reported once, as one line, by _guard; Prefect would also log its traceback."""
+    import logging
+
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def print_summary(result: dict) -> None:
@@ -119,6 +150,11 @@ def print_summary(result: dict) -> None:
     out.print(f"TWINARM_HOME  {h.root}")
     out.print(f"lineage       {h.lineage_db}   (twinarm lineage \"SELECT * FROM runs\")")
     out.print(f"MLflow        {tracking_uri(h)}   (artifacts {h.mlflow_artifacts}; `make ui`)")
+    if result.get("ledger"):
+        counts = result["ledger"]
+        verdict = f"[bold red]✗ {', '.join(result['violated'])}[/]" if result["violated"] else "[green]no ✗[/]"
+        out.print(f"audit         ✓ {counts['✓']}  ✗ {counts['✗']}  ☐ {counts['☐']}   {verdict}   "
+                  f"(twinarm audit {result['ablation']})")
     if result.get("report"):
         out.print(f"report        {result['report']}")
 
@@ -167,10 +203,99 @@ def heldout(ablation: str = typer.Argument(..., help="a registered ablation (its
         known = registered(Lineage(home().lineage_db))
         if ablation not in known:
             raise UsageError(f"ablation '{ablation}' has no held-out job yet; registered: {', '.join(known) or 'none'}")
+        quiet_prefect_failures()
         result = nightly_heldout(ablations=[ablation])["ablations"][ablation]
         if "skipped" in result:
             raise TwinarmError(result["skipped"])
         out.print(f"{ablation}: {result['checkpoints']} checkpoints, {result['evaluated_now']} evaluated now")
+        return 0
+
+    _guard(body)
+
+
+@app.command()
+def audit(ablation: str = typer.Argument(..., help="an ablation whose flow has run"),
+          as_json: bool = typer.Option(False, "--json", help="print the ledger as JSON (checks with evidence)")
+          ) -> None:
+    """The matched-ness ledger of the ablation's latest flow run (read-only): every check ✓ verified,
+    ✗ violated or ☐ open, and the resolved-config keys that differ between arms. Exit code 1 when any is ✗."""
+
+    def body() -> int:
+        from rich.markup import escape
+
+        from audit.ledger import run_ledger
+        from infra.home import home
+        from infra.lineage import Lineage
+
+        ledger = run_ledger(Lineage(home().lineage_db), ablation)
+        if as_json:
+            out.print_json(data=ledger.to_json())
+            return 1 if ledger.failed else 0
+        colour = {"✓": "green", "✗": "bold red", "☐": "yellow"}
+        t = Table("", "check", "finding", title=f"audit ledger: {ablation} (flow run {ledger.flow_run_id})")
+        for c in ledger.checks:
+            t.add_row(f"[{colour[c.status]}]{c.status}[/]", escape(c.name), escape(c.summary))
+        out.print(t)
+        diff = Table("key", *map(escape, ledger.arms), "declared by", "mechanism",
+                     title="resolved configs: keys that differ between arms")
+        for row in ledger.config_diff:
+            diff.add_row(escape(row["key"]), *(escape(json.dumps(row[a], default=str)) for a in ledger.arms),
+                         escape(", ".join(row["declared_by"])) or "[red]nobody[/]", escape(row["mechanism"]))
+        out.print(diff)
+        return 1 if ledger.failed else 0
+
+    _guard(body)
+
+
+@app.command()
+def report(ablation: str = typer.Argument(..., help="an ablation whose flow has run"),
+           out_dir: Optional[Path] = typer.Option(None, "--out",
+                                                  help="output directory (default TWINARM_HOME/reports/ABLATION)")
+           ) -> None:
+    """Build the ablation report (HTML + Markdown + figures + ledger) from its latest flow run and log it to the
+    ablation's MLflow parent run (artifact folder report/)."""
+
+    def body() -> int:
+        from audit.report import build_report
+        from infra.home import home
+        from infra.tracking import tracking_uri
+
+        h = home()
+        page = build_report(h, ablation, out_dir)
+        out.print(f"report    {page}", soft_wrap=True)  # paths stay whole for copy and paste
+        out.print(f"markdown  {page.with_suffix('.md')}   (figures and ledger.json beside it)", soft_wrap=True)
+        out.print(f"MLflow    {tracking_uri(h)}   (parent run of '{ablation}', artifacts report/)", soft_wrap=True)
+        return 0
+
+    _guard(body)
+
+
+@app.command()
+def belief(ablation: str = typer.Argument(..., help="an ablation whose RL stage has run"),
+           arm: Optional[str] = typer.Option(None, help="arm (default: the first contrast's treatment)"),
+           step: Optional[int] = typer.Option(None, help="RL step (default: the last)"),
+           rollout: Optional[int] = typer.Option(None, help="rollout index within the step (default: one with a "
+                                                            "usable decoy, a closed meta block, most boundaries)"),
+           out_png: Optional[Path] = typer.Option(None, "--out", help="PNG path; the numbers go beside it (.json)")
+           ) -> None:
+    """Replay one RL rollout: the belief log p(gold) − log p(decoy) under the arm's frozen SFT model at every
+    sentence boundary and meta-block edge; draw it and write the numbers."""
+
+    def body() -> int:
+        from rich.markup import escape
+
+        from audit.belief import tail_text, write_replay
+        from infra.home import configure_environment
+
+        rep, png, numbers = write_replay(configure_environment(), ablation, arm, step, rollout, out_png)
+        t = Table("#", "char", "kind", "belief", "text read since the previous boundary",
+                  title=f"{ablation} · {rep.arm} seed {rep.seed} · step {rep.step} · rollout {rep.rollout}: "
+                        f"gold {rep.gold}, decoy {rep.decoy}")
+        for i, p in enumerate(rep.points):
+            t.add_row(str(i), str(p["pos"]), p["kind"], f"{p['belief']:+.3f}", escape(tail_text(p["piece"])))
+        out.print(t)
+        out.print(f"figure   {png}", soft_wrap=True)
+        out.print(f"numbers  {numbers}", soft_wrap=True)
         return 0
 
     _guard(body)

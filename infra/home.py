@@ -65,7 +65,9 @@ def _derived(h: Home) -> dict[str, str]:
         "PREFECT_LOCAL_STORAGE_PATH": str(h.prefect / "results"),
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
         "PREFECT_LOGGING_LEVEL": "WARNING",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # 20 s default: too short on a busy 2-core box
         "MLFLOW_TRACKING_URI": f"sqlite:///{h.mlflow_db}",
+        "MLFLOW_LOGGING_LEVEL": "WARNING",
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # our own progress lines say what is happening
         "TRANSFORMERS_VERBOSITY": "error",

@@ -92,6 +92,9 @@ FROM runs r JOIN facts f ON f.run_id = r.run_id;
 """
 
 TABLES = ("runs", "artifacts", "edges", "facts")
+# Views over the evaluation result tables (one row per problem x sample, see evals.evaluate), rebuilt whenever a
+# stage that writes one is recorded: view -> (stage, output role).
+RESULT_VIEWS = {"heldout_rows": ("heldout", "heldout"), "sweep_rows": ("sweep", "sweep")}
 LOCK_WAIT_S = 30.0
 _PID = re.compile(r"PID (\d+)")
 _process_lock = threading.RLock()  # threads of the flow process take turns on the one connection
@@ -206,6 +209,27 @@ class Lineage:
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
+
+    def refresh_result_views(self) -> None:
+        """(Re)create heldout_rows / sweep_rows: every completed run's result parquet, with its ablation, run id and
+        flow run id as columns. A nightly run re-reads checkpoints an ablation job read: filter by run or flow."""
+        from infra.artifacts import uri_path  # imports this module: import here, not at the top
+
+        def lit(value: str | None) -> str:
+            return "NULL" if value is None else "'" + value.replace("'", "''") + "'"
+
+        with self.connect() as con:
+            for view, (stage, role) in RESULT_VIEWS.items():
+                found = con.execute(
+                    "SELECT r.ablation, r.run_id, r.flow_run_id, a.uri FROM runs r JOIN edges e ON e.run_id = r.run_id "
+                    "AND e.direction = 'out' AND e.role = ? JOIN artifacts a ON a.artifact_id = e.artifact_id "
+                    "WHERE r.stage = ? AND r.status = 'completed' ORDER BY r.ablation, r.started_at",
+                    [role, stage]).fetchall()
+                if found:
+                    con.execute(f"CREATE OR REPLACE VIEW {view} AS " + " UNION ALL BY NAME ".join(
+                        f"SELECT {lit(ablation)} AS ablation, {lit(run_id)} AS run_id, {lit(flow_run_id)} AS "
+                        f"flow_run_id, * FROM read_parquet({lit(str(uri_path(uri)))})"
+                        for ablation, run_id, flow_run_id, uri in found))
 
     def set_status(self, run_id: str, status: str, ended: bool = True) -> None:
         with self.connect() as con:

@@ -79,12 +79,3 @@ def call(fn: Callable[..., T], *args: Any, executor: ExecutorSpec, **kwargs: Any
     except RayTaskError as exc:
         # the body's own exception (a TwinarmError with its clear message), not Ray's wrapper
         raise (exc.cause if isinstance(exc.cause, BaseException) else exc.as_instanceof_cause()) from None
-
-
-def torch_threads(executor: ExecutorSpec) -> int:
-    """Threads for torch in a stage body: the spec's value, else the CPUs granted to the arm (at least 1)."""
-    if executor.torch_threads:
-        return executor.torch_threads
-    if executor.use_ray:
-        return max(1, int(executor.cpus_per_arm))
-    return max(1, os.cpu_count() or 1)

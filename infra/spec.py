@@ -44,10 +44,13 @@ class ComputeSpec(Strict):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    cpu_threads: int = Field(1, ge=1, description="torch intra-op threads on CPU. A numerics key, not placement: "
+                                                   "bf16 matmuls on 1 and 2 threads give different weights")
 
 
 class ExecutorSpec(Strict):
-    """Where the arms run. Placement keys (ray, cpus) do not change results and are not in cache keys."""
+    """Where the arms run. Placement keys (ray, cpus, gpus) do not change results and are not in cache keys;
+    `compute` (device, precision, CPU threads) does and is."""
 
     kind: Literal["local", "verl"] = "local"
     compute: ComputeSpec = ComputeSpec()
@@ -55,7 +58,6 @@ class ExecutorSpec(Strict):
     ray_address: str | None = Field(None, description="Ray cluster address; None = RAY_ADDRESS or a local instance")
     cpus_per_arm: float = Field(1, gt=0)
     gpus_per_arm: float = Field(0, ge=0)
-    torch_threads: int | None = Field(None, ge=1)
     verl: VerlSpec = VerlSpec()
 
 

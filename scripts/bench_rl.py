@@ -6,9 +6,11 @@ ablation's wall time with arms sequential vs parallel on local Ray (plus the cac
     # demo: the whole ablation in fresh homes, arms sequential then on Ray, then the cached rerun
     .venv/bin/python scripts/bench_rl.py demo [--spec configs/demo.yaml] [--work /tmp/twinarm-bench]
 
-Step timings are the GRPO loop's own metrics (time/sample_s, grade, score, update). Step 1 is the identical batch
-for both rewards (same start weights, prompts and sampling seed); later steps diverge as the weights do, so the
-median over steps 1..K-1 is reported too (step K also validates, and is left out). Peak memory: the RSS high-water
+Step timings are the GRPO loop's own metrics (time/sample_s, grade, score, update), after a one-step warm-up, with
+the rewards measured alternately `--repeats` times. Step 1 is the identical batch for both rewards (same start
+weights, prompts and sampling seed): its ratio is the cost of the reward itself. Later steps diverge as the
+weights do (e.g. response lengths), so the median over steps 1..K-1 is reported too, with the mean response
+length beside it (step K also validates, and is left out). Peak memory: the RSS high-water
 mark of this process for `step`; for `demo` the largest summed RSS of the whole process tree (driver, Ray, arm
 workers, grader processes) sampled every 0.2 s.
 """
@@ -43,7 +45,8 @@ def _artifact_path(lineage, ablation: str, stage: str, arm: str, role: str) -> P
     return uri_path(rows[0]["uri"])
 
 
-def bench_step(home: Path, ablation: str, spec_file: str, arm: str | None, steps: int, val_rows: int) -> dict:
+def bench_step(home: Path, ablation: str, spec_file: str, arm: str | None, steps: int, val_rows: int,
+               repeats: int) -> dict:
     os.environ["TWINARM_HOME"] = str(home)
     from infra.home import configure_environment
 
@@ -62,23 +65,35 @@ def bench_step(home: Path, ablation: str, spec_file: str, arm: str | None, steps
     shared = "*"
     prompts = read_parquet(_artifact_path(lineage, ablation, "data", shared, "rl_prompts"))
     val = read_parquet(_artifact_path(lineage, ablation, "data", shared, "val"))[:val_rows]
-    out: dict = {"arm": arm, "init": str(init), "steps": steps, "batch": f"{cfg.rl.batch_size} prompts x "
-                 f"{cfg.rl.n} samples, max {cfg.rl.max_response_length} tokens", "rewards": {}}
-    for reward in ("vanilla", cfg.rl.reward):
-        rl = cfg.rl.model_copy(update={"reward": reward, "steps": steps, "save_freq": steps, "test_freq": steps})
+    out: dict = {"arm": arm, "init": str(init), "steps": steps, "repeats": repeats,
+                 "batch": f"{cfg.rl.batch_size} prompts x {cfg.rl.n} samples, max {cfg.rl.max_response_length} tokens",
+                 "rewards": {}}
+
+    def measure(reward: str, n_steps: int) -> dict:
+        rl = cfg.rl.model_copy(update={"reward": reward, "steps": n_steps, "save_freq": n_steps,
+                                       "test_freq": n_steps})
         with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.perf_counter()
             result = train_grpo(init, prompts, val, rl, cfg.grader, cfg.executor.compute, cfg.seeds[0], Path(tmp))
-            wall = time.perf_counter() - t0
         by_step: dict[int, dict[str, float]] = {}
         for key, value, step in result["metrics"]:
             by_step.setdefault(step, {})[key] = value
-        train_steps = [by_step[s] for s in range(1, steps)]
-        phases = {p: round(statistics.median(m[p] for m in train_steps), 3) for p in PHASES}
+        return {"by_step": by_step, "scorer_calls": result["facts"]["scorer_calls"]}
+
+    measure("vanilla", 1)  # warm-up: first-call costs (allocator, grader worker start) would land on one reward
+    runs: dict[str, list[dict]] = {"vanilla": [], cfg.rl.reward: []}
+    for _ in range(repeats):  # alternate, so drift in machine load hits both rewards alike
+        for reward in runs:
+            runs[reward].append(measure(reward, steps))
+    for reward, results in runs.items():
+        # step 1 is the identical batch for both rewards: same weights, prompts and sampling seed
+        step1 = [{p: r["by_step"][1][p] for p in PHASES} for r in results]
+        later = [r["by_step"][s] for r in results for s in range(1, steps)]  # step `steps` also validates
         out["rewards"][reward] = {
-            "step1_s": round(sum(by_step[1][p] for p in PHASES), 3),
-            "median_step_s": round(statistics.median(sum(m[p] for m in [x] for p in PHASES) for x in train_steps), 3),
-            "median_phases_s": phases, "scorer_calls": result["facts"]["scorer_calls"], "wall_s": round(wall, 1)}
+            "step1_s": round(min(sum(x.values()) for x in step1), 3),
+            "step1_phases_s": {p: round(min(x[p] for x in step1), 3) for p in PHASES},
+            "median_step_s": round(statistics.median(sum(m[p] for p in PHASES) for m in later), 3),
+            "response_tokens_mean": round(statistics.mean(m["train/response_length/mean"] for m in later), 1),
+            "scorer_calls": results[0]["scorer_calls"]}
     v, t = out["rewards"]["vanilla"], out["rewards"][cfg.rl.reward]
     out["ratio_step1"] = round(t["step1_s"] / v["step1_s"], 3)
     out["ratio_median"] = round(t["median_step_s"] / v["median_step_s"], 3)
@@ -147,7 +162,19 @@ def bench_demo(spec_file: str, work: Path) -> dict:
         out[placement]["stages_s"] = _stage_seconds(home)
         print(json.dumps({placement: out[placement]}), flush=True)
     out["cached_rerun"] = _timed_run(work / "ray" / "spec.yaml", work / "ray")
+    # placement must not change results: every stage output of the two homes, compared by content hash
+    outputs = {p: _outputs(work / p) for p in ("sequential", "ray")}
+    out["outputs_compared"] = len(outputs["ray"])
+    out["outputs_differing"] = sorted(k for k in outputs["ray"].keys() | outputs["sequential"].keys()
+                                      if outputs["ray"].get(k) != outputs["sequential"].get(k))
     return out
+
+
+def _outputs(home: Path) -> dict[str, str]:
+    from infra.lineage import Lineage
+
+    rows = Lineage(home / "lineage.duckdb").rows("SELECT stage, arm, seed, role, artifact_id FROM run_outputs")
+    return {f"{r['stage']}/{r['arm']}/{r['seed']}/{r['role']}": r["artifact_id"] for r in rows}
 
 
 def main() -> None:
@@ -160,13 +187,15 @@ def main() -> None:
     step.add_argument("--arm", default=None, help="default: the first arm whose reward is not vanilla")
     step.add_argument("--steps", type=int, default=6)
     step.add_argument("--val-rows", type=int, default=16)
+    step.add_argument("--repeats", type=int, default=2, help="measurements per reward, alternating")
     demo = sub.add_parser("demo", help="demo wall time, arms sequential vs on Ray, and the cached rerun")
     demo.add_argument("--spec", default="configs/demo.yaml")
     demo.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "twinarm-bench")
     ap.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = ap.parse_args()
     if args.mode == "step":
-        result = bench_step(args.home.resolve(), args.ablation, args.spec, args.arm, args.steps, args.val_rows)
+        result = bench_step(args.home.resolve(), args.ablation, args.spec, args.arm, args.steps, args.val_rows,
+                            args.repeats)
     else:
         result = bench_demo(args.spec, args.work.resolve())
     text = json.dumps(result, indent=1)

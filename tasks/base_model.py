@@ -13,7 +13,7 @@ from tasks.common import StageCall, StageOutput, run_stage, stage_cache_key, sto
 CORPUS_ROLES = ("base", "sft1", "sft2", "rl_prompts", "val")  # never the held-out: it stays unseen
 
 
-def base_model_body(call: StageCall, threads: int | None = None) -> StageOutput:
+def base_model_body(call: StageCall) -> StageOutput:
     from sft.base import prepare_pretrained, train_base_model
 
     cfg = call.config
@@ -31,7 +31,7 @@ def base_model_body(call: StageCall, threads: int | None = None) -> StageOutput:
     splits = {role: read_parquet(call.input_path(role)) for role in CORPUS_ROLES if role in call.inputs}
     grader = GraderSpec(**cfg["grader"])
     metrics = train_base_model(splits["base"], splits["val"], world_texts(splits), model.toy, model.base_training,
-                               compute, grader, call.workdir, threads=threads)
+                               compute, grader, call.workdir, threads=compute.cpu_threads)
     art = store(call).describe(call.workdir / "model", kind="checkpoint", step=metrics["steps"])
     rows = [("base/val_accuracy", e["accuracy"], e["step"]) for e in metrics["evals"]]
     facts = {k: metrics[k] for k in ("params", "vocab_size", "steps", "stopped", "val_accuracy",

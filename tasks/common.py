@@ -22,7 +22,7 @@ from infra.code import code_version, source_hash
 from infra.errors import TwinarmError
 from infra.hashing import hash_json
 from infra.home import Home, configure_environment
-from infra.lineage import Artifact, Lineage, Run, StageRecord, utcnow
+from infra.lineage import RESULT_VIEWS, Artifact, Lineage, Run, StageRecord, utcnow
 from infra.locks import exclusive
 from infra.progress import stage_label
 from infra.spec import AblationSpec, config_hash, flatten
@@ -115,9 +115,8 @@ def load_output(call: StageCall) -> StageOutput | None:
     return out
 
 
-def run_stage(call: StageCall, body: Callable[..., StageOutput], **kwargs: Any) -> StageOutput:
-    """Run body(call, **kwargs) at most once per compute key: locked, resumable, completion marker written last.
-    kwargs are placement details (threads) that do not change the result."""
+def run_stage(call: StageCall, body: Callable[[StageCall], StageOutput]) -> StageOutput:
+    """Run body(call) at most once per compute key: locked, resumable, completion marker written last."""
     done = load_output(call)
     if done is not None:
         return done
@@ -130,11 +129,30 @@ def run_stage(call: StageCall, body: Callable[..., StageOutput], **kwargs: Any) 
         started = utcnow().isoformat()
         label = call.stage if call.arm == SHARED else f"{call.stage}/{call.arm}"
         with stage_label(label if call.seed in (None, 0) else f"{label}/seed{call.seed}"):
-            out = body(call, **kwargs)
+            out = body(call)
         out.code_version = code_version()
+        out.facts.setdefault("runtime", runtime_facts())
         out.started_at, out.ended_at = started, utcnow().isoformat()
         atomic_write_json(call.workdir / "stage-output.json", out.to_json())
     return out
+
+
+RUNTIME_PACKAGES = ("torch", "transformers", "verl", "math-verify", "prefect", "mlflow", "duckdb", "ray")
+
+
+def runtime_facts() -> dict[str, Any]:
+    """Where and with what a stage ran (for the report's reproducibility block; never part of a cache key)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {"host": platform.node(), "python": platform.python_version(),
+            "packages": {name: installed(name) for name in RUNTIME_PACKAGES}}
 
 
 def store(call: StageCall) -> ArtifactStore:
@@ -156,16 +174,17 @@ _inline = threading.Lock()  # model loading is not thread-safe: inline bodies ru
 
 
 def placed(task_body: Callable[..., StageOutput], call: StageCall, executor: dict[str, Any]) -> StageOutput:
-    """Run a per-arm stage where the executor says: as a Ray task (arms in parallel, torch threads = CPUs per
-    arm), or inline in the flow process, one body at a time."""
-    from infra.ray_exec import call as place, torch_threads
+    """Run a per-arm stage where the executor says: as a Ray task (arms in parallel), or inline in the flow
+    process, one body at a time. Either way the body sets its torch threads from its compute config, so where it
+    runs never changes what it computes."""
+    from infra.ray_exec import call as place
     from infra.spec import ExecutorSpec
 
     spec = ExecutorSpec(**executor)
     if spec.use_ray:
-        return place(run_stage, call, task_body, executor=spec, threads=torch_threads(spec))
+        return place(run_stage, call, task_body, executor=spec)
     with _inline:
-        return run_stage(call, task_body, threads=torch_threads(spec))
+        return run_stage(call, task_body)
 
 
 class Session:
@@ -228,6 +247,8 @@ class Session:
     def finish(self, call: StageCall, out: StageOutput, cached: bool) -> StageOutput:
         """Record a completed stage: lineage (run, edges, facts) and MLflow (metrics, datasets, models, files)."""
         self.lineage.record(self._record(call, status="completed", out=out))
+        if any(call.stage == stage for stage, _ in RESULT_VIEWS.values()):
+            self.lineage.refresh_result_views()
         run_id = call.mlflow_run_id
         assert run_id is not None
         self.tracker.log_metrics(run_id, out.metrics)

@@ -43,11 +43,11 @@ def evaluate_heldout(call: StageCall, on_done: Any = None) -> tuple[list[dict[st
     return results.rows(todo), protocol, done
 
 
-def heldout_body(call: StageCall, threads: int | None = None) -> StageOutput:
+def heldout_body(call: StageCall) -> StageOutput:
     from evals.metrics import aggregate
     from worlds.model import set_threads
 
-    set_threads(threads)
+    set_threads(ComputeSpec(**call.config["executor.compute"]).cpu_threads)
     rows, protocol, done = evaluate_heldout(call)
     write_parquet(rows, call.workdir / "heldout.parquet")
     ks = sorted({1, *protocol.n.values()})

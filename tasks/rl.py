@@ -11,11 +11,11 @@ from infra.spec import ComputeSpec, GraderSpec, RLSpec
 from tasks.common import StageCall, StageOutput, live_metrics, placed, stage_cache_key, store
 
 
-def rl_body(call: StageCall, threads: int | None = None) -> StageOutput:
+def rl_body(call: StageCall) -> StageOutput:
     from rl.grpo import train_grpo
     from worlds.model import set_threads
 
-    set_threads(threads)
+    set_threads(ComputeSpec(**call.config["executor.compute"]).cpu_threads)
     cfg = call.config
     log = live_metrics(call)
     result = train_grpo(call.input_path("init"), read_parquet(call.input_path("prompts")),

@@ -12,12 +12,12 @@ from infra.spec import ComputeSpec, SFTSpec
 from tasks.common import StageCall, StageOutput, live_metrics, placed, stage_cache_key, store
 
 
-def sft_body(call: StageCall, threads: int | None = None) -> StageOutput:
+def sft_body(call: StageCall) -> StageOutput:
     from sft.train import TrainConfig, batch_indices, train_lm
     from worlds.model import load_model, save_model, set_threads
     from worlds.tokenizer import load_tokenizer, save_tokenizer
 
-    set_threads(threads)
+    set_threads(ComputeSpec(**call.config["executor.compute"]).cpu_threads)
     cfg = SFTSpec(**call.config["sft"])
     seed = call.config["seed"]
     rows = [r for role in ("sft1", "sft2") if role in call.inputs for r in read_parquet(call.input_path(role))]

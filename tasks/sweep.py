@@ -37,13 +37,13 @@ def grader_identity(grader: Any) -> dict[str, Any]:
     return {k: facts[k] for k in ("grader_version", "config", "call_path")}
 
 
-def sweep_body(call: StageCall, threads: int | None = None) -> StageOutput:
+def sweep_body(call: StageCall) -> StageOutput:
     from evals.evaluate import Protocol, ResultStore
     from rewards.grader import get_grader
     from rl.grpo import val_metrics
     from worlds.model import resolve_device, resolve_precision, set_threads
 
-    set_threads(threads)
+    set_threads(ComputeSpec(**call.config["executor.compute"]).cpu_threads)
     cfg = call.config
     compute = ComputeSpec(**cfg["executor.compute"])
     device = resolve_device(compute)

@@ -16,11 +16,15 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):
-    """A fresh TWINARM_HOME for one test (lineage, MLflow store, artifacts)."""
+    """A fresh TWINARM_HOME for one test (lineage, MLflow store, artifacts); the environment it derives
+    (MLflow URI, Prefect home) is restored afterwards, so later tests see their own stores."""
+    saved = dict(os.environ)
     monkeypatch.setenv("TWINARM_HOME", str(tmp_path / "home"))
     from infra.home import configure_environment
 
-    return configure_environment()
+    yield configure_environment()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

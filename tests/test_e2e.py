@@ -2,6 +2,7 @@
 GRPO with the PMI-shift and vanilla arms), a rerun is served from cache, and a SIGKILL mid-RL resumes exactly."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -35,6 +36,12 @@ def test_every_stage_ran_and_lineage_connects_twins_to_rl_checkpoints(tiny_run, 
     assert facts["control", "scorer_calls"] == "0"  # vanilla never touches the scorer
     assert facts["control", "adv_norm_std_applied"] == facts["pmishift", "adv_norm_std_applied"]
     assert facts["control", "example_order"] == facts["pmishift", "example_order"]  # same SFT order in both arms
+    # the held-out rows are queryable in SQL, one row per problem x sample, as many as the job recorded
+    samples = json.loads(lineage.rows("SELECT value_json FROM run_facts WHERE ablation = 'tiny' AND stage = 'heldout' "
+                                      "AND name = 'samples'")[0]["value_json"])
+    in_view = lineage.rows("SELECT arm || '@' || step AS k, count(*) AS n FROM heldout_rows WHERE ablation = 'tiny' "
+                           "GROUP BY ALL")
+    assert {r["k"]: r["n"] for r in in_view} == samples and len(samples) == 4  # 2 arms x (SFT start, final)
     tracker = Tracker(flow_home)
     runs = tracker.client.search_runs([tracker.experiment("tiny")], "tags.`twinarm.stage` = 'rl'")
     assert len(runs) == 2

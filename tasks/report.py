@@ -1,0 +1,26 @@
+"""Stage: the audit ledger and the report of the flow run that just finished. Not cached: both read the lineage
+this flow has just written (a rerun served entirely from cache still gets its own ledger and report)."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+
+def audit_and_report_body(home_root: str, ablation: str) -> dict[str, Any]:
+    from audit.report import build_report
+    from infra.home import Home
+
+    page = build_report(Home(Path(home_root)), ablation)
+    ledger = json.loads((page.parent / "ledger.json").read_text())
+    counts = Counter(c["status"] for c in ledger["checks"])
+    return {"report": str(page), "ledger": {status: counts.get(status, 0) for status in "✓✗☐"},
+            "violated": [c["name"] for c in ledger["checks"] if c["status"] == "✗"]}
+
+
+@task(name="audit-and-report")
+def audit_and_report(home_root: str, ablation: str) -> dict[str, Any]:
+    return audit_and_report_body(home_root, ablation)
