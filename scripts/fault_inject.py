@@ -4,9 +4,10 @@ rerun must complete, the final artifacts must hash equal to an uninterrupted run
     .venv/bin/python scripts/fault_inject.py [--spec SPEC] [--kills 2] [--seed 0] [--work /tmp/twinarm-faults]
 
 Default spec: the CI-sized demo (tests/conftest.py: tiny_spec_dict), arms inline. A kill takes the whole process
-tree (flow process, grader workers, Ray workers if the spec uses Ray). A stage counts as "running" once its
-working directory exists without its completion marker; the kill lands at a uniform random time within the
-duration that stage took in the reference run. Exit code 1 on any difference.
+tree (flow process, grader workers, Ray workers if the spec uses Ray). A stage counts as running while one of its
+working directories has no completion marker and its lock names a live process of this run; the kill lands at a
+uniform random time within the duration that stage took in the reference run. Each rerun is killed in the first
+stage still owed a kill, so the stages are interrupted in pipeline order. Exit code 1 on any difference.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import json
 import os
 import random
 import sqlite3
+from collections import Counter
 import subprocess
 import sys
 import tempfile
@@ -48,8 +50,34 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     proc.communicate()
 
 
-def _running(home: Path, stage: str) -> bool:
-    return any(d.is_dir() and not (d / "stage-output.json").exists() for d in (home / "runs" / stage).glob("*"))
+def _tree(proc: subprocess.Popen) -> set[int]:
+    import psutil
+
+    try:
+        root = psutil.Process(proc.pid)
+        return {root.pid, *(p.pid for p in root.children(recursive=True))}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def _running(home: Path, stage: str, pids: set[int]) -> bool:
+    """A stage runs when one of its working dirs has no completion marker and its lock names a live process of
+    this run (a killed run leaves unfinished dirs and locks naming dead pids behind)."""
+    for workdir in (home / "runs" / stage).glob("*"):
+        lock = workdir / ".lock"
+        if (workdir / "stage-output.json").exists() or not lock.is_file():
+            continue
+        try:
+            if json.loads(lock.read_text() or "{}").get("pid") in pids:
+                return True
+        except (OSError, json.JSONDecodeError):
+            pass
+    return False
+
+
+def _running_stage(home: Path, proc: subprocess.Popen, stages: tuple[str, ...]) -> str | None:
+    pids = _tree(proc)
+    return next((stage for stage in stages if _running(home, stage, pids)), None)
 
 
 def _finish(spec: Path, home: Path) -> float:
@@ -107,21 +135,28 @@ def main() -> None:
     print(f"reference run: {reference_s:.0f}s, {len(reference['outputs'])} outputs", flush=True)
 
     home = work / "faulted"
-    kills = []
-    for stage in STAGES:
-        for _ in range(args.kills):
-            proc = _start(spec, home)
-            while proc.poll() is None and not _running(home, stage):
-                time.sleep(0.05)
-            if proc.poll() is not None:  # the stage was already complete: nothing left to interrupt
-                kills.append({"stage": stage, "at_s": None, "note": "stage already complete"})
-                continue
-            at = rng.uniform(0, max(0.2, reference["durations"].get(stage, 1.0)))
-            time.sleep(at)
-            still = _running(home, stage)
-            _kill_tree(proc)
-            kills.append({"stage": stage, "at_s": round(at, 2), "stage_still_running": still})
-            print(f"killed during {stage} after {at:.2f}s{'' if still else ' (it had just finished)'}", flush=True)
+    kills: list[dict] = []
+    due = Counter({stage: args.kills for stage in STAGES})  # kills still owed to each stage
+    while sum(due.values()):
+        proc = _start(spec, home)
+        targets = tuple(s for s in STAGES if due[s])
+        stage = None
+        while proc.poll() is None and stage is None:  # the first stage still owed a kill that runs now
+            stage = _running_stage(home, proc, targets)
+            time.sleep(0.05)
+        if stage is None:  # the run finished: the stages still owed kills were too short to catch
+            out, _ = proc.communicate()
+            if proc.returncode:
+                sys.exit(f"a rerun failed (exit {proc.returncode}) — resume is broken:\n{out[-4000:]}")
+            kills += [{"stage": s, "at_s": None, "note": "finished before it could be caught"} for s in targets]
+            break
+        at = rng.uniform(0, max(0.2, reference["durations"].get(stage, 1.0)))
+        time.sleep(at)
+        still = _running(home, stage, _tree(proc))
+        _kill_tree(proc)
+        due[stage] -= 1
+        kills.append({"stage": stage, "at_s": round(at, 2), "stage_still_running": still})
+        print(f"killed during {stage} after {at:.2f}s{'' if still else ' (it had just finished)'}", flush=True)
     final_s = _finish(spec, home)
     faulted = _state(home, ablation)
     again_s = _finish(spec, home)

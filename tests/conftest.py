@@ -27,6 +27,17 @@ def home(tmp_path, monkeypatch):
     os.environ.update(saved)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread: the box is shared, and spinning OpenMP threads on busy cores are 100x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def flow_home(tmp_path_factory):
     """One TWINARM_HOME for every test that runs a Prefect flow (Prefect's settings are per process)."""

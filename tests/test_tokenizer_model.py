@@ -14,17 +14,8 @@ TINY = ToyModelSpec(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, i
 SAMPLE = ("<|im_start|>user\nCompute 7-3*(2-5).<|im_end|>\n<|im_start|>assistant\n2-5=-3|7-3*-3\n"
           "<|meta|>check 7--9: 7+9=16, ok. confidence: 0.9<|/meta|>7--9=16|16\n\\boxed{16}<|im_end|>\n")
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: the box is shared, and spinning OpenMP threads on busy cores are 100x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 @pytest.fixture(scope="module")
 def texts():

@@ -13,17 +13,8 @@ TINY = ToyModelSpec(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, i
                     max_position=256)
 FP32 = ComputeSpec(device="cpu", precision="fp32")
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread: the box is shared, and spinning OpenMP threads on busy cores are 100x slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 @pytest.fixture(scope="module")
 def world():
