@@ -60,6 +60,9 @@ def bench_step(home: Path, ablation: str, spec_file: str, arm: str | None, steps
     arms = resolved_arms(spec)
     arm = arm or next(a for a, cfg in arms.items() if cfg.rl.reward != "vanilla")
     cfg = arms[arm]
+    from worlds.model import set_threads
+
+    set_threads(cfg.executor.compute.cpu_threads)  # as the RL stage does
     lineage = Lineage(home / "lineage.duckdb")
     init = _artifact_path(lineage, ablation, "sft", arm, "model")
     shared = "*"
