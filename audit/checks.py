@@ -17,7 +17,7 @@ from typing import Any, Callable, Literal
 
 from infra.artifacts import read_parquet, uri_path
 from infra.errors import TwinarmError
-from infra.lineage import Lineage
+from infra.lineage import Lineage, sql_literal
 from infra.spec import AblationSpec, load_spec, mechanism_of
 
 Status = Literal["✓", "✗", "☐"]
@@ -43,10 +43,6 @@ class Check:
     status: Status
     summary: str
     evidence: list[Evidence] = field(default_factory=list)
-
-
-def _lit(value: str | None) -> str:
-    return "NULL" if value is None else "'" + value.replace("'", "''") + "'"
 
 
 def _canon(value: Any) -> str:
@@ -79,8 +75,8 @@ class Scope:
     def on(self, alias: str = "r") -> str:
         """SQL condition: a runs row (under alias) belongs to this flow run."""
         flow = f"{alias}.flow_run_id IS NULL" if self.flow_run_id is None else \
-            f"{alias}.flow_run_id = {_lit(self.flow_run_id)}"
-        return f"{alias}.ablation = {_lit(self.ablation)} AND {flow}"
+            f"{alias}.flow_run_id = {sql_literal(self.flow_run_id)}"
+        return f"{alias}.ablation = {sql_literal(self.ablation)} AND {flow}"
 
     def ask(self, sql: str) -> Evidence:
         rows = self.lineage.rows(sql)
@@ -91,8 +87,8 @@ class Scope:
         """Facts of the flow's completed runs of some stages, one row per run and fact."""
         return self.ask(
             "SELECT r.stage, r.arm, r.seed, f.name, f.value_json FROM runs r JOIN facts f ON f.run_id = r.run_id "
-            f"WHERE {self.on()} AND r.status = 'completed' AND r.stage IN ({', '.join(map(_lit, stages))}) "
-            f"AND f.name IN ({', '.join(map(_lit, names))}) ORDER BY r.stage, r.arm, r.seed, f.name")
+            f"WHERE {self.on()} AND r.status = 'completed' AND r.stage IN ({', '.join(map(sql_literal, stages))}) "
+            f"AND f.name IN ({', '.join(map(sql_literal, names))}) ORDER BY r.stage, r.arm, r.seed, f.name")
 
     @cached_property
     def spec(self) -> tuple[AblationSpec | None, str, Evidence]:
@@ -473,7 +469,7 @@ def heldout_disjoint(scope: Scope) -> Check:
     training = scope.ask(
         "SELECT DISTINCT e.role, a.artifact_id, a.uri FROM runs r JOIN edges e ON e.run_id = r.run_id "
         "AND e.direction = 'in' JOIN artifacts a ON a.artifact_id = e.artifact_id "
-        f"WHERE {scope.on()} AND r.status = 'completed' AND r.stage IN ({', '.join(map(_lit, TRAINING_STAGES))}) "
+        f"WHERE {scope.on()} AND r.status = 'completed' AND r.stage IN ({', '.join(map(sql_literal, TRAINING_STAGES))}) "
         "AND a.kind = 'dataset' AND e.role <> 'val' ORDER BY e.role")
     evidence = [suites, training]
     if not suites.values or not training.values:
@@ -523,7 +519,7 @@ def same_code_version(scope: Scope) -> Check:
     if early := _too_few_arms(scope, name):
         return early
     ev = scope.ask("SELECT r.stage, r.arm, r.seed, r.code_version FROM runs r "
-                   f"WHERE {scope.on()} AND r.status = 'completed' AND r.stage IN ({', '.join(map(_lit, ARM_STAGES))}) "
+                   f"WHERE {scope.on()} AND r.status = 'completed' AND r.stage IN ({', '.join(map(sql_literal, ARM_STAGES))}) "
                    "ORDER BY r.stage, r.arm, r.seed")
     differ = []
     for stage in ARM_STAGES:

@@ -17,7 +17,6 @@ import socket
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence, Union
 
@@ -26,6 +25,7 @@ from audit.ledger import run_ledger
 from evals.metrics import (aggregate, calibration, meta_rates, paired_bootstrap, quartile_simpson,
                            quartile_table)
 from infra.artifacts import atomic_write_bytes, read_parquet
+from infra.code import package_versions
 from infra.errors import DataError, TwinarmError
 from infra.home import Home
 from infra.lineage import Lineage
@@ -468,17 +468,10 @@ def reproducibility_section(inp: Inputs, tracker: Tracker, parent_id: str) -> li
         ["MLflow", f"{tracking_uri(tracker.home)} · parent run {parent_id}"],
         ["lineage", str(tracker.home.lineage_db)],
         ["report built", f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} on {socket.gethostname()} with Python "
-                         f"{platform.python_version()}, " + ", ".join(f"{p} {_version(p)}" for p in REPORT_PACKAGES)],
+                         f"{platform.python_version()}, " + ", ".join(f"{p} {v or 'absent'}" for p, v in package_versions(REPORT_PACKAGES).items())],
     ]
     return [Heading("Reproducibility"), Table(["", ""], rows,
                                               caption="packages are those of the process that built this report")]
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "absent"
 
 
 # ---------------------------------------------------------------- rendering

@@ -113,20 +113,18 @@ class ResultStore:
         return [e for e in entries if not self.path(e.checkpoint_id).is_file()]
 
     def evaluate(self, entries: list[Entry], suites: dict[str, list[dict[str, Any]]], grader: Any, device: str,
-                 precision: str, on_done: Any = None) -> list[Entry]:
+                 precision: str) -> list[Entry]:
         """Evaluate the entries without a stored result (each stored atomically as soon as it is done)."""
         from infra.progress import progress
 
         todo = self.missing(entries)
         with progress("checkpoints evaluated", len(todo)) as bar:
-            for i, entry in enumerate(todo):
+            for entry in todo:
                 t0 = time.perf_counter()
                 rows = evaluate_model(entry.model_dir, suites, self.protocol, grader, device, precision)
                 write_parquet(rows, self.path(entry.checkpoint_id))
                 bar.advance(checkpoint=f"{entry.arm}@{entry.step}",
                             samples_per_s=len(rows) / (time.perf_counter() - t0))
-                if on_done:
-                    on_done(i + 1, len(todo), entry)
         return todo
 
     def rows(self, entries: list[Entry]) -> list[dict[str, Any]]:

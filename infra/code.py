@@ -17,6 +17,19 @@ def source_hash(packages: tuple[str, ...]) -> str:
     return hash_json([(p.relative_to(REPO_ROOT).as_posix(), hash_file(p)) for p in files])
 
 
+def package_versions(names: tuple[str, ...]) -> dict[str, str | None]:
+    """Installed version of each distribution (None when it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found: dict[str, str | None] = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """`<git commit>[+dirty]:<source hash of all packages>`; the source hash alone if git is unavailable."""

@@ -92,6 +92,11 @@ FROM runs r JOIN facts f ON f.run_id = r.run_id;
 """
 
 TABLES = ("runs", "artifacts", "edges", "facts")
+def sql_literal(value: str | None) -> str:
+    """A string as a SQL literal (for evidence queries meant to be re-run as printed, and generated views)."""
+    return "NULL" if value is None else "'" + value.replace("'", "''") + "'"
+
+
 # Views over the evaluation result tables (one row per problem x sample, see evals.evaluate), rebuilt whenever a
 # stage that writes one is recorded: view -> (stage, output role).
 RESULT_VIEWS = {"heldout_rows": ("heldout", "heldout"), "sweep_rows": ("sweep", "sweep")}
@@ -215,9 +220,6 @@ class Lineage:
         flow run id as columns. A nightly run re-reads checkpoints an ablation job read: filter by run or flow."""
         from infra.artifacts import uri_path  # imports this module: import here, not at the top
 
-        def lit(value: str | None) -> str:
-            return "NULL" if value is None else "'" + value.replace("'", "''") + "'"
-
         with self.connect() as con:
             for view, (stage, role) in RESULT_VIEWS.items():
                 found = con.execute(
@@ -227,8 +229,9 @@ class Lineage:
                     [role, stage]).fetchall()
                 if found:
                     con.execute(f"CREATE OR REPLACE VIEW {view} AS " + " UNION ALL BY NAME ".join(
-                        f"SELECT {lit(ablation)} AS ablation, {lit(run_id)} AS run_id, {lit(flow_run_id)} AS "
-                        f"flow_run_id, * FROM read_parquet({lit(str(uri_path(uri)))})"
+                        f"SELECT {sql_literal(ablation)} AS ablation, {sql_literal(run_id)} AS run_id, "
+                        f"{sql_literal(flow_run_id)} AS flow_run_id, * "
+                        f"FROM read_parquet({sql_literal(str(uri_path(uri)))})"
                         for ablation, run_id, flow_run_id, uri in found))
 
     def set_status(self, run_id: str, status: str, ended: bool = True) -> None:
@@ -259,6 +262,13 @@ class Lineage:
     def rows(self, sql: str, params: list | None = None) -> list[dict[str, Any]]:
         columns, rows = self.query(sql, params)
         return [dict(zip(columns, row)) for row in rows]
+
+    def output_ids(self, ablation: str | None = None) -> dict[str, str]:
+        """{"stage/arm/seed/role": artifact id} of every recorded output (of one ablation): two homes that ran
+        the same spec must agree on all of them."""
+        rows = self.rows("SELECT stage, arm, seed, role, artifact_id FROM run_outputs"
+                         + (" WHERE ablation = ?" if ablation else ""), [ablation] if ablation else None)
+        return {f"{r['stage']}/{r['arm']}/{r['seed']}/{r['role']}": r["artifact_id"] for r in rows}
 
     def counts(self) -> dict[str, int]:
         return {t: self.query(f"SELECT count(*) FROM {t}")[1][0][0] for t in TABLES}

@@ -55,6 +55,7 @@ def bench_step(home: Path, ablation: str, spec_file: str, arm: str | None, steps
     from infra.lineage import Lineage
     from infra.spec import load_spec, resolved_arms
     from rl.grpo import train_grpo
+    from tasks.common import SHARED
 
     spec = load_spec(spec_file)
     arms = resolved_arms(spec)
@@ -65,9 +66,8 @@ def bench_step(home: Path, ablation: str, spec_file: str, arm: str | None, steps
     set_threads(cfg.executor.compute.cpu_threads)  # as the RL stage does
     lineage = Lineage(home / "lineage.duckdb")
     init = _artifact_path(lineage, ablation, "sft", arm, "model")
-    shared = "*"
-    prompts = read_parquet(_artifact_path(lineage, ablation, "data", shared, "rl_prompts"))
-    val = read_parquet(_artifact_path(lineage, ablation, "data", shared, "val"))[:val_rows]
+    prompts = read_parquet(_artifact_path(lineage, ablation, "data", SHARED, "rl_prompts"))
+    val = read_parquet(_artifact_path(lineage, ablation, "data", SHARED, "val"))[:val_rows]
     out: dict = {"arm": arm, "init": str(init), "steps": steps, "repeats": repeats,
                  "batch": f"{cfg.rl.batch_size} prompts x {cfg.rl.n} samples, max {cfg.rl.max_response_length} tokens",
                  "rewards": {}}
@@ -123,8 +123,7 @@ def _tree_rss_peak(pid: int, stop: threading.Event, peak: list[int]) -> None:
 
 
 def _timed_run(spec: Path, home: Path) -> dict:
-    env = {**os.environ, "TWINARM_HOME": str(home)}
-    env.pop("TWINARM_ENV_HOME", None)
+    env = {**os.environ, "TWINARM_HOME": str(home)}  # derived settings follow it (infra.home)
     t0 = time.perf_counter()
     proc = subprocess.Popen([str(REPO / ".venv" / "bin" / "twinarm"), "run", str(spec)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -176,8 +175,7 @@ def bench_demo(spec_file: str, work: Path) -> dict:
 def _outputs(home: Path) -> dict[str, str]:
     from infra.lineage import Lineage
 
-    rows = Lineage(home / "lineage.duckdb").rows("SELECT stage, arm, seed, role, artifact_id FROM run_outputs")
-    return {f"{r['stage']}/{r['arm']}/{r['seed']}/{r['role']}": r["artifact_id"] for r in rows}
+    return Lineage(home / "lineage.duckdb").output_ids()
 
 
 def main() -> None:

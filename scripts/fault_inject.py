@@ -29,8 +29,7 @@ STAGES = ("data", "base_model", "twins", "sft", "rl", "sweep", "heldout")
 
 
 def _start(spec: Path, home: Path) -> subprocess.Popen:
-    env = {**os.environ, "TWINARM_HOME": str(home)}
-    env.pop("TWINARM_ENV_HOME", None)
+    env = {**os.environ, "TWINARM_HOME": str(home)}  # derived settings follow it (infra.home)
     return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(spec)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -93,8 +92,7 @@ def _state(home: Path, ablation: str) -> dict:
     from infra.lineage import Lineage
 
     lineage = Lineage(home / "lineage.duckdb")
-    outputs = {f"{r['stage']}/{r['arm']}/{r['seed']}/{r['role']}": r["artifact_id"] for r in lineage.rows(
-        "SELECT stage, arm, seed, role, artifact_id FROM run_outputs WHERE ablation = ?", [ablation])}
+    outputs = lineage.output_ids(ablation)
     durations = {r["stage"]: r["s"] for r in lineage.rows(
         "SELECT stage, max(epoch(ended_at) - epoch(started_at)) AS s FROM runs WHERE ablation = ? GROUP BY stage",
         [ablation])}

@@ -6,26 +6,18 @@
 from __future__ import annotations
 
 import argparse
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
-BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+from headless_chromium import chromium  # scripts/ is on sys.path when a script runs
 
 
 def screenshot(page: Path, png: Path, width: int = 1280, height: int = 900) -> Path:
-    browser = next((b for b in map(shutil.which, BROWSERS) if b), None)
-    if browser is None:
-        raise SystemExit(f"no headless browser found (looked for {', '.join(BROWSERS)}); install chromium")
     png.parent.mkdir(parents=True, exist_ok=True)
     png.unlink(missing_ok=True)  # so a stale file never passes for a new screenshot
-    # --no-sandbox: root in a container has no user namespaces for Chromium's sandbox
-    done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                           f"--screenshot={png.resolve()}", f"--window-size={width},{height}",
-                           page.resolve().as_uri()], capture_output=True, text=True, timeout=120)
+    done = chromium(page.resolve().as_uri(), f"--screenshot={png.resolve()}", f"--window-size={width},{height}")
     if done.returncode != 0 or not png.is_file():
-        raise SystemExit(f"{browser} failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+        raise SystemExit(f"chromium failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
     return png
 
 

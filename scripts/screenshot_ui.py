@@ -20,20 +20,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+from headless_chromium import chromium  # scripts/ is on sys.path when a script runs
+
 REPO = Path(__file__).resolve().parent.parent
-BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+RENDER_MS = 20000  # virtual time for the Prefect UI (a single-page app) to render the form
 FORM_FIELDS = ("spec_file", "overrides")
-
-
-def chromium(url: str, *flags: str, budget_ms: int = 20000) -> subprocess.CompletedProcess:
-    """Run headless Chromium on url; --virtual-time-budget lets the single-page app render before the capture."""
-    browser = next((b for b in map(shutil.which, BROWSERS) if b), None)
-    if browser is None:
-        sys.exit(f"no headless browser found (looked for {', '.join(BROWSERS)}); apt-get install chromium")
-    # --no-sandbox: root in a container has no user namespaces for Chromium's sandbox
-    return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                           f"--virtual-time-budget={budget_ms}", *flags, url],
-                          capture_output=True, text=True, timeout=180)
 
 
 def _api(port: int, path: str, body: dict | None = None) -> object:
@@ -64,21 +55,20 @@ def main() -> None:
     ap.add_argument("--mlflow-port", type=int, default=5310)
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="twinarm-ui-"))
-    env = {**os.environ, "TWINARM_HOME": str(home)}
-    env.pop("TWINARM_ENV_HOME", None)
+    env = {**os.environ, "TWINARM_HOME": str(home)}  # derived settings follow it (infra.home)
     ui = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--prefect-port", str(args.port),
                            "--mlflow-port", str(args.mlflow_port)], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deployment = find_deployment(args.port, "ablation", 180)
         url = f"http://127.0.0.1:{args.port}/deployments/deployment/{deployment['id']}/run"
-        dom = chromium(url, "--dump-dom").stdout
+        dom = chromium(url, "--dump-dom", budget_ms=RENDER_MS).stdout
         missing = [f for f in FORM_FIELDS if f not in dom]
         if missing:
             sys.exit(f"{url}: the parameter form did not render the fields {missing}")
         args.png.parent.mkdir(parents=True, exist_ok=True)
         args.png.unlink(missing_ok=True)  # so a stale file never passes for a new screenshot
-        shot = chromium(url, f"--screenshot={args.png.resolve()}", "--window-size=1400,1000")
+        shot = chromium(url, f"--screenshot={args.png.resolve()}", "--window-size=1400,1000", budget_ms=RENDER_MS)
         if shot.returncode != 0 or not args.png.is_file():
             sys.exit(f"chromium failed (exit {shot.returncode}):\n{shot.stderr[-2000:]}")
         print(f"{url}\nform fields found: {', '.join(FORM_FIELDS)}\nscreenshot: {args.png}")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from infra.artifacts import ArtifactStore, atomic_write_json, clean_stale_tmp, uri_path
-from infra.code import code_version, source_hash
+from infra.code import code_version, package_versions, source_hash
 from infra.errors import TwinarmError
 from infra.hashing import hash_json
 from infra.home import Home, configure_environment
@@ -67,6 +67,11 @@ class StageCall:
     @property
     def run_id(self) -> str:
         return hash_json({"ablation": self.ablation, "arm": self.arm, "seed": self.seed, "key": self.key})
+
+    @property
+    def label(self) -> str:
+        """How the stage is named in the run summary and in progress lines: stage/arm[/seedN]."""
+        return f"{self.stage}/{self.arm}" + (f"/seed{self.seed}" if self.seed is not None else "")
 
     @property
     def workdir(self) -> Path:
@@ -127,8 +132,7 @@ def run_stage(call: StageCall, body: Callable[[StageCall], StageOutput]) -> Stag
             return done
         clean_stale_tmp(call.workdir)
         started = utcnow().isoformat()
-        label = call.stage if call.arm == SHARED else f"{call.stage}/{call.arm}"
-        with stage_label(label if call.seed in (None, 0) else f"{label}/seed{call.seed}"):
+        with stage_label(call.label):
             out = body(call)
         out.code_version = code_version()
         out.facts.setdefault("runtime", runtime_facts())
@@ -143,16 +147,9 @@ RUNTIME_PACKAGES = ("torch", "transformers", "verl", "math-verify", "prefect", "
 def runtime_facts() -> dict[str, Any]:
     """Where and with what a stage ran (for the report's reproducibility block; never part of a cache key)."""
     import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    def installed(name: str) -> str | None:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
 
     return {"host": platform.node(), "python": platform.python_version(),
-            "packages": {name: installed(name) for name in RUNTIME_PACKAGES}}
+            "packages": package_versions(RUNTIME_PACKAGES)}
 
 
 def store(call: StageCall) -> ArtifactStore:
@@ -264,10 +261,9 @@ class Session:
         for path in out.files:
             self.tracker.log_artifact(run_id, Path(path))
         self.tracker.finish(run_id)
-        label = f"{call.stage}/{call.arm}" + (f"/seed{call.seed}" if call.seed is not None else "")
-        self.status[label] = "cached" if cached else "computed"
+        self.status[call.label] = "cached" if cached else "computed"
         if out.summary:
-            self.summaries[label] = out.summary
+            self.summaries[call.label] = out.summary
         return out
 
     def fail(self, call: StageCall, exc: BaseException) -> None:
@@ -276,7 +272,7 @@ class Session:
             self.tracker.client.set_tag(call.mlflow_run_id, "twinarm.error",
                                         "".join(traceback.format_exception_only(type(exc), exc))[:5000])
             self.tracker.finish(call.mlflow_run_id, "FAILED")
-        self.status[f"{call.stage}/{call.arm}"] = "failed"
+        self.status[call.label] = "failed"
 
 
 def run_calls(session: Session, task: Any, calls: list[StageCall], **kwargs: Any) -> list[StageOutput]:

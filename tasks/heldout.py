@@ -26,7 +26,7 @@ def protocol_for(call: StageCall, grader: Any) -> Any:
                     seed=ev.seed, max_new_tokens=ev.max_new_tokens, grader=grader_identity(grader), suites=suites)
 
 
-def evaluate_heldout(call: StageCall, on_done: Any = None) -> tuple[list[dict[str, Any]], Any, list[Any]]:
+def evaluate_heldout(call: StageCall) -> tuple[list[dict[str, Any]], Any, list[Any]]:
     """(rows of every checkpoint input, protocol, entries evaluated now)."""
     from evals.evaluate import ResultStore
     from rewards.grader import get_grader
@@ -39,7 +39,7 @@ def evaluate_heldout(call: StageCall, on_done: Any = None) -> tuple[list[dict[st
     suites = {name: read_parquet(call.input_path(SUITE + name)) for name in protocol.suites}
     results = ResultStore(Path(call.home) / "results" / "heldout", protocol)
     todo = entries(call)
-    done = results.evaluate(todo, suites, grader, device, resolve_precision(compute, device), on_done=on_done)
+    done = results.evaluate(todo, suites, grader, device, resolve_precision(compute, device))
     return results.rows(todo), protocol, done
 
 
