@@ -21,7 +21,7 @@ from infra.errors import TwinarmError, UsageError
 from infra.home import Home
 from infra.lineage import Lineage
 from infra.spec import ComputeSpec, load_spec
-from sft.grammar import META_CLOSE, META_OPEN, find_blocks
+from meta.grammar import META_CLOSE, META_OPEN, find_blocks
 
 # a sentence ends after . ! ? followed by whitespace (not inside 3.5), or after a run of line breaks
 _SENTENCE_END = re.compile(r"[.!?]+(?=\s|$)|\n+")

@@ -365,7 +365,7 @@ def control_zero_scorer_calls(scope: Scope) -> Check:
 
 def sft_twins(scope: Scope) -> Check:
     """The twins stage's own verdict (token-level masks) and a re-verification of the files the arms' SFT read."""
-    from sft.grammar import META_CLOSE, META_OPEN
+    from meta.grammar import META_CLOSE, META_OPEN
     from sft.twins import verify_twins
 
     name = "SFT twins 1:1"

@@ -15,7 +15,8 @@ from typing import Any
 
 from infra.artifacts import uri_path
 from infra.errors import UsageError
-from infra.lineage import Artifact, Lineage
+from infra.artifacts import Artifact
+from infra.lineage import Lineage
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from infra.home import Home
 from infra.lineage import Lineage
 from infra.spec import AblationSpec, ContrastSpec, EvalSpec, load_spec
 from infra.tracking import Tracker, tracking_uri
-from sft.grammar import CUES
+from meta.grammar import CUES
 
 Row = dict[str, Any]
 STATUS_WORDS = {"✓": "verified", "✗": "violated", "☐": "open"}

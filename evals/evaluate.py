@@ -52,7 +52,7 @@ def sample_and_grade(engine: "GenerationEngine", tokenizer: Any, grader: Any, su
                      seed: int) -> list[dict[str, Any]]:
     """n samples per prompt row, graded, with closed-meta facts and the meta-strip regrade."""
     from evals.engine import render_prompt
-    from sft.grammar import find_blocks, strip_meta
+    from meta.grammar import find_blocks, strip_meta
 
     gens = engine.generate([render_prompt(tokenizer, r["prompt"]) for r in rows], n=n, temperature=temperature,
                            top_p=top_p, max_new_tokens=max_new_tokens, seed=seed_for(seed, suite))

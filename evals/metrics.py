@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from infra.errors import DataError
-from sft.grammar import CUES, META_CLOSE, META_OPEN, strip_meta
+from meta.grammar import CUES, META_CLOSE, META_OPEN, strip_meta
 
 Row = dict[str, Any]
 SAMPLE_FIELDS = ("arm", "step", "suite", "problem_id", "domain", "sample", "correct", "length", "n_blocks",

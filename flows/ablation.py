@@ -21,7 +21,7 @@ from prefect import flow, runtime  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 
 from infra.errors import SpecError  # noqa: E402
-from infra.lineage import Artifact  # noqa: E402
+from infra.artifacts import Artifact  # noqa: E402
 from infra.spec import AblationSpec, BaseSpec, load_spec, resolved_arms, stage_config  # noqa: E402
 from tasks import base_model as base_stage  # noqa: E402
 from tasks import data as data_stage  # noqa: E402

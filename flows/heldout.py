@@ -18,7 +18,8 @@ from prefect import flow, runtime  # noqa: E402
 
 from infra.artifacts import uri_path  # noqa: E402
 from infra.errors import LockedError  # noqa: E402
-from infra.lineage import Artifact, Lineage  # noqa: E402
+from infra.artifacts import Artifact  # noqa: E402
+from infra.lineage import Lineage  # noqa: E402
 from infra.spec import load_spec  # noqa: E402
 from tasks import heldout as heldout_stage  # noqa: E402
 from tasks.common import SHARED, Session, run_task  # noqa: E402

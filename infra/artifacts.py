@@ -11,11 +11,24 @@ import os
 import shutil
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from infra.hashing import hash_path, path_size
-from infra.lineage import Artifact
+
+
+@dataclass
+class Artifact:
+    """One content-addressed artifact as lineage records it: id = content hash, kind (dataset, table,
+    checkpoint, config, report, spec), uri (file:// path), size in bytes, row count for tables, free facets."""
+
+    artifact_id: str
+    kind: str
+    uri: str
+    bytes: int = 0
+    rows: int | None = None
+    facets: dict[str, Any] = field(default_factory=dict)
 
 _TMP_MARK = ".tmp-"
 

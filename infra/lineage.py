@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 import duckdb
 
+from infra.artifacts import Artifact, uri_path
 from infra.errors import LockedError, TwinarmError
 
 SCHEMA = """
@@ -107,16 +108,6 @@ _process_lock = threading.RLock()  # threads of the flow process take turns on t
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
-
-
-@dataclass
-class Artifact:
-    artifact_id: str
-    kind: str
-    uri: str
-    bytes: int = 0
-    rows: int | None = None
-    facets: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -218,8 +209,6 @@ class Lineage:
     def refresh_result_views(self) -> None:
         """(Re)create heldout_rows / sweep_rows: every completed run's result parquet, with its ablation, run id and
         flow run id as columns. A nightly run re-reads checkpoints an ablation job read: filter by run or flow."""
-        from infra.artifacts import uri_path  # imports this module: import here, not at the top
-
         with self.connect() as con:
             for view, (stage, role) in RESULT_VIEWS.items():
                 found = con.execute(

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 from infra.errors import TwinarmError
 from infra.home import Home
-from infra.lineage import Artifact
+from infra.artifacts import Artifact
 
 PARENT_TAG = "twinarm.ablation"
 RUN_TAG = "twinarm.run_id"

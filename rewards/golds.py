@@ -15,7 +15,7 @@ from fractions import Fraction
 from typing import Any
 
 from infra.errors import DataError
-from sft.grammar import last_boxed
+from meta.grammar import last_boxed
 
 SOURCES = ("gsm8k", "math500", "aime24", "amc23", "minerva_math", "olympiadbench", "arith")
 

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from infra.errors import DataError, TwinarmError
 from infra.hashing import hash_file, hash_json
-from sft.grammar import last_boxed
+from meta.grammar import last_boxed
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection

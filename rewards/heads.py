@@ -31,7 +31,7 @@ import numpy as np
 
 from infra.spec import HEADS, REGIONS, HeadsSpec
 from rewards.signals import Rollout
-from sft.grammar import META_CLOSE, META_OPEN, char_regions, find_blocks
+from meta.grammar import META_CLOSE, META_OPEN, char_regions, find_blocks
 
 # wellformed/none are the target formats; truncation is the length limit's doing, not the model's format choice
 # (the correctness head already sees the missing answer); drift opened a block and never closed it; discard

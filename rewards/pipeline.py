@@ -20,7 +20,7 @@ from rewards.heads import centre_heads, gain_matrix, head_weights, rollout_heads
     token_offsets, token_regions
 from rewards.scorer import Scorer
 from rewards.signals import Rollout, SignalContext, get_signal, score_group
-from sft.grammar import META_CLOSE, META_OPEN, find_blocks, format_class
+from meta.grammar import META_CLOSE, META_OPEN, find_blocks, format_class
 
 
 @dataclass(frozen=True)

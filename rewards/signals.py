@@ -26,7 +26,7 @@ from typing import Any, Callable, Literal, Sequence
 from infra.spec import AsymCFParams, SignalParams
 from rewards import masa as masa_fns
 from rewards.scorer import Scorer, encode, text_logprobs
-from sft.grammar import META_CLOSE, META_OPEN, FormatClass, last_boxed, split_first_block
+from meta.grammar import META_CLOSE, META_OPEN, FormatClass, last_boxed, split_first_block
 
 PLACEBO_CONTENT = "\nLet me continue.\n"
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from infra.artifacts import atomic_path, atomic_write_json  # noqa: E402
 from infra.spec import load_spec  # noqa: E402
-from sft.grammar import META_CLOSE, META_OPEN, find_blocks, format_class, strip_meta  # noqa: E402
+from meta.grammar import META_CLOSE, META_OPEN, find_blocks, format_class, strip_meta  # noqa: E402
 from worlds.arith import audit_lines, evaluate, expr_of, parse, well_formed  # noqa: E402
 
 

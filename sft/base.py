@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from infra.artifacts import atomic_path, atomic_write_json, read_json
 from infra.errors import DataError
-from sft.grammar import has_tags
+from meta.grammar import has_tags
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast

@@ -21,9 +21,9 @@ from pydantic import BaseModel
 from infra.artifacts import atomic_path, atomic_write_json, read_parquet, write_parquet
 from infra.errors import DataError, TwinarmError
 from infra.hashing import hash_json
-from sft.grammar import META_CLOSE, META_OPEN, char_regions, find_blocks, format_class, has_tags, last_boxed, \
+from meta.grammar import META_CLOSE, META_OPEN, char_regions, find_blocks, format_class, has_tags, last_boxed, \
     strip_meta
-from sft.train import IGNORE, loss_mask
+from sft.masks import IGNORE, loss_mask
 
 ROLES = ("system", "user", "assistant")
 TEXT_COLUMNS = ("messages", "wrong_prefix")  # all the twins may differ in; every other column is metadata

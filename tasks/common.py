@@ -22,7 +22,8 @@ from infra.code import code_version, package_versions, source_hash
 from infra.errors import TwinarmError
 from infra.hashing import hash_json
 from infra.home import Home, configure_environment
-from infra.lineage import RESULT_VIEWS, Artifact, Lineage, Run, StageRecord, utcnow
+from infra.artifacts import Artifact
+from infra.lineage import RESULT_VIEWS, Lineage, Run, StageRecord, utcnow
 from infra.locks import exclusive
 from infra.progress import stage_label
 from infra.spec import AblationSpec, config_hash, flatten

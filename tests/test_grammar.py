@@ -1,4 +1,4 @@
-"""Properties of the meta-block grammar (sft/grammar.py) on adversarial text, plus the DESIGN §7 hand cases."""
+"""Properties of the meta-block grammar (meta/grammar.py) on adversarial text, plus the DESIGN §7 hand cases."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +8,7 @@ import time
 import pytest
 from hypothesis import assume, example, given, settings, strategies as st
 
-from sft.grammar import META_CLOSE, META_OPEN, char_regions, cue_categories, find_blocks, format_class, has_tags, \
+from meta.grammar import META_CLOSE, META_OPEN, char_regions, cue_categories, find_blocks, format_class, has_tags, \
     last_boxed, parse_confidence, split_first_block, strip_meta
 
 O, C = META_OPEN, META_CLOSE

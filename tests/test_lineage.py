@@ -8,7 +8,8 @@ import time
 import pytest
 
 from infra.errors import LockedError
-from infra.lineage import Artifact, Lineage, Run, StageRecord
+from infra.artifacts import Artifact
+from infra.lineage import Lineage, Run, StageRecord
 
 
 def art(name: str, kind: str = "dataset") -> Artifact:

@@ -11,7 +11,7 @@ import pytest
 from evals.metrics import (aggregate, avg_at_k, calibration, ece_brier, paired_bootstrap, pass_at_k,
                            problem_difficulty, quartile_table, regrade_stripped, simpson, simpson_check)
 from infra.errors import DataError
-from sft.grammar import last_boxed
+from meta.grammar import last_boxed
 
 
 def sample_rows(arm: str, correct_counts: list[int], n: int, suite: str = "s", step: int = 0,

@@ -10,7 +10,8 @@ from audit.belief import Replay, boundaries, plot_belief
 from audit.flowrun import latest_flow
 from evals.metrics import aggregate, meta_rates, quartile_simpson
 from infra.errors import UsageError
-from infra.lineage import Artifact, Lineage, Run, StageRecord
+from infra.artifacts import Artifact
+from infra.lineage import Lineage, Run, StageRecord
 
 
 def problem(arm: str, pid: str, n: int, c: int, **extra) -> list[dict]:

@@ -15,7 +15,7 @@ from rewards import masa
 from rewards.pipeline import Sample, score_batch
 from rewards.scorer import PieceTokenizer, TableScorer
 from rewards.signals import PLACEBO_CONTENT, SIGNALS, Rollout, SignalContext, asym_cf_value, score_group
-from sft.grammar import last_boxed
+from meta.grammar import last_boxed
 
 TOK = PieceTokenizer()
 X = "Q: 7-3*(2-5)=?\nA: "

@@ -6,7 +6,7 @@ import unicodedata
 import pytest
 
 from infra.spec import ArithWorldSpec, ComputeSpec, ToyModelSpec
-from sft.grammar import META_CLOSE, META_OPEN
+from meta.grammar import META_CLOSE, META_OPEN
 from worlds.arith import generate_world, world_texts
 
 TINY = ToyModelSpec(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,

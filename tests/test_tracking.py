@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from infra.errors import TwinarmError
-from infra.lineage import Artifact
+from infra.artifacts import Artifact
 from infra.tracking import Tracker, check_reachable
 
 

@@ -34,7 +34,7 @@ def _trained_text(tokenizer, ids, labels):
 
 
 def test_loss_mask_trains_exactly_the_response_after_the_wrong_prefix(world, tokenizer):
-    from sft.train import IGNORE, loss_mask
+    from sft.masks import IGNORE, loss_mask
 
     rows = [r for r in world["sft2"] if r["kind"] == "sft2_redirect"][:5] + world["base"][:5]
     for row in rows:
@@ -53,14 +53,15 @@ def test_loss_mask_trains_exactly_the_response_after_the_wrong_prefix(world, tok
 
 def test_masked_token_straddling_the_prefix_boundary():
     """A token that holds both prefix and trained characters is masked (never half-trained)."""
-    from sft.train import IGNORE, _labels
+    from sft.masks import IGNORE, _labels
 
     assert _labels([1, 2, 3], [(0, 2), (2, 5), (5, 7)], 3, 7) == [IGNORE, IGNORE, 3]
     assert _labels([1, 2], [(0, 3), (3, 3)], 0, 3) == [1, IGNORE]  # empty-span tokens carry no characters
 
 
 def test_bad_rows_are_named(world, tokenizer, tmp_path):
-    from sft.train import TrainConfig, encode_rows, train_lm
+    from sft.masks import encode_rows
+    from sft.train import TrainConfig, train_lm
     from worlds.model import toy_model
 
     good = world["sft1"][0]

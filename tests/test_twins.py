@@ -7,8 +7,8 @@ import pytest
 
 from infra.artifacts import write_parquet
 from infra.errors import DataError
-from sft.grammar import META_CLOSE as C, META_OPEN as O
-from sft.train import IGNORE, loss_mask
+from meta.grammar import META_CLOSE as C, META_OPEN as O
+from sft.masks import IGNORE, loss_mask
 from sft.twins import TwinCheckError, TwinSet, build_twins, char_mask, load_sft_rows, tag_leaks, trained_chars, \
     verify_twins, write_twins
 

@@ -8,7 +8,7 @@ import pytest
 
 from infra.artifacts import read_parquet
 from infra.spec import ArithWorldSpec
-from sft.grammar import find_blocks, format_class, has_tags, last_boxed, strip_meta
+from meta.grammar import find_blocks, format_class, has_tags, last_boxed, strip_meta
 from worlds.arith import (CHECK_DOMAIN, DOMAINS, HARD_LEVEL, LEVELS, SPLITS, apply, audit_lines, check_text,
                           evaluate, expr_of, generate_world, make_problem, make_slip, parse, recompute, render,
                           write_world)

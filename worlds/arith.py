@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from infra.errors import DataError
-from sft.grammar import META_CLOSE, META_OPEN
+from meta.grammar import META_CLOSE, META_OPEN
 
 if TYPE_CHECKING:
     from infra.spec import ArithWorldSpec

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-from sft.grammar import META_CLOSE, META_OPEN
+from meta.grammar import META_CLOSE, META_OPEN
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
