@@ -11,16 +11,18 @@ job and the nightly flow never evaluate a checkpoint twice under the same protoc
 from __future__ import annotations
 
 import time
-
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from infra.artifacts import read_parquet, write_parquet
 from infra.hashing import hash_json
+from infra.roles import CheckpointRole
 
 if TYPE_CHECKING:
     from evals.engine import GenerationEngine
+    from infra.spec import EvalSpec, RLSpec
 
 SAMPLE_COLUMNS = ("suite", "problem_id", "domain", "level", "sample", "response", "extracted", "correct",
                   "length", "truncated", "n_blocks", "categories", "confidence", "stripped_correct")
@@ -41,6 +43,34 @@ class Protocol:
     @property
     def key(self) -> str:
         return hash_json(self.__dict__)
+
+
+def grader_identity(grader: Any) -> dict[str, Any]:
+    """What makes two gradings the same grading: version, config, call path (not the counters)."""
+    facts = grader.facts()
+    return {k: facts[k] for k in ("grader_version", "config", "call_path")}
+
+
+def val_sampling(rl: "RLSpec") -> dict[str, Any]:
+    """THE val-mix sampling settings, used by validation during RL and by the checkpoint sweep alike:
+    {temperature, top_p, n, max_new_tokens} (temperature 0 = greedy)."""
+    return {"temperature": rl.val_temperature, "top_p": rl.top_p, "n": rl.val_n,
+            "max_new_tokens": rl.max_response_length}
+
+
+def val_protocol(rl: "RLSpec", seed: int, grader: Any, val_id: str) -> Protocol:
+    """The protocol of a checkpoint sweep on the val mix (suite 'val', rows with content id `val_id`)."""
+    s = val_sampling(rl)
+    return Protocol(temperature=s["temperature"], top_p=s["top_p"], n={"val": s["n"]}, seed=seed,
+                    max_new_tokens=s["max_new_tokens"], grader=grader_identity(grader), suites={"val": val_id})
+
+
+def heldout_protocol(ev: "EvalSpec", grader: Any, suites: dict[str, str]) -> Protocol:
+    """The held-out protocol (DESIGN §8): eval.* sampling, n per suite (eval.n_per_suite overrides eval.n), one
+    seed; `suites` maps suite name -> content id of its rows."""
+    return Protocol(temperature=ev.temperature, top_p=ev.top_p, n={s: ev.n_per_suite.get(s, ev.n) for s in suites},
+                    seed=ev.seed, max_new_tokens=ev.max_new_tokens, grader=grader_identity(grader),
+                    suites=dict(suites))
 
 
 def seed_for(*parts: Any) -> int:
@@ -99,6 +129,42 @@ class Entry:
     step: int
     checkpoint_id: str
     model_dir: Path
+
+
+def checkpoint_entries(inputs: dict[str, tuple[str, Path]]) -> list[Entry]:
+    """The checkpoints among a stage's inputs ({role: (artifact id, model dir)}), sorted by arm, seed, step."""
+    out = []
+    for role, (artifact_id, model_dir) in inputs.items():
+        ref = CheckpointRole.parse(role)
+        if ref is not None:
+            out.append(Entry(arm=ref.arm, seed=ref.seed, step=ref.step, checkpoint_id=artifact_id,
+                             model_dir=model_dir))
+    return sorted(out, key=lambda e: (e.arm, e.seed, e.step))
+
+
+def evaluate_checkpoints(entries: list[Entry], suites: dict[str, list[dict[str, Any]]], protocol: Protocol,
+                         results_dir: Path, grader: Any, device: str, precision: str
+                         ) -> tuple[list[dict[str, Any]], list[Entry]]:
+    """Every entry's rows under `protocol` (one row per problem × sample, labelled arm/seed/step), evaluating only
+    those without a stored result under `results_dir`; returns (rows, entries evaluated now)."""
+    store = ResultStore(results_dir, protocol)
+    done = store.evaluate(entries, suites, grader, device, precision)
+    return store.rows(entries), done
+
+
+def val_metrics(rows: list[dict[str, Any]], prefix: str = "val") -> dict[str, float]:
+    """Pure correctness on val rows: {prefix}/accuracy/pure overall and per domain, and the closed-meta block
+    rate {prefix}/meta/block_rate (fractions in [0, 1]; NaN when there are no rows)."""
+    def mean(values: list[Any]) -> float:
+        return sum(values) / len(values) if values else float("nan")
+
+    by_domain: dict[str, list[bool]] = defaultdict(list)
+    for r in rows:
+        by_domain[r["domain"]].append(r["correct"])
+    metrics = {f"{prefix}/accuracy/pure": mean([r["correct"] for r in rows]),
+               f"{prefix}/meta/block_rate": mean([r["n_blocks"] > 0 for r in rows])}
+    metrics.update({f"{prefix}/accuracy/pure/{d}": mean(v) for d, v in sorted(by_domain.items())})
+    return metrics
 
 
 class ResultStore:

@@ -395,6 +395,18 @@ def load_suite(name: str, spec: SuiteSpec, data_dir: Path | None) -> SuiteData:
     return normalise_suite(name, spec, _read_hub(hub), origin)
 
 
+def local_suite_files(manifest_path: str | Path, data_dir: str | Path) -> list[Path]:
+    """The files of `data_dir` a manifest's suites would be read from (those that exist), for cache keys. Raises
+    the manifest's own DataError when the manifest is invalid."""
+    files = []
+    for spec in load_manifest(manifest_path).suites.values():
+        try:
+            files.append(_local_file(spec, Path(data_dir)))
+        except DataError:
+            continue  # the data stage raises it, naming the suite
+    return files
+
+
 def load_heldout(manifest_path: str | Path, data_dir: str | Path | None) -> list[SuiteData]:
     """Every suite of a manifest, in manifest order; ids must be unique across suites too."""
     manifest = load_manifest(manifest_path)

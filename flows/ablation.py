@@ -20,19 +20,15 @@ from typing import Any, Callable  # noqa: E402
 from prefect import flow, runtime  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 
-from infra.errors import SpecError  # noqa: E402
 from infra.artifacts import Artifact  # noqa: E402
-from infra.spec import AblationSpec, BaseSpec, load_spec, resolved_arms, stage_config  # noqa: E402
-from tasks import base_model as base_stage  # noqa: E402
-from tasks import data as data_stage  # noqa: E402
-from tasks import heldout as heldout_stage  # noqa: E402
+from infra.errors import SpecError  # noqa: E402
+from infra.roles import CheckpointRole, StepRole, SuiteRole  # noqa: E402
+from infra.spec import AblationSpec, BaseSpec, resolved_arms  # noqa: E402
 from tasks import report as report_stage  # noqa: E402
-from tasks import resolve as resolve_stage  # noqa: E402
-from tasks import rl as rl_stage  # noqa: E402
-from tasks import sft as sft_stage  # noqa: E402
-from tasks import sweep as sweep_stage  # noqa: E402
-from tasks import twins as twins_stage  # noqa: E402
-from tasks.common import SHARED, Session, StageOutput, run_calls, run_task  # noqa: E402
+from tasks.base_model import CORPUS_ROLES  # noqa: E402
+from tasks.common import SHARED, Session, Stage, StageOutput, run_calls, run_task  # noqa: E402
+from tasks.stages import STAGES, load_checked_spec  # noqa: E402
+from tasks.twins import TWIN_SOURCES  # noqa: E402
 
 
 class RunOverrides(BaseModel):
@@ -64,25 +60,25 @@ Arms = dict[str, BaseSpec]
 Outputs = dict[str, Artifact]
 
 
-def shared(s: Session, task: Any, stage: str, arms: Arms, inputs_for: Callable[[str], Outputs]
+def shared(s: Session, stage: Stage, arms: Arms, inputs_for: Callable[[str], Outputs], **kwargs: Any
            ) -> dict[str, StageOutput]:
     """Run a shared stage once per group of arms with equal config slice and inputs; arm label '*' when every
     arm shares it."""
     groups: dict[str, tuple[Any, list[str]]] = {}
     for arm, cfg in arms.items():
-        call = s.stage_call(stage, SHARED, None, stage_config(cfg, stage), inputs_for(arm))
+        call = s.stage_call(stage, SHARED, None, stage.config(cfg), inputs_for(arm))
         groups.setdefault(call.key, (call, []))[1].append(arm)
     out: dict[str, StageOutput] = {}
     for call, members in groups.values():
         label = SHARED if len(members) == len(arms) else "+".join(members)
-        result = run_task(s, task, s.begin(dataclasses.replace(call, arm=label)))
+        result = run_task(s, stage.task, s.begin(dataclasses.replace(call, arm=label)), **kwargs)
         out.update(dict.fromkeys(members, result))
     return out
 
 
 def one_protocol(arms: Arms) -> dict[str, Any]:
     """The held-out job's config: it must be the same for every arm (one job, one protocol)."""
-    configs = {arm: stage_config(cfg, "heldout") for arm, cfg in arms.items()}
+    configs = {arm: STAGES["heldout"].config(cfg) for arm, cfg in arms.items()}
     first = next(iter(configs.values()))
     differ = sorted({k for c in configs.values() for k in c if c[k] != first[k]})
     if differ:
@@ -91,12 +87,12 @@ def one_protocol(arms: Arms) -> dict[str, Any]:
     return first
 
 
-def per_arm(s: Session, task: Any, stage: str, arms: Arms, inputs_for: Callable[[str, int], Outputs],
+def per_arm(s: Session, stage: Stage, arms: Arms, inputs_for: Callable[[str, int], Outputs],
             **kwargs: Any) -> dict[tuple[str, int], StageOutput]:
     """Run a stage for every arm × seed, concurrently; equal computations run once."""
-    calls = [s.begin(s.stage_call(stage, arm, seed, stage_config(cfg, stage, seed), inputs_for(arm, seed)))
+    calls = [s.begin(s.stage_call(stage, arm, seed, stage.config(cfg, seed), inputs_for(arm, seed)))
              for arm, cfg in arms.items() for seed in cfg.seeds]
-    return {(c.arm, c.seed): o for c, o in zip(calls, run_calls(s, task, calls, **kwargs))}
+    return {(c.arm, c.seed): o for c, o in zip(calls, run_calls(s, stage.task, calls, **kwargs))}
 
 
 def preflight(spec_file: str, arms: Arms) -> None:
@@ -115,54 +111,54 @@ def preflight(spec_file: str, arms: Arms) -> None:
 def ablation(spec_file: str = "configs/demo.yaml", overrides: RunOverrides = RunOverrides(),
              fresh: bool = False) -> dict:
     """Run a matched twin-arm ablation from a spec file; completed stages are served from cache."""
-    spec = apply_overrides(load_spec(spec_file), overrides)
+    from sft.twins import twin_side
+
+    spec = apply_overrides(load_checked_spec(spec_file), overrides)
     arms = resolved_arms(spec)
     preflight(spec_file, arms)
     placement = {"executor": spec.base.executor.model_dump(mode="json")}
     flow_run_id = str(runtime.flow_run.id) if runtime.flow_run.id else None
     with Session(spec, spec_file, fresh=fresh, flow_run_id=flow_run_id) as s:
         spec_art = s.store.put(Path(spec_file), kind="spec")
+        resolve = STAGES["resolve"]
         for arm, cfg in arms.items():
-            run_task(s, resolve_stage.resolve,
-                     s.begin(s.stage_call("resolve", arm, None, cfg.model_dump(mode="json"), {"spec": spec_art})))
-
-        data = shared(s, data_stage.data, "data", arms, lambda arm: {})
-        base = shared(s, base_stage.base_model, "base_model", arms, lambda arm: {
-            role: art for role, art in data[arm].outputs.items() if role in base_stage.CORPUS_ROLES})
-        twins = shared(s, twins_stage.twins, "twins", arms, lambda arm: {
+            run_task(s, resolve.task, s.begin(s.stage_call(resolve, arm, None, resolve.config(cfg),
+                                                           {"spec": spec_art})), **placement)
+        data = shared(s, STAGES["data"], arms, lambda arm: {}, **placement)
+        base = shared(s, STAGES["base_model"], arms, lambda arm: {
+            role: art for role, art in data[arm].outputs.items() if role in CORPUS_ROLES}, **placement)
+        twins = shared(s, STAGES["twins"], arms, lambda arm: {
             "base_model": base[arm].outputs["model"],
-            **{n: data[arm].outputs[n] for n in twins_stage.TWIN_SOURCES if n in data[arm].outputs}})
+            **{n: data[arm].outputs[n] for n in TWIN_SOURCES if n in data[arm].outputs}}, **placement)
 
         def sft_inputs(arm: str, seed: int) -> Outputs:
-            side = "nometa" if arms[arm].sft.strip_meta else "meta"
+            side = twin_side(arms[arm].sft.strip_meta)
             return {"init": base[arm].outputs["model"],
-                    **{n: twins[arm].outputs[f"{n}_{side}"] for n in twins_stage.TWIN_SOURCES
+                    **{n: twins[arm].outputs[f"{n}_{side}"] for n in TWIN_SOURCES
                        if f"{n}_{side}" in twins[arm].outputs}}
 
-        sft = per_arm(s, sft_stage.sft, "sft", arms, sft_inputs, **placement)
-        rl = per_arm(s, rl_stage.rl, "rl", arms, lambda arm, seed: {
+        sft = per_arm(s, STAGES["sft"], arms, sft_inputs, **placement)
+        rl = per_arm(s, STAGES["rl"], arms, lambda arm, seed: {
             "init": sft[arm, seed].outputs["model"], "prompts": data[arm].outputs["rl_prompts"],
             "val": data[arm].outputs["val"]}, **placement)
 
         def saved(arm: str, seed: int) -> Outputs:
-            return {sweep_stage.checkpoint_role(arm, seed, art.facets["step"]): art
-                    for role, art in rl[arm, seed].outputs.items() if role.startswith("step-")}
+            return {str(CheckpointRole(arm, seed, ref.step)): art
+                    for role, art in rl[arm, seed].outputs.items() if (ref := StepRole.parse(role))}
 
         if spec.base.eval.sweep:
-            per_arm(s, sweep_stage.sweep, "sweep", arms,
+            per_arm(s, STAGES["sweep"], arms,
                     lambda arm, seed: {"val": data[arm].outputs["val"], **saved(arm, seed)}, **placement)
-
         first = next(iter(arms))
-        suites = {r: a for r, a in data[first].outputs.items() if r.startswith(data_stage.SUITE)}
+        suites = {r: a for r, a in data[first].outputs.items() if SuiteRole.parse(r)}
         starts_and_ends = {}
         for (arm, seed), out in rl.items():
             final = out.outputs["final"]
-            starts_and_ends[sweep_stage.checkpoint_role(arm, seed, 0)] = sft[arm, seed].outputs["model"]
-            starts_and_ends[sweep_stage.checkpoint_role(arm, seed, final.facets["step"])] = final
-        run_task(s, heldout_stage.heldout,
-                 s.begin(s.stage_call("heldout", SHARED, None, one_protocol(arms), {**suites, **starts_and_ends})),
-                 **placement)
-
+            starts_and_ends[str(CheckpointRole(arm, seed, 0))] = sft[arm, seed].outputs["model"]
+            starts_and_ends[str(CheckpointRole(arm, seed, final.facets["step"]))] = final
+        heldout = STAGES["heldout"]
+        run_task(s, heldout.task, s.begin(s.stage_call(heldout, SHARED, None, one_protocol(arms),
+                                                       {**suites, **starts_and_ends})), **placement)
         result = {"ablation": spec.name, "home": str(s.home.root), "stages": dict(s.status),
                   "summaries": dict(s.summaries)}
     # after the session has recorded everything: the ledger and the report read this flow run back from lineage

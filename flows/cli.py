@@ -76,9 +76,10 @@ def validate(spec: Path = typer.Argument(..., help="ablation spec (YAML)")) -> N
     """Check a spec; print the resolved arms and the declared differences between them."""
 
     def body() -> int:
-        from infra.spec import config_diff, config_hash, declared_keys, load_spec, mechanism_of, resolved_arms
+        from infra.spec import config_diff, config_hash, declared_keys, mechanism_of, resolved_arms
+        from tasks.stages import load_checked_spec
 
-        s = load_spec(spec)
+        s = load_checked_spec(spec)
         arms = resolved_arms(s)
         out.print(f"[green]✓[/] {spec}: ablation [bold]{s.name}[/], spec hash {config_hash(s)}")
         table = Table("arm", "resolved config hash", "declared overrides", title="arms")

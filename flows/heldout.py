@@ -16,15 +16,13 @@ from typing import Any  # noqa: E402
 
 from prefect import flow, runtime  # noqa: E402
 
-from infra.artifacts import uri_path  # noqa: E402
+from infra.artifacts import Artifact, uri_path  # noqa: E402
 from infra.errors import LockedError  # noqa: E402
-from infra.artifacts import Artifact  # noqa: E402
 from infra.lineage import Lineage  # noqa: E402
+from infra.roles import CheckpointRole, StepRole, SuiteRole  # noqa: E402
 from infra.spec import load_spec  # noqa: E402
-from tasks import heldout as heldout_stage  # noqa: E402
 from tasks.common import SHARED, Session, run_task  # noqa: E402
-from tasks.data import SUITE  # noqa: E402
-from tasks.sweep import checkpoint_role  # noqa: E402
+from tasks.stages import STAGES  # noqa: E402
 
 NIGHTLY = "nightly"
 
@@ -46,11 +44,11 @@ def nightly_inputs(lineage: Lineage, ablation: str) -> tuple[dict[str, Any], dic
     cols = "a.artifact_id, a.kind, a.uri, a.bytes, a.rows, a.facets_json"
     suites = {r["role"]: _artifact(r) for r in lineage.rows(
         f"SELECT e.role, {cols} FROM edges e JOIN artifacts a USING (artifact_id) WHERE e.run_id = ? "
-        f"AND e.direction = 'in' AND e.role LIKE '{SUITE}%'", [job["run_id"]])}
-    checkpoints = {checkpoint_role(r["arm"], r["seed"], json.loads(r["facets_json"])["step"]): _artifact(r)
+        f"AND e.direction = 'in' AND {SuiteRole.sql_like('e.role')}", [job["run_id"]])}
+    checkpoints = {str(CheckpointRole(r["arm"], r["seed"], json.loads(r["facets_json"])["step"])): _artifact(r)
                    for r in lineage.rows(
                        f"SELECT DISTINCT o.arm, o.seed, {cols} FROM run_outputs o JOIN artifacts a USING (artifact_id) "
-                       f"JOIN runs r USING (run_id) WHERE o.ablation = ? AND o.stage = 'rl' AND o.role LIKE 'step-%' "
+                       f"JOIN runs r USING (run_id) WHERE o.ablation = ? AND o.stage = 'rl' AND {StepRole.sql_like('o.role')} "
                        f"AND r.status = 'completed'", [ablation])
                    if uri_path(r["uri"]).exists()}
     spec = lineage.rows("SELECT a.uri FROM run_inputs i JOIN artifacts a USING (artifact_id) WHERE i.ablation = ? "
@@ -72,11 +70,12 @@ def nightly_heldout(ablations: list[str] | None = None) -> dict[str, Any]:
         config, inputs, spec_file = nightly_inputs(lineage, name)
         try:
             with Session(load_spec(spec_file), spec_file, flow_run_id=flow_run_id) as s:
-                call = s.begin(s.stage_call("heldout", SHARED, None, config, inputs))
-                out = run_task(s, heldout_stage.heldout, call,
+                heldout = STAGES["heldout"]
+                call = s.begin(s.stage_call(heldout, SHARED, None, config, inputs))
+                out = run_task(s, heldout.task, call,
                                executor=s.spec.base.executor.model_dump(mode="json"))
                 cached = s.status[f"heldout/{SHARED}"] == "cached"
-                summary[name] = {"checkpoints": sum(r.startswith("checkpoint:") for r in inputs),
+                summary[name] = {"checkpoints": sum(CheckpointRole.parse(r) is not None for r in inputs),
                                  "evaluated_now": 0 if cached else out.facts["evaluated_now"]}
         except LockedError as exc:
             print(f"skipping {name}: {exc}")

@@ -98,9 +98,6 @@ def sql_literal(value: str | None) -> str:
     return "NULL" if value is None else "'" + value.replace("'", "''") + "'"
 
 
-# Views over the evaluation result tables (one row per problem x sample, see evals.evaluate), rebuilt whenever a
-# stage that writes one is recorded: view -> (stage, output role).
-RESULT_VIEWS = {"heldout_rows": ("heldout", "heldout"), "sweep_rows": ("sweep", "sweep")}
 LOCK_WAIT_S = 30.0
 _PID = re.compile(r"PID (\d+)")
 _process_lock = threading.RLock()  # threads of the flow process take turns on the one connection
@@ -206,22 +203,23 @@ class Lineage:
                 con.execute("ROLLBACK")
                 raise
 
-    def refresh_result_views(self) -> None:
-        """(Re)create heldout_rows / sweep_rows: every completed run's result parquet, with its ablation, run id and
-        flow run id as columns. A nightly run re-reads checkpoints an ablation job read: filter by run or flow."""
+    def refresh_result_view(self, view: str, stage: str, role: str) -> None:
+        """(Re)create the view `view` (e.g. heldout_rows) over the result table that every completed run of `stage`
+        wrote under output role `role` (one row per problem × sample, see evals.evaluate), with the run's ablation,
+        run id and flow run id as columns. A nightly run re-reads checkpoints an ablation job read: filter by run
+        or flow. Which stages have a view is declared by the stage (tasks/common.py Stage.result_view)."""
         with self.connect() as con:
-            for view, (stage, role) in RESULT_VIEWS.items():
-                found = con.execute(
-                    "SELECT r.ablation, r.run_id, r.flow_run_id, a.uri FROM runs r JOIN edges e ON e.run_id = r.run_id "
-                    "AND e.direction = 'out' AND e.role = ? JOIN artifacts a ON a.artifact_id = e.artifact_id "
-                    "WHERE r.stage = ? AND r.status = 'completed' ORDER BY r.ablation, r.started_at",
-                    [role, stage]).fetchall()
-                if found:
-                    con.execute(f"CREATE OR REPLACE VIEW {view} AS " + " UNION ALL BY NAME ".join(
-                        f"SELECT {sql_literal(ablation)} AS ablation, {sql_literal(run_id)} AS run_id, "
-                        f"{sql_literal(flow_run_id)} AS flow_run_id, * "
-                        f"FROM read_parquet({sql_literal(str(uri_path(uri)))})"
-                        for ablation, run_id, flow_run_id, uri in found))
+            found = con.execute(
+                "SELECT r.ablation, r.run_id, r.flow_run_id, a.uri FROM runs r JOIN edges e ON e.run_id = r.run_id "
+                "AND e.direction = 'out' AND e.role = ? JOIN artifacts a ON a.artifact_id = e.artifact_id "
+                "WHERE r.stage = ? AND r.status = 'completed' ORDER BY r.ablation, r.started_at",
+                [role, stage]).fetchall()
+            if found:
+                con.execute(f"CREATE OR REPLACE VIEW {view} AS " + " UNION ALL BY NAME ".join(
+                    f"SELECT {sql_literal(ablation)} AS ablation, {sql_literal(run_id)} AS run_id, "
+                    f"{sql_literal(flow_run_id)} AS flow_run_id, * "
+                    f"FROM read_parquet({sql_literal(str(uri_path(uri)))})"
+                    for ablation, run_id, flow_run_id, uri in found))
 
     def set_status(self, run_id: str, status: str, ended: bool = True) -> None:
         with self.connect() as con:

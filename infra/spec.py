@@ -60,6 +60,13 @@ class ExecutorSpec(Strict):
     gpus_per_arm: float = Field(0, ge=0)
     verl: VerlSpec = VerlSpec()
 
+    @model_validator(mode="after")
+    def _verl_only_for_verl(self) -> "ExecutorSpec":
+        if self.kind != "verl" and self.verl != VerlSpec():
+            raise ValueError("executor.verl is read only when executor.kind is 'verl' (kind is "
+                             f"'{self.kind}'): remove it or set kind: verl")
+        return self
+
 
 # ---------------------------------------------------------------- data
 
@@ -75,6 +82,10 @@ class DataSourceSpec(Strict):
     def _path_given(self) -> "DataSourceSpec":
         if self.kind in ("file", "hub") and not self.path:
             raise ValueError(f"kind '{self.kind}' needs a path")
+        # a key this kind never reads is refused, not ignored
+        unread = {"arith": ("path", "split", "revision"), "file": ("split", "revision"), "hub": ()}[self.kind]
+        if given := [k for k in unread if getattr(self, k) is not None]:
+            raise ValueError(f"kind '{self.kind}' does not read {', '.join(given)}")
         return self
 
 
@@ -128,8 +139,15 @@ class ModelSpec(Strict):
     revision: str | None = None
     toy: ToyModelSpec = ToyModelSpec()
     base_training: BaseTrainingSpec = BaseTrainingSpec()
-    meta_open: str = "<|meta|>"
-    meta_close: str = "<|/meta|>"
+
+    @model_validator(mode="after")
+    def _read_by_source(self) -> "ModelSpec":
+        if self.source == "toy" and self.revision is not None:
+            raise ValueError("revision is read only for a hub model; source 'toy' is built here")
+        if self.source != "toy" and (self.toy != ToyModelSpec() or self.base_training != BaseTrainingSpec()):
+            raise ValueError(f"toy and base_training are read only when source is 'toy' (source is "
+                             f"'{self.source}')")
+        return self
 
 
 # ---------------------------------------------------------------- SFT
@@ -181,8 +199,6 @@ class AsymCFParams(Strict):
 
 class MASAParams(Strict):
     difficulty_base: float = Field(0.01, gt=0, lt=1)
-    gate_std: float = Field(0.1, ge=0)
-    cutoff_factor: float = Field(2.0, gt=0)
 
 
 class SignalParams(Strict):
@@ -299,6 +315,18 @@ class BaseSpec(Strict):
     rl: RLSpec = RLSpec()
     grader: GraderSpec = GraderSpec()
     eval: EvalSpec = EvalSpec()
+
+    @model_validator(mode="after")
+    def _read_somewhere(self) -> "BaseSpec":
+        sources = [self.sft.sft1, self.sft.sft2, self.rl.data, self.rl.val]
+        if self.world != ArithWorldSpec() and not any(s is not None and s.kind == "arith" for s in sources):
+            raise ValueError("world is read only when a data source has kind 'arith' (none has)")
+        if self.eval.heldout == "arith" and self.eval.data_dir is not None:
+            raise ValueError("eval.data_dir is read only for a held-out manifest; eval.heldout 'arith' comes from "
+                             "the world")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: each seed once (got {self.seeds})")
+        return self
 
 
 class ArmSpec(Strict):
@@ -561,27 +589,40 @@ def declared_keys(spec: AblationSpec, arm: str) -> set[str]:
 
 # ---------------------------------------------------------------- stage projections
 
-# The slice of a resolved arm config each stage may read. A stage function receives only this dict, so its
-# cache key (the hash of this dict plus its inputs and code) covers everything that can change its output.
-STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "data": ("world", "sft.sft1", "sft.sft2", "rl.data", "rl.val", "eval.heldout", "eval.data_dir"),
-    "base_model": ("model", "grader", "executor.compute"),
-    "twins": ("model.meta_open", "model.meta_close", "sft.max_length"),
-    "sft": ("sft", "executor.compute", "seed"),
-    "rl": ("rl", "grader", "executor.compute", "seed"),
-    "sweep": ("rl.val", "rl.val_temperature", "rl.val_n", "rl.max_response_length", "grader", "eval.seed",
-              "executor.compute"),
-    "heldout": ("eval", "grader", "rl.max_response_length", "executor.compute"),
-}
+# Keys that decide only where stages run, never what they compute: in no stage's compute key. Ray and inline
+# placement give byte-identical outputs (tests/test_ray_exec.py, scripts/bench_rl.py demo) because every body sets
+# its torch threads from executor.compute, which is a numerics key.
+PLACEMENT_KEYS = ("executor.use_ray", "executor.ray_address", "executor.cpus_per_arm", "executor.gpus_per_arm")
 
 
-def stage_config(resolved: BaseSpec, stage: str, seed: int | None = None) -> dict[str, Any]:
+def leaf(data: dict[str, Any], key: str) -> Any:
+    """The value at a dotted key of a dumped config."""
+    node: Any = data
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def stage_config(resolved: BaseSpec, keys: tuple[str, ...], seed: int | None = None) -> dict[str, Any]:
+    """The slice of a resolved arm config a stage reads: {dotted key: value} for each declared key (a key may name
+    a whole section), plus "seed" (the arm's seed, default its first) when declared. A stage body receives only
+    this dict, so its compute key covers everything that can change its output. Raises KeyError for a key the
+    config does not have."""
     data = resolved.model_dump(mode="json")
     data["seed"] = seed if seed is not None else resolved.seeds[0]
-    out: dict[str, Any] = {}
-    for key in STAGE_KEYS[stage]:
-        node: Any = data
-        for part in key.split("."):
-            node = node[part]
-        out[key] = node
-    return out
+    return {key: leaf(data, key) for key in keys}
+
+
+class ConfigSlice:
+    """Attribute view of the keys of a stage's config slice under one section: `ConfigSlice(cfg, "rl").val_n` is
+    `cfg["rl.val_n"]`. Reading a key the stage did not declare raises KeyError naming it, so a body cannot depend
+    on a value its compute key does not cover (a model filled with defaults would hide that)."""
+
+    def __init__(self, config: dict[str, Any], section: str):
+        self._config, self._section = config, section
+
+    def __getattr__(self, name: str) -> Any:
+        key = f"{self._section}.{name}"
+        if key not in self._config:
+            raise KeyError(f"{key}: not in this stage's config slice (declared: {', '.join(self._config)})")
+        return self._config[key]

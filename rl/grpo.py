@@ -165,22 +165,13 @@ def _mean(values: list[float]) -> float:
 def validate(engine: Any, tokenizer: "PreTrainedTokenizerFast", grader: Any, val: list[dict[str, Any]],
              rl: RLSpec, seed: int, step: int, out_dir: Path) -> dict[str, float]:
     """Pure correctness on the val mix, overall and per domain (never mixed with shaped reward)."""
-    from evals.evaluate import sample_and_grade
+    from evals.evaluate import sample_and_grade, val_metrics, val_sampling
 
-    rows = sample_and_grade(engine, tokenizer, grader, "val", val, rl.val_n, rl.val_temperature, rl.top_p,
-                            rl.max_response_length, derived_seed("val", seed, step))
+    s = val_sampling(rl)  # the sweep samples the val mix with the same settings
+    rows = sample_and_grade(engine, tokenizer, grader, "val", val, s["n"], s["temperature"], s["top_p"],
+                            s["max_new_tokens"], derived_seed("val", seed, step))
     write_parquet([{"step": step, **r} for r in rows], out_dir / "val" / f"step-{step:07d}.parquet")
     return val_metrics(rows)
-
-
-def val_metrics(rows: list[dict[str, Any]], prefix: str = "val") -> dict[str, float]:
-    by_domain: dict[str, list[bool]] = defaultdict(list)
-    for r in rows:
-        by_domain[r["domain"]].append(r["correct"])
-    metrics = {f"{prefix}/accuracy/pure": _mean([r["correct"] for r in rows]),
-               f"{prefix}/meta/block_rate": _mean([r["n_blocks"] > 0 for r in rows])}
-    metrics.update({f"{prefix}/accuracy/pure/{d}": _mean(v) for d, v in sorted(by_domain.items())})
-    return metrics
 
 
 def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str, Any]], rl: RLSpec,

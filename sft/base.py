@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from infra.artifacts import atomic_path, atomic_write_json, read_json
 from infra.errors import DataError
-from meta.grammar import has_tags
+from meta.grammar import META_CLOSE, META_OPEN, has_tags
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -129,7 +129,7 @@ def prepare_pretrained(model: "ModelSpec", out_dir: Path) -> dict[str, Any]:
     except OSError as exc:
         raise DataError(f"model.source {model.source!r} (revision {model.revision!r}): cannot load: "
                         f"{str(exc).splitlines()[0]}") from None
-    added = tokenizer.add_tokens([model.meta_open, model.meta_close])
+    added = tokenizer.add_tokens([META_OPEN, META_CLOSE])
     if added:
         lm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     with atomic_path(out_dir / "model") as tmp:

@@ -364,6 +364,12 @@ def strip_row(row: dict[str, Any], open_tag: str = META_OPEN, close_tag: str = M
             "wrong_prefix": None if wp is None else strip_meta(wp, open_tag, close_tag)}
 
 
+def twin_side(strip_meta: bool) -> Literal["meta", "nometa"]:
+    """Which twin an arm trains on: the no-meta side when `sft.strip_meta` (control arms), else the meta side.
+    The twins stage writes both as `<source>_meta` / `<source>_nometa`."""
+    return "nometa" if strip_meta else "meta"
+
+
 def build_twins(rows: list[dict[str, Any]], open_tag: str = META_OPEN, close_tag: str = META_CLOSE, *,
                 tokenizer: Any = None, max_length: int | None = None) -> TwinSet:
     """Both twins, row-for-row aligned. A row that would fail any per-row check is refused from both sides.

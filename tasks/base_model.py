@@ -3,12 +3,10 @@ trained on plain solutions to the stated val accuracy. Otherwise: a hub id or lo
 added to its vocabulary (so both twins tokenise identically)."""
 from __future__ import annotations
 
-from prefect import task
-
 from infra.artifacts import read_parquet
 from infra.errors import DataError
 from infra.spec import ComputeSpec, GraderSpec, ModelSpec
-from tasks.common import StageCall, StageOutput, run_stage, stage_cache_key, store
+from tasks.common import Stage, StageCall, StageOutput, store
 
 CORPUS_ROLES = ("base", "sft1", "sft2", "rl_prompts", "val")  # never the held-out: it stays unseen
 
@@ -41,7 +39,6 @@ def base_model_body(call: StageCall) -> StageOutput:
                                 "steps": metrics["steps"]})
 
 
-@task(name="base_model", cache_key_fn=stage_cache_key, persist_result=True)
-def base_model(call: StageCall) -> StageOutput:
-    # shared by every arm and run once, in the flow process, with all of its CPUs
-    return run_stage(call, base_model_body)
+# shared by every arm and run once, in the flow process
+STAGE = Stage("base_model", base_model_body, config_keys=("model", "grader", "executor.compute"),
+              inputs=CORPUS_ROLES, outputs=("model",), trains=True)

@@ -1,50 +1,42 @@
 """The stage contract shared by every task, and the Session that records stages (lineage + MLflow).
 
-A stage is called with a StageCall: the slice of the resolved config it may read, its input artifacts, and the
-hash of the code it runs. Its compute key (hash of those) names its working directory and is its Prefect cache
-key, so the same computation is done once, whatever ablation or arm asks for it. Its run id adds the
-ablation/arm/seed, so each ablation's lineage names its own runs. A stage writes `stage-output.json` last,
-atomically: present means complete, and a rerun returns it without recomputing.
+Each stage is declared once, as a `Stage` in its own tasks/<stage>.py: its name, the config keys it reads, its
+input and output roles, whether it runs per arm, and its body. The flow, the compute key, the lineage result views
+and the audit (through the declaration recorded as the run fact `stage`) all read that one object.
+
+A stage is called with a StageCall: the slice of the resolved config it declared, its input artifacts, the hash of
+the code its body can import (infra.code.closure_hash) and the content hash of any local file its config names.
+Its compute key (hash of those) names its working directory and is its Prefect cache key, so the same computation
+is done once, whatever ablation or arm asks for it. Its run id adds the ablation/arm/seed, so each ablation's
+lineage names its own runs. A stage writes `stage-output.json` last, atomically: present means complete, and a
+rerun returns it without recomputing.
 """
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import threading
 import traceback
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
 from infra.artifacts import ArtifactStore, atomic_write_json, clean_stale_tmp, uri_path
-from infra.code import code_version, package_versions, source_hash
+from infra.code import REPO_ROOT, closure_hash, code_version, package_versions
 from infra.errors import TwinarmError
-from infra.hashing import hash_json
+from infra.hashing import hash_json, hash_path
 from infra.home import Home, configure_environment
 from infra.artifacts import Artifact
-from infra.lineage import RESULT_VIEWS, Lineage, Run, StageRecord, utcnow
+from infra.lineage import Lineage, Run, StageRecord, utcnow
 from infra.locks import exclusive
 from infra.progress import stage_label
-from infra.spec import AblationSpec, config_hash, flatten
+from infra.spec import AblationSpec, BaseSpec, config_hash, flatten, stage_config
 from infra.tracking import Tracker
 
 SHARED = "*"  # the arm of stages every arm shares (data, base model, twins, held-out job)
-
-# The packages each stage's output depends on: their sources are part of its cache key.
-STAGE_PACKAGES: dict[str, tuple[str, ...]] = {
-    "resolve": ("infra",),
-    "data": ("worlds", "sft", "evals"),
-    "base_model": ("worlds", "sft", "rl", "evals", "rewards"),
-    "twins": ("worlds", "sft"),
-    "sft": ("sft", "worlds"),
-    "rl": ("rl", "rewards", "sft", "evals", "worlds"),
-    "sweep": ("evals", "rewards", "sft", "worlds"),
-    "heldout": ("evals", "rewards", "sft", "worlds"),
-    "audit": ("audit", "infra"),
-    "report": ("evals", "audit", "infra"),
-}
-
 
 @dataclass(frozen=True)
 class StageCall:
@@ -56,14 +48,16 @@ class StageCall:
     config: dict[str, Any]
     inputs: dict[str, Artifact]
     code: str
+    files: dict[str, str] = field(default_factory=dict)  # local file the config names -> its content hash
     fresh: bool = False
     mlflow_run_id: str | None = None
 
     @property
     def key(self) -> str:
         """Compute key: what the output depends on (not which ablation or arm asked)."""
-        return hash_json({"stage": self.stage, "config": self.config, "code": self.code,
-                          "inputs": {role: a.artifact_id for role, a in sorted(self.inputs.items())}})
+        key = {"stage": self.stage, "config": self.config, "code": self.code,
+               "inputs": {role: a.artifact_id for role, a in sorted(self.inputs.items())}}
+        return hash_json({**key, "files": self.files} if self.files else key)
 
     @property
     def run_id(self) -> str:
@@ -104,6 +98,78 @@ class StageOutput:
         data["outputs"] = {role: Artifact(**a) for role, a in data["outputs"].items()}
         data["metrics"] = [tuple(m) for m in data["metrics"]]
         return cls(**data)
+
+
+# The stage contract records and places a body; it never changes what a body computes, so it is not part of any
+# stage's code key (its imports — lineage, MLflow, Ray — would otherwise invalidate every stage).
+CONTRACT_MODULE = __name__
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage, declared once in tasks/<stage>.py.
+
+    name: the stage's name in lineage, MLflow and the flow.
+    body: StageCall -> StageOutput, a plain function (it may run in a Ray worker).
+    config_keys: dotted keys of the resolved arm config the body reads (a key may name a section; "seed" is the
+        arm's seed). Only these reach the body, so they are exactly the config part of the compute key.
+    inputs / outputs: the artifact roles it reads and writes (fnmatch patterns such as "checkpoint:*"); a call
+        with another input role, or a body returning another output role, is an error.
+    per_arm: runs once per arm × seed (else once per group of arms with equal config slice and inputs).
+    placed: runs where the executor says (a Ray task) instead of in the flow process.
+    trains: produces weights from its datasets (the audit checks those are disjoint from the held-out).
+    result_view: name of the lineage view over the result table it writes under the output role `result_role`.
+    files: config slice -> local files whose content the output depends on (file data sources, manifests).
+    """
+
+    name: str
+    body: Callable[["StageCall"], "StageOutput"]
+    config_keys: tuple[str, ...]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    per_arm: bool = False
+    placed: bool = False
+    trains: bool = False
+    result_view: str | None = None
+    result_role: str | None = None
+    files: Callable[[dict[str, Any]], list[Path]] | None = None
+
+    def code(self, root: Path = REPO_ROOT) -> str:
+        """Hash of every project file the body's module can import (infra.code.closure_hash)."""
+        return closure_hash((self.body.__module__,), root, stop=(CONTRACT_MODULE,))
+
+    def config(self, resolved: BaseSpec, seed: int | None = None) -> dict[str, Any]:
+        return stage_config(resolved, self.config_keys, seed)
+
+    def file_hashes(self, config: dict[str, Any]) -> dict[str, str]:
+        """{path: content hash} of the local files the config names (missing files are left to the body, which
+        raises a DataError naming the key)."""
+        paths = self.files(config) if self.files else []
+        return {str(p): hash_path(p) for p in sorted(set(paths)) if p.exists()}
+
+    def check_roles(self, roles: Any, declared: tuple[str, ...], what: str) -> None:
+        undeclared = sorted(r for r in roles if not any(fnmatch.fnmatchcase(r, pat) for pat in declared))
+        if undeclared:
+            raise TwinarmError(f"stage '{self.name}': {what} role(s) {undeclared} are not declared "
+                               f"(declared: {', '.join(declared)})")
+
+    def declaration(self) -> dict[str, Any]:
+        """The declaration as the run fact `stage` (what the audit reads)."""
+        return {"per_arm": self.per_arm, "trains": self.trains, "inputs": list(self.inputs),
+                "outputs": list(self.outputs), "config_keys": list(self.config_keys)}
+
+    @cached_property
+    def task(self) -> Any:
+        """The Prefect task that runs this stage (cached by compute key, result persisted)."""
+        from prefect import task
+
+        stage = self
+
+        def run(call: StageCall, executor: dict[str, Any]) -> StageOutput:
+            return placed(stage, call, executor) if stage.placed else run_stage(call, stage.body)
+
+        run.__name__ = run.__qualname__ = f"stage_{self.name}"
+        return task(run, name=self.name, cache_key_fn=stage_cache_key, persist_result=True)
 
 
 def stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
@@ -171,18 +237,18 @@ def live_metrics(call: StageCall) -> Callable[[list[tuple[str, float, int]]], An
 _inline = threading.Lock()  # model loading is not thread-safe: inline bodies run one at a time
 
 
-def placed(task_body: Callable[..., StageOutput], call: StageCall, executor: dict[str, Any]) -> StageOutput:
-    """Run a per-arm stage where the executor says: as a Ray task (arms in parallel), or inline in the flow
-    process, one body at a time. Either way the body sets its torch threads from its compute config, so where it
-    runs never changes what it computes."""
+def placed(stage: Stage, call: StageCall, executor: dict[str, Any]) -> StageOutput:
+    """Run a stage where the executor says: as a Ray task (arms in parallel), or inline in the flow process, one
+    body at a time. Either way the body sets its torch threads from its compute config, so where it runs never
+    changes what it computes."""
     from infra.ray_exec import call as place
     from infra.spec import ExecutorSpec
 
     spec = ExecutorSpec(**executor)
     if spec.use_ray:
-        return place(run_stage, call, task_body, executor=spec)
+        return place(run_stage, call, stage.body, executor=spec)
     with _inline:
-        return run_stage(call, task_body)
+        return run_stage(call, stage.body)
 
 
 class Session:
@@ -199,6 +265,7 @@ class Session:
         self.store = ArtifactStore(self.home.artifacts)
         self.status: dict[str, str] = {}  # "stage/arm/seed" -> computed | cached | failed
         self.summaries: dict[str, dict[str, Any]] = {}
+        self.stages: dict[str, Stage] = {}  # the declarations of the stages called so far
         self._lock = None
 
     def __enter__(self) -> "Session":
@@ -215,10 +282,14 @@ class Session:
         finally:
             self._lock.__exit__(exc_type, exc, tb)
 
-    def stage_call(self, stage: str, arm: str, seed: int | None, config: dict[str, Any],
+    def stage_call(self, stage: Stage, arm: str, seed: int | None, config: dict[str, Any],
                    inputs: dict[str, Artifact]) -> StageCall:
-        return StageCall(home=str(self.home.root), ablation=self.spec.name, arm=arm, seed=seed, stage=stage,
-                         config=config, inputs=inputs, code=source_hash(STAGE_PACKAGES[stage]), fresh=self.fresh)
+        """The call of `stage` with this config slice and inputs (input roles checked against the declaration)."""
+        stage.check_roles(inputs, stage.inputs, "input")
+        self.stages[stage.name] = stage
+        return StageCall(home=str(self.home.root), ablation=self.spec.name, arm=arm, seed=seed, stage=stage.name,
+                         config=config, inputs=inputs, code=stage.code(), files=stage.file_hashes(config),
+                         fresh=self.fresh)
 
     def begin(self, call: StageCall) -> StageCall:
         """Record the run as running (lineage) and find or create its MLflow child run."""
@@ -244,9 +315,12 @@ class Session:
 
     def finish(self, call: StageCall, out: StageOutput, cached: bool) -> StageOutput:
         """Record a completed stage: lineage (run, edges, facts) and MLflow (metrics, datasets, models, files)."""
+        stage = self.stages[call.stage]
+        stage.check_roles(out.outputs, stage.outputs, "output")
+        out = dataclasses.replace(out, facts={**out.facts, "stage": stage.declaration()})
         self.lineage.record(self._record(call, status="completed", out=out))
-        if any(call.stage == stage for stage, _ in RESULT_VIEWS.values()):
-            self.lineage.refresh_result_views()
+        if stage.result_view:
+            self.lineage.refresh_result_view(stage.result_view, stage.name, stage.result_role or stage.name)
         run_id = call.mlflow_run_id
         assert run_id is not None
         self.tracker.log_metrics(run_id, out.metrics)

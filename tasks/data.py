@@ -6,14 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-
 from infra.artifacts import parquet_rows, write_parquet
 from infra.errors import DataError
+from infra.roles import SuiteRole
 from infra.spec import ArithWorldSpec, DataSourceSpec
-from tasks.common import StageCall, StageOutput, run_stage, stage_cache_key, store
-
-SUITE = "heldout:"
+from tasks.common import Stage, StageCall, StageOutput, store
 
 SOURCES = {"sft1": "sft.sft1", "sft2": "sft.sft2", "rl_prompts": "rl.data", "val": "rl.val"}
 WORLD_SPLIT = {"sft1": "sft1", "sft2": "sft2", "rl_prompts": "rl", "val": "val"}
@@ -60,7 +57,7 @@ def data_body(call: StageCall) -> StageOutput:
         paths["base"] = world["base"]
         if cfg["eval.heldout"] == ARITH:  # validated like any held-out suite
             load_arith_heldout(world["heldout"], ArithWorldSpec(**cfg["world"]).n_heldout)
-            paths[SUITE + ARITH] = world["heldout"]
+            paths[str(SuiteRole(ARITH))] = world["heldout"]
         paths.update({role: world[WORLD_SPLIT[role]] for role, src in sources.items() if src.kind == "arith"})
     for role, src in sources.items():
         if src.kind == "file":
@@ -76,9 +73,10 @@ def data_body(call: StageCall) -> StageOutput:
         write_parquet(rows, paths[role])
     if cfg["eval.heldout"] != ARITH:
         for suite in load_heldout(_manifest(cfg["eval.heldout"]), cfg["eval.data_dir"]):
-            paths[SUITE + suite.name] = call.workdir / f"heldout-{suite.name}.parquet"
-            write_parquet(suite.rows, paths[SUITE + suite.name], schema=PROMPT_ROW_SCHEMA)
-    elif SUITE + ARITH not in paths:
+            role = str(SuiteRole(suite.name))
+            paths[role] = call.workdir / f"heldout-{suite.name}.parquet"
+            write_parquet(suite.rows, paths[role], schema=PROMPT_ROW_SCHEMA)
+    elif str(SuiteRole(ARITH)) not in paths:
         raise DataError("eval.heldout is 'arith' but no data source is of kind 'arith' (the world makes it)")
     outputs, rows_by_role = {}, {}
     for role, path in sorted(paths.items()):
@@ -90,6 +88,21 @@ def data_body(call: StageCall) -> StageOutput:
                        summary=rows_by_role)
 
 
-@task(name="data", cache_key_fn=stage_cache_key, persist_result=True)
-def data(call: StageCall) -> StageOutput:
-    return run_stage(call, data_body)
+def local_files(config: dict[str, Any]) -> list[Path]:
+    """The local files the data stage reads (file sources, the held-out manifest and the suite files it names in
+    eval.data_dir): their content is part of the stage's compute key, so an edited file is never served stale."""
+    from evals.suites import ARITH, local_suite_files
+
+    files = [Path(config[key]["path"]) for key in SOURCES.values()
+             if config[key] is not None and config[key]["kind"] == "file"]
+    if config["eval.heldout"] != ARITH:
+        manifest = _manifest(config["eval.heldout"])
+        files.append(manifest)
+        if config["eval.data_dir"] is not None and manifest.is_file():
+            files += local_suite_files(manifest, config["eval.data_dir"])
+    return files
+
+
+STAGE = Stage("data", data_body,
+              config_keys=("world", "sft.sft1", "sft.sft2", "rl.data", "rl.val", "eval.heldout", "eval.data_dir"),
+              inputs=(), outputs=("base", *SOURCES, str(SuiteRole("*"))), files=local_files)

@@ -5,50 +5,31 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Any
-
-from prefect import task
 
 from infra.artifacts import read_parquet, write_parquet
-from infra.spec import ComputeSpec, EvalSpec, GraderSpec
-from tasks.common import StageCall, StageOutput, live_metrics, placed, stage_cache_key, store
-from tasks.data import SUITE
-from tasks.sweep import entries, grader_identity
-
-
-def protocol_for(call: StageCall, grader: Any) -> Any:
-    from evals.evaluate import Protocol
-
-    ev = EvalSpec(**call.config["eval"])
-    suites = {role[len(SUITE):]: art.artifact_id for role, art in sorted(call.inputs.items())
-              if role.startswith(SUITE)}
-    return Protocol(temperature=ev.temperature, top_p=ev.top_p, n={s: ev.n_per_suite.get(s, ev.n) for s in suites},
-                    seed=ev.seed, max_new_tokens=ev.max_new_tokens, grader=grader_identity(grader), suites=suites)
-
-
-def evaluate_heldout(call: StageCall) -> tuple[list[dict[str, Any]], Any, list[Any]]:
-    """(rows of every checkpoint input, protocol, entries evaluated now)."""
-    from evals.evaluate import ResultStore
-    from rewards.grader import get_grader
-    from worlds.model import resolve_device, resolve_precision
-
-    compute = ComputeSpec(**call.config["executor.compute"])
-    device = resolve_device(compute)
-    grader = get_grader(GraderSpec(**call.config["grader"]))
-    protocol = protocol_for(call, grader)
-    suites = {name: read_parquet(call.input_path(SUITE + name)) for name in protocol.suites}
-    results = ResultStore(Path(call.home) / "results" / "heldout", protocol)
-    todo = entries(call)
-    done = results.evaluate(todo, suites, grader, device, resolve_precision(compute, device))
-    return results.rows(todo), protocol, done
+from infra.roles import CheckpointRole, SuiteRole
+from infra.spec import ComputeSpec, ConfigSlice, GraderSpec
+from tasks.common import Stage, StageCall, StageOutput, live_metrics, store
 
 
 def heldout_body(call: StageCall) -> StageOutput:
+    from evals.evaluate import checkpoint_entries, evaluate_checkpoints, heldout_protocol
     from evals.metrics import aggregate
-    from worlds.model import set_threads
+    from rewards.grader import get_grader
+    from worlds.model import resolve_device, resolve_precision, set_threads
 
-    set_threads(ComputeSpec(**call.config["executor.compute"]).cpu_threads)
-    rows, protocol, done = evaluate_heldout(call)
+    cfg = call.config
+    compute = ComputeSpec(**cfg["executor.compute"])
+    set_threads(compute.cpu_threads)
+    device = resolve_device(compute)
+    grader = get_grader(GraderSpec(**cfg["grader"]))
+    suites = {ref.name: role for role in sorted(call.inputs) if (ref := SuiteRole.parse(role))}
+    ev = ConfigSlice(cfg, "eval")
+    protocol = heldout_protocol(ev, grader, {name: call.inputs[role].artifact_id for name, role in suites.items()})
+    todo = checkpoint_entries({r: (a.artifact_id, call.input_path(r)) for r, a in call.inputs.items()})
+    rows, done = evaluate_checkpoints(todo, {name: read_parquet(call.input_path(role)) for name, role in suites.items()},
+                                      protocol, Path(call.home) / "results" / "heldout", grader, device,
+                                      resolve_precision(compute, device))
     write_parquet(rows, call.workdir / "heldout.parquet")
     ks = sorted({1, *protocol.n.values()})
     table = aggregate(rows, by=("suite",), ks=ks)
@@ -70,6 +51,9 @@ def heldout_body(call: StageCall) -> StageOutput:
                                                               "flips": len(flips)})
 
 
-@task(name="heldout", cache_key_fn=stage_cache_key, persist_result=True)
-def heldout(call: StageCall, executor: dict[str, Any]) -> StageOutput:
-    return placed(heldout_body, call, executor)
+# the held-out protocol: the eval.* keys that decide sampling (bootstrap_resamples and ece_bins are the report's)
+PROTOCOL_KEYS = ("eval.temperature", "eval.top_p", "eval.n", "eval.n_per_suite", "eval.seed", "eval.max_new_tokens")
+
+STAGE = Stage("heldout", heldout_body, config_keys=(*PROTOCOL_KEYS, "grader", "executor.compute"),
+              inputs=(SuiteRole.PREFIX + "*", CheckpointRole.PREFIX + "*"), outputs=("heldout",), placed=True,
+              result_view="heldout_rows")

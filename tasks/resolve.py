@@ -1,11 +1,9 @@
 """Stage: record each arm's resolved config (base + declared overrides) as a content-addressed artifact."""
 from __future__ import annotations
 
-from prefect import task
-
 from infra.artifacts import atomic_write_json
-from infra.spec import config_hash
-from tasks.common import StageCall, StageOutput, run_stage, stage_cache_key, store
+from infra.spec import BaseSpec, config_hash
+from tasks.common import Stage, StageCall, StageOutput, store
 
 
 def resolve_body(call: StageCall) -> StageOutput:
@@ -15,6 +13,5 @@ def resolve_body(call: StageCall) -> StageOutput:
                        summary={"config_hash": config_hash(call.config)})
 
 
-@task(name="resolve", cache_key_fn=stage_cache_key, persist_result=True)
-def resolve(call: StageCall) -> StageOutput:
-    return run_stage(call, resolve_body)
+STAGE = Stage("resolve", resolve_body, config_keys=tuple(BaseSpec.model_fields), inputs=("spec",),
+              outputs=("resolved_config",), per_arm=True)

@@ -2,13 +2,10 @@
 every save_freq, rollouts per step, val per test_freq."""
 from __future__ import annotations
 
-from typing import Any
-
-from prefect import task
-
 from infra.artifacts import read_parquet
+from infra.roles import StepRole
 from infra.spec import ComputeSpec, GraderSpec, RLSpec
-from tasks.common import StageCall, StageOutput, live_metrics, placed, stage_cache_key, store
+from tasks.common import Stage, StageCall, StageOutput, live_metrics, store
 
 
 def rl_body(call: StageCall) -> StageOutput:
@@ -23,14 +20,14 @@ def rl_body(call: StageCall) -> StageOutput:
                         ComputeSpec(**cfg["executor.compute"]), cfg["seed"], call.workdir,
                         on_step=lambda step, values: log([(k, v, step) for k, v in values.items()]))
     st = store(call)
-    outputs = {f"step-{step:07d}": st.describe(path / "model", kind="checkpoint", step=step)
+    outputs = {str(StepRole(step)): st.describe(path / "model", kind="checkpoint", step=step)
                for step, path in result["checkpoints"]}
-    outputs["final"] = outputs[f"step-{result['checkpoints'][-1][0]:07d}"]
+    outputs["final"] = outputs[str(StepRole(result["checkpoints"][-1][0]))]
     outputs["rollouts"] = st.describe(call.workdir / "rollouts", kind="table")
     outputs["val"] = st.describe(call.workdir / "val", kind="table")
     return StageOutput(outputs=outputs, facts=result["facts"], metrics=result["metrics"], summary=result["summary"])
 
 
-@task(name="rl", cache_key_fn=stage_cache_key, persist_result=True)
-def rl(call: StageCall, executor: dict[str, Any]) -> StageOutput:
-    return placed(rl_body, call, executor)
+STAGE = Stage("rl", rl_body, config_keys=("rl", "grader", "executor.compute", "seed"),
+              inputs=("init", "prompts", "val"), outputs=(StepRole.PREFIX + "*", "final", "rollouts", "val"),
+              per_arm=True, placed=True, trains=True)

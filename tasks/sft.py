@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import task
-
 from infra.artifacts import atomic_path, read_parquet
 from infra.hashing import hash_json
 from infra.spec import ComputeSpec, SFTSpec
-from tasks.common import StageCall, StageOutput, live_metrics, placed, stage_cache_key, store
+from tasks.common import Stage, StageCall, StageOutput, live_metrics, store
 
 
 def sft_body(call: StageCall) -> StageOutput:
@@ -47,6 +45,5 @@ def sft_body(call: StageCall) -> StageOutput:
                        summary={"rows": len(rows), "steps": run["steps"], "loss": round(run["final_loss"], 4)})
 
 
-@task(name="sft", cache_key_fn=stage_cache_key, persist_result=True)
-def sft(call: StageCall, executor: dict[str, Any]) -> StageOutput:
-    return placed(sft_body, call, executor)
+STAGE = Stage("sft", sft_body, config_keys=("sft", "executor.compute", "seed"), inputs=("init", "sft1", "sft2"),
+              outputs=("model",), per_arm=True, placed=True, trains=True)

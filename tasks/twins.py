@@ -3,9 +3,7 @@ row-for-row aligned, verified (report stored as an artifact); rows that cannot b
 sides and listed."""
 from __future__ import annotations
 
-from prefect import task
-
-from tasks.common import StageCall, StageOutput, run_stage, stage_cache_key, store
+from tasks.common import Stage, StageCall, StageOutput, store
 
 TWIN_SOURCES = ("sft1", "sft2")
 
@@ -14,15 +12,13 @@ def twins_body(call: StageCall) -> StageOutput:
     from sft.twins import build_twins, load_sft_rows, write_twins
     from worlds.tokenizer import load_tokenizer
 
-    cfg = call.config
-    open_tag, close_tag, max_length = cfg["model.meta_open"], cfg["model.meta_close"], cfg["sft.max_length"]
+    max_length = call.config["sft.max_length"]
     tokenizer = load_tokenizer(call.input_path("base_model"))
     outputs, facts, summary = {}, {}, {}
     for name in TWIN_SOURCES:
         if name not in call.inputs:
             continue
-        twinset = build_twins(load_sft_rows(call.input_path(name)), open_tag, close_tag, tokenizer=tokenizer,
-                              max_length=max_length)
+        twinset = build_twins(load_sft_rows(call.input_path(name)), tokenizer=tokenizer, max_length=max_length)
         out = call.workdir / name
         report = write_twins(twinset, out, tokenizer=tokenizer, max_length=max_length)
         rows = len(twinset.meta)
@@ -39,6 +35,5 @@ def twins_body(call: StageCall) -> StageOutput:
                        files=[str(call.workdir / n / "report.json") for n in TWIN_SOURCES if n in call.inputs])
 
 
-@task(name="twins", cache_key_fn=stage_cache_key, persist_result=True)
-def twins(call: StageCall) -> StageOutput:
-    return run_stage(call, twins_body)
+STAGE = Stage("twins", twins_body, config_keys=("sft.max_length",), inputs=("base_model", *TWIN_SOURCES),
+              outputs=tuple(f"{n}_*" for n in TWIN_SOURCES))

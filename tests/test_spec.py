@@ -10,7 +10,7 @@ import yaml
 
 from infra.errors import SpecError
 from infra.spec import (config_diff, config_hash, declared_keys, load_spec, mechanism_of, resolve_arm,
-                        resolved_arms, stage_config)
+                        resolved_arms)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -109,15 +109,6 @@ def test_config_hash_is_stable_under_key_order_and_reserialisation(tmp_path):
     # and a real change does not
     data["rl"]["lr"] = 3e-5
     assert config_hash(data) != h
-
-
-def test_stage_config_is_the_declared_slice(tmp_path):
-    spec = load_spec(write(tmp_path, GOOD))
-    control, pmishift = resolve_arm(spec, "control"), resolve_arm(spec, "pmishift")
-    # the arms differ in sft.strip_meta and rl.reward: SFT slices differ, the base-model slice does not
-    assert stage_config(control, "base_model") == stage_config(pmishift, "base_model")
-    assert stage_config(control, "sft") != stage_config(pmishift, "sft")
-    assert stage_config(control, "sft", seed=1)["seed"] == 1
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "qwen3-8b.yaml"])

@@ -1,0 +1,74 @@
+"""Artifact roles that carry data, as types: one place writes and parses them (lineage stores them as text).
+
+- `CheckpointRole(arm, seed, step)` ↔ "checkpoint:<arm>:<seed>:<step>" — a checkpoint an evaluation reads.
+- `SuiteRole(name)` ↔ "heldout:<name>" — a held-out suite the data stage writes and the held-out stage reads.
+- `StepRole(step)` ↔ "step-0000020" — a checkpoint the RL stage saved at that step.
+
+Arm names match infra.spec.NAME (no ':'), so the text forms parse back unambiguously. `sql_like(column)` is the
+SQL condition that selects a kind's roles in lineage queries.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+
+def _sql(column: str, prefix: str) -> str:
+    return f"{column} LIKE '{prefix}%'"
+
+
+@dataclass(frozen=True, order=True)
+class CheckpointRole:
+    arm: str
+    seed: int
+    step: int
+    PREFIX: ClassVar[str] = "checkpoint:"
+
+    def __str__(self) -> str:
+        return f"{self.PREFIX}{self.arm}:{self.seed}:{self.step}"
+
+    @classmethod
+    def parse(cls, role: str) -> "CheckpointRole | None":
+        """The role's parts, or None when `role` is not a checkpoint role."""
+        if not role.startswith(cls.PREFIX):
+            return None
+        arm, seed, step = role[len(cls.PREFIX):].rsplit(":", 2)
+        return cls(arm, int(seed), int(step))
+
+    @classmethod
+    def sql_like(cls, column: str) -> str:
+        return _sql(column, cls.PREFIX)
+
+
+@dataclass(frozen=True, order=True)
+class SuiteRole:
+    name: str
+    PREFIX: ClassVar[str] = "heldout:"
+
+    def __str__(self) -> str:
+        return f"{self.PREFIX}{self.name}"
+
+    @classmethod
+    def parse(cls, role: str) -> "SuiteRole | None":
+        return cls(role[len(cls.PREFIX):]) if role.startswith(cls.PREFIX) else None
+
+    @classmethod
+    def sql_like(cls, column: str) -> str:
+        return _sql(column, cls.PREFIX)
+
+
+@dataclass(frozen=True, order=True)
+class StepRole:
+    step: int
+    PREFIX: ClassVar[str] = "step-"
+
+    def __str__(self) -> str:
+        return f"{self.PREFIX}{self.step:07d}"
+
+    @classmethod
+    def parse(cls, role: str) -> "StepRole | None":
+        return cls(int(role[len(cls.PREFIX):])) if role.startswith(cls.PREFIX) else None
+
+    @classmethod
+    def sql_like(cls, column: str) -> str:
+        return _sql(column, cls.PREFIX)

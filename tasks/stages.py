@@ -1,0 +1,41 @@
+"""The pipeline's stages in flow order, each declared once in its own module, and the spec check that needs the
+domain registries (so a bad spec is refused when it loads, before any compute)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from infra.errors import SpecError
+from infra.spec import AblationSpec, load_spec, resolved_arms, yaml_key_lines
+from tasks import base_model, data, heldout, resolve, rl, sft, sweep, twins
+from tasks.common import Stage
+
+STAGES: dict[str, Stage] = {s.name: s for s in (resolve.STAGE, data.STAGE, base_model.STAGE, twins.STAGE,
+                                                   sft.STAGE, rl.STAGE, sweep.STAGE, heldout.STAGE)}
+
+# Spec keys no stage's compute key covers, with what reads them instead. The flow: which stages run. The report
+# (rebuilt from lineage at the end of every flow run, never cached): how results are summarised.
+FLOW_KEYS = {"eval.sweep": "whether the checkpoint sweep stage runs",
+             "seeds": "the per-arm stages run once per seed (each run's slice holds its own `seed`)",
+             "executor.kind": "which executor runs the arms (the flow's preflight refuses one it cannot run)"}
+REPORT_KEYS = {"eval.bootstrap_resamples": "paired bootstrap resamples of every CI",
+               "eval.ece_bins": "bins of the expected calibration error"}
+
+
+def load_checked_spec(path: str | Path) -> AblationSpec:
+    """infra.spec.load_spec, then the checks against the domain registries: every arm's `rl.reward` must be a
+    registered reward signal. Raises SpecError naming the file, line and key."""
+    from rewards.signals import SIGNALS
+
+    spec = load_spec(path)
+    lines = yaml_key_lines(Path(path).read_text())
+    problems = []
+    for arm, cfg in resolved_arms(spec).items():
+        if cfg.rl.reward not in SIGNALS:
+            declared = ("arms", arm, "overrides") if "rl.reward" in spec.arms[arm].overrides else ("base", "rl",
+                                                                                                    "reward")
+            line = next((lines[declared[:n]] for n in range(len(declared), 0, -1) if declared[:n] in lines), None)
+            problems.append(f"{path}{f':{line}' if line else ''}: arm {arm}: rl.reward '{cfg.rl.reward}' is not a "
+                            f"registered reward signal (known: {', '.join(sorted(SIGNALS))})")
+    if problems:
+        raise SpecError("invalid spec:\n  " + "\n  ".join(problems))
+    return spec
