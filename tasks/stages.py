@@ -39,3 +39,18 @@ def load_checked_spec(path: str | Path) -> AblationSpec:
     if problems:
         raise SpecError("invalid spec:\n  " + "\n  ".join(problems))
     return spec
+
+
+def markdown_table() -> str:
+    """The stage table of docs/architecture.md, generated from the declarations (a test keeps the doc equal)."""
+    rows = ["| stage | runs | config keys (compute key) | input roles | output roles |", "|---|---|---|---|---|"]
+    for s in STAGES.values():
+        runs = (("per arm × seed" if "seed" in s.config_keys else "per arm") if s.per_arm else "shared") + (
+            ", placed" if s.placed else "")
+        rows.append(f"| {s.name} | {runs} | {', '.join(f'`{k}`' for k in s.config_keys)} | "
+                    f"{', '.join(f'`{r}`' for r in s.inputs) or '—'} | {', '.join(f'`{r}`' for r in s.outputs)} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
