@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from infra.errors import DataError, TwinarmError
-from infra.hashing import hash_file, hash_json
+from infra.code import closure_hash
+from infra.hashing import hash_json
 from meta.grammar import last_boxed
 
 if TYPE_CHECKING:
@@ -234,8 +235,7 @@ def grader_versions() -> dict[str, str]:
             out[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             out[package] = "absent"
-    here = Path(__file__).resolve()
-    out["source"] = hash_json([hash_file(here), hash_file(_REPO / "sft" / "grammar.py")])
+    out["source"] = closure_hash((__name__,))  # this module and every project module it imports
     return out
 
 

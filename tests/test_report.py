@@ -27,7 +27,6 @@ def _section(page: str, heading: str) -> str:
 
 
 def test_report_builds_from_lineage_and_is_logged_to_mlflow(tiny_run, flow_home, tmp_path):
-    pytest.importorskip("audit.ledger")
     from audit.ledger import run_ledger
     from audit.report import build_report
 
@@ -82,7 +81,6 @@ def test_belief_replay_equals_an_independent_scorer_call_per_boundary(tiny_run, 
 
 
 def test_cli_report_and_belief(tiny_run, flow_home, tmp_path):
-    pytest.importorskip("audit.ledger")
     env = {"TWINARM_HOME": str(flow_home.root), "PATH": "/usr/bin:/bin", "COLUMNS": "200"}
 
     def twinarm(*args: str) -> subprocess.CompletedProcess:

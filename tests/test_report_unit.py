@@ -63,7 +63,6 @@ def test_aggregate_bootstrap_ci_brackets_the_mean():
 
 
 def test_contrast_delta_is_the_difference_of_the_accuracies_it_shows():
-    pytest.importorskip("audit.ledger")
     from audit.report import contrast_delta
     from infra.spec import ContrastSpec
 

@@ -255,3 +255,10 @@ def test_keys_read_only_in_another_setting_are_refused(tmp_path, override, words
     with pytest.raises(SpecError) as exc:
         load_spec(path)
     assert words in str(exc.value)
+
+
+def test_architecture_doc_shows_the_declared_stages():
+    from tasks.stages import markdown_table
+
+    assert markdown_table() in (REPO_ROOT / "docs" / "architecture.md").read_text(), \
+        "docs/architecture.md is stale: paste the output of `python -m tasks.stages`"
