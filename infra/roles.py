@@ -19,6 +19,8 @@ def _sql(column: str, prefix: str) -> str:
 
 @dataclass(frozen=True, order=True)
 class CheckpointRole:
+    """A checkpoint an evaluation reads: its arm, seed and RL step (0 = the SFT start)."""
+
     arm: str
     seed: int
     step: int
@@ -37,11 +39,14 @@ class CheckpointRole:
 
     @classmethod
     def sql_like(cls, column: str) -> str:
+        """SQL condition selecting roles of this kind in `column`."""
         return _sql(column, cls.PREFIX)
 
 
 @dataclass(frozen=True, order=True)
 class SuiteRole:
+    """A held-out suite by name (e.g. 'gsm8k', 'arith')."""
+
     name: str
     PREFIX: ClassVar[str] = "heldout:"
 
@@ -50,15 +55,19 @@ class SuiteRole:
 
     @classmethod
     def parse(cls, role: str) -> "SuiteRole | None":
+        """The suite of a role, or None when `role` is not a suite role."""
         return cls(role[len(cls.PREFIX):]) if role.startswith(cls.PREFIX) else None
 
     @classmethod
     def sql_like(cls, column: str) -> str:
+        """SQL condition selecting roles of this kind in `column`."""
         return _sql(column, cls.PREFIX)
 
 
 @dataclass(frozen=True, order=True)
 class StepRole:
+    """A checkpoint the RL stage saved at `step`."""
+
     step: int
     PREFIX: ClassVar[str] = "step-"
 
@@ -67,8 +76,10 @@ class StepRole:
 
     @classmethod
     def parse(cls, role: str) -> "StepRole | None":
+        """The step of a role, or None when `role` is not a step role."""
         return cls(int(role[len(cls.PREFIX):])) if role.startswith(cls.PREFIX) else None
 
     @classmethod
     def sql_like(cls, column: str) -> str:
+        """SQL condition selecting roles of this kind in `column`."""
         return _sql(column, cls.PREFIX)

@@ -12,6 +12,8 @@ CORPUS_ROLES = ("base", "sft1", "sft2", "rl_prompts", "val")  # never the held-o
 
 
 def base_model_body(call: StageCall) -> StageOutput:
+    """Train the toy tokenizer + model on the world's base split (or prepare a hub model with the meta tokens);
+    output role `model` (an HF checkpoint dir). Raises DataError when a toy model has no arith base split."""
     from sft.base import prepare_pretrained, train_base_model
 
     cfg = call.config

@@ -40,6 +40,9 @@ SHARED = "*"  # the arm of stages every arm shares (data, base model, twins, hel
 
 @dataclass(frozen=True)
 class StageCall:
+    """One call of a stage: where (home), for whom (ablation, arm, seed), what (config slice, inputs by role, code
+    hash, local file hashes). `fresh` recomputes even when a completed output exists."""
+
     home: str
     ablation: str
     arm: str
@@ -61,6 +64,7 @@ class StageCall:
 
     @property
     def run_id(self) -> str:
+        """Lineage run id: hash of ablation, arm, seed and the compute key."""
         return hash_json({"ablation": self.ablation, "arm": self.arm, "seed": self.seed, "key": self.key})
 
     @property
@@ -70,14 +74,20 @@ class StageCall:
 
     @property
     def workdir(self) -> Path:
+        """The stage's working directory, named by its compute key (shared by every arm that computes the same)."""
         return Path(self.home) / "runs" / self.stage / self.key
 
     def input_path(self, role: str) -> Path:
+        """Local path of the input artifact of `role` (KeyError when the call has no such input)."""
         return uri_path(self.inputs[role].uri)
 
 
 @dataclass
 class StageOutput:
+    """What a stage body returns: outputs by role, runtime facts (for the audit), metrics (key, value, step),
+    a short summary for the run table, small files to attach to MLflow; times and code version are set by
+    run_stage."""
+
     outputs: dict[str, Artifact]
     facts: dict[str, Any] = field(default_factory=dict)
     metrics: list[tuple[str, float, int]] = field(default_factory=list)
@@ -88,12 +98,14 @@ class StageOutput:
     ended_at: str = ""
 
     def to_json(self) -> dict[str, Any]:
+        """JSON-ready dict (written as stage-output.json, the completion marker)."""
         data = dataclasses.asdict(self)
         data["metrics"] = [list(m) for m in self.metrics]
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "StageOutput":
+        """Inverse of to_json."""
         data = dict(data)
         data["outputs"] = {role: Artifact(**a) for role, a in data["outputs"].items()}
         data["metrics"] = [tuple(m) for m in data["metrics"]]
@@ -139,6 +151,7 @@ class Stage:
         return closure_hash((self.body.__module__,), root, stop=(CONTRACT_MODULE,))
 
     def config(self, resolved: BaseSpec, seed: int | None = None) -> dict[str, Any]:
+        """The declared slice of a resolved arm config (infra.spec.stage_config)."""
         return stage_config(resolved, self.config_keys, seed)
 
     def file_hashes(self, config: dict[str, Any]) -> dict[str, str]:
@@ -148,6 +161,7 @@ class Stage:
         return {str(p): hash_path(p) for p in sorted(set(paths)) if p.exists()}
 
     def check_roles(self, roles: Any, declared: tuple[str, ...], what: str) -> None:
+        """Raise TwinarmError naming any role not matched by the declared patterns."""
         undeclared = sorted(r for r in roles if not any(fnmatch.fnmatchcase(r, pat) for pat in declared))
         if undeclared:
             raise TwinarmError(f"stage '{self.name}': {what} role(s) {undeclared} are not declared "
@@ -178,6 +192,8 @@ def stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
 
 
 def load_output(call: StageCall) -> StageOutput | None:
+    """The completed output of a call (its marker file), or None when it must (re)compute: no marker, `fresh`,
+    or an output file deleted by hand."""
     marker = call.workdir / "stage-output.json"
     if call.fresh or not marker.exists():
         return None
@@ -220,6 +236,7 @@ def runtime_facts() -> dict[str, Any]:
 
 
 def store(call: StageCall) -> ArtifactStore:
+    """The content-addressed artifact store under the call's home."""
     return ArtifactStore(Path(call.home) / "artifacts")
 
 
@@ -342,6 +359,7 @@ class Session:
         return out
 
     def fail(self, call: StageCall, exc: BaseException) -> None:
+        """Record a failed stage: lineage status `failed`, the error as an MLflow tag, the run marked FAILED."""
         self.lineage.record(self._record(call, status="failed"))
         if call.mlflow_run_id:
             self.tracker.client.set_tag(call.mlflow_run_id, "twinarm.error",

@@ -46,6 +46,8 @@ def _manifest(path: str) -> Path:
 
 
 def data_body(call: StageCall) -> StageOutput:
+    """Generate the arith world and/or read file and hub sources, validate every row (DataError names file, row,
+    field) and store each role as a content-addressed parquet dataset."""
     from evals.suites import ARITH, PROMPT_ROW_SCHEMA, load_arith_heldout, load_heldout
     from worlds.arith import generate_world, write_world
 

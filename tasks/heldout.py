@@ -13,6 +13,8 @@ from tasks.common import Stage, StageCall, StageOutput, live_metrics, store
 
 
 def heldout_body(call: StageCall) -> StageOutput:
+    """Evaluate every checkpoint input on every suite input under the held-out protocol; output role `heldout`,
+    one row per checkpoint × problem × sample; facts: protocol, samples per checkpoint, meta-strip regrade flips."""
     from evals.evaluate import checkpoint_entries, evaluate_checkpoints, heldout_protocol
     from evals.metrics import aggregate
     from rewards.grader import get_grader

@@ -11,6 +11,8 @@ from prefect import task
 
 
 def audit_and_report_body(home_root: str, ablation: str) -> dict[str, Any]:
+    """Build the ledger and the report of the ablation's latest flow run; returns the report path, the ledger
+    counts by status and the names of violated checks."""
     from audit.report import build_report
     from infra.home import Home
 
@@ -23,4 +25,5 @@ def audit_and_report_body(home_root: str, ablation: str) -> dict[str, Any]:
 
 @task(name="audit-and-report")
 def audit_and_report(home_root: str, ablation: str) -> dict[str, Any]:
+    """Prefect task around audit_and_report_body (not cached: it reads the lineage this flow just wrote)."""
     return audit_and_report_body(home_root, ablation)

@@ -7,6 +7,7 @@ from tasks.common import Stage, StageCall, StageOutput, store
 
 
 def resolve_body(call: StageCall) -> StageOutput:
+    """Write the arm's resolved config (canonical JSON) as the artifact `resolved_config`."""
     path = atomic_write_json(call.workdir / "resolved.json", call.config)
     art = store(call).put(path, kind="config")
     return StageOutput(outputs={"resolved_config": art}, facts={"config_hash": config_hash(call.config)},

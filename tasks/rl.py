@@ -9,6 +9,8 @@ from tasks.common import Stage, StageCall, StageOutput, live_metrics, store
 
 
 def rl_body(call: StageCall) -> StageOutput:
+    """GRPO from `init` on `prompts` with val on `val` (rl.grpo.train_grpo); outputs a checkpoint per saved step
+    (`step-NNNNNNN`), `final`, the per-step `rollouts` and `val` tables."""
     from rl.grpo import train_grpo
     from worlds.model import set_threads
 

@@ -11,6 +11,8 @@ from tasks.common import Stage, StageCall, StageOutput, live_metrics, store
 
 
 def sft_body(call: StageCall) -> StageOutput:
+    """Train `init` on the arm's twin rows (sft1 then sft2) with the shared mask rule; output role `model`; facts:
+    rows seen, example order hash, LR per step, tokens trained, final loss."""
     from sft.train import TrainConfig, batch_indices, train_lm
     from worlds.model import load_model, save_model, set_threads
     from worlds.tokenizer import load_tokenizer, save_tokenizer

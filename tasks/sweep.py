@@ -12,6 +12,8 @@ from tasks.common import Stage, StageCall, StageOutput, store
 
 
 def sweep_body(call: StageCall) -> StageOutput:
+    """Evaluate every checkpoint input on the val mix under the val protocol; output role `sweep` (one row per
+    checkpoint × problem × sample) and step-indexed sweep/accuracy metrics."""
     from evals.evaluate import checkpoint_entries, evaluate_checkpoints, val_metrics, val_protocol
     from rewards.grader import get_grader
     from worlds.model import resolve_device, resolve_precision, set_threads

@@ -9,6 +9,8 @@ TWIN_SOURCES = ("sft1", "sft2")
 
 
 def twins_body(call: StageCall) -> StageOutput:
+    """Build and verify both twins of each SFT source with the base model's tokenizer; outputs
+    `<source>_meta`, `<source>_nometa` and `<source>_report`."""
     from sft.twins import build_twins, load_sft_rows, write_twins
     from worlds.tokenizer import load_tokenizer
 
