@@ -85,6 +85,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Write `data` to `path` atomically (temporary sibling, fsync, rename; parents created). Returns `path`."""
     with atomic_path(Path(path)) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(data)
@@ -94,14 +95,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
+    """`atomic_write_bytes` of `text` encoded as UTF-8. Returns `path`."""
     return atomic_write_bytes(path, text.encode())
 
 
 def atomic_write_json(path: Path, obj: Any) -> Path:
+    """Write `obj` atomically as JSON (indent 2, sorted keys, final newline; other values via str). Returns `path`."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_json(path: Path) -> Any:
+    """The parsed JSON of the file at `path`. Raises OSError if unreadable, json.JSONDecodeError if not JSON."""
     return json.loads(Path(path).read_text())
 
 
@@ -117,18 +121,22 @@ def write_parquet(rows: list[dict[str, Any]], path: Path, schema: Any = None) ->
 
 
 def read_parquet(path: Path) -> list[dict[str, Any]]:
+    """Every row of a parquet file as a {column: value} dict, in file order."""
     import pyarrow.parquet as pq
 
     return pq.read_table(path).to_pylist()
 
 
 def parquet_rows(path: Path) -> int:
+    """The row count of a parquet file, read from its footer (no data is read)."""
     import pyarrow.parquet as pq
 
     return pq.ParquetFile(path).metadata.num_rows
 
 
 class ArtifactStore:
+    """Content-addressed store under `root`: `put` copies into `<root>/<kind>/<hash><suffix>`; `describe` does not."""
+
     def __init__(self, root: Path):
         self.root = Path(root)
 

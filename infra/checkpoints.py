@@ -23,6 +23,7 @@ CHECKPOINTS = "checkpoints"
 
 
 def step_of(path: Path) -> int:
+    """The step of a `step-NNNNNNN` checkpoint directory (ValueError or IndexError for any other name)."""
     return int(Path(path).name.split("-", 1)[1])
 
 
@@ -36,6 +37,7 @@ def complete_checkpoints(out_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint under out_dir, or None (removes temporaries of killed writers)."""
     done = complete_checkpoints(out_dir)
     return done[-1] if done else None
 

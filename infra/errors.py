@@ -13,6 +13,8 @@ class TwinarmError(Exception):
 
 
 class SpecError(TwinarmError):
+    """The ablation spec is invalid: the message names the file, line, dotted key and what was expected."""
+
     exit_code = 2
 
 

@@ -25,14 +25,17 @@ def _default(obj: Any) -> Any:
 
 
 def hash_json(obj: Any, length: int = 16) -> str:
+    """The first `length` hex digits of sha256(canonical_json(obj)). Raises TypeError for a value it cannot encode."""
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:length]
 
 
 def hash_bytes(data: bytes, length: int = 16) -> str:
+    """The first `length` hex digits of the sha256 of `data`."""
     return hashlib.sha256(data).hexdigest()[:length]
 
 
 def hash_file(path: Path, length: int = 16) -> str:
+    """The first `length` hex digits of the sha256 of a file's bytes, streamed in 1 MiB chunks. Raises OSError."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(_CHUNK):
@@ -56,6 +59,7 @@ def hash_path(path: Path, length: int = 16) -> str:
 
 
 def path_size(path: Path) -> int:
+    """Size in bytes of a file, or the total of the files under a directory (0 for a path that does not exist)."""
     path = Path(path)
     if path.is_file():
         return path.stat().st_size

@@ -8,18 +8,23 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Home:
+    """The layout of run state under one TWINARM_HOME `root`; `ensure()` creates its folders."""
+
     root: Path
 
     @property
     def lineage_db(self) -> Path:
+        """The DuckDB lineage database file."""
         return self.root / "lineage.duckdb"
 
     @property
     def mlflow_db(self) -> Path:
+        """The SQLite file of the default (local) MLflow tracking store."""
         return self.root / "mlflow.db"
 
     @property
     def mlflow_artifacts(self) -> Path:
+        """MLflow's artifact root for the local store (one folder per ablation)."""
         return self.root / "mlartifacts"
 
     @property
@@ -34,17 +39,21 @@ class Home:
 
     @property
     def prefect(self) -> Path:
+        """PREFECT_HOME unless the user set their own (persisted task results under `results/`)."""
         return self.root / "prefect"
 
     @property
     def locks(self) -> Path:
+        """Lock files (one per ablation being run, so two flows never run the same one)."""
         return self.root / "locks"
 
     @property
     def reports(self) -> Path:
+        """Ablation reports and audit figures, one folder per ablation."""
         return self.root / "reports"
 
     def ensure(self) -> "Home":
+        """Create root and its folders (artifacts, runs, prefect, locks, reports, mlartifacts). Returns self."""
         for d in (self.root, self.artifacts, self.runs, self.prefect, self.locks, self.reports,
                   self.mlflow_artifacts):
             d.mkdir(parents=True, exist_ok=True)
@@ -52,6 +61,7 @@ class Home:
 
 
 def home() -> Home:
+    """The Home at $TWINARM_HOME (default `.twinarm` in the working dir), `~` expanded, absolute; creates nothing."""
     return Home(Path(os.environ.get("TWINARM_HOME", ".twinarm")).expanduser().resolve())
 
 

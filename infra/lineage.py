@@ -104,11 +104,15 @@ _process_lock = threading.RLock()  # threads of the flow process take turns on t
 
 
 def utcnow() -> datetime:
+    """The current time as a timezone-aware UTC datetime."""
     return datetime.now(timezone.utc)
 
 
 @dataclass
 class Run:
+    """One stage run as a row of `runs`: run_id hashes what defines the run, config is the stage's config slice,
+    status is running, completed or failed."""
+
     run_id: str
     ablation: str
     arm: str
@@ -135,12 +139,16 @@ class StageRecord:
 
 
 class Lineage:
+    """The DuckDB lineage database at `path`, opened per transaction; a locked file is retried for `wait_s` seconds."""
+
     def __init__(self, path: Path, wait_s: float = LOCK_WAIT_S):
         self.path = Path(path)
         self.wait_s = wait_s
 
     @contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection for the block, retried with backoff (50 ms doubling to 1 s) while another process holds the file
+        lock. Raises TwinarmError (read_only and no database yet), LockedError (still locked after wait_s seconds)."""
         if read_only and not self.path.exists():
             raise TwinarmError(f"{self.path}: no lineage yet (run an ablation first, or set TWINARM_HOME)")
         deadline = time.monotonic() + self.wait_s
@@ -167,6 +175,7 @@ class Lineage:
                 con.close()
 
     def init(self) -> None:
+        """Create the database file (and its folder) if missing, and the tables and views; safe to repeat."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.connect() as con:
             con.execute(SCHEMA)
@@ -222,6 +231,7 @@ class Lineage:
                     for ablation, run_id, flow_run_id, uri in found))
 
     def set_status(self, run_id: str, status: str, ended: bool = True) -> None:
+        """Set a run's status and, when `ended`, its ended_at to now (UTC)."""
         with self.connect() as con:
             con.execute("UPDATE runs SET status = ?, ended_at = CASE WHEN ? THEN ? ELSE ended_at END "
                         "WHERE run_id = ?", [status, ended, utcnow(), run_id])
@@ -238,6 +248,8 @@ class Lineage:
                     [run_id, artifact_id, direction, role])
 
     def query(self, sql: str, params: list | None = None, read_only: bool = True) -> tuple[list[str], list[tuple]]:
+        """Run one SQL statement: (column names, row tuples), both empty for a statement without a result. Raises
+        TwinarmError with the first line of DuckDB's message when the SQL fails."""
         with self.connect(read_only=read_only) as con:
             try:
                 cur = con.execute(sql, params or [])
@@ -247,6 +259,7 @@ class Lineage:
             return columns, cur.fetchall() if cur.description else []
 
     def rows(self, sql: str, params: list | None = None) -> list[dict[str, Any]]:
+        """A read-only query's rows as {column: value} dicts."""
         columns, rows = self.query(sql, params)
         return [dict(zip(columns, row)) for row in rows]
 
@@ -258,8 +271,10 @@ class Lineage:
         return {f"{r['stage']}/{r['arm']}/{r['seed']}/{r['role']}": r["artifact_id"] for r in rows}
 
     def counts(self) -> dict[str, int]:
+        """Row counts of the tables runs, artifacts, edges and facts."""
         return {t: self.query(f"SELECT count(*) FROM {t}")[1][0][0] for t in TABLES}
 
     def facts_of(self, run_id: str) -> dict[str, Any]:
+        """A run's facts as {name: value} (decoded JSON); empty when it has none."""
         return {r["name"]: json.loads(r["value_json"])
                 for r in self.rows("SELECT name, value_json FROM facts WHERE run_id = ?", [run_id])}

@@ -23,6 +23,7 @@ FORWARD_ENV = ("TWINARM_HOME", "MLFLOW_TRACKING_URI", "HF_HOME", "HF_HUB_OFFLINE
 
 
 def ray_address(executor: ExecutorSpec) -> str | None:
+    """The Ray cluster to join: executor.ray_address, else $RAY_ADDRESS, else None (a local instance)."""
     return executor.ray_address or os.environ.get("RAY_ADDRESS") or None
 
 
@@ -42,6 +43,9 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 
 def ensure_ray(executor: ExecutorSpec) -> None:
+    """Initialise Ray once per process (thread-safe): join the cluster at `ray_address` with the repository as
+    working_dir, or start a local instance on every CPU; workers get FORWARD_ENV. Raises TwinarmError when the
+    cluster is unreachable or Ray fails to start."""
     import ray
 
     with _init_lock:

@@ -135,6 +135,9 @@ class BaseTrainingSpec(Strict):
 
 
 class ModelSpec(Strict):
+    """The model to start from: 'toy' (built and base-trained here from `toy` and `base_training`), or a hub id /
+    local path with an optional revision. Keys the source does not read are refused."""
+
     source: str = Field("toy", description="'toy', a hub id (Qwen/Qwen3-8B) or a local path")
     revision: str | None = None
     toy: ToyModelSpec = ToyModelSpec()
@@ -153,6 +156,9 @@ class ModelSpec(Strict):
 # ---------------------------------------------------------------- SFT
 
 class SFTSpec(Strict):
+    """The SFT stage: SFT-1 and optional SFT-2 data (None: no SFT-2), strip_meta (train on the no-meta twin), and
+    the optimiser (warmup_ratio: share of the steps; max_length in tokens)."""
+
     sft1: DataSourceSpec = DataSourceSpec()
     sft2: DataSourceSpec | None = DataSourceSpec()
     strip_meta: bool = Field(False, description="train on the no-meta twin (control arms)")
@@ -168,6 +174,9 @@ class SFTSpec(Strict):
 # ---------------------------------------------------------------- RL
 
 class PMIShiftParams(Strict):
+    """PMI-shift (DESIGN §6), o/c = belief before/after the block: R = scale·clip(c − o, ±kappa)
+    + save_bonus·[o < −eps ∧ c > eps] − derail_penalty·[o > eps ∧ c < −eps]."""
+
     scale: float = 1.0
     kappa: float = Field(2.0, gt=0)
     save_bonus: float = 1.0
@@ -179,16 +188,24 @@ class PMIShiftParams(Strict):
 
 
 class PMIParams(Strict):
+    """PMI (DESIGN §6): per-token log-prob gain of the continuation from the block, summed or averaged, clipped to
+    ±clip, signed by correctness; placebo: the baseline context holds a neutral block."""
+
     aggregate: Literal["sum", "mean"] = "sum"
     clip: float = Field(2.0, gt=0)
     placebo: bool = False
 
 
 class GMParams(Strict):
+    """gm (DESIGN §6): each per-token gold/decoy difference-in-differences is clipped to ±clip."""
+
     clip: float = Field(2.0, gt=0)
 
 
 class AsymCFParams(Strict):
+    """asym_cf (DESIGN §6), c1/c0 = group accuracy with/without the block: alpha·max(0, c1 − c0)
+    − [c0 − c1 > margin]·min(beta·(c0 − c1), cap) − gamma·[c0 ≥ saturated ∧ c1 ≥ saturated]."""
+
     alpha: float = 1.0
     beta: float = 2.5
     gamma: float = 0.5
@@ -198,10 +215,14 @@ class AsymCFParams(Strict):
 
 
 class MASAParams(Strict):
+    """MASA (DESIGN §6): r_difficulty = difficulty_base^|predicted pass / 8 − pass rate|."""
+
     difficulty_base: float = Field(0.01, gt=0, lt=1)
 
 
 class SignalParams(Strict):
+    """Parameters of the reward signals (rewards/signals.py), one section per signal."""
+
     pmishift: PMIShiftParams = PMIShiftParams()
     pmi: PMIParams = PMIParams()
     gm: GMParams = GMParams()
@@ -225,6 +246,9 @@ def _default_routing() -> dict[str, dict[str, float]]:
 
 
 class HeadsSpec(Strict):
+    """Reward heads (rewards/heads.py): A_t = Σ_h w_h(step)·A_h·routing[h][region(t)], w_h = weights[h] ramped
+    linearly over warmup_steps[h] RL steps. Unknown head or region names are refused."""
+
     weights: dict[str, float] = Field(
         default_factory=lambda: {"correctness": 1.0, "meta": 1.0, "calibration": 0.0, "format": 0.0,
                                  "emission": 0.0})
@@ -247,6 +271,10 @@ class HeadsSpec(Strict):
 
 
 class RLSpec(Strict):
+    """The GRPO stage: data, reward signal and heads, optimiser, rollouts (n samples per prompt), PPO ratio clip
+    [1 − clip_low, 1 + clip_high], lengths in tokens, frequencies in steps. batch_size must be a multiple of
+    mini_batch_size."""
+
     data: DataSourceSpec = DataSourceSpec()
     val: DataSourceSpec = DataSourceSpec()
     reward: str = Field("vanilla", description="reward signal from the registry: vanilla, pmishift, pmi, gm, cf, "
@@ -286,6 +314,9 @@ class RLSpec(Strict):
 # ---------------------------------------------------------------- grader / eval
 
 class GraderSpec(Strict):
+    """The correctness grader: math-verify, a hard per-item timeout in seconds (a timeout grades incorrect), worker
+    processes, and the decimals floats are rounded to before comparing."""
+
     backend: Literal["math_verify"] = "math_verify"
     timeout_s: float = Field(5.0, gt=0, description="hard per-item timeout; a timeout grades as incorrect")
     workers: int = Field(2, ge=1)
@@ -293,6 +324,9 @@ class GraderSpec(Strict):
 
 
 class EvalSpec(Strict):
+    """Held-out evaluation: the manifest (or the arith world's held-out), sampling (n per problem, per-suite
+    overrides, max_new_tokens), the checkpoint sweep on val, bootstrap resamples and ECE bins."""
+
     heldout: str = Field("datasets/heldout-1030.yaml", description="a held-out manifest path, or 'arith'")
     data_dir: str | None = Field(None, description="local directory with the held-out files (else the hub)")
     temperature: float = Field(0.7, ge=0)
@@ -307,6 +341,9 @@ class EvalSpec(Strict):
 
 
 class BaseSpec(Strict):
+    """The config every arm shares and resolves to: distinct seeds and one section per concern. `world` is refused
+    when no data source is 'arith', eval.data_dir when eval.heldout is 'arith'."""
+
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     executor: ExecutorSpec = ExecutorSpec()
     world: ArithWorldSpec = ArithWorldSpec()
@@ -330,11 +367,15 @@ class BaseSpec(Strict):
 
 
 class ArmSpec(Strict):
+    """One arm: overrides of base by dotted key (load_spec requires at least one) and a description."""
+
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted keys of base -> value")
     description: str = ""
 
 
 class ContrastSpec(Strict):
+    """A declared comparison treatment − control of two arms, its question, and the mechanisms it changes."""
+
     treatment: str
     control: str
     question: str = ""
@@ -346,6 +387,8 @@ NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # ablation and arm names end up in paths
 
 
 class AblationSpec(Strict):
+    """The spec document: a path-safe name, the shared `base`, at least one arm (path-safe names) and contrasts."""
+
     name: str = Field(pattern=NAME)
     description: str = ""
     base: BaseSpec = BaseSpec()
@@ -469,6 +512,8 @@ def _allowed_keys(model: type[BaseModel], path: tuple) -> list[str]:
 
 def format_validation_errors(exc: ValidationError, file: str, lines: dict[tuple, int], prefix: tuple = (),
                        model: type[BaseModel] = AblationSpec) -> list[str]:
+    """One `file:line: dotted.key: problem` message per pydantic error (`prefix` + its location; line from `lines`),
+    with a 'did you mean' hint for an unknown key among `model`'s allowed keys."""
     problems = []
     for err in exc.errors():
         path = prefix + tuple(p for p in err["loc"] if p not in ("function-after",))
@@ -532,6 +577,8 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def flatten(config: BaseModel | dict) -> dict[str, Any]:
+    """Dotted leaf keys of a config (a model is dumped in JSON mode): {"rl.lr": 1e-06, ...}; lists and empty dicts
+    are leaves."""
     data = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
     return _flatten(data)
 
@@ -563,6 +610,7 @@ def resolve_arm(spec: AblationSpec, arm: str) -> BaseSpec:
 
 
 def resolved_arms(spec: AblationSpec) -> dict[str, BaseSpec]:
+    """Every arm resolved over base: {arm: BaseSpec}. Raises SpecError as resolve_arm does."""
     return {arm: resolve_arm(spec, arm) for arm in spec.arms}
 
 

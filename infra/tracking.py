@@ -23,10 +23,12 @@ PURE_ACCURACY = "accuracy/pure"  # the correctness-only metric; never mixed with
 
 
 def experiment_name(ablation: str) -> str:
+    """The MLflow experiment name of an ablation: `twinarm/<ablation>`."""
     return f"twinarm/{ablation}"
 
 
 def tracking_uri(home: Home) -> str:
+    """$MLFLOW_TRACKING_URI if set, else the local SQLite store `sqlite:///<home>/mlflow.db`."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home.mlflow_db}"
 
 
@@ -42,6 +44,9 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
 
 
 class Tracker:
+    """Idempotent MLflow recording for one home. The constructor raises TwinarmError when a remote tracking server
+    does not answer within 5 s."""
+
     def __init__(self, home: Home):
         from mlflow.tracking import MlflowClient
 
@@ -55,6 +60,7 @@ class Tracker:
     # ------------------------------------------------------------ runs
 
     def experiment(self, ablation: str) -> str:
+        """The ablation's experiment id, created if missing (local store: artifacts under mlartifacts/<ablation>)."""
         name = experiment_name(ablation)
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
@@ -77,6 +83,8 @@ class Tracker:
                           f"tags.`{PARENT_TAG}` = '{ablation}' and tags.`twinarm.kind` = 'ablation'")
 
     def parent_run(self, ablation: str, spec_hash: str, description: str = "") -> str:
+        """The ablation's parent run id, created if missing (with `description` as its note); an existing one gets its
+        `twinarm.spec_hash` tag set to `spec_hash`."""
         found = self.find_parent(ablation)
         if found:
             self.client.set_tag(found, "twinarm.spec_hash", spec_hash)
@@ -88,6 +96,8 @@ class Tracker:
 
     def child_run(self, ablation: str, parent_id: str, lineage_run_id: str, name: str,
                   params: dict[str, Any], tags: dict[str, str] | None = None) -> str:
+        """The run id of a lineage run, found by its `twinarm.run_id` tag, else created as a child of `parent_id` with
+        `params` and `tags`."""
         exp = self.experiment(ablation)
         found = self._find(exp, f"tags.`{RUN_TAG}` = '{lineage_run_id}'")
         if found:
@@ -98,6 +108,7 @@ class Tracker:
         return run.info.run_id
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        """Log params sorted by key, values as str cut to 6000 characters, in batches of 100 (MLflow's limit)."""
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
@@ -105,6 +116,7 @@ class Tracker:
             self.client.log_batch(run_id, params=items[i:i + 100], synchronous=True)
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        """Terminate a run with `status` (FINISHED, FAILED, KILLED) unless it already has that status."""
         if self.client.get_run(run_id).info.status != status:
             self.client.set_terminated(run_id, status=status)
 
