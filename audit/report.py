@@ -191,7 +191,8 @@ def gather(lineage: Lineage, ablation: str) -> Inputs:
                     for f in sorted(s.output_path("val").glob("step-*.parquet")) for r in read_parquet(f)]
     heldout = flow.stage("heldout")
     protocol = heldout[0].facts.get("protocol", {}) if heldout else {}
-    return Inputs(flow=flow, spec=spec, eval=EvalSpec(**heldout[0].config["eval"]) if heldout else spec.base.eval,
+    # the report's own keys (eval.bootstrap_resamples, eval.seed of the bootstrap) come from the flow run's spec
+    return Inputs(flow=flow, spec=spec, eval=spec.base.eval,
                   contrasts=contrasts, val_rows=pool_seeds(val_rows), val_source=source,
                   heldout_rows=pool_seeds(read_parquet(heldout[0].output_path("heldout"))) if heldout else [],
                   heldout_n=protocol.get("n", {}))
