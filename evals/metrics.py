@@ -277,8 +277,8 @@ class PairedGrid:
 
 def paired_grid(rows: Sequence[Row], treatment: str, control: str, stratum: str = "suite") -> PairedGrid:
     """Build the PairedGrid of two arms from sample rows (each arm at exactly one step; a row's `seed` field, when
-    present, tells its seed). Raises DataError when an arm is at several steps, the arms ran different seeds, they
-    share no problem, or `stratum` is not suite/domain."""
+    present, tells its seed). Raises DataError when an arm has no rows or rows at several steps, the arms ran
+    different seeds or share no problem; ValueError when `stratum` is not suite/domain."""
     _distinct(treatment, control)
     if stratum not in ("suite", "domain"):
         raise ValueError(f"stratum {stratum!r}: only 'suite' and 'domain' are problem attributes")
@@ -291,6 +291,8 @@ def paired_grid(rows: Sequence[Row], treatment: str, control: str, stratum: str 
     for arm, found in steps.items():
         if len(found) > 1:
             raise DataError(f"arm '{arm}' has rows from steps {sorted(found, key=str)}; filter to one step per arm")
+    if empty := [arm for arm, c in cells.items() if not c]:
+        raise DataError(f"no rows of arm(s) {', '.join(empty)}: nothing to compare")
     seeds = {arm: sorted({k[0] for k in c}, key=_order_one) for arm, c in cells.items()}
     if seeds[treatment] != seeds[control]:
         raise DataError(f"arms ran different seeds ({treatment}: {seeds[treatment]}, {control}: "
@@ -373,7 +375,8 @@ def paired_bootstrap(rows: Sequence[Row], treatment: str, control: str, resample
             "weighting": f"macro over {stratum}" if macro else "pooled", "resamples": resamples, "seed": seed}
 
 
-def minimum_detectable_delta(grid: PairedGrid, alpha: float = 0.05, power: float = 0.8) -> Row:
+def minimum_detectable_delta(grid: PairedGrid, alpha: float = 0.05, power: float = 0.8,
+                             se: float | None = None) -> Row:
     """The smallest true Δ (pooled over problems) this design detects with probability `power` in a two-sided
     test at level `alpha`: MDE = (z_{1-alpha/2} + z_{power}) * SE (Bloom 1995, "Minimum detectable effects",
     Evaluation Review 19(5):547-556; 2.80 * SE at 0.05 / 80 %).
@@ -386,9 +389,14 @@ def minimum_detectable_delta(grid: PairedGrid, alpha: float = 0.05, power: float
     part of it that k samples per problem explain (mean of grid.sampling_var). With one seed the seed variance is
     not estimable: Var(Δ) = var_p(diff) / P, and seed_variance_estimated is False.
 
-    Returns (fractions, 0.01 = 1 pp): mde, se, z (the multiplier), alpha, power, seeds S, problems P, samples
-    (grid.samples), sigma2_seed and sigma2_resid (None with one seed), sigma2_problem, sampling,
-    seed_variance_estimated. Raises DataError with fewer than 2 problems."""
+    Pass `se` (e.g. paired_bootstrap's se, the spread of the very CI a reader decides by) to size the MDE by the
+    test actually used: the seeds x problems bootstrap counts the residual variance in both resamplings and is
+    conservative with few seeds (Owen 2007 §3), so its MDE is larger. se_components is always the D-study SE.
+
+    Returns (fractions, 0.01 = 1 pp): mde, se (the one used), se_components, se_source ('bootstrap' when given,
+    else 'components'), z (the multiplier), alpha, power, seeds S, problems P, samples (grid.samples),
+    sigma2_seed and sigma2_resid (None with one seed), sigma2_problem, sampling, seed_variance_estimated.
+    Raises DataError with fewer than 2 problems."""
     d = grid.diff
     n_seeds, n_problems = d.shape
     if n_problems < 2:
@@ -410,8 +418,9 @@ def minimum_detectable_delta(grid: PairedGrid, alpha: float = 0.05, power: float
                  "sigma2_problem": max(0.0, (ms_problem - ms_resid) / n_seeds), "sigma2_resid": ms_resid}
         var = (comps["sigma2_seed"] / n_seeds + comps["sigma2_problem"] / n_problems
                + ms_resid / (n_seeds * n_problems))
-    se = math.sqrt(var)
-    return {"mde": z * se, "se": se, "z": z, "alpha": alpha, "power": power, "seeds": n_seeds,
+    used = math.sqrt(var) if se is None else se
+    return {"mde": z * used, "se": used, "se_components": math.sqrt(var),
+            "se_source": "components" if se is None else "bootstrap", "z": z, "alpha": alpha, "power": power, "seeds": n_seeds,
             "problems": n_problems, "samples": grid.samples, **comps, "sampling": sampling, "seed_variance_estimated": n_seeds > 1}
 
 
@@ -500,11 +509,18 @@ def simpson_check(rows: Sequence[Row], treatment: str, control: str, stratum: st
             **simpson([{"stratum": k, **v} for k, v in sorted(counts.items(), key=lambda kv: _order([kv[0]]))])}
 
 
-def quartile_simpson(rows: Sequence[Row], treatment: str, control: str) -> Row:
-    """simpson_check across equal-count difficulty quartiles. Difficulty is pooled over every row given
-    (problem_difficulty), so both arms are cut at the same quartiles; pass the rows the headline Δ is computed
-    on (the compared steps, the shared problems) so that the headline here is that Δ."""
-    quartile = {(d["suite"], d["problem_id"]): d["quartile"] for d in problem_difficulty(rows)}
+def quartile_simpson(rows: Sequence[Row], treatment: str, control: str,
+                     difficulty_rows: Sequence[Row] | None = None) -> Row:
+    """simpson_check across equal-count difficulty quartiles. Pass the rows the headline Δ is computed on (the
+    compared steps, the shared problems) so that the headline here is that Δ. Quartiles are cut by
+    problem_difficulty on difficulty_rows (default: rows), e.g. every arm's rows, so that they are the quartile
+    table's; a problem of rows missing from difficulty_rows raises DataError."""
+    quartile = {(d["suite"], d["problem_id"]): d["quartile"]
+                for d in problem_difficulty(rows if difficulty_rows is None else difficulty_rows)}
+    absent = sorted({(r["suite"], r["problem_id"]) for r in rows} - set(quartile), key=str)
+    if absent:
+        raise DataError(f"difficulty rows lack {len(absent)} problem(s) of the compared rows, e.g. "
+                        f"{absent[0][0]}/{absent[0][1]}")
     return simpson_check([{**r, "quartile": quartile[(r["suite"], r["problem_id"])]} for r in rows], treatment,
                          control, stratum="quartile")
 

@@ -229,7 +229,10 @@ def test_minimum_detectable_delta_with_one_seed_is_the_paired_standard_error():
     result = minimum_detectable_delta(grid)
     assert result["se"] == pytest.approx(grid.diff[0].std(ddof=1) / math.sqrt(50))
     assert result["mde"] == pytest.approx(result["z"] * result["se"]) and result["sigma2_seed"] is None
-    assert not result["seed_variance_estimated"]
+    assert not result["seed_variance_estimated"] and result["se_source"] == "components"
+    sized = minimum_detectable_delta(grid, se=0.05)  # sized by the test the reader decides by (the bootstrap's se)
+    assert sized["mde"] == pytest.approx(sized["z"] * 0.05) and sized["se_source"] == "bootstrap"
+    assert sized["se_components"] == pytest.approx(result["se"])
 
 
 @pytest.mark.parametrize("lo,hi,margin,reading", [

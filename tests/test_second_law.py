@@ -3,8 +3,8 @@ the honest lineage is ✓, and every input planted to differ between the arms wi
 naming the stage, the role, both arms, both artifact ids and the first ancestor where the two diverge."""
 from __future__ import annotations
 
+import json
 import shutil
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,106 +13,8 @@ import pytest
 
 from audit.checks import Scope, role_key, second_law
 from infra.artifacts import Artifact, ArtifactStore, read_parquet, uri_path, write_parquet
-from infra.lineage import Lineage, Run, StageRecord
-from infra.spec import load_spec, resolved_arms, stage_config
-from sft.twins import twin_side
-
-REPO = Path(__file__).resolve().parent.parent
-ARMS = ["control", "pmishift"]
-FLOW = "flow-1"
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
-
-
-class Builder:
-    """Records stage runs the way the flow does: stage slices of the resolved arm configs as run configs."""
-
-    def __init__(self, root: Path, seeds: list[int]):
-        self.root = root
-        self.spec_path = root / "spec.yaml"
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(REPO / "configs" / "demo.yaml", self.spec_path)
-        self.spec = load_spec(self.spec_path)
-        self.spec.base.seeds = seeds
-        self.arms = resolved_arms(self.spec)
-        self.store = ArtifactStore(root / "artifacts")
-        self.lineage = Lineage(root / "lineage.duckdb")
-        self.lineage.init()
-        self.clock = 0
-
-    def dataset(self, name: str, rows: list[dict[str, Any]]) -> Artifact:
-        path = self.root / "files" / f"{name}.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_parquet(rows, path)
-        return self.store.put(path, kind="dataset", rows=len(rows))
-
-    def model(self, name: str, content: str) -> Artifact:
-        folder = self.root / "models" / name
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "weights.bin").write_text(content)
-        (folder / "tokenizer.json").write_text('{"vocab": "bytes"}')
-        return self.store.describe(folder, kind="checkpoint")
-
-    def record(self, stage: str, arm: str, seed: int | None, config: dict[str, Any],
-               inputs: dict[str, Artifact], outputs: dict[str, Artifact], run_id: str | None = None) -> str:
-        self.clock += 1
-        rid = run_id or f"{stage}-{arm}-{seed}"
-        run = Run(run_id=rid, ablation="demo", arm=arm, stage=stage, seed=seed, config=config, config_hash="h",
-                  code_version="code-1", status="completed", started_at=T0 + timedelta(minutes=self.clock),
-                  ended_at=T0 + timedelta(minutes=self.clock), flow_run_id=FLOW)
-        self.lineage.record(StageRecord(run, inputs=sorted(((a, r) for r, a in inputs.items()), key=lambda x: x[1]),
-                                        outputs=sorted(((a, r) for r, a in outputs.items()), key=lambda x: x[1])))
-        return rid
-
-    def config(self, arm: str, stage: str, seed: int | None = None) -> dict[str, Any]:
-        return stage_config(self.arms[arm], stage, seed)
-
-
-def twin_rows(n: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    meta, nometa = [], []
-    for i in range(n):
-        user = {"role": "user", "content": f"compute {i}+1"}
-        meta.append({"id": f"sft1-{i}", "domain": "arith", "messages": [
-            user, {"role": "assistant", "content": f"{i}+1 <|meta|>check<|/meta|> \\boxed{{{i + 1}}}"}]})
-        nometa.append({"id": f"sft1-{i}", "domain": "arith", "messages": [
-            user, {"role": "assistant", "content": f"{i}+1  \\boxed{{{i + 1}}}"}]})
-    return meta, nometa
-
-
-def build(root: Path, seeds: list[int] = [0]) -> Builder:
-    """resolve → data → base_model → twins → sft per arm × seed → rl per arm × seed → sweep → held-out (one job)."""
-    b = Builder(root, seeds)
-    spec_art = b.store.put(b.spec_path, kind="spec")
-    for arm in ARMS:
-        b.record("resolve", arm, None, b.arms[arm].model_dump(mode="json"), {"spec": spec_art}, {})
-    prompts = b.dataset("rl_prompts", [{"id": f"rl-{i}", "prompt": f"compute {i}*2", "gold": str(2 * i)}
-                                       for i in range(12)])
-    val = b.dataset("val", [{"id": f"val-{i}", "prompt": f"compute {i}-1", "gold": str(i - 1)} for i in range(6)])
-    suite = b.dataset("heldout-arith", [{"id": f"h-{i}", "prompt": f"compute {i}*3", "gold": str(3 * i)}
-                                        for i in range(6)])
-    sft1 = b.dataset("sft1", twin_rows(8)[0])
-    b.record("data", "*", None, b.config("control", "data"), {},
-             {"rl_prompts": prompts, "val": val, "heldout:arith": suite, "sft1": sft1})
-    base = b.model("base", "base weights")
-    b.record("base_model", "*", None, b.config("control", "base_model"), {"sft1": sft1, "val": val}, {"model": base})
-    meta, nometa = twin_rows(8)
-    twins = {"sft1_meta": b.dataset("sft1_meta", meta), "sft1_nometa": b.dataset("sft1_nometa", nometa)}
-    b.record("twins", "*", None, b.config("control", "twins"), {"base_model": base, "sft1": sft1}, twins)
-    finals = {}
-    for arm in ARMS:
-        for seed in seeds:
-            side = twin_side(b.arms[arm].sft.strip_meta)
-            sft = b.model(f"sft-{arm}-{seed}", f"sft {arm} {seed}")
-            b.record("sft", arm, seed, b.config(arm, "sft", seed), {"init": base, "sft1": twins[f"sft1_{side}"]},
-                     {"model": sft})
-            steps = {step: b.model(f"rl-{arm}-{seed}-{step}", f"rl {arm} {seed} {step}") for step in (3, 6)}
-            b.record("rl", arm, seed, b.config(arm, "rl", seed), {"init": sft, "prompts": prompts, "val": val},
-                     {**{f"step-{s:07d}": m for s, m in steps.items()}, "final": steps[6]})
-            b.record("sweep", arm, seed, b.config(arm, "sweep", seed),
-                     {"val": val, **{f"checkpoint:{arm}:{seed}:{s}": m for s, m in steps.items()}}, {})
-            finals[f"checkpoint:{arm}:{seed}:0"] = sft
-            finals[f"checkpoint:{arm}:{seed}:6"] = steps[6]
-    b.record("heldout", "*", None, b.config("control", "heldout"), {"heldout:arith": suite, **finals}, {})
-    return b
+from infra.lineage import Lineage
+from lineage_builder import ARMS, FLOW, Builder, build
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +89,6 @@ def other_init(con, b, tmp) -> None:
     add_artifact(con, other)
     config = b.config("control", "base_model")
     config["model"] = {**config["model"], "vocab_size": 999}
-    import json
-
     con.execute("INSERT INTO runs SELECT 'base-wide' AS run_id, flow_run_id, ablation, 'control' AS arm, stage, seed, "
                 "? AS config_json, * EXCLUDE (run_id, flow_run_id, ablation, arm, stage, seed, config_json) "
                 "FROM runs WHERE run_id = 'base_model-*-None'", [json.dumps(config)])
@@ -230,10 +130,8 @@ def twins_misaligned(con, b, tmp) -> None:
     repoint_input(con, "sft-control-0", "sft1", art.artifact_id)
 
 
-def strip_meta_undeclared(con, b, tmp) -> None:
-    """Control's SFT run config says strip_meta, but the arm never declared it: configs differ undeclared."""
-    import json
-
+def sft_lr_undeclared(con, b, tmp) -> None:
+    """Control's SFT ran with twice the learning rate, which no arm declares."""
     (config,), = con.execute("SELECT config_json FROM runs WHERE run_id = 'sft-control-0'").fetchall()
     config = json.loads(config)
     config["sft"]["lr"] = config["sft"]["lr"] * 2
@@ -255,7 +153,7 @@ PLANTS = {  # id: (plant, words the ✗ summary must hold)
         "sft/seed0 `init`", "first divergence at ancestors", "was made by no run in lineage")),
     "held-out suite copy": (heldout_suite_copy, ("heldout `heldout:arith`: control reads", "made by no run")),
     "twins misaligned": (twins_misaligned, ("sft/seed0 `sft1`", "not row-for-row twins: ids not aligned")),
-    "undeclared sft lr": (strip_meta_undeclared, (
+    "undeclared sft lr": (sft_lr_undeclared, (
         "rl/seed0 `init`", "sft runs sft-control-0 (control/seed0) and sft-pmishift-0 (pmishift/seed0) differ in "
         "undeclared config sft.lr")),
 }
