@@ -337,7 +337,8 @@ class SecondLaw:
         return None
 
     def explain(self, a: str, b: str, arm_a: str, arm_b: str) -> Divergence | None:
-        """None when a and b are equal or lineage explains their difference; else the first divergence."""
+        """None when artifacts a (read by arm_a) and b (read by arm_b) are equal or lineage explains their
+        difference; else the first divergence walking up from them (memoised per pair)."""
         if a == b:
             return None
         key = (a, b, arm_a, arm_b)
@@ -403,6 +404,7 @@ class SecondLaw:
     # ------------------------------------------------------------ the check
 
     def run(self) -> Check:
+        """Compare every (stage, seed) view of every pair of arms role by role; each divergence named once."""
         name = "second law: inputs differ only where lineage explains"
         if early := _too_few_arms(self.scope, name):
             return Check(early.name, early.status, early.summary, self.evidence)
@@ -449,6 +451,8 @@ class SecondLaw:
 
 
 def second_law(scope: Scope) -> Check:
+    """The second law as one ledger check (see SecondLaw): ✓ when every input difference between arms is explained
+    by lineage, ✗ naming each unexplained one, ☐ when an arm lacks a stage run or the stored spec is unreadable."""
     return SecondLaw(scope).run()
 
 

@@ -61,7 +61,7 @@ class Inputs:
 
 
 def gather(lineage: Lineage, ablation: str) -> Inputs:
-    """What the report reads: the latest flow run, its stored spec, the held-out job's eval config, the contrasts
+    """What the report reads: the latest flow run, its stored spec, the resolved eval section, the contrasts
     whose arms both ran, the val rows (sweep, else RL validation) and the held-out rows, one per problem x sample
     (seeds kept apart in the `seed` field). Raises UsageError when lineage has no run of the ablation."""
     flow = latest_flow(lineage, ablation)
@@ -78,7 +78,9 @@ def gather(lineage: Lineage, ablation: str) -> Inputs:
                     for f in sorted(s.output_path("val").glob("step-*.parquet")) for r in read_parquet(f)]
     heldout = flow.stage("heldout")
     protocol = heldout[0].facts.get("protocol", {}) if heldout else {}
-    return Inputs(flow=flow, spec=spec, eval=EvalSpec(**heldout[0].config["eval"]) if heldout else spec.base.eval,
+    # the report's keys (eval.bootstrap_resamples, eval.ece_bins, eval.equivalence_margin) as the flow resolved them
+    resolved = EvalSpec.model_validate(flow.stage("resolve")[0].config["eval"])
+    return Inputs(flow=flow, spec=spec, eval=resolved,
                   contrasts=contrasts, val_rows=val_rows, val_source=source,
                   heldout_rows=read_parquet(heldout[0].output_path("heldout")) if heldout else [],
                   heldout_n=protocol.get("n", {}))

@@ -364,6 +364,12 @@ def strip_row(row: dict[str, Any], open_tag: str = META_OPEN, close_tag: str = M
             "wrong_prefix": None if wp is None else strip_meta(wp, open_tag, close_tag)}
 
 
+def twin_side(strip_meta: bool) -> Literal["meta", "nometa"]:
+    """Which twin an arm trains on: the no-meta side when `sft.strip_meta` (control arms), else the meta side.
+    The twins stage writes both as `<source>_meta` / `<source>_nometa`."""
+    return "nometa" if strip_meta else "meta"
+
+
 def build_twins(rows: list[dict[str, Any]], open_tag: str = META_OPEN, close_tag: str = META_CLOSE, *,
                 tokenizer: Any = None, max_length: int | None = None) -> TwinSet:
     """Both twins, row-for-row aligned. A row that would fail any per-row check is refused from both sides.
@@ -415,12 +421,6 @@ def verify_twins(meta_rows: list[dict[str, Any]], nometa_rows: list[dict[str, An
     return TwinReport(passed=all(c.passed for c in checks), checks=checks, stats=_stats(meta_rows, open_tag, close_tag),
                       mask_level="chars" if tokenizer is None else "tokens",
                       tokenizer=None if tokenizer is None else tokenizer_fingerprint(tokenizer), max_length=max_length)
-
-
-def twin_side(strip_meta: bool) -> str:
-    """The twin an arm trains on: 'nometa' when its sft.strip_meta is set, else 'meta' (the twins stage writes
-    `<source>_<side>` outputs, e.g. sft1_nometa)."""
-    return "nometa" if strip_meta else "meta"
 
 
 def pairing_problem(meta_rows: list[dict[str, Any]], nometa_rows: list[dict[str, Any]]) -> str | None:

@@ -27,13 +27,14 @@ T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 class Builder:
     """Records stage runs the way the flow does: stage slices of the resolved arm configs as run configs."""
 
-    def __init__(self, root: Path, seeds: list[int]):
+    def __init__(self, root: Path, seeds: list[int], eval_overrides: dict[str, Any] | None = None):
         self.root = root
         self.spec_path = root / "spec.yaml"
         root.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(REPO / "configs" / "demo.yaml", self.spec_path)
         self.spec = load_spec(self.spec_path)
         self.spec.base.seeds = seeds
+        self.spec.base.eval = self.spec.base.eval.model_copy(update=eval_overrides or {})
         self.arms = resolved_arms(self.spec)
         self.store = ArtifactStore(root / "artifacts")
         self.lineage = Lineage(root / "lineage.duckdb")
@@ -97,12 +98,13 @@ def result_rows(outcome: Outcome, arm: str, seed: int, step: int, suites: dict[s
 
 
 def build(root: Path, seeds: list[int] = [0], outcome: Outcome | None = None, heldout: dict[str, int] | None = None,
-          samples: int = 4) -> Builder:
+          samples: int = 4, eval_overrides: dict[str, Any] | None = None) -> Builder:
     """resolve → data → base_model → twins → sft per arm × seed → rl per arm × seed → sweep → held-out (one job).
     With an outcome, the sweep (steps 3, 6; 12 val problems in 3 domains) and the held-out job (steps 0, 6; the
-    suites in `heldout`, default arith: 40 problems) write result tables of `samples` samples per problem."""
+    suites in `heldout`, default arith: 40 problems) write result tables of `samples` samples per problem.
+    eval_overrides change base.eval before the arms are resolved (as the flow's resolve runs record them)."""
     heldout = heldout or {"arith": 40}
-    b = Builder(root, seeds)
+    b = Builder(root, seeds, eval_overrides)
     spec_art = b.store.put(b.spec_path, kind="spec")
     for arm in ARMS:
         b.record("resolve", arm, None, b.arms[arm].model_dump(mode="json"), {"spec": spec_art}, {})

@@ -11,7 +11,8 @@ from audit.belief import Replay, boundaries, plot_belief
 from audit.flowrun import latest_flow
 from evals.metrics import aggregate, meta_rates, quartile_simpson
 from infra.errors import UsageError
-from infra.lineage import Artifact, Lineage, Run, StageRecord
+from infra.artifacts import Artifact
+from infra.lineage import Lineage, Run, StageRecord
 
 
 def problem(arm: str, pid: str, n: int, c: int, **extra) -> list[dict]:
@@ -162,3 +163,26 @@ def test_report_with_three_seeds_names_per_seed_deltas_power_and_reading(tmp_pat
     assert "seeds [0, 1, 2] in every arm" in md
     print(md[md.index("## Verdict"):md.index("## Audit ledger")])
     print(seeds)
+
+
+def _no_effect(arm: str, seed: int, step: int, suite: str, i: int, j: int) -> bool:
+    return _accuracy("control", seed, step, suite, i, j + 1000 * (arm == "pmishift"))
+
+
+@pytest.mark.parametrize("margin,words", [
+    (0.05, "equivalent within ±5 pp (CI holds 0 and lies inside the margin: TOST)"),
+    (0.005, "inconclusive: the CI holds 0 but reaches beyond ±0.5 pp"),
+    (None, "inconclusive: the CI holds 0 and no equivalence margin is declared (eval.equivalence_margin)")])
+def test_report_reads_the_declared_equivalence_margin(tmp_path, margin, words):
+    import re
+
+    from audit.report import build_report
+    from infra.home import Home
+    from lineage_builder import build
+
+    build(tmp_path / "home", seeds=[0, 1], outcome=_no_effect, heldout={"arith": 200}, samples=8,
+          eval_overrides={"equivalence_margin": margin, "bootstrap_resamples": 300})
+    md = build_report(Home(tmp_path / "home"), "demo", tmp_path / "out").markdown.read_text()
+    verdict = re.search(r"\| meta \| arith \| .*", md).group(0)
+    assert verdict.endswith(f"| 200 × 2 | {words} |"), verdict
+    assert "300 resamples" in md and ("not declared" in md) == (margin is None)
