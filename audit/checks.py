@@ -29,7 +29,7 @@ GRADER_IDENTITY = ("grader_version", "config", "call_path")  # not the counters:
 TRAINING_STAGES = ("base_model", "sft", "rl")
 ARM_STAGES = ("sft", "rl", "sweep")  # per-arm stages whose results the arms are compared by
 LISTED = 8  # items named in a summary before "and N more"
-MAX_PRODUCER_PAIRS = 16  # producer pairs tried per artifact pair (equal content written by several runs)
+MAX_PRODUCER_PAIRS = 16  # producer pairs tried per artifact pair (equal content written by several runs/roles)
 
 
 @dataclass(frozen=True)
@@ -352,9 +352,14 @@ class SecondLaw:
         if not ca or not cb:
             nobody = [f"{arm}'s {x}" for arm, x, c in ((arm_a, a, ca), (arm_b, b, cb)) if not c]
             return Divergence(a, b, f"{' and '.join(nobody)} was made by no run in lineage")
-        pairs = sorted(product(ca, cb), key=lambda p: (p[0].stage != p[1].stage, not (p[0].in_flow and p[1].in_flow)))
+        # equal content can be written by several runs, or by one run under several roles (a checkpoint that did
+        # not change between saves): any pair may explain it; the likeliest pair (same stage, same role) speaks
+        # for the difference when none does
+        pairs = sorted(product(ca, cb), key=lambda p: (p[0].stage != p[1].stage,
+                                                       role_key(p[0].role, arm_a) != role_key(p[1].role, arm_b),
+                                                       not (p[0].in_flow and p[1].in_flow)))
         first = None
-        for pa, pb in pairs[:MAX_PRODUCER_PAIRS]:  # equal content written by several runs: any one may explain it
+        for pa, pb in pairs[:MAX_PRODUCER_PAIRS]:
             found = self._explain_by(a, b, pa, pb, arm_a, arm_b)
             if found is None:
                 return None

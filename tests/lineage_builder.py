@@ -98,11 +98,12 @@ def result_rows(outcome: Outcome, arm: str, seed: int, step: int, suites: dict[s
 
 
 def build(root: Path, seeds: list[int] = [0], outcome: Outcome | None = None, heldout: dict[str, int] | None = None,
-          samples: int = 4, eval_overrides: dict[str, Any] | None = None) -> Builder:
+          samples: int = 4, eval_overrides: dict[str, Any] | None = None, stuck: str | None = None) -> Builder:
     """resolve → data → base_model → twins → sft per arm × seed → rl per arm × seed → sweep → held-out (one job).
     With an outcome, the sweep (steps 3, 6; 12 val problems in 3 domains) and the held-out job (steps 0, 6; the
     suites in `heldout`, default arith: 40 problems) write result tables of `samples` samples per problem.
-    eval_overrides change base.eval before the arms are resolved (as the flow's resolve runs record them)."""
+    eval_overrides change base.eval before the arms are resolved (as the flow's resolve runs record them). The
+    `stuck` arm's RL never changes its weights: every saved step is one artifact (one run, several output roles)."""
     heldout = heldout or {"arith": 40}
     b = Builder(root, seeds, eval_overrides)
     spec_art = b.store.put(b.spec_path, kind="spec")
@@ -128,7 +129,8 @@ def build(root: Path, seeds: list[int] = [0], outcome: Outcome | None = None, he
             sft = b.model(f"sft-{arm}-{seed}", f"sft {arm} {seed}")
             b.record("sft", arm, seed, b.config(arm, "sft", seed), {"init": base, "sft1": twins[f"sft1_{side}"]},
                      {"model": sft})
-            steps = {step: b.model(f"rl-{arm}-{seed}-{step}", f"rl {arm} {seed} {step}") for step in (3, 6)}
+            steps = {step: b.model(f"rl-{arm}-{seed}-{step}", f"rl {arm} {seed} {'-' if arm == stuck else step}")
+                     for step in (3, 6)}
             b.record("rl", arm, seed, b.config(arm, "rl", seed), {"init": sft, "prompts": prompts, "val": val},
                      {**{f"step-{s:07d}": m for s, m in steps.items()}, "final": steps[6]})
             sweep_out = {}

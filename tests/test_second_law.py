@@ -184,6 +184,15 @@ def test_a_divergence_is_named_once_at_the_first_input_it_reaches(honest, tmp_pa
     assert check.summary.count("base-wide") == 1, check.summary
 
 
+def test_a_checkpoint_saved_under_several_roles_is_compared_with_its_own_step(tmp_path):
+    """pmishift's RL never moved: its step-3 and step-6 checkpoints are one artifact. With control's prompts
+    reordered, the checkpoints differ for that reason only; no second finding from pairing step 3 with step 6."""
+    stuck = build(tmp_path / "stuck", stuck="pmishift")
+    assert law(stuck.lineage.path).status == "✓"
+    check = law(planted(stuck, tmp_path, prompts_reordered))
+    assert check.status == "✗" and check.summary.count(" reads ") == 2, check.summary
+
+
 def test_unequal_seeds_are_left_to_the_seeds_check(tmp_path):
     b = build(tmp_path / "a", seeds=[0, 1])
     assert law(b.lineage.path).status == "✓"
