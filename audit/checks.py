@@ -203,6 +203,8 @@ def _bound_seed(role: str, arm: str) -> int | None:
 
 @dataclass(frozen=True)
 class Producer:
+    """A completed run that wrote an artifact, with what the second law compares of it."""
+
     run_id: str
     stage: str
     arm: str

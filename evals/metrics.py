@@ -1,7 +1,9 @@
 """Held-out metrics (DESIGN §8): pure functions over per-sample rows.
 
 A per-sample row has `arm, step, suite, problem_id, domain, sample, correct, length, n_blocks, categories,
-confidence` (one row per problem x sample x arm x step); each function reads only the fields it names. Inputs
+confidence` and optionally `seed` (one row per problem x sample x arm x seed x step); each function reads only the
+fields it names. The samples of several seeds of an arm count as more samples of its problems, except where a
+function keeps seeds apart (paired_grid, paired_bootstrap: the CI then covers seeds and problems). Inputs
 are lists of dicts (what DuckDB's `fetch_df().to_dict('records')` or pyarrow's `to_pylist()` give), outputs are
 plain dicts/lists of builtins, so the tables can be written to parquet and queried through DuckDB views.
 
