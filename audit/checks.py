@@ -10,15 +10,15 @@ from __future__ import annotations
 import json
 import unicodedata
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
-from itertools import combinations
+from itertools import combinations, product
 from typing import Any, Callable, Literal
 
 from infra.artifacts import read_parquet, uri_path
 from infra.errors import TwinarmError
 from infra.lineage import Lineage, sql_literal
-from infra.spec import AblationSpec, load_spec, mechanism_of
+from infra.spec import AblationSpec, config_diff, declared_keys, load_spec, mechanism_of
 
 Status = Literal["✓", "✗", "☐"]
 PASS: Status = "✓"
@@ -29,6 +29,7 @@ GRADER_IDENTITY = ("grader_version", "config", "call_path")  # not the counters:
 TRAINING_STAGES = ("base_model", "sft", "rl")
 ARM_STAGES = ("sft", "rl", "sweep")  # per-arm stages whose results the arms are compared by
 LISTED = 8  # items named in a summary before "and N more"
+MAX_PRODUCER_PAIRS = 16  # producer pairs tried per artifact pair (equal content written by several runs/roles)
 
 
 @dataclass(frozen=True)
@@ -177,47 +178,289 @@ def _too_few_arms(scope: Scope, name: str) -> Check | None:
 
 # ---------------------------------------------------------------- the checks
 
-def same_val_file(scope: Scope) -> Check:
-    name = "same val file"
-    if early := _too_few_arms(scope, name):
-        return early
-    ev = scope.ask("SELECT r.stage, r.arm, r.seed, e.artifact_id FROM runs r JOIN edges e ON e.run_id = r.run_id "
-                   f"AND e.direction = 'in' AND e.role = 'val' WHERE {scope.on()} AND r.status = 'completed' "
-                   "AND r.stage IN ('rl', 'sweep') ORDER BY r.stage, r.arm, r.seed")
-    files = {f"{row['stage']} {label(row['arm'], row['seed'])}": row["artifact_id"] for row in ev.values}
-    missing = [f"{arm}: no rl run with a val input" for arm in scope.arms
-               if not any(r["stage"] == "rl" and r["arm"] == arm for r in ev.values)]
-    if len(set(files.values())) > 1:
-        return Check(name, FAIL, "arms validate on different files (content hash): " + _differences(files), [ev])
-    if missing:
-        return _open(name, missing, [ev])
-    return Check(name, PASS, f"every arm's RL and sweep read val file {next(iter(files.values()))}", [ev])
+# ---------------------------------------------------------------- the second law
+
+ARM_PLACEHOLDER = "{arm}"
 
 
-def same_heldout_files(scope: Scope) -> Check:
-    name = "same held-out files"
-    if early := _too_few_arms(scope, name):
-        return early
-    ev = scope.ask("SELECT r.run_id, e.role, e.artifact_id FROM runs r JOIN edges e ON e.run_id = r.run_id "
-                   f"AND e.direction = 'in' WHERE {scope.on()} AND r.stage = 'heldout' AND r.status = 'completed' "
-                   "AND (e.role LIKE 'heldout:%' OR e.role LIKE 'checkpoint:%') ORDER BY r.run_id, e.role")
-    suites: dict[str, set[str]] = defaultdict(set)  # heldout run -> "suite=artifact"
-    evaluated: dict[str, set[str]] = defaultdict(set)  # arm -> heldout runs that evaluated its checkpoints
-    for row in ev.values:
-        kind, rest = row["role"].split(":", 1)
-        if kind == "heldout":
-            suites[row["run_id"]].add(f"{rest}={row['artifact_id']}")
-        else:
-            evaluated[rest.split(":")[0]].add(row["run_id"])
-    per_arm = {arm: sorted(set().union(*(suites[run] for run in evaluated[arm]))) for arm in scope.arms
-               if evaluated.get(arm)}
-    if len({_canon(v) for v in per_arm.values()}) > 1:
-        return Check(name, FAIL, "arms were evaluated on different held-out files: " + _differences(per_arm), [ev])
-    missing = [f"{arm}: no held-out run evaluated its checkpoints" for arm in scope.arms if arm not in per_arm]
-    missing += [f"{arm}: its held-out run has no suite input" for arm, files in per_arm.items() if not files]
-    if missing:
-        return _open(name, missing, [ev])
-    return Check(name, PASS, f"every arm evaluated on {', '.join(next(iter(per_arm.values())))}", [ev])
+def role_key(role: str, arm: str) -> str:
+    """A role as compared across arms: the parts (':'-separated) that name the arm become {arm}, so arm A's
+    `checkpoint:A:0:6` is compared with arm B's `checkpoint:B:0:6` (seed and step stay: like with like)."""
+    return ":".join(ARM_PLACEHOLDER if part == arm else part for part in role.split(":"))
+
+
+def _bound_arm(role: str, arms: list[str]) -> str | None:
+    """The arm a role names (a checkpoint of that arm), or None for a role every arm shares (val, prompts...)."""
+    return next((part for part in role.split(":") if part in arms), None)
+
+
+def _bound_seed(role: str, arm: str) -> int | None:
+    """The seed a role names right after its arm (`checkpoint:<arm>:<seed>:<step>`), else None."""
+    parts = role.split(":")
+    after = parts[parts.index(arm) + 1] if arm in parts[:-1] else ""
+    return int(after) if after.lstrip("-").isdigit() else None
+
+
+@dataclass(frozen=True)
+class Producer:
+    """A completed run that wrote an artifact, with what the second law compares of it."""
+
+    run_id: str
+    stage: str
+    arm: str
+    seed: int | None
+    in_flow: bool
+    code_version: str
+    config: dict[str, Any]
+    role: str  # the output role the artifact has in this run
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """Where two artifacts that should be one first differ without a declared explanation."""
+
+    a: str
+    b: str
+    why: str
+    path: tuple[str, ...] = ()  # the input roles walked up from the compared inputs to a and b
+
+
+class SecondLaw:
+    """The second law (DESIGN §9) over one flow run. Every input edge of every stage run that serves an arm is
+    compared with the same role's input in every other arm (roles that name an arm compared with the arm
+    replaced, per seed). Two different artifacts are explained only when lineage derives them from a declared
+    difference, walking up from the two artifacts in step:
+      - the same run made them as the twin sides of one source (`<source>_meta` / `<source>_nometa`), chosen by
+        sft.strip_meta, which differs between the arms and is declared by one of them, and the two files are
+        row-for-row twins (sft.twins.pairing_problem);
+      - two runs of the same stage made them under the same output role, their configs differ only in keys the
+        two arms declare (infra.spec.declared_keys; never in `seed`), and each differing input of theirs is in
+        turn explained; identical configs and inputs with different outputs are not explained.
+    Anything else is a divergence: the first (closest to the compared inputs) pair of ancestors that differ
+    for another reason, such as an artifact no run made, outputs of different stages or roles, or an undeclared
+    config key."""
+
+    def __init__(self, scope: Scope):
+        self.scope = scope
+        ablation = sql_literal(scope.ablation)
+        self.inputs = scope.ask(
+            "SELECT r.run_id, r.stage, r.arm, r.seed, e.role, e.artifact_id, r.started_at FROM runs r JOIN edges e "
+            f"ON e.run_id = r.run_id AND e.direction = 'in' WHERE {scope.on()} AND r.status = 'completed' "
+            "AND r.stage <> 'resolve' ORDER BY r.started_at, r.stage, r.arm, r.seed, e.role")
+        self.producers_ev = scope.ask(
+            "SELECT e.artifact_id, e.role, r.run_id, r.stage, r.arm, r.seed, r.flow_run_id, r.code_version, "
+            "r.config_json FROM edges e JOIN runs r ON r.run_id = e.run_id AND e.direction = 'out' "
+            f"WHERE r.ablation = {ablation} AND r.status = 'completed' ORDER BY e.artifact_id, r.run_id")
+        self.parents_ev = scope.ask(
+            "SELECT e.run_id, e.role, e.artifact_id FROM edges e JOIN runs r ON r.run_id = e.run_id "
+            f"AND e.direction = 'in' WHERE r.ablation = {ablation} AND r.status = 'completed' "
+            "ORDER BY e.run_id, e.role")
+        self.evidence = [self.inputs, self.producers_ev, self.parents_ev]
+        self.producers: dict[str, list[Producer]] = defaultdict(list)
+        for row in self.producers_ev.values:
+            self.producers[row["artifact_id"]].append(Producer(
+                row["run_id"], row["stage"], row["arm"], row["seed"], row["flow_run_id"] == scope.flow_run_id,
+                row["code_version"], row["config_json"], row["role"]))
+        self.run_inputs: dict[str, dict[str, str]] = defaultdict(dict)
+        for row in self.parents_ev.values:
+            self.run_inputs[row["run_id"]][row["role"]] = row["artifact_id"]
+        self.spec = scope.spec[0]
+        self.config_rows = {row["key"]: row for row in scope.config_diff[0]}
+        self.explained: Counter[str] = Counter()  # declared differences that explained an input difference
+        self.missing: list[str] = []
+        self._memo: dict[tuple, Divergence | None] = {}
+        self._twins: dict[tuple[str, str], str | None] = {}
+
+    # ------------------------------------------------------------ what each arm read
+
+    def views(self) -> dict[tuple[str, int | None], dict[str, dict[str, set[str]]]]:
+        """(stage, seed) -> arm -> role key -> artifact ids the arm's runs of that stage read under it. The seed is
+        the run's, or for a shared run (held-out) the one its arm-bound role names (None for shared inputs)."""
+        arms = self.scope.arms
+        out: dict[tuple[str, int | None], dict[str, dict[str, set[str]]]] = defaultdict(
+            lambda: defaultdict(lambda: defaultdict(set)))
+        by_run: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for row in self.inputs.values:
+            by_run[row["run_id"]].append(row)
+        for rows in by_run.values():
+            run = rows[0]
+            members = arms if run["arm"] == "*" else [a for a in run["arm"].split("+") if a in arms]
+            bound = {_bound_arm(r["role"], arms) for r in rows} - {None}
+            for arm in members:
+                if bound and arm not in bound:
+                    continue  # a shared run that read other arms' checkpoints, none of this arm's
+                for r in rows:
+                    if _bound_arm(r["role"], arms) in (None, arm):  # seeds compared like with like
+                        seed = run["seed"] if run["seed"] is not None else _bound_seed(r["role"], arm)
+                        out[run["stage"], seed][arm][role_key(r["role"], arm)].add(r["artifact_id"])
+        return out
+
+    # ------------------------------------------------------------ explaining a difference
+
+    def _producers(self, artifact: str, arm: str) -> list[Producer]:
+        """The runs that wrote an artifact (equal content can come from several), this flow's and the arm's first."""
+        return sorted(self.producers.get(artifact, []), key=lambda p: (
+            not p.in_flow, p.arm not in ("*", arm) and arm not in p.arm.split("+"), p.run_id))
+
+    def _declared(self, arm_a: str, arm_b: str) -> set[str] | None:
+        if self.spec is None:
+            return None
+        return declared_keys(self.spec, arm_a) | declared_keys(self.spec, arm_b)
+
+    def _twin_sides(self, a: str, b: str, pa: Producer, pb: Producer, arm_a: str, arm_b: str) -> str | None:
+        """None when a and b are the two twin sides the arms' sft.strip_meta chose, else why not."""
+        from sft.twins import pairing_problem, twin_side
+
+        row = self.config_rows.get("sft.strip_meta")
+        if row is None or _canon(row.get(arm_a)) == _canon(row.get(arm_b)):
+            return "sft.strip_meta is the same in both arms"
+        if not {arm_a, arm_b} & set(row["declared_by"]):
+            return "sft.strip_meta differs but neither arm declares it"
+        source_a, _, side_a = pa.role.rpartition("_")
+        source_b, _, side_b = pb.role.rpartition("_")
+        if (source_a != source_b or side_a != twin_side(bool(row[arm_a]))
+                or side_b != twin_side(bool(row[arm_b]))):
+            return (f"outputs `{pa.role}` and `{pb.role}` are not the {twin_side(bool(row[arm_a]))}/"
+                    f"{twin_side(bool(row[arm_b]))} twin sides sft.strip_meta chooses")
+        key = (a, b) if side_a == "meta" else (b, a)
+        if key not in self._twins:
+            uris = {r["artifact_id"]: r["uri"] for r in self.scope.ask(
+                "SELECT artifact_id, uri FROM artifacts WHERE artifact_id IN "
+                f"({', '.join(map(sql_literal, key))})").values}
+            try:
+                self._twins[key] = pairing_problem(read_parquet(uri_path(uris[key[0]])),
+                                                   read_parquet(uri_path(uris[key[1]])))
+            except (OSError, ValueError, KeyError, TwinarmError) as exc:
+                self.missing.append(f"cannot read the twin files {key[0]}, {key[1]} ({exc})")
+                self._twins[key] = None
+        if problem := self._twins[key]:
+            return f"the twin sides are not row-for-row twins: {problem}"
+        self.explained[f"twin side of {source_a} (sft.strip_meta)"] += 1
+        return None
+
+    def explain(self, a: str, b: str, arm_a: str, arm_b: str) -> Divergence | None:
+        """None when artifacts a (read by arm_a) and b (read by arm_b) are equal or lineage explains their
+        difference; else the first divergence walking up from them (memoised per pair)."""
+        if a == b:
+            return None
+        key = (a, b, arm_a, arm_b)
+        if key not in self._memo:
+            self._memo[key] = Divergence(a, b, "lineage cycle")  # never read back unless lineage has a cycle
+            self._memo[key] = self._explain(a, b, arm_a, arm_b)
+        return self._memo[key]
+
+    def _explain(self, a: str, b: str, arm_a: str, arm_b: str) -> Divergence | None:
+        ca, cb = self._producers(a, arm_a), self._producers(b, arm_b)
+        if not ca or not cb:
+            nobody = [f"{arm}'s {x}" for arm, x, c in ((arm_a, a, ca), (arm_b, b, cb)) if not c]
+            return Divergence(a, b, f"{' and '.join(nobody)} was made by no run in lineage")
+        # equal content can be written by several runs, or by one run under several roles (a checkpoint that did
+        # not change between saves): any pair may explain it; the likeliest pair (same stage, same role) speaks
+        # for the difference when none does
+        pairs = sorted(product(ca, cb), key=lambda p: (p[0].stage != p[1].stage,
+                                                       role_key(p[0].role, arm_a) != role_key(p[1].role, arm_b),
+                                                       not (p[0].in_flow and p[1].in_flow)))
+        first = None
+        for pa, pb in pairs[:MAX_PRODUCER_PAIRS]:
+            found = self._explain_by(a, b, pa, pb, arm_a, arm_b)
+            if found is None:
+                return None
+            first = first or found
+        return first
+
+    def _explain_by(self, a: str, b: str, pa: Producer, pb: Producer, arm_a: str, arm_b: str) -> Divergence | None:
+        from sft.twins import twin_side
+
+        if pa.stage != pb.stage:
+            return Divergence(a, b, f"made by different stages ({pa.stage} vs {pb.stage})")
+        if pa.run_id == pb.run_id:
+            if pa.role.rpartition("_")[2] in (twin_side(True), twin_side(False)):
+                why = self._twin_sides(a, b, pa, pb, arm_a, arm_b)
+                return None if why is None else Divergence(a, b, f"{pa.stage} run {pa.run_id}: {why}")
+            return Divergence(a, b, f"outputs `{pa.role}` and `{pb.role}` of one {pa.stage} run {pa.run_id}")
+        if role_key(pa.role, arm_a) != role_key(pb.role, arm_b):
+            return Divergence(a, b, f"outputs `{pa.role}` vs `{pb.role}` of two {pa.stage} runs")
+        declared = self._declared(arm_a, arm_b)
+        if declared is None:
+            self.missing.append("declared overrides unknown (no stored spec)")
+            return None
+        diff = config_diff(pa.config, pb.config)
+        undeclared = sorted(k for k in diff if k == "seed" or k not in declared)
+        runs = f"{pa.stage} runs {pa.run_id} ({label(pa.arm, pa.seed)}) and {pb.run_id} ({label(pb.arm, pb.seed)})"
+        if undeclared:
+            return Divergence(a, b, f"{runs} differ in undeclared config "
+                                    + ", ".join(f"{k} ({_short(diff[k][0], 30)} vs {_short(diff[k][1], 30)})"
+                                                for k in undeclared[:4]))
+        ins_a = {role_key(r, arm_a): x for r, x in self.run_inputs[pa.run_id].items()
+                 if _bound_arm(r, self.scope.arms) in (None, arm_a)}
+        ins_b = {role_key(r, arm_b): x for r, x in self.run_inputs[pb.run_id].items()
+                 if _bound_arm(r, self.scope.arms) in (None, arm_b)}
+        if set(ins_a) != set(ins_b):
+            return Divergence(a, b, f"{runs} read different input roles: "
+                                    f"{sorted(set(ins_a) ^ set(ins_b))}")
+        for role in sorted(ins_a):
+            if (deeper := self.explain(ins_a[role], ins_b[role], arm_a, arm_b)) is not None:
+                return replace(deeper, path=(f"{pa.stage} `{role}`", *deeper.path))
+        if not diff and all(ins_a[r] == ins_b[r] for r in ins_a):
+            code = "" if pa.code_version == pb.code_version else f", code {pa.code_version} vs {pb.code_version}"
+            return Divergence(a, b, f"{runs} have the same config and inputs but different outputs{code}")
+        for k in diff:
+            self.explained[k] += 1
+        return None
+
+    # ------------------------------------------------------------ the check
+
+    def run(self) -> Check:
+        """Compare every (stage, seed) view of every pair of arms role by role; each divergence named once."""
+        name = "second law: inputs differ only where lineage explains"
+        if early := _too_few_arms(self.scope, name):
+            return Check(early.name, early.status, early.summary, self.evidence)
+        arms = self.scope.arms
+        views = self.views()
+        for stage in sorted({st for st, _ in views}):
+            self.missing += [f"{arm}: no completed {stage} run read by it" for arm in arms
+                             if not any(st == stage and arm in per for (st, _), per in views.items())]
+        problems: list[str] = []
+        compared = identical = 0
+        reported: set[tuple[str, str]] = set()  # a divergence is named once, at the first input it reaches
+        for (stage, seed), per in views.items():  # in the order the stages ran: divergences named where first read
+            where = stage + (f"/seed{seed}" if seed is not None else "")
+            for arm_a, arm_b in combinations([a for a in arms if a in per], 2):  # seeds one arm lacks: seeds check
+                va, vb = per[arm_a], per[arm_b]
+                for role in sorted(set(va) | set(vb)):
+                    if role not in va or role not in vb:
+                        has, lacks = (arm_a, arm_b) if role in va else (arm_b, arm_a)
+                        problems.append(f"{where} `{role}`: read by {has}, not by {lacks}")
+                        continue
+                    compared += 1
+                    identical += va[role] == vb[role]
+                    for a in sorted(va[role] - vb[role]):
+                        for b in sorted(vb[role] - va[role]):
+                            d = self.explain(a, b, arm_a, arm_b)
+                            if d is None or (d.a, d.b) in reported:
+                                continue
+                            reported.add((d.a, d.b))
+                            at = (" they diverge here:" if (d.a, d.b) == (a, b)
+                                  else f" first divergence at ancestors {d.a} vs {d.b} (via "
+                                       f"{' → '.join(d.path)}):")
+                            problems.append(f"{where} `{role}`: {arm_a} reads {a}, {arm_b} reads {b};{at} {d.why}")
+        if problems:
+            return Check(name, FAIL, "unexplained input differences: " + _listed(problems), self.evidence)
+        if self.missing or not compared:
+            return _open(name, list(dict.fromkeys(self.missing)) or ["no per-arm stage inputs to compare"],
+                         self.evidence)
+        because = ", ".join(f"{k} ({n})" for k, n in sorted(self.explained.items())) or "nothing"
+        stages = ", ".join(sorted({st for st, _ in views}))
+        return Check(name, PASS, f"{compared} input roles of {stages} compared across {', '.join(arms)} (per seed, "
+                                 f"checkpoint roles with the arm replaced): {identical} identical, "
+                                 f"{compared - identical} differ only through declared differences: {because}",
+                     self.evidence)
+
+
+def second_law(scope: Scope) -> Check:
+    """The second law as one ledger check (see SecondLaw): ✓ when every input difference between arms is explained
+    by lineage, ✗ naming each unexplained one, ☐ when an arm lacks a stage run or the stored spec is unreadable."""
+    return SecondLaw(scope).run()
 
 
 def same_grader(scope: Scope) -> Check:
@@ -498,20 +741,26 @@ def heldout_disjoint(scope: Scope) -> Check:
 
 
 def seeds_per_arm(scope: Scope) -> Check:
+    """✓ only when every arm ran the same seeds, at least two, in every per-seed stage (sft, rl, sweep, ...); ✗
+    when arms or an arm's stages ran different seeds; ☐ with one seed (arm differences cannot be told from seed
+    noise) or an arm without a completed per-seed run."""
     name = "seeds per arm"
-    ev = scope.ask(f"SELECT r.arm, list(DISTINCT r.seed ORDER BY r.seed) AS seeds FROM runs r WHERE {scope.on()} "
-                   "AND r.stage = 'rl' AND r.status = 'completed' GROUP BY r.arm ORDER BY r.arm")
-    seeds = {row["arm"]: row["seeds"] for row in ev.values}
-    missing = [f"{arm}: no completed rl run" for arm in scope.arms if arm not in seeds]
+    ev = scope.ask(f"SELECT r.stage, r.arm, list(DISTINCT r.seed ORDER BY r.seed) AS seeds FROM runs r WHERE "
+                   f"{scope.on()} AND r.seed IS NOT NULL AND r.status = 'completed' GROUP BY r.stage, r.arm "
+                   "ORDER BY r.stage, r.arm")
+    seeds = {f"{row['stage']} {row['arm']}": row["seeds"] for row in ev.values}
+    missing = [f"{arm}: no completed per-seed run (rl)" for arm in scope.arms
+               if not any(row["arm"] == arm and row["stage"] == "rl" for row in ev.values)]
     if len({_canon(v) for v in seeds.values()}) > 1:
         return Check(name, FAIL, "arms ran different seeds: " + _differences(seeds), [ev])
     if missing:
         return _open(name, missing, [ev])
     shared = next(iter(seeds.values()))
+    stages = ", ".join(sorted({row["stage"] for row in ev.values}))
     if len(shared) < 2:
         return Check(name, OPEN, f"one seed per arm ({shared[0]}): an arm difference cannot be told from seed "
                                  "noise", [ev])
-    return Check(name, PASS, f"seeds {shared} in every arm", [ev])
+    return Check(name, PASS, f"seeds {shared} in every arm's {stages}", [ev])
 
 
 def same_code_version(scope: Scope) -> Check:
@@ -538,7 +787,7 @@ def same_code_version(scope: Scope) -> Check:
 
 
 CHECKS: list[Callable[[Scope], Check]] = [
-    same_val_file, same_heldout_files, same_grader, first_law, package_effects, advantage_normalisation,
+    second_law, same_grader, first_law, package_effects, advantage_normalisation,
     schedules, control_zero_scorer_calls, sft_twins, corpus_sizes, regrade_flips, heldout_disjoint, seeds_per_arm,
     same_code_version,
 ]

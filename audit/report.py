@@ -1,171 +1,55 @@
-"""The ablation report: one static HTML page and its Markdown twin (with PNG figures), logged to the ablation's
-MLflow parent run.
+"""The ablation report: one static HTML page and its Markdown twin (with PNG figures) and the ledger as JSON, for
+the ablation's latest flow run. build_report writes them and returns the files; publishing them (to the
+ablation's MLflow parent run, under report/) is the caller's: the flow's Session, or `twinarm report`.
 
-Every number is read back from what the latest flow run recorded (lineage runs, facts and the result tables
-its stages wrote) and summarised with evals.metrics; nothing is recomputed from training. Accuracy is always the
-pure correctness metric, never shaped reward. The first screen holds the question, the verdict (held-out Δ with
-its paired bootstrap CI per contrast) and the audit ledger's status: what a reader needs to decide whether the
-comparison says anything, and whether the arms were matched.
+Every number is read back from what the flow recorded (lineage runs, facts and the result tables its stages
+wrote) and computed by audit.stats (formulas and their sources in evals.metrics); nothing is recomputed from
+training. Accuracy is always the pure correctness metric, never shaped reward. The first screen holds the
+question, the verdict (held-out Δ with a CI over seeds and problems, read as better, worse, equivalent within the
+declared margin, or inconclusive), the Simpson check, the power of the design and the audit ledger's status.
+Figures are audit.figures', rendering audit.render's.
 """
 from __future__ import annotations
 
-import base64
-import html
 import json
 import platform
 import socket
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any
 
+from audit.figures import plot_domains, plot_reliability, plot_val
 from audit.flowrun import FlowRun, latest_flow
-from audit.ledger import run_ledger
-from evals.metrics import (aggregate, calibration, meta_rates, paired_bootstrap, quartile_simpson,
-                           quartile_table)
+from audit.ledger import Ledger, run_ledger
+from audit.render import Block, Code, Details, Figure, Heading, Para, Table, ci, num, pct, pp, render, value_text, \
+    walk
+from audit.stats import at_steps, contrast_delta, contrast_power, contrast_simpson, final_steps, reading, \
+    step_deltas
+from evals.metrics import aggregate, calibration, meta_rates, quartile_table
 from infra.artifacts import atomic_write_bytes, read_parquet
 from infra.code import package_versions
-from infra.errors import DataError, TwinarmError
+from infra.errors import DataError
 from infra.home import Home
 from infra.lineage import Lineage
 from infra.spec import AblationSpec, ContrastSpec, EvalSpec, load_spec
-from infra.tracking import Tracker, tracking_uri
+from infra.tracking import experiment_name, tracking_uri
 from meta.grammar import CUES
 
 Row = dict[str, Any]
 STATUS_WORDS = {"✓": "verified", "✗": "violated", "☐": "open"}
 REPORT_PACKAGES = ("torch", "transformers", "verl", "math-verify", "sympy", "mlflow", "prefect", "duckdb", "numpy",
                    "matplotlib")
-
-
-# ---------------------------------------------------------------- document model (rendered to HTML and Markdown)
-
-@dataclass
-class Heading:
-    text: str
-    level: int = 2
-
-
-@dataclass
-class Para:
-    text: str
-    cls: str = ""  # an HTML class: "note", "bad", "good"
-
-
-@dataclass
-class Table:
-    columns: list[str]
-    rows: list[list[str]]
-    caption: str = ""
-
-
-@dataclass
-class Figure:
-    path: Path
-    caption: str
-
-
-@dataclass
-class Code:
-    text: str
-    lang: str = "sql"
-
-
-@dataclass
-class Details:
-    summary: str
-    blocks: list["Block"] = field(default_factory=list)
-
-
-Block = Union[Heading, Para, Table, Figure, Code, Details]
-
-
-# ---------------------------------------------------------------- formatting
-
-def pct(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.1f}%"
-
-
-def ci(lo: float | None, hi: float | None) -> str:
-    return "—" if lo is None or hi is None else f"[{100 * lo:.1f}, {100 * hi:.1f}]"
-
-
-def pp(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:+.1f} pp"
-
-
-def num(x: float | None, digits: int = 3) -> str:
-    return "—" if x is None else f"{x:.{digits}f}"
-
-
-def value_text(value: Any, limit: int = 400) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
-    return text if len(text) <= limit else text[:limit] + " …"
-
-
-# ---------------------------------------------------------------- pure computations over sample rows
-
-def pool_seeds(rows: Sequence[Row]) -> list[Row]:
-    """Rows of several seeds of an arm as more samples of the same problems: sample -> (seed, sample)."""
-    return [{**r, "sample": (r.get("seed"), r["sample"])} for r in rows]
-
-
-def at_steps(rows: Sequence[Row], steps: dict[str, int]) -> list[Row]:
-    """The rows of each arm at its given step (arms not named are dropped)."""
-    return [r for r in rows if steps.get(r["arm"]) == r["step"]]
-
-
-def final_steps(rows: Sequence[Row]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for r in rows:
-        out[r["arm"]] = max(out.get(r["arm"], r["step"]), r["step"])
-    return out
-
-
-def contrast_delta(rows: Sequence[Row], contrast: ContrastSpec, steps: dict[str, int], resamples: int, seed: int
-                   ) -> Row | None:
-    """paired_bootstrap of treatment − control at the given steps, with each arm's accuracy on the shared
-    problems (acc_t, acc_c; so Δ = acc_t − acc_c); None when the arms share no problems."""
-    t, c = contrast.treatment, contrast.control
-    if t not in steps or c not in steps:
-        return None
-    picked = at_steps(rows, {t: steps[t], c: steps[c]})
-    problems = {a: {(r["suite"], r["problem_id"]) for r in picked if r["arm"] == a} for a in (t, c)}
-    shared = problems[t] & problems[c]
-    if not shared:
-        return None
-    acc = {g["arm"]: g["avg_at_k"] for g in aggregate([r for r in picked if (r["suite"], r["problem_id"]) in shared],
-                                                      by=())}
-    return {**paired_bootstrap(picked, t, c, resamples=resamples, seed=seed), "acc_t": acc[t], "acc_c": acc[c]}
-
-
-def step_deltas(rows: Sequence[Row], contrast: ContrastSpec, resamples: int, seed: int) -> list[Row]:
-    """Δ with CI at every step both arms of the contrast have rows for."""
-    steps_of: dict[str, set[int]] = defaultdict(set)
-    for r in rows:
-        steps_of[r["arm"]].add(r["step"])
-    shared = sorted(steps_of[contrast.treatment] & steps_of[contrast.control])
-    out = []
-    for step in shared:
-        d = contrast_delta(rows, contrast, {contrast.treatment: step, contrast.control: step}, resamples, seed)
-        if d is not None:
-            out.append({"step": step, **d})
-    return out
-
-
-def verdict_word(d: Row) -> str:
-    if d["lo"] > 0:
-        return "treatment better (CI above 0)"
-    if d["hi"] < 0:
-        return "treatment worse (CI below 0)"
-    return "no difference shown (CI spans 0)"
+ALL_SUITES = "all suites"
 
 
 # ---------------------------------------------------------------- what the flow recorded
 
 @dataclass
 class Inputs:
+    """Everything the report is built from (see gather)."""
+
     flow: FlowRun
     spec: AblationSpec
     eval: EvalSpec
@@ -177,6 +61,9 @@ class Inputs:
 
 
 def gather(lineage: Lineage, ablation: str) -> Inputs:
+    """What the report reads: the latest flow run, its stored spec, the resolved eval section, the contrasts
+    whose arms both ran, the val rows (sweep, else RL validation) and the held-out rows, one per problem x sample
+    (seeds kept apart in the `seed` field). Raises UsageError when lineage has no run of the ablation."""
     flow = latest_flow(lineage, ablation)
     spec = load_spec(flow.spec_path)
     arms = set(flow.arms)
@@ -191,86 +78,93 @@ def gather(lineage: Lineage, ablation: str) -> Inputs:
                     for f in sorted(s.output_path("val").glob("step-*.parquet")) for r in read_parquet(f)]
     heldout = flow.stage("heldout")
     protocol = heldout[0].facts.get("protocol", {}) if heldout else {}
-    # the report's own keys (eval.bootstrap_resamples, eval.seed of the bootstrap) come from the flow run's spec
-    return Inputs(flow=flow, spec=spec, eval=spec.base.eval,
-                  contrasts=contrasts, val_rows=pool_seeds(val_rows), val_source=source,
-                  heldout_rows=pool_seeds(read_parquet(heldout[0].output_path("heldout"))) if heldout else [],
+    # the report's keys (eval.bootstrap_resamples, eval.ece_bins, eval.equivalence_margin) as the flow resolved them
+    resolved = EvalSpec.model_validate(flow.stage("resolve")[0].config["eval"])
+    return Inputs(flow=flow, spec=spec, eval=resolved,
+                  contrasts=contrasts, val_rows=val_rows, val_source=source,
+                  heldout_rows=read_parquet(heldout[0].output_path("heldout")) if heldout else [],
                   heldout_n=protocol.get("n", {}))
 
 
-# ---------------------------------------------------------------- figures
+# ---------------------------------------------------------------- what each contrast says (computed once)
 
-def _plt() -> Any:
-    import matplotlib
+@dataclass
+class Verdict:
+    """One contrast on one suite (or all suites) at the final checkpoints: delta is a contrast_delta row."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _colors(arms: Sequence[str]) -> dict[str, Any]:
-    plt = _plt()
-    return {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(arms)}
+    contrast: str
+    spec: ContrastSpec
+    suite: str
+    delta: Row
 
 
-def plot_val(table: list[Row], arms: list[str], path: Path) -> Path:
-    plt = _plt()
-    colors = _colors(arms)
-    fig, ax = plt.subplots(figsize=(6.4, 3.4), dpi=110)
-    for arm in arms:
-        pts = [r for r in table if r["arm"] == arm]
-        steps = [r["step"] for r in pts]
-        ax.plot(steps, [r["avg_at_k"] for r in pts], marker="o", color=colors[arm], label=arm)
-        ax.fill_between(steps, [r["avg_at_k_lo"] for r in pts], [r["avg_at_k_hi"] for r in pts],
-                        color=colors[arm], alpha=0.15, linewidth=0)
-    ax.set(xlabel="RL step", ylabel="val accuracy (pure)", ylim=(-0.02, 1.02))
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.grid(alpha=0.3)
-    ax.legend(frameon=False)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+@dataclass
+class Findings:
+    """The statistics the first screen and the held-out section share: verdicts per contrast x suite, and per
+    contrast (all suites) the Simpson check and the power of the design."""
+
+    final: dict[str, int]
+    verdicts: list[Verdict]
+    simpsons: dict[str, Row]
+    power: dict[str, Row]
 
 
-def plot_domains(table: list[Row], arms: list[str], path: Path) -> Path:
-    plt = _plt()
-    colors = _colors(arms)
-    domains = sorted({r["domain"] for r in table})
-    width = 0.8 / max(len(arms), 1)
-    fig, ax = plt.subplots(figsize=(max(6.4, 0.7 * len(domains) * len(arms)), 3.4), dpi=110)
-    for i, arm in enumerate(arms):
-        by = {r["domain"]: r for r in table if r["arm"] == arm}
-        xs = [d + i * width - 0.4 + width / 2 for d in range(len(domains))]
-        acc = [by[d]["avg_at_k"] if d in by else 0.0 for d in domains]
-        err = [[max(0.0, a - by[d]["avg_at_k_lo"]) if d in by else 0.0 for d, a in zip(domains, acc)],
-               [max(0.0, by[d]["avg_at_k_hi"] - a) if d in by else 0.0 for d, a in zip(domains, acc)]]
-        ax.bar(xs, acc, width, yerr=err, capsize=2, color=colors[arm], label=arm)
-    ax.set_xticks(range(len(domains)), domains, rotation=30, ha="right")
-    ax.set(ylabel="val accuracy (pure)", ylim=(0, 1.02))
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(frameon=False)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+def findings(inp: Inputs) -> Findings:
+    """Compute the verdicts, Simpson checks and power lines of every contrast from the held-out rows."""
+    rows, ev = inp.heldout_rows, inp.eval
+    if not rows:
+        return Findings({}, [], {}, {})
+    final = final_steps(rows)
+    suites = sorted({r["suite"] for r in rows})
+    verdicts = []
+    for name, c in inp.contrasts.items():
+        for suite in suites + ([ALL_SUITES] if len(suites) > 1 else []):
+            picked = rows if suite == ALL_SUITES else [r for r in rows if r["suite"] == suite]
+            verdicts.append(Verdict(name, c, suite, contrast_delta(picked, c, final, ev.bootstrap_resamples,
+                                                                   ev.seed)))
+    overall = {v.contrast: v.delta for v in verdicts if v.suite == (ALL_SUITES if len(suites) > 1 else suites[0])}
+    return Findings(final, verdicts, {name: contrast_simpson(rows, c, final) for name, c in inp.contrasts.items()},
+                    {name: contrast_power(rows, c, final, se=overall[name].get("se"))
+                     for name, c in inp.contrasts.items()})
 
 
-def plot_reliability(cal: list[Row], path: Path) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(4.2, 4.0), dpi=110)
-    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
-    for row in cal:
-        if row["bins"]:
-            ax.plot([b["confidence"] for b in row["bins"]], [b["accuracy"] for b in row["bins"]], marker="o",
-                    label=f"{row['arm']} @ {row['step']} (ECE {row['ece']:.3f})")
-    ax.set(xlabel="stated confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
-    ax.legend(frameon=False, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+def simpson_text(name: str, s: Row) -> Para:
+    """The Simpson line of a contrast: the headline Δ (per problem, the verdict's), each quartile's Δ, and the
+    flag when a quartile goes against the headline."""
+    if "error" in s:
+        return Para(f"{name}: Simpson check not computed: {s['error']}", "bad")
+    strata = ", ".join(f"Q{t['stratum']} {pp(t['delta'])}" for t in s["strata"])
+    if not s["flag"]:
+        return Para(f"{name}: headline Δ {pp(s['headline'])} (each problem weighs the same, as in the verdict); per "
+                    f"difficulty quartile {strata}: no quartile goes against the headline.")
+    what = ("Simpson's paradox: every quartile goes the other way" if s["kind"] == "reversal" else
+            "the headline averages quartiles that go opposite ways")
+    return Para(f"⚠ {name}: headline Δ {pp(s['headline'])}, per difficulty quartile {strata}: {what} "
+                f"({s['reason']}); read the quartile table before the headline.", "bad")
+
+
+def power_text(name: str, p: Row) -> Para:
+    """The power line of a contrast: the smallest Δ its design detects at 80 % power, how it is computed, and
+    where the variance comes from."""
+    if "error" in p:
+        return Para(f"{name}: power not computed: {p['error']}", "bad")
+    design = (f"{p['problems']} problems × {p['samples'] if p['samples'] is not None else 'unequal'} samples × "
+              f"{p['seeds']} seed{'s' * (p['seeds'] != 1)}")
+    source = ("the spread of the verdict's seeds × problems bootstrap (conservative with few seeds, Owen 2007)"
+              if p["se_source"] == "bootstrap" else "the variance components")
+    if p["seed_variance_estimated"]:
+        parts = (f"variance components (Brennan 2001, D-study): SE² = σ²_seed/S + σ²_problem/P + σ²_resid/(S·P) = "
+                 f"({100 * p['se_components']:.2f} pp)² with σ²_seed {p['sigma2_seed']:.2e}, σ²_problem "
+                 f"{p['sigma2_problem']:.2e}, σ²_resid {p['sigma2_resid']:.2e}")
+    else:
+        parts = (f"variance components: SE² = σ²_problem/P = ({100 * p['se_components']:.2f} pp)² with σ²_problem "
+                 f"{p['sigma2_problem']:.2e}; the seed variance is not measurable with one seed, so every SE here "
+                 f"is optimistic")
+    return Para(f"Power ({name}): this design ({design}) detects |Δ| ≥ {100 * p['mde']:.1f} pp at "
+                f"{100 * p['power']:.0f} % power (two-sided α = {p['alpha']:g}): MDE = (z_{{1−α/2}} + z_{{power}}) × "
+                f"SE = {p['z']:.2f} × {100 * p['se']:.2f} pp (Bloom 1995), SE from {source}; {parts}; of a "
+                f"problem's Δ in one seed, the noise of drawing its samples has variance {p['sampling']:.2e} (more "
+                f"samples per problem shrink that part only).", "note")
 
 
 # ---------------------------------------------------------------- sections
@@ -279,34 +173,34 @@ def _step_label(step: int, final: dict[str, int], arm: str) -> str:
     return f"{step} (SFT start)" if step == 0 else f"{step} (final)" if final.get(arm) == step else str(step)
 
 
-def first_screen(inp: Inputs, ledger: Any, verdicts: list[tuple[str, ContrastSpec, str, Row | None]],
-                 simpsons: dict[str, Row]) -> list[Block]:
-    spec, flow = inp.spec, inp.flow
+def first_screen(inp: Inputs, ledger: Ledger, found: Findings) -> list[Block]:
+    """Question, verdict table with readings, Simpson and power lines, and the ledger's counts."""
+    spec, flow, margin = inp.spec, inp.flow, inp.eval.equivalence_margin
     blocks: list[Block] = [Heading("Question")]
     if spec.description:
         blocks.append(Para(spec.description.strip()))
     for name, c in inp.contrasts.items():
         mech = f" — declared mechanisms: {', '.join(c.mechanisms)}" if c.mechanisms else ""
         blocks.append(Para(f"{name}: {c.treatment} − {c.control}" + (f": {c.question}" if c.question else "") + mech))
-    final = final_steps(inp.heldout_rows)
     rows = []
-    for name, c, suite, d in verdicts:
-        if d is None:
-            rows.append([name, suite, "—", "—", "—", "—", "—", "arms share no held-out problems"])
+    for v in found.verdicts:
+        d, c = v.delta, v.spec
+        if "error" in d:
+            rows.append([v.contrast, v.suite, "—", "—", "—", "—", "—", reading(d, margin)])
             continue
-        rows.append([name, suite, f"{pct(d['acc_t'])} ({c.treatment} @ {final[c.treatment]})",
-                     f"{pct(d['acc_c'])} ({c.control} @ {final[c.control]})", pp(d["delta"]), ci(d["lo"], d["hi"]),
-                     f"{d['problems']}", verdict_word(d)])
+        rows.append([v.contrast, v.suite, f"{pct(d['acc_t'])} ({c.treatment} @ {found.final[c.treatment]})",
+                     f"{pct(d['acc_c'])} ({c.control} @ {found.final[c.control]})", pp(d["delta"]),
+                     ci(d["lo"], d["hi"]), f"{d['problems']} × {len(d['seeds'])}", reading(d, margin)])
     blocks += [Heading("Verdict: held-out Δ at the final checkpoints"),
-               Table(["contrast", "suite", "treatment", "control", "Δ", "95% CI (pp)", "problems", "reading"], rows,
-                     caption=f"avg@k, paired bootstrap over shared problems ({inp.eval.bootstrap_resamples} "
-                             f"resamples, stratified by suite, seed {inp.eval.seed})")]
-    if not verdicts:
+               Table(["contrast", "suite", "treatment", "control", "Δ", "95% CI (pp)", "problems × seeds", "reading"],
+                     rows, caption=f"avg@k; CI: bootstrap over seeds and problems (Owen 2007), problems resampled "
+                                   f"within suites, {inp.eval.bootstrap_resamples} resamples, seed {inp.eval.seed}; "
+                                   "equivalence margin " + (f"±{100 * margin:g} pp (eval.equivalence_margin)"
+                                                            if margin is not None else "not declared"))]
+    if not found.verdicts:
         blocks.append(Para("no held-out job in this flow run, or no contrast whose arms both ran", "bad"))
-    for name, s in simpsons.items():
-        if s["flag"]:
-            blocks.append(Para(f"⚠ {name}: Simpson's paradox across difficulty quartiles ({s['reason']}); read the "
-                               f"quartile table before the pooled Δ.", "bad"))
+    blocks += [simpson_text(name, s) for name, s in found.simpsons.items()]
+    blocks += [power_text(name, p) for name, p in found.power.items()]
     counts = {s: sum(c.status == s for c in ledger.checks) for s in STATUS_WORDS}
     blocks += [Heading("Audit ledger"),
                Para(" · ".join(f"{counts[s]} {s} {w}" for s, w in STATUS_WORDS.items()),
@@ -324,6 +218,8 @@ def first_screen(inp: Inputs, ledger: Any, verdicts: list[tuple[str, ContrastSpe
 
 
 def val_section(inp: Inputs, arms: list[str], out: Path, domain_step: int | None) -> list[Block]:
+    """Val accuracy per step (figure, table), per contrast the Δ per step pooled over problems and macro-averaged
+    over domains, and per-domain accuracy at one step. Raises DataError for a domain_step without rows."""
     if not inp.val_rows:
         return [Heading("Validation accuracy by step"), Para("no validation rows in this flow run", "bad")]
     ev = inp.eval
@@ -337,13 +233,21 @@ def val_section(inp: Inputs, arms: list[str], out: Path, domain_step: int | None
         Figure(plot_val(table, arms, out / "val-accuracy.png"), f"pure correctness on the val mix ({inp.val_source})"
                                                                   f", 95% bootstrap CI over problems"),
         Table(["step", *arms], rows, caption=f"{inp.val_source}: avg@k over {table[0]['problems']} problems")]
+
+    def cells(d: Row) -> list[str]:
+        return ["—", "—", d["error"]] if "error" in d else [pp(d["delta"]), ci(d["lo"], d["hi"]), num(d["p_le_0"], 3)]
+
     for name, c in inp.contrasts.items():
         deltas = step_deltas(inp.val_rows, c, ev.bootstrap_resamples, ev.seed)
-        blocks.append(Table(["step", c.treatment, c.control, "Δ", "95% CI (pp)", "P(Δ ≤ 0)", "problems"],
-                            [[str(d["step"]), pct(d["acc_t"]), pct(d["acc_c"]), pp(d["delta"]), ci(d["lo"], d["hi"]),
-                              num(d["p_le_0"], 3), str(d["problems"])] for d in deltas],
-                            caption=f"{name}: {c.treatment} − {c.control} at the steps both arms share "
-                                    f"(paired bootstrap over shared problems)"))
+        blocks.append(Table(
+            ["step", c.treatment, c.control, "Δ pooled over problems", "95% CI (pp)", "P(Δ ≤ 0)",
+             "Δ macro over domains", "95% CI (pp)", "P(Δ ≤ 0)", "problems × seeds"],
+            [[str(d["step"]), pct(d["pooled"].get("acc_t")), pct(d["pooled"].get("acc_c")), *cells(d["pooled"]),
+              *cells(d["macro"]), f"{d['pooled']['problems']} × {len(d['pooled']['seeds'])}"
+              if "error" not in d["pooled"] else "—"] for d in deltas],
+            caption=f"{name}: {c.treatment} − {c.control} at the steps both arms share. Pooled: every problem weighs "
+                    f"the same; macro: the mean of the per-domain Δs (every domain weighs the same, as in the "
+                    f"research table). CIs: bootstrap over seeds and problems, problems resampled within domains"))
     shared = set.intersection(*({r["step"] for r in table if r["arm"] == a} for a in arms))
     step = domain_step if domain_step is not None else max(shared, default=max(steps))
     if not any(r["step"] == step for r in table):
@@ -360,11 +264,32 @@ def val_section(inp: Inputs, arms: list[str], out: Path, domain_step: int | None
     return blocks
 
 
-def heldout_section(inp: Inputs, simpsons: dict[str, Row], out: Path) -> list[Block]:
+def seeds_section(found: Findings) -> list[Block]:
+    """Per contrast (all suites): the Δ of each seed and their mean with the seeds x problems CI."""
+    overall = [v for v in found.verdicts if v.suite == ALL_SUITES] or found.verdicts
+    rows = []
+    for v in overall:
+        d = v.delta
+        if "error" in d:
+            rows.append([v.contrast, v.suite, "—", d["error"]])
+            continue
+        rows += [[v.contrast, v.suite, f"seed {p['seed']}", pp(p["delta"])] for p in d["per_seed"]]
+        rows.append([v.contrast, v.suite, f"mean of {len(d['seeds'])}", f"{pp(d['delta'])} {ci(d['lo'], d['hi'])}"])
+    if not rows:
+        return []
+    return [Heading("Seeds: Δ per seed (final checkpoints)", 3),
+            Table(["contrast", "suite", "seed", "Δ"], rows,
+                  caption="each seed's Δ on the shared problems; the mean's 95% CI resamples seeds, then problems "
+                          "(Owen 2007; Davison & Hinkley 1997 §3.8); with one seed it covers problems only")]
+
+
+def heldout_section(inp: Inputs, found: Findings, out: Path) -> list[Block]:
+    """Held-out accuracies per suite/arm/step, per-seed Δs, difficulty quartiles with the Simpson lines, meta
+    behaviour and calibration (with the reliability figure)."""
     rows, ev = inp.heldout_rows, inp.eval
     if not rows:
         return [Heading("Held-out evaluation"), Para("no held-out job in this flow run", "bad")]
-    final = final_steps(rows)
+    final = found.final
     ks = sorted({1, *inp.heldout_n.values()})
     table = aggregate(rows, by=("suite",), ks=ks, resamples=ev.bootstrap_resamples, seed=ev.seed)
     body = []
@@ -378,7 +303,8 @@ def heldout_section(inp: Inputs, simpsons: dict[str, Row], out: Path) -> list[Bl
     blocks: list[Block] = [
         Heading("Held-out evaluation"),
         Table(["suite", "arm", "step", "problems", "k", "avg@k [95% CI]", "pass@1 [95% CI]", "pass@k [95% CI]"], body,
-              caption="one job, one protocol for every arm; CIs: bootstrap over problems")]
+              caption="one job, one protocol for every arm; k = samples per problem over all seeds; CIs: bootstrap "
+                      "over problems"), *seeds_section(found)]
 
     final_rows = at_steps(rows, final)
     quart = quartile_table(final_rows)
@@ -386,18 +312,14 @@ def heldout_section(inp: Inputs, simpsons: dict[str, Row], out: Path) -> list[Bl
     by_q = {(r["arm"], r["quartile"]): r for r in quart}
     qs = sorted({r["quartile"] for r in quart})
     blocks += [Heading("Difficulty quartiles (final checkpoints)", 3),
-               Table(["quartile", *(f"{a} {m}" for a in arms for m in ("acc", "meta"))],
+               Table(["quartile", "problems", *(f"{a} {m}" for a in arms for m in ("acc", "meta"))],
                      [[f"Q{q}" + (" (easiest)" if q == 1 else " (hardest)" if q == 4 else ""),
+                       str(next(r["problems"] for r in quart if r["quartile"] == q)),
                        *(v for a in arms for v in ((pct(by_q[a, q]["accuracy"]), pct(by_q[a, q]["meta_emission"]))
                                                      if (a, q) in by_q else ("—", "—")))] for q in qs],
-                     caption="difficulty = 1 − accuracy pooled over every arm; meta = share of samples with a closed "
-                             "meta block")]
-    for name, s in simpsons.items():
-        strata = ", ".join(f"Q{t['stratum']} {pp(t['delta'])}" for t in s["strata"])
-        blocks.append(Para(f"{name}: pooled Δ {pp(s['pooled'])}, common-weight Δ {pp(s['standardised'])}; "
-                           f"per quartile {strata}. " + (f"⚠ Simpson: {s['reason']}" if s["flag"] else
-                                                         "Pooled and stratified differences agree in sign."),
-                           "bad" if s["flag"] else ""))
+                     caption="difficulty = 1 − accuracy pooled over every arm; equal-count quartiles (ties broken by "
+                             "a hash of the problem id); meta = share of samples with a closed meta block")]
+    blocks += [simpson_text(name, s) for name, s in found.simpsons.items()]
 
     meta = meta_rates(rows)
     blocks += [Heading("Meta behaviour on the held-out set", 3),
@@ -417,7 +339,8 @@ def heldout_section(inp: Inputs, simpsons: dict[str, Row], out: Path) -> list[Bl
     return blocks
 
 
-def ledger_section(ledger: Any, arms: list[str]) -> list[Block]:
+def ledger_section(ledger: Ledger, arms: list[str]) -> list[Block]:
+    """Every check with its summary, its evidence (SQL and values) folded, and the resolved-config diff."""
     blocks: list[Block] = [Heading("Audit ledger"),
                            Table(["", "check", "summary"], [[c.status, c.name, c.summary] for c in ledger.checks])]
     for c in ledger.checks:
@@ -433,9 +356,9 @@ def ledger_section(ledger: Any, arms: list[str]) -> list[Block]:
     return blocks
 
 
-def reproducibility_section(inp: Inputs, tracker: Tracker, parent_id: str) -> list[Block]:
+def reproducibility_section(inp: Inputs, home: Home) -> list[Block]:
+    """Flow run, spec, configs, code, seeds, devices, hosts, packages, grader, protocol, stores, build host."""
     flow = inp.flow
-    tags = tracker.client.get_run(parent_id).data.tags
     codes: dict[str, list[str]] = defaultdict(list)
     for r in flow.runs:
         codes[r.code_version].append(f"{r.stage}/{r.arm}")
@@ -451,9 +374,10 @@ def reproducibility_section(inp: Inputs, tracker: Tracker, parent_id: str) -> li
         if runtime := r.facts.get("runtime"):
             hosts[runtime["host"]].add(r.stage)
             packages.add(", ".join(f"{k} {v}" for k, v in runtime["packages"].items() if v))
+    spec_art = flow.stage("resolve")[0].inputs["spec"]
     rows = [
         ["flow run", f"{flow.flow_run_id} ({len(flow.runs)} stage runs)"],
-        ["spec", f"{flow.spec_path} (spec hash {tags.get('twinarm.spec_hash', 'not tagged')})"],
+        ["spec", f"{flow.spec_path} (content hash {spec_art.artifact_id})"],
         *[["resolved config", f"{r.arm}: {r.config_hash}"] for r in flow.stage("resolve")],
         *[["code version", f"{code} ({len(where)} stage runs)" if len(codes) == 1 else f"{code}: {', '.join(where)}"]
           for code, where in codes.items()],
@@ -466,135 +390,54 @@ def reproducibility_section(inp: Inputs, tracker: Tracker, parent_id: str) -> li
         ["packages recorded", ", ".join(f"{k} {v}" for k, v in grader.get("versions", {}).items())
          or "none (only the grader's call path records its package versions)"],
         ["held-out protocol", next((r.facts.get("protocol_key", "?") for r in flow.stage("heldout")), "no job")],
-        ["MLflow", f"{tracking_uri(tracker.home)} · parent run {parent_id}"],
-        ["lineage", str(tracker.home.lineage_db)],
+        ["MLflow", f"{tracking_uri(home)} · experiment {experiment_name(flow.ablation)} (this report: artifacts "
+                   f"report/ of its parent run)"],
+        ["lineage", str(home.lineage_db)],
         ["report built", f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} on {socket.gethostname()} with Python "
-                         f"{platform.python_version()}, " + ", ".join(f"{p} {v or 'absent'}" for p, v in package_versions(REPORT_PACKAGES).items())],
+                         f"{platform.python_version()}, " + ", ".join(
+                             f"{p} {v or 'absent'}" for p, v in package_versions(REPORT_PACKAGES).items())],
     ]
     return [Heading("Reproducibility"), Table(["", ""], rows,
                                               caption="packages are those of the process that built this report")]
 
 
-# ---------------------------------------------------------------- rendering
-
-CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:16px 28px;color:#1d2330;max-width:1200px}
-h1{font-size:20px;margin:0 0 4px}h2{font-size:16px;margin:14px 0 6px;border-bottom:1px solid #dde}
-h3{font-size:14px;margin:12px 0 4px}p{margin:4px 0}
-table{border-collapse:collapse;margin:4px 0 8px;font-variant-numeric:tabular-nums}
-td,th{border:1px solid #d6d9e0;padding:2px 7px;text-align:left;vertical-align:top;overflow-wrap:break-word}
-th{background:#f1f3f7}img{max-width:100%}
-caption{caption-side:bottom;text-align:left;color:#667;font-size:12px;padding-top:2px}
-.note{color:#667;font-size:12px}.bad{color:#b3261e;font-weight:600}.good{color:#1e7b34;font-weight:600}
-.s-ok{color:#1e7b34;font-weight:700}.s-bad{color:#b3261e;font-weight:700}.s-open{color:#8a6d00;font-weight:700}
-pre{background:#f6f7f9;padding:6px;white-space:pre-wrap;font-size:12px;margin:2px 0}
-figure{margin:6px 0}figcaption{color:#667;font-size:12px}summary{cursor:pointer}
-"""
-_STATUS_CLASS = {"✓": "s-ok", "✗": "s-bad", "☐": "s-open"}
-
-
-def _cell(text: str, tag: str) -> str:
-    cls = _STATUS_CLASS.get(text)
-    return f"<{tag}{f' class={cls}' if cls else ''}>{html.escape(text)}</{tag}>"
-
-
-def block_html(b: Block) -> str:
-    if isinstance(b, Heading):
-        return f"<h{b.level}>{html.escape(b.text)}</h{b.level}>"
-    if isinstance(b, Para):
-        return f"<p{f' class={b.cls}' if b.cls else ''}>{html.escape(b.text)}</p>"
-    if isinstance(b, Table):
-        head = "".join(_cell(c, "th") for c in b.columns) if any(b.columns) else ""
-        body = "".join("<tr>" + "".join(_cell(c, "td") for c in row) + "</tr>" for row in b.rows)
-        caption = f"<caption>{html.escape(b.caption)}</caption>" if b.caption else ""
-        return f"<table>{caption}{f'<tr>{head}</tr>' if head else ''}{body}</table>"
-    if isinstance(b, Figure):  # embedded, so the page stands alone (MLflow's artifact viewer, a copied file)
-        data = base64.b64encode(b.path.read_bytes()).decode()
-        return (f'<figure><img alt="{html.escape(b.caption)}" src="data:image/png;base64,{data}">'
-                f"<figcaption>{html.escape(b.caption)}</figcaption></figure>")
-    if isinstance(b, Code):
-        return f"<pre>{html.escape(b.text)}</pre>"
-    return (f"<details><summary>{html.escape(b.summary)}</summary>" + "".join(block_html(x) for x in b.blocks)
-            + "</details>")
-
-
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", "<br>")
-
-
-def block_md(b: Block) -> str:
-    if isinstance(b, Heading):
-        return f"{'#' * b.level} {b.text}"
-    if isinstance(b, Para):
-        return b.text
-    if isinstance(b, Table):
-        lines = ["| " + " | ".join(_md_cell(c) for c in b.columns) + " |", "|" + "---|" * len(b.columns)]
-        lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
-        return "\n".join(lines) + (f"\n\n*{b.caption}*" if b.caption else "")
-    if isinstance(b, Figure):
-        return f"![{b.caption}]({b.path.name})"
-    if isinstance(b, Code):
-        return f"```{b.lang}\n{b.text}\n```"
-    return f"**{b.summary}**\n\n" + "\n\n".join(block_md(x) for x in b.blocks)
-
-
-def render(title: str, subtitle: str, screen: list[Block], rest: list[Block]) -> tuple[str, str]:
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1><p class=note>{html.escape(subtitle)}</p>"
-            + "".join(block_html(b) for b in screen) + "<hr>" + "".join(block_html(b) for b in rest)
-            + "</body></html>")
-    md = f"# {title}\n\n*{subtitle}*\n\n" + "\n\n".join(block_md(b) for b in [*screen, *rest]) + "\n"
-    return page, md
-
-
 # ---------------------------------------------------------------- entry point
 
-def build_report(home: Home, ablation: str, out_dir: Path | None = None, domain_step: int | None = None) -> Path:
+@dataclass(frozen=True)
+class ReportFiles:
+    """What build_report wrote: the page, its Markdown twin, the ledger as JSON and the figures (PNG)."""
+
+    html: Path
+    markdown: Path
+    ledger_json: Path
+    figures: list[Path]
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file to publish (e.g. under report/ of the ablation's MLflow parent run), the page last."""
+        return [*self.figures, self.markdown, self.ledger_json, self.html]
+
+
+def build_report(home: Home, ablation: str, out_dir: Path | None = None, domain_step: int | None = None
+                 ) -> ReportFiles:
     """Write report.html, report.md, ledger.json and the figures for the ablation's latest flow run into out_dir
-    (default TWINARM_HOME/reports/<ablation>), log them to the MLflow parent run under `report/`, and return the
-    HTML path."""
+    (default TWINARM_HOME/reports/<ablation>) and return them. Touches no tracking server: publishing the files
+    is the caller's (the Session logs ReportFiles.files to the parent run). Raises UsageError when lineage has no
+    run of the ablation, DataError for a domain_step without val rows."""
     lineage = Lineage(home.lineage_db)
     inp = gather(lineage, ablation)
-    tracker = Tracker(home)
-    parent_id = tracker.find_parent(ablation)
-    if parent_id is None:
-        raise TwinarmError(f"ablation '{ablation}' has no MLflow parent run in {tracking_uri(home)} (is "
-                           f"MLFLOW_TRACKING_URI pointing at the store its flow used?)")
     out = Path(out_dir) if out_dir else home.reports / ablation
     out.mkdir(parents=True, exist_ok=True)
     ledger = run_ledger(lineage, ablation)
     arms = inp.flow.arms
-
-    verdicts: list[tuple[str, ContrastSpec, str, Row | None]] = []
-    simpsons: dict[str, Row] = {}
-    if inp.heldout_rows:
-        final = final_steps(inp.heldout_rows)
-        final_rows = at_steps(inp.heldout_rows, final)
-        simpsons = {name: quartile_simpson(final_rows, c.treatment, c.control) for name, c in inp.contrasts.items()
-                    if {c.treatment, c.control} <= set(final)}
-        suites = sorted({r["suite"] for r in inp.heldout_rows})
-        ev = inp.eval
-        for name, c in inp.contrasts.items():
-            for suite in suites + (["all suites"] if len(suites) > 1 else []):
-                rows = inp.heldout_rows if suite == "all suites" else [r for r in inp.heldout_rows
-                                                                       if r["suite"] == suite]
-                verdicts.append((name, c, suite, contrast_delta(rows, c, final, ev.bootstrap_resamples, ev.seed)))
-
-    screen = first_screen(inp, ledger, verdicts, simpsons)
-    rest = [*val_section(inp, arms, out, domain_step), *heldout_section(inp, simpsons, out),
-            *ledger_section(ledger, arms),
-            *reproducibility_section(inp, tracker, parent_id)]
+    found = findings(inp)
+    screen = first_screen(inp, ledger, found)
+    rest = [*val_section(inp, arms, out, domain_step), *heldout_section(inp, found, out),
+            *ledger_section(ledger, arms), *reproducibility_section(inp, home)]
     page, md = render(f"twinarm report — {ablation}", f"arms: {', '.join(arms)} · built from lineage "
                                                       f"{home.lineage_db}", screen, rest)
     ledger_json = json.dumps(ledger.to_json(), indent=2, ensure_ascii=False)
-    written = [*(b.path for b in _walk([*screen, *rest]) if isinstance(b, Figure)),
-               atomic_write_bytes(out / "report.md", md.encode()),
-               atomic_write_bytes(out / "ledger.json", ledger_json.encode()),
-               atomic_write_bytes(out / "report.html", page.encode())]
-    for path in written:  # overwritten on purpose: the parent run shows the report of the latest flow run
-        tracker.client.log_artifact(parent_id, str(path), "report")
-    return written[-1]
-
-
-def _walk(blocks: list[Block]) -> list[Block]:
-    return [x for b in blocks for x in ([b, *_walk(b.blocks)] if isinstance(b, Details) else [b])]
+    return ReportFiles(figures=[b.path for b in walk([*screen, *rest]) if isinstance(b, Figure)],
+                       markdown=atomic_write_bytes(out / "report.md", md.encode()),
+                       ledger_json=atomic_write_bytes(out / "ledger.json", ledger_json.encode()),
+                       html=atomic_write_bytes(out / "report.html", page.encode()))

@@ -258,11 +258,18 @@ def report(ablation: str = typer.Argument(..., help="an ablation whose flow has 
 
     def body() -> int:
         from audit.report import build_report
+        from infra.errors import TwinarmError
         from infra.home import home
-        from infra.tracking import tracking_uri
+        from infra.tracking import Tracker, tracking_uri
 
         h = home()
-        page = build_report(h, ablation, out_dir)
+        tracker = Tracker(h)
+        if (parent := tracker.find_parent(ablation)) is None:
+            raise TwinarmError(f"ablation '{ablation}' has no MLflow parent run in {tracking_uri(h)} (is "
+                               f"MLFLOW_TRACKING_URI pointing at the store its flow used?)")
+        report = build_report(h, ablation, out_dir)
+        tracker.log_files(parent, report.files, "report")
+        page = report.html
         out.print(f"report    {page}", soft_wrap=True)  # paths stay whole for copy and paste
         out.print(f"markdown  {page.with_suffix('.md')}   (figures and ledger.json beside it)", soft_wrap=True)
         out.print(f"MLflow    {tracking_uri(h)}   (parent run of '{ablation}', artifacts report/)", soft_wrap=True)

@@ -338,6 +338,10 @@ class EvalSpec(Strict):
     sweep: bool = Field(True, description="score every saved checkpoint on the val mix")
     bootstrap_resamples: int = Field(1000, ge=10)
     ece_bins: int = Field(15, ge=2)
+    equivalence_margin: float | None = Field(
+        None, gt=0, lt=1, description="Δ accuracy (fraction, 0.02 = 2 pp) within which the report calls two arms "
+                                      "equivalent when their 95% CI holds 0 and lies inside ±margin (TOST); unset: "
+                                      "such a CI reads 'inconclusive'")
 
 
 class BaseSpec(Strict):

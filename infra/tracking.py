@@ -147,6 +147,12 @@ class Tracker:
         if path.name not in existing:
             self.client.log_artifact(run_id, str(path), artifact_path)
 
+    def log_files(self, run_id: str, paths: Iterable[Path], artifact_path: str) -> None:
+        """Upload files under one artifact folder, replacing same-named ones (a report rebuilt by a later flow run
+        replaces the earlier one under report/ of the ablation's parent run)."""
+        for path in paths:
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
     def log_dataset(self, run_id: str, artifact: Artifact, name: str, context: str) -> None:
         """A dataset input (mlflow.data) named by its content hash; logged once per run."""
         from mlflow.entities import Dataset, DatasetInput, InputTag

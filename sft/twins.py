@@ -423,6 +423,18 @@ def verify_twins(meta_rows: list[dict[str, Any]], nometa_rows: list[dict[str, An
                       tokenizer=None if tokenizer is None else tokenizer_fingerprint(tokenizer), max_length=max_length)
 
 
+def pairing_problem(meta_rows: list[dict[str, Any]], nometa_rows: list[dict[str, Any]]) -> str | None:
+    """Why two files are not row-for-row twins (ids not the same in the same order, or a row whose metadata
+    columns differ), or None when they are. The content checks (leaks, answers, masks) are verify_twins'."""
+    ids = _ids_check([str(r.get("id")) for r in meta_rows], [str(r.get("id")) for r in nometa_rows])
+    if not ids.passed:
+        return f"ids not aligned ({ids.failing} rows, e.g. {', '.join(ids.rows[:3])})"
+    for m, n in zip(meta_rows, nometa_rows):
+        if problem := _metadata_problem(m, n):
+            return f"row {m.get('id')}: metadata {problem}"
+    return None
+
+
 def _ids_check(ids_m: list[str], ids_n: list[str]) -> Check:
     dups = sorted({i for ids in (ids_m, ids_n) for i, c in Counter(ids).items() if c > 1})
     only_m, only_n = sorted(set(ids_m) - set(ids_n)), sorted(set(ids_n) - set(ids_m))

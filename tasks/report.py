@@ -14,10 +14,18 @@ def audit_and_report_body(home_root: str, ablation: str) -> dict[str, Any]:
     """Build the ledger and the report of the ablation's latest flow run; returns the report path, the ledger
     counts by status and the names of violated checks."""
     from audit.report import build_report
+    from infra.errors import TwinarmError
     from infra.home import Home
+    from infra.tracking import Tracker
 
-    page = build_report(Home(Path(home_root)), ablation)
-    ledger = json.loads((page.parent / "ledger.json").read_text())
+    home = Home(Path(home_root))
+    report = build_report(home, ablation)
+    tracker = Tracker(home)  # TODO(lead): the Session's call, s.tracker.log_files(s.parent_run, report.files, "report")
+    if (parent := tracker.find_parent(ablation)) is None:
+        raise TwinarmError(f"ablation '{ablation}' has no MLflow parent run to log its report to")
+    tracker.log_files(parent, report.files, "report")
+    page = report.html
+    ledger = json.loads(report.ledger_json.read_text())
     counts = Counter(c["status"] for c in ledger["checks"])
     return {"report": str(page), "ledger": {status: counts.get(status, 0) for status in "✓✗☐"},
             "violated": [c["name"] for c in ledger["checks"] if c["status"] == "✗"]}

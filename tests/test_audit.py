@@ -149,13 +149,36 @@ def declare_only_reward(spec: dict[str, Any]) -> None:
     spec["contrasts"]["meta"]["mechanisms"] = ["meta_reward"]
 
 
+def reordered_prompts(con: duckdb.DuckDBPyConnection, tmp: Path) -> None:
+    """Control's RL reads the same prompts in another order: a copy stored under its own content hash."""
+    from infra.artifacts import ArtifactStore
+
+    rid = run_id(con, "rl", "control")
+    (uri,), = con.execute("SELECT a.uri FROM edges e JOIN artifacts a USING (artifact_id) WHERE e.run_id = ? "
+                          "AND e.role = 'prompts' AND e.direction = 'in'", [rid]).fetchall()
+    write_parquet(read_parquet(uri_path(uri))[::-1], tmp / "prompts.parquet")
+    art = ArtifactStore(tmp / "store").put(tmp / "prompts.parquet", kind="dataset")
+    con.execute("INSERT INTO artifacts VALUES (?, 'dataset', ?, ?, NULL, now(), '{}')",
+                [art.artifact_id, art.uri, art.bytes])
+    con.execute("UPDATE edges SET artifact_id = ? WHERE run_id = ? AND role = 'prompts' AND direction = 'in'",
+                [art.artifact_id, rid])
+
+
+SECOND_LAW = "second law: inputs differ only where lineage explains"
 CONFOUNDS: dict[str, tuple[str, Plant, tuple[str, ...]]] = {
     # id: (the check that must fail, the plant, words its summary must name)
-    "val file": ("same val file", sql(
+    "val file": (SECOND_LAW, sql(
         "UPDATE edges SET artifact_id = (SELECT artifact_id FROM edges WHERE role = 'heldout:arith' LIMIT 1) "
         "WHERE role = 'val' AND run_id IN (SELECT run_id FROM runs WHERE stage = 'rl' AND arm = 'control')"),
-        ("rl control/seed0",)),
-    "held-out files": ("same held-out files", split_heldout_job, ("control", "other-suite")),
+        ("rl/seed0 `val`: control reads", "outputs `heldout:arith` and `val` of one data run")),
+    "held-out files": (SECOND_LAW, split_heldout_job, ("heldout `heldout:arith`: control reads other-suite",
+                                                      "made by no run")),
+    "prompts order": (SECOND_LAW, reordered_prompts, ("rl/seed0 `prompts`: control reads", "made by no run")),
+    "init skips SFT": (SECOND_LAW, sql(
+        "UPDATE edges SET artifact_id = (SELECT artifact_id FROM edges WHERE direction = 'out' AND role = 'model' "
+        "AND run_id IN (SELECT run_id FROM runs WHERE stage = 'base_model')) WHERE role = 'init' AND run_id IN "
+        "(SELECT run_id FROM runs WHERE stage = 'rl' AND arm = 'control')"),
+        ("rl/seed0 `init`", "made by different stages (base_model vs sft)")),
     "grader call path": ("same grader", set_fact("sweep", "control", "grader",
                                                  lambda g: {**g, "call_path": "evals.quick_grade"}),
                          ("call_path", "sweep control/seed0", "evals.quick_grade")),
@@ -205,11 +228,11 @@ def test_clean_run_has_no_violation_and_names_its_evidence(clean, flow_home):
         ("rl.reward", "vanilla", "pmishift", ["control", "pmishift"], "meta_reward"),
         ("sft.strip_meta", True, False, ["control"], "meta_sft")]
     # the evidence query runs as is on the lineage and returns what the check saw
-    evidence = clean.check("same val file").evidence[0]
+    evidence = clean.check(SECOND_LAW).evidence[0]
     assert Lineage(flow_home.lineage_db).rows(evidence.query) == evidence.values
     data = json.loads(json.dumps(clean.to_json()))
     assert data["failed"] is False and len(data["checks"]) == len(clean.checks)
-    assert "| ✓ | same val file |" in clean.to_markdown()
+    assert f"| ✓ | {SECOND_LAW} |" in clean.to_markdown()
 
 
 @pytest.mark.parametrize("confound", CONFOUNDS)
@@ -255,7 +278,7 @@ def twinarm_audit(home: Path, *args: str) -> subprocess.CompletedProcess:
 def test_cli_exit_codes(clean, flow_home, tmp_path):
     ok = twinarm_audit(flow_home.root)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert "same val file" in ok.stdout and "sft.strip_meta" in ok.stdout
+    assert "second law" in ok.stdout and "sft.strip_meta" in ok.stdout
     home = planted(flow_home, tmp_path, CONFOUNDS["scorer in control"][1])
     bad = twinarm_audit(home, "--json")
     assert bad.returncode == 1, bad.stdout + bad.stderr

@@ -30,7 +30,8 @@ def test_report_builds_from_lineage_and_is_logged_to_mlflow(tiny_run, flow_home,
     from audit.ledger import run_ledger
     from audit.report import build_report
 
-    page_path = build_report(flow_home, "tiny", tmp_path / "report")
+    files = build_report(flow_home, "tiny", tmp_path / "report")
+    page_path = files.html
     page = page_path.read_text()
     verdict = _section(page, "Verdict: held-out Δ at the final checkpoints")
     assert "pmishift" in verdict and "control" in verdict and "no held-out job" not in verdict
@@ -46,7 +47,8 @@ def test_report_builds_from_lineage_and_is_logged_to_mlflow(tiny_run, flow_home,
     md = page_path.with_suffix(".md").read_text()
     assert "## Held-out evaluation" in md and "![" in md and (page_path.parent / "val-accuracy.png").is_file()
 
-    tracker = Tracker(flow_home)
+    assert all(p.parent == tmp_path / "report" for p in files.files) and files.files[-1] == page_path
+    tracker = Tracker(flow_home)  # the flow logged its own report (build_report uploads nothing itself)
     logged = {Path(f.path).name for f in tracker.client.list_artifacts(tracker.find_parent("tiny"), "report")}
     assert {"report.html", "report.md", "ledger.json", "val-accuracy.png"} <= logged
 

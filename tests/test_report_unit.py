@@ -1,5 +1,6 @@
-"""The report's pure pieces on constructed data: the difficulty-quartile Simpson flag, meta rates, bootstrap CIs of
-aggregate, the Δ the verdict shows, the latest flow run of an ablation, belief boundaries and the belief figure."""
+"""The report's pieces on constructed data: the difficulty-quartile Simpson check, meta rates, bootstrap CIs of
+aggregate, the Δ and reading the verdict shows, the power line, the whole report on a demo-shaped lineage with
+three seeds (no training), the latest flow run of an ablation, belief boundaries and the belief figure."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
@@ -20,25 +21,18 @@ def problem(arm: str, pid: str, n: int, c: int, **extra) -> list[dict]:
              "n_blocks": 0, "categories": [], "confidence": None, **extra} for j in range(n)]
 
 
-def test_quartile_simpson_flags_a_pooled_difference_the_quartiles_contradict():
-    # Four easy problems (pooled accuracy 0.9) and four hard ones (0.2): quartiles Q1 and Q3. Within each quartile
-    # the treatment is better (+12.5 pp, +25 pp), but it has most of its samples on the hard problems and the
-    # control most of its on the easy ones, so pooled over samples the treatment looks 30 pp worse.
+def test_quartile_simpson_weighs_problems_not_samples():
+    # Four easy problems and four hard ones; the treatment drew 2 samples on easy and 8 on hard ones, the control
+    # the other way round. Pooled over samples the treatment looked 30 pp worse (the old, sample-weighted check
+    # called that a paradox); per problem, as the headline weighs them, it is better overall and in every quartile.
     rows = []
     for i in range(4):
         rows += problem("t", f"easy{i}", 2, 2) + problem("c", f"easy{i}", 8, 7)
         rows += problem("t", f"hard{i}", 8, 2) + problem("c", f"hard{i}", 2, 0)
     result = quartile_simpson(rows, "t", "c")
-    assert {s["stratum"]: s["delta"] for s in result["strata"]} == pytest.approx({1: 0.125, 3: 0.25})
-    assert result["pooled"] == pytest.approx(16 / 40 - 28 / 40)
-    assert result["flag"] and "contradicts" in result["reason"]
-
-    balanced = []  # the same accuracies with the same samples per problem in both arms: no reversal possible
-    for i in range(4):
-        balanced += problem("t", f"easy{i}", 8, 8) + problem("c", f"easy{i}", 8, 7)
-        balanced += problem("t", f"hard{i}", 8, 2) + problem("c", f"hard{i}", 8, 0)
-    quiet = quartile_simpson(balanced, "t", "c")
-    assert not quiet["flag"] and quiet["pooled"] > 0
+    assert {s["stratum"]: s["delta"] for s in result["strata"]} == pytest.approx({1: .125, 2: .125, 3: .25, 4: .25})
+    assert result["headline"] == pytest.approx((4 * 1 + 4 * 0.25) / 8 - (4 * 0.875) / 8)
+    assert not result["flag"] and result["kind"] is None
 
 
 def test_meta_rates_count_samples_with_blocks_cues_and_confidence():
@@ -63,7 +57,7 @@ def test_aggregate_bootstrap_ci_brackets_the_mean():
 
 
 def test_contrast_delta_is_the_difference_of_the_accuracies_it_shows():
-    from audit.report import contrast_delta
+    from audit.stats import contrast_delta
     from infra.spec import ContrastSpec
 
     rows = [r for i, (ct, cc) in enumerate([(4, 1), (3, 3), (0, 2)])
@@ -72,7 +66,22 @@ def test_contrast_delta_is_the_difference_of_the_accuracies_it_shows():
     d = contrast_delta(rows, ContrastSpec(treatment="t", control="c"), {"t": 6, "c": 6}, resamples=200, seed=0)
     assert d["acc_t"] == pytest.approx(7 / 12) and d["acc_c"] == pytest.approx(6 / 12)
     assert d["delta"] == pytest.approx(d["acc_t"] - d["acc_c"]) and d["only_treatment"] == 1
-    assert contrast_delta(rows, ContrastSpec(treatment="t", control="c"), {"t": 6, "c": 2}, 200, 0) is None
+    assert contrast_delta(rows, ContrastSpec(treatment="t", control="c"), {"t": 6, "c": 2}, 200, 0) == {
+        "error": "no rows of arm(s) c: nothing to compare"}
+    seeded = [dict(r, seed=0) for r in rows] + [dict(r, seed=1) for r in rows if r["arm"] == "t"]
+    assert "arms ran different seeds" in contrast_delta(seeded, ContrastSpec(treatment="t", control="c"),
+                                                        {"t": 6, "c": 6}, 200, 0)["error"]
+
+
+@pytest.mark.parametrize("lo,hi,margin,words", [
+    (0.01, 0.03, None, "treatment better"), (-0.03, -0.01, 0.05, "treatment worse"),
+    (-0.01, 0.015, 0.02, "equivalent within ±2 pp"), (-0.01, 0.03, 0.02, "inconclusive: the CI holds 0 but reaches "
+                                                                          "beyond ±2 pp"),
+    (-0.01, 0.01, None, "no equivalence margin is declared (eval.equivalence_margin)")])
+def test_reading_says_something_for_every_interval(lo, hi, margin, words):
+    from audit.stats import reading
+
+    assert words in reading({"lo": lo, "hi": hi}, margin)
 
 
 def _run(run_id: str, stage: str, arm: str, flow: str, at: datetime) -> Run:
@@ -117,3 +126,63 @@ def test_belief_figure_is_written_with_a_meta_block(tmp_path):
                  correct=True, scorer="/x", response=response, blocks=[(7, 30)], points=points)
     png = plot_belief(rep, tmp_path / "belief.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- the whole report, three seeds, no training
+
+def _accuracy(arm: str, seed: int, step: int, suite: str, i: int, j: int) -> bool:
+    """Problem i is solved with chance 0.2 + 0.6 i/40; the treatment adds 0.15 at the last step, seed 1 of the
+    treatment 0.1 less (seed noise). Deterministic: a hash of the sample decides."""
+    import hashlib
+
+    p = 0.2 + 0.6 * (i % 40) / 40 + (0.15 - 0.1 * (seed == 1) if arm == "pmishift" and step == 6 else 0.0)
+    u = int(hashlib.sha256(f"{arm}/{seed}/{step}/{suite}/{i}/{j}".encode()).hexdigest()[:8], 16) / 16 ** 8
+    return u < p
+
+
+def test_report_with_three_seeds_names_per_seed_deltas_power_and_reading(tmp_path):
+    import re
+
+    from audit.report import build_report
+    from infra.home import Home
+    from lineage_builder import build
+
+    build(tmp_path / "home", seeds=[0, 1, 2], outcome=_accuracy)
+    files = build_report(Home(tmp_path / "home"), "demo", tmp_path / "out")
+    assert files.files[-1] == files.html and {p.name for p in files.files} >= {
+        "report.html", "report.md", "ledger.json", "val-accuracy.png", "domains.png"}
+    md = files.markdown.read_text()
+    verdict = re.search(r"\| meta \| arith \| .*", md).group(0)
+    assert "× 3 |" in verdict and "treatment better (CI above 0)" in verdict, verdict
+    seeds = md[md.index("### Seeds: Δ per seed"):md.index("### Difficulty quartiles")]
+    assert all(f"| meta | arith | seed {s} |" in seeds for s in (0, 1, 2)) and "| mean of 3 |" in seeds
+    power = next(line for line in md.splitlines() if line.startswith("Power (meta)"))
+    assert "40 problems × 4 samples × 3 seeds" in power and "σ²_seed" in power and "at 80 % power" in power
+    assert re.search(r"\| Q[1-4] \(easiest\) \| 10 \|", md)  # equal-count quartiles: 40 problems, 10 each
+    assert "Δ pooled over problems" in md and "Δ macro over domains" in md
+    assert "seeds [0, 1, 2] in every arm" in md
+    print(md[md.index("## Verdict"):md.index("## Audit ledger")])
+    print(seeds)
+
+
+def _no_effect(arm: str, seed: int, step: int, suite: str, i: int, j: int) -> bool:
+    return _accuracy("control", seed, step, suite, i, j + 1000 * (arm == "pmishift"))
+
+
+@pytest.mark.parametrize("margin,words", [
+    (0.05, "equivalent within ±5 pp (CI holds 0 and lies inside the margin: TOST)"),
+    (0.005, "inconclusive: the CI holds 0 but reaches beyond ±0.5 pp"),
+    (None, "inconclusive: the CI holds 0 and no equivalence margin is declared (eval.equivalence_margin)")])
+def test_report_reads_the_declared_equivalence_margin(tmp_path, margin, words):
+    import re
+
+    from audit.report import build_report
+    from infra.home import Home
+    from lineage_builder import build
+
+    build(tmp_path / "home", seeds=[0, 1], outcome=_no_effect, heldout={"arith": 200}, samples=8,
+          eval_overrides={"equivalence_margin": margin, "bootstrap_resamples": 300})
+    md = build_report(Home(tmp_path / "home"), "demo", tmp_path / "out").markdown.read_text()
+    verdict = re.search(r"\| meta \| arith \| .*", md).group(0)
+    assert verdict.endswith(f"| 200 × 2 | {words} |"), verdict
+    assert "300 resamples" in md and ("not declared" in md) == (margin is None)
