@@ -18,6 +18,7 @@ from typing import Any, Callable, Literal
 from infra.artifacts import read_parquet, uri_path
 from infra.errors import TwinarmError
 from infra.lineage import Lineage, sql_literal
+from infra.roles import CheckpointRole, SuiteRole
 from infra.spec import AblationSpec, config_diff, declared_keys, load_spec, mechanism_of
 
 Status = Literal["✓", "✗", "☐"]
@@ -26,8 +27,6 @@ FAIL: Status = "✗"
 OPEN: Status = "☐"
 
 GRADER_IDENTITY = ("grader_version", "config", "call_path")  # not the counters: they differ by design
-TRAINING_STAGES = ("base_model", "sft", "rl")
-ARM_STAGES = ("sft", "rl", "sweep")  # per-arm stages whose results the arms are compared by
 LISTED = 8  # items named in a summary before "and N more"
 MAX_PRODUCER_PAIRS = 16  # producer pairs tried per artifact pair (equal content written by several runs/roles)
 
@@ -60,6 +59,11 @@ def _listed(items: list[str]) -> str:
     return "; ".join(items[:LISTED]) + (f"; and {more} more" if more > 0 else "")
 
 
+def sql_in(values: tuple[str, ...]) -> str:
+    """The body of a SQL IN list of string literals (NULL for an empty list, which matches nothing)."""
+    return ", ".join(map(sql_literal, values)) or "NULL"
+
+
 def label(arm: str, seed: int | None) -> str:
     return arm if seed is None else f"{arm}/seed{seed}"
 
@@ -88,8 +92,20 @@ class Scope:
         """Facts of the flow's completed runs of some stages, one row per run and fact."""
         return self.ask(
             "SELECT r.stage, r.arm, r.seed, f.name, f.value_json FROM runs r JOIN facts f ON f.run_id = r.run_id "
-            f"WHERE {self.on()} AND r.status = 'completed' AND r.stage IN ({', '.join(map(sql_literal, stages))}) "
-            f"AND f.name IN ({', '.join(map(sql_literal, names))}) ORDER BY r.stage, r.arm, r.seed, f.name")
+            f"WHERE {self.on()} AND r.status = 'completed' AND r.stage IN ({sql_in(stages)}) "
+            f"AND f.name IN ({sql_in(names)}) ORDER BY r.stage, r.arm, r.seed, f.name")
+
+    @cached_property
+    def declared(self) -> dict[str, dict[str, Any]]:
+        """Each stage's declaration as its completed runs recorded it (the run fact `stage`, written from
+        tasks.common.Stage.declaration): {stage: {per_arm, trains, inputs, outputs, config_keys}}."""
+        ev = self.ask("SELECT DISTINCT r.stage, f.value_json FROM runs r JOIN facts f ON f.run_id = r.run_id "
+                      f"WHERE {self.on()} AND r.status = 'completed' AND f.name = 'stage' ORDER BY r.stage")
+        return {row["stage"]: row["value_json"] for row in ev.values}
+
+    def stages(self, flag: str) -> tuple[str, ...]:
+        """The stages whose declaration sets `flag` (per_arm, trains), sorted."""
+        return tuple(sorted(s for s, d in self.declared.items() if d.get(flag)))
 
     @cached_property
     def spec(self) -> tuple[AblationSpec | None, str, Evidence]:
@@ -184,21 +200,22 @@ ARM_PLACEHOLDER = "{arm}"
 
 
 def role_key(role: str, arm: str) -> str:
-    """A role as compared across arms: the parts (':'-separated) that name the arm become {arm}, so arm A's
+    """A role as compared across arms: a checkpoint role of `arm` names {arm} instead, so arm A's
     `checkpoint:A:0:6` is compared with arm B's `checkpoint:B:0:6` (seed and step stay: like with like)."""
-    return ":".join(ARM_PLACEHOLDER if part == arm else part for part in role.split(":"))
+    ref = CheckpointRole.parse(role)
+    return str(CheckpointRole(ARM_PLACEHOLDER, ref.seed, ref.step)) if ref and ref.arm == arm else role
 
 
 def _bound_arm(role: str, arms: list[str]) -> str | None:
     """The arm a role names (a checkpoint of that arm), or None for a role every arm shares (val, prompts...)."""
-    return next((part for part in role.split(":") if part in arms), None)
+    ref = CheckpointRole.parse(role)
+    return ref.arm if ref and ref.arm in arms else None
 
 
 def _bound_seed(role: str, arm: str) -> int | None:
-    """The seed a role names right after its arm (`checkpoint:<arm>:<seed>:<step>`), else None."""
-    parts = role.split(":")
-    after = parts[parts.index(arm) + 1] if arm in parts[:-1] else ""
-    return int(after) if after.lstrip("-").isdigit() else None
+    """The seed a checkpoint role of `arm` names, else None."""
+    ref = CheckpointRole.parse(role)
+    return ref.seed if ref and ref.arm == arm else None
 
 
 @dataclass(frozen=True)
@@ -707,12 +724,12 @@ def heldout_disjoint(scope: Scope) -> Check:
     suites = scope.ask("SELECT DISTINCT e.role, a.artifact_id, a.uri FROM runs r JOIN edges e ON e.run_id = r.run_id "
                        "AND e.direction = 'in' JOIN artifacts a ON a.artifact_id = e.artifact_id "
                        f"WHERE {scope.on()} AND r.stage = 'heldout' AND r.status = 'completed' "
-                       "AND e.role LIKE 'heldout:%' ORDER BY e.role")
+                       f"AND {SuiteRole.sql_like('e.role')} ORDER BY e.role")
     # every dataset a training stage read, except the val set (read for validation only)
     training = scope.ask(
         "SELECT DISTINCT e.role, a.artifact_id, a.uri FROM runs r JOIN edges e ON e.run_id = r.run_id "
         "AND e.direction = 'in' JOIN artifacts a ON a.artifact_id = e.artifact_id "
-        f"WHERE {scope.on()} AND r.status = 'completed' AND r.stage IN ({', '.join(map(sql_literal, TRAINING_STAGES))}) "
+        f"WHERE {scope.on()} AND r.status = 'completed' AND r.stage IN ({sql_in(scope.stages('trains'))}) "
         "AND a.kind = 'dataset' AND e.role <> 'val' ORDER BY e.role")
     evidence = [suites, training]
     if not suites.values or not training.values:
@@ -729,7 +746,7 @@ def heldout_disjoint(scope: Scope) -> Check:
             for row in read_parquet(uri_path(art["uri"])):
                 checked += 1
                 if (hit := seen.get(_normal(row.get("prompt") or ""))) is not None:
-                    overlap.append(f"{art['role'][len('heldout:'):]}:{row.get('id')} (in {hit})")
+                    overlap.append(f"{SuiteRole.parse(art['role']).name}:{row.get('id')} (in {hit})")
     except (OSError, ValueError) as exc:
         return Check(name, OPEN, f"cannot read a dataset file: {exc}", evidence)
     if overlap:
@@ -767,11 +784,12 @@ def same_code_version(scope: Scope) -> Check:
     name = "same code version"
     if early := _too_few_arms(scope, name):
         return early
+    arm_stages = scope.stages("per_arm")
     ev = scope.ask("SELECT r.stage, r.arm, r.seed, r.code_version FROM runs r "
-                   f"WHERE {scope.on()} AND r.status = 'completed' AND r.stage IN ({', '.join(map(sql_literal, ARM_STAGES))}) "
+                   f"WHERE {scope.on()} AND r.status = 'completed' AND r.stage IN ({sql_in(arm_stages)}) "
                    "ORDER BY r.stage, r.arm, r.seed")
     differ = []
-    for stage in ARM_STAGES:
+    for stage in arm_stages:
         versions = {label(r["arm"], r["seed"]): r["code_version"] for r in ev.values if r["stage"] == stage}
         if len(set(versions.values())) > 1:
             differ.append(f"{stage}: {_differences(versions)}")
@@ -782,7 +800,7 @@ def same_code_version(scope: Scope) -> Check:
     if missing:
         return _open(name, missing, [ev])
     versions = sorted({r["code_version"] for r in ev.values})
-    return Check(name, PASS, f"each of {', '.join(ARM_STAGES)} ran the same code in every arm: "
+    return Check(name, PASS, f"each of {', '.join(arm_stages)} ran the same code in every arm: "
                              f"{', '.join(versions)}", [ev])
 
 

@@ -159,7 +159,6 @@ def ablation(spec_file: str = "configs/demo.yaml", overrides: RunOverrides = Run
         heldout = STAGES["heldout"]
         run_task(s, heldout.task, s.begin(s.stage_call(heldout, SHARED, None, one_protocol(arms),
                                                        {**suites, **starts_and_ends})), **placement)
-        result = {"ablation": spec.name, "home": str(s.home.root), "stages": dict(s.status),
-                  "summaries": dict(s.summaries)}
-    # after the session has recorded everything: the ledger and the report read this flow run back from lineage
-    return {**result, **report_stage.audit_and_report(result["home"], spec.name)}
+        # every stage of this flow run is recorded: the ledger and the report read it back from lineage
+        return {"ablation": spec.name, "home": str(s.home.root), "stages": dict(s.status),
+                "summaries": dict(s.summaries), **report_stage.audit_and_report(s)}

@@ -299,6 +299,15 @@ class Session:
         finally:
             self._lock.__exit__(exc_type, exc, tb)
 
+    def report(self) -> Any:
+        """Build the ledger and the report of this flow run from lineage (audit.report.build_report) and upload
+        their files to the ablation's MLflow parent run (under report/). Returns the ReportFiles."""
+        from audit.report import build_report
+
+        report = build_report(self.home, self.spec.name)
+        self.tracker.log_files(self.parent_run, report.files, "report")
+        return report
+
     def stage_call(self, stage: Stage, arm: str, seed: int | None, config: dict[str, Any],
                    inputs: dict[str, Artifact]) -> StageCall:
         """The call of `stage` with this config slice and inputs (input roles checked against the declaration)."""

@@ -18,7 +18,8 @@ FLOW_KEYS = {"eval.sweep": "whether the checkpoint sweep stage runs",
              "seeds": "the per-arm stages run once per seed (each run's slice holds its own `seed`)",
              "executor.kind": "which executor runs the arms (the flow's preflight refuses one it cannot run)"}
 REPORT_KEYS = {"eval.bootstrap_resamples": "paired bootstrap resamples of every CI",
-               "eval.ece_bins": "bins of the expected calibration error"}
+               "eval.ece_bins": "bins of the expected calibration error",
+               "eval.equivalence_margin": "the margin of the 'equivalent within ±margin' reading"}
 
 
 def load_checked_spec(path: str | Path) -> AblationSpec:

@@ -10,7 +10,8 @@ from typing import Any, Callable
 
 from infra.artifacts import Artifact, ArtifactStore, write_parquet
 from infra.lineage import Lineage, Run, StageRecord
-from infra.spec import load_spec, resolved_arms, stage_config
+from infra.spec import load_spec, resolved_arms
+from tasks.stages import STAGES
 from sft.twins import twin_side
 
 ARMS = ["control", "pmishift"]
@@ -70,11 +71,11 @@ class Builder:
                   ended_at=T0 + timedelta(minutes=self.clock), flow_run_id=FLOW)
         self.lineage.record(StageRecord(run, inputs=sorted(((a, r) for r, a in inputs.items()), key=lambda x: x[1]),
                                         outputs=sorted(((a, r) for r, a in outputs.items()), key=lambda x: x[1]),
-                                        facts=facts or {}))
+                                        facts={"stage": STAGES[stage].declaration(), **(facts or {})}))
         return rid
 
     def config(self, arm: str, stage: str, seed: int | None = None) -> dict[str, Any]:
-        return stage_config(self.arms[arm], stage, seed)
+        return STAGES[stage].config(self.arms[arm], seed)
 
 
 def twin_rows(n: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
