@@ -19,10 +19,10 @@ to a stock trainer path).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from infra.errors import SpecError
@@ -219,6 +219,50 @@ def compose(overrides: list[str]) -> Any:
                               f"has no such key ({first})") from None
 
 
+@lru_cache(maxsize=1)
+def _shipped() -> Any:
+    return compose([])
+
+
+def _kind(value: Any) -> str:
+    from omegaconf import ListConfig
+
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, (list, tuple, ListConfig)):
+        return "list"
+    return "str" if isinstance(value, str) else "other"
+
+
+def check_types(config: Any, overrides: list[str]) -> None:
+    """Each overridden value has the kind of verl's shipped default (bool, number, string, list): verl's config
+    dataclasses do not check field types, so `ppo_epochs=abc` would otherwise pass. Unset defaults (null, ???)
+    and our own `+twinarm.` keys are not checked. Raises VerlConfigError naming the key."""
+    from omegaconf import OmegaConf
+
+    shipped = _shipped()
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if key.startswith("+"):
+            continue
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(shipped, parent) if parent else shipped
+        if node is None or OmegaConf.is_missing(node, leaf):
+            continue
+        default = OmegaConf.select(shipped, key, default=None)
+        if default is None:
+            continue
+        value = OmegaConf.select(config, key, default=None, throw_on_missing=False)
+        if value is None:
+            continue
+        want, got = _kind(default), _kind(value)
+        if want != got and want != "other":
+            raise VerlConfigError(f"verl override '{key}'{_source(key)}: expected a {want} like verl's default "
+                                  f"{default!r}, got {value!r}")
+
+
 def validate(config: Any) -> dict[str, Any]:
     """verl's own validation of a composed config, and its config dataclasses instantiated.
 
@@ -271,14 +315,16 @@ def verl_version() -> str:
     return version("verl")
 
 
-def check(overrides: list[str]) -> dict[str, Any]:
-    """compose + validate; a JSON-able summary (what the Ray Jobs entrypoint prints with --check)."""
+def load(overrides: list[str]) -> tuple[Any, dict[str, Any]]:
+    """compose + check_types + validate: the config verl would run, and what was validated."""
     config = compose(overrides)
-    checked = validate(config)
+    check_types(config, overrides)
+    return config, validate(config)
+
+
+def check(overrides: list[str]) -> dict[str, Any]:
+    """`load`, summarised as JSON-able facts (what the Ray Jobs entrypoint prints with --check)."""
+    config, checked = load(overrides)
     return {"verl": verl_version(), "validated": checked, "overrides": len(overrides),
             "adv_estimator": config.algorithm.adv_estimator, "trainer_mode": config.trainer.v1.trainer_mode,
             "reward": read_twinarm_section(config)["rl"]["reward"]}
-
-
-def dumps(summary: dict[str, Any]) -> str:
-    return json.dumps(summary, sort_keys=True)

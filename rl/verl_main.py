@@ -32,7 +32,7 @@ def _task_runner() -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rl.verl_config import VerlConfigError, check, compose, validate
+    from rl.verl_config import VerlConfigError, check, load
 
     args = list(sys.argv[1:] if argv is None else argv)
     only_check = "--check" in args
@@ -41,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         if only_check:
             print(f"{CHECK_TAG} {json.dumps(check(overrides), sort_keys=True)}", flush=True)
             return 0
-        config = compose(overrides)
-        validate(config)
+        config, _ = load(overrides)
     except VerlConfigError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
