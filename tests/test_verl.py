@@ -74,8 +74,12 @@ def test_unknown_key_and_refused_value_are_one_clear_error(qwen):
                                               r"executor.verl.extra_overrides.*no such key"):
         check(ov)
     base = overrides_for(arms["control"], ablation=spec.name, arm="control", seed=0, paths=paths())
-    with pytest.raises(VerlConfigError, match=r"actor_rollout_ref.actor.*ppo_epochs|ppo_epochs"):
+    with pytest.raises(VerlConfigError, match=r"verl override 'actor_rollout_ref.actor.ppo_epochs'.*expected a "
+                                              r"number like verl's default 1, got 'abc'"):
         check(base + ["actor_rollout_ref.actor.ppo_epochs=abc"])
+    with pytest.raises(VerlConfigError, match=r"verl config actor_rollout_ref.actor: ValueError: Invalid "
+                                              r"loss_agg_mode: bogus"):
+        check(base + ["actor_rollout_ref.actor.loss_agg_mode=bogus"])  # refused by verl's ActorConfig
     # an extra override cannot swap verl's stock GRPO in for our estimator
     with pytest.raises(VerlConfigError, match="not twinarm_heads / twinarm_sync"):
         check(base + ["algorithm.adv_estimator=grpo"])
@@ -275,8 +279,13 @@ def verl_batch(tok, groups_ids, golds, max_resp: int):
                      "data_source": np.array(["arith"] * bs, dtype=object)})
 
 
+SHAPED = {"weights": {"correctness": 1.0, "meta": 1.0, "calibration": 1.0, "format": 0.5, "emission": 0.3},
+          "warmup_steps": {"emission": 4}}
+
+
 @pytest.mark.parametrize("norm", [False, True])
-def test_local_and_verl_paths_give_identical_advantages_and_loss(norm):
+@pytest.mark.parametrize("heads", [SHAPED, None], ids=["shaped-heads", "control"])
+def test_local_and_verl_paths_give_identical_advantages_and_loss(norm, heads):
     import torch
     from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
     from verl.workers.config.actor import ActorConfig
@@ -288,9 +297,7 @@ def test_local_and_verl_paths_give_identical_advantages_and_loss(norm):
     from test_heads import byte_level_tokenizer
 
     tok = byte_level_tokenizer()
-    heads = {"weights": {"correctness": 1.0, "meta": 1.0, "calibration": 1.0, "format": 0.5, "emission": 0.3},
-             "warmup_steps": {"emission": 4}}
-    cfg = verl_cfg(reward="vanilla", heads=heads, adv_norm_std=norm, max_response_length=64)
+    cfg = verl_cfg(reward="vanilla", adv_norm_std=norm, max_response_length=64, **({"heads": heads} if heads else {}))
     step = 2
     # local executor: the shared pipeline the local GRPO loop calls
     groups_ids = [[tok.encode(t, add_special_tokens=False) for t in group] for group in TEXTS]
@@ -319,6 +326,15 @@ def test_local_and_verl_paths_give_identical_advantages_and_loss(norm):
     assert [o["reward_score"] for o in outs] == [1.0 if r["correct"] else -1.0 for r in local.records]
     assert [o["reward_extra_info"][HEAD_KEY.format("calibration")] for o in outs[:4]] == pytest.approx(
         [-(0.8 - 1) ** 2, math.nan, math.nan, -(0.3 - 0) ** 2], nan_ok=True)
+    if heads is None:  # the control arm: our estimator with the correctness head only = verl's GRPO outcome advantage
+        from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
+
+        rewards = torch.zeros(len(data), 64)
+        for b, o in enumerate(outs):
+            rewards[b, int(data.batch["response_mask"][b].sum()) - 1] = o["reward_score"]
+        grpo, _ = compute_grpo_outcome_advantage(rewards, data.batch["response_mask"], data.non_tensor_batch["uid"],
+                                                 norm_adv_by_std_in_grpo=norm)
+        assert np.abs(grpo.numpy() - theirs).max() <= 1e-6
     # and the same PPO loss (verl's policy loss, the one the local executor's ppo_update calls)
     g = torch.Generator().manual_seed(1)
     old = -torch.rand(len(data), 64, generator=g)
