@@ -8,7 +8,8 @@ rewards.verl_adapter.heads_advantage — the same centring and routing functions
 writes advantages/returns back exactly as verl's own method does. Everything else is verl's trainer unchanged.
 
 Needs TransferQueue (verl's `verl-core` extra, installed with verl[vllm] on a GPU cluster); it is not in this
-project's CPU environment, so this module is imported only by the cluster entrypoint (rl/verl_main.py).
+project's pinned CPU environment, so this module is imported only by the cluster entrypoint (rl/verl_main.py).
+tests/test_verl.py runs `_compute_advantage` on TransferQueue-shaped fields when TransferQueue is importable.
 """
 from __future__ import annotations
 
@@ -28,8 +29,10 @@ from rl.verl_config import TRAINER_MODE
 
 
 def head_columns(extra_fields: Any) -> dict[str, np.ndarray]:
-    """{twinarm_head_<h>: float64 (bs,)} from the per-rollout extra_fields[i]["reward_extra_info"] dicts."""
-    rows = [dict(e)["reward_extra_info"] for e in list(extra_fields)]
+    """{twinarm_head_<h>: float64 (bs,)} from the per-rollout extra_fields[i]["reward_extra_info"] dicts (a
+    tensordict NonTensorStack as TransferQueue returns it, or a plain list)."""
+    items = extra_fields.tolist() if hasattr(extra_fields, "tolist") else list(extra_fields)
+    rows = [(e.data if hasattr(e, "data") and not isinstance(e, dict) else e)["reward_extra_info"] for e in items]
     return {HEAD_KEY.format(h): np.array([float(r[HEAD_KEY.format(h)]) for r in rows], dtype=np.float64)
             for h in HEADS}
 

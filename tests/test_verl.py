@@ -283,6 +283,36 @@ SHAPED = {"weights": {"correctness": 1.0, "meta": 1.0, "calibration": 1.0, "form
           "warmup_steps": {"emission": 4}}
 
 
+def both_paths(norm: bool, heads: dict | None, step: int = 2):
+    """The same rollouts through the local executor's pipeline and through our verl reward manager (as verl's
+    reward loop calls it, one rollout at a time). Returns (tokenizer, local BatchResult, verl config, DataProto
+    carrying the reward manager's head fields, reward manager outputs)."""
+    from rewards.grader import get_grader
+    from rewards.pipeline import Sample, score_batch
+    from rewards.verl_adapter import TwinarmRewardManager
+    from rl.verl_config import compose, overrides_for
+    from test_heads import byte_level_tokenizer
+
+    tok = byte_level_tokenizer()
+    cfg = verl_cfg(reward="vanilla", adv_norm_std=norm, max_response_length=64, **({"heads": heads} if heads else {}))
+    groups_ids = [[tok.encode(t, add_special_tokens=False) for t in group] for group in TEXTS]
+    groups = [[Sample("Q:", t, ids, GOLDS[g]) for t, ids in zip(group, groups_ids[g])]
+              for g, group in enumerate(TEXTS)]
+    local = score_batch(groups, rl=cfg.rl, step=step, grader=get_grader(GraderSpec(workers=1)), tokenizer=tok)
+    config = compose(overrides_for(cfg, ablation="t", arm="a", seed=0, paths=paths()))
+    manager = TwinarmRewardManager(config, tok, None)
+    data = verl_batch(tok, groups_ids, GOLDS, 64)
+    outs = [manager.loop.run_until_complete(manager.run_single(data[i:i + 1])) for i in range(len(data))]
+    return tok, local, config, data, outs
+
+
+def padded_local(local, width: int = 64) -> np.ndarray:
+    out = np.zeros((len(local.token_advantages), width))
+    for b, adv in enumerate(local.token_advantages):
+        out[b, :len(adv)] = adv
+    return out
+
+
 @pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("heads", [SHAPED, None], ids=["shaped-heads", "control"])
 def test_local_and_verl_paths_give_identical_advantages_and_loss(norm, heads):
@@ -290,34 +320,16 @@ def test_local_and_verl_paths_give_identical_advantages_and_loss(norm, heads):
     from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
     from verl.workers.config.actor import ActorConfig
 
-    from rewards.grader import get_grader
-    from rewards.pipeline import Sample, score_batch
-    from rewards.verl_adapter import HEAD_KEY, TwinarmRewardManager, heads_advantage, read_twinarm_section
-    from rl.verl_config import compose, overrides_for
-    from test_heads import byte_level_tokenizer
+    from rewards.verl_adapter import HEAD_KEY, heads_advantage, read_twinarm_section
 
-    tok = byte_level_tokenizer()
-    cfg = verl_cfg(reward="vanilla", adv_norm_std=norm, max_response_length=64, **({"heads": heads} if heads else {}))
     step = 2
-    # local executor: the shared pipeline the local GRPO loop calls
-    groups_ids = [[tok.encode(t, add_special_tokens=False) for t in group] for group in TEXTS]
-    groups = [[Sample("Q:", t, ids, GOLDS[g]) for t, ids in zip(group, groups_ids[g])]
-              for g, group in enumerate(TEXTS)]
-    grader = get_grader(GraderSpec(workers=1))
-    local = score_batch(groups, rl=cfg.rl, step=step, grader=grader, tokenizer=tok)
-    # verl: our reward manager per rollout (as verl's reward loop calls it), then our trainer's advantage step
-    config = compose(overrides_for(cfg, ablation="t", arm="a", seed=0, paths=paths()))
-    manager = TwinarmRewardManager(config, tok, None)
-    data = verl_batch(tok, groups_ids, GOLDS, 64)
-    outs = [manager.loop.run_until_complete(manager.run_single(data[i:i + 1])) for i in range(len(data))]
+    tok, local, config, data, outs = both_paths(norm, heads, step)
     for key in outs[0]["reward_extra_info"]:
         data.non_tensor_batch[key] = np.array([o["reward_extra_info"][key] for o in outs])
     section = read_twinarm_section(config)
     facts = heads_advantage(data, tok, HeadsSpec.model_validate(section["rl"]["heads"]), step,
                             bool(config.algorithm.norm_adv_by_std_in_grpo))
-    ours = np.zeros((len(data), 64))
-    for b, adv in enumerate(local.token_advantages):
-        ours[b, :len(adv)] = adv
+    ours = padded_local(local)
     theirs = data.batch["advantages"].numpy()
     assert np.abs(theirs - ours).max() <= 1e-6
     assert facts["adv_norm_std_applied"] is norm
@@ -379,3 +391,47 @@ def test_doctor_reports_each_failure_in_one_line(tmp_path):
     assert fs_type(tmp_path / "x", "nfs1:/e /mnt/shared nfs4 rw 0 0\n") == "unknown"
     shared = tmp_path  # the mount table decides: a path under an nfs mount passes
     assert check_home(shared, f"overlay / overlay rw 0 0\nn:/e {shared} nfs4 rw 0 0\n").ok
+
+
+def test_trainer_advantage_step_reads_transfer_queue_fields(monkeypatch):
+    """Our v1 trainer's _compute_advantage on fields shaped as verl's agent loop puts them in its TransferQueue
+    (jagged responses/masks, uid, per-rollout extra_fields with reward_extra_info): the advantages it writes back
+    are the local executor's. Needs TransferQueue (verl's verl-core extra); skipped where it is not installed."""
+    pytest.importorskip("transfer_queue")
+    import torch
+    from verl.utils import tensordict_utils as tu
+
+    import rl.verl_trainer as trainer_mod
+
+    step = 3
+    tok, local, config, data, outs = both_paths(True, SHAPED, step)
+    lengths = data.batch["response_mask"].sum(-1).long().tolist()
+    jag = lambda t: torch.nested.as_nested_tensor([t[b, :n] for b, n in enumerate(lengths)], layout=torch.jagged)
+    stored = tu.get_tensordict({
+        "uid": list(data.non_tensor_batch["uid"]), "responses": jag(data.batch["responses"]),
+        "response_mask": jag(data.batch["response_mask"].long()),
+        "extra_fields": [{"reward_extra_info": o["reward_extra_info"]} for o in outs]})
+    put = {}
+
+    class FakeTQ:
+        @staticmethod
+        def kv_batch_get(keys, partition_id, select_fields):
+            return stored.select(*select_fields).clone()
+
+        @staticmethod
+        def kv_batch_put(keys, partition_id, fields):
+            put.update(fields=fields)
+            return "meta"
+
+    class Batch(list):
+        keys, partition_id = [f"k{i}" for i in range(len(lengths))], "train"
+
+    monkeypatch.setattr(trainer_mod, "tq", FakeTQ)
+    trainer = object.__new__(trainer_mod.TwinarmTrainer)
+    trainer.config, trainer.tokenizer, trainer.global_steps = config, tok, step
+    metrics: dict = {}
+    assert trainer._compute_advantage(Batch(range(len(lengths))), metrics) == "meta"
+    adv = put["fields"]["advantages"].to_padded_tensor(0.0).numpy()
+    want = padded_local(local)[:, :adv.shape[1]]
+    assert np.abs(adv - want).max() <= 1e-6 and np.abs(want).sum() > 5
+    assert metrics["twinarm/adv_norm_std_applied"] == 1.0 and metrics["twinarm/adv_groups"] == 3
