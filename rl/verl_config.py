@@ -4,14 +4,16 @@
 validation sampling), algorithm (advantage estimator), trainer (steps, save/test frequency, nodes, logger,
 checkpoint directory, resume), reward (our reward manager) and checkpoint contents. Keys verl has no field for
 (the reward signal, its parameters, the heads, the grader, the seed) go under a top-level `twinarm.` section that
-our reward manager and trainer read back (`twinarm_section`). `SOURCES` names the spec key behind every verl key,
-so a diff of overrides maps back to a diff of spec keys (`twinarm plan`).
+our reward manager and trainer read back (rewards.verl_adapter.read_twinarm_section). `SOURCES` names the spec key
+behind each translated key, so a diff of overrides maps back to a diff of spec keys (`twinarm plan`).
 
 `compose(overrides)` composes verl's shipped `ppo_trainer` config with the overrides through Hydra, exactly as
-`python -m verl.trainer.main_ppo` does, and `validate(config)` runs verl's own checks (verl.utils.config
-.validate_config, which instantiates the actor config dataclasses) and instantiates the rollout, algorithm and
-reward config dataclasses (omega_conf_to_dataclass). An unknown key or a value a dataclass refuses is a
-VerlConfigError naming the key and the spec key it came from.
+`python -m verl.trainer.main_ppo` does; `check_types` compares every overridden value with the kind of verl's
+shipped default (verl's dataclasses do not check types); `validate(config)` runs verl's own checks
+(verl.utils.config.validate_config, which instantiates the actor config dataclass), instantiates the optimizer,
+rollout and algorithm config dataclasses (omega_conf_to_dataclass) and resolves the reward manager class as
+verl's reward loop does. An unknown key, a wrong type or a value a dataclass refuses is a VerlConfigError naming
+the key and the spec key it came from. `load` runs all three.
 
 Every arm — the control arm too — runs our estimator `twinarm_heads` through our trainer `twinarm_sync`, never
 verl's stock GRPO path; `translate` asserts it (the research's worst confound was a control arm that fell through
@@ -78,7 +80,7 @@ def _rl_sources() -> dict[str, str]:
     }
 
 
-# verl key → the spec key (or stage slice) it is translated from; fixed keys map to "" (same for every arm)
+# verl key → the spec key (or stage slice) it is translated from; keys not listed are fixed settings
 SOURCES: dict[str, str] = _rl_sources()
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -33,6 +34,7 @@ def free_ports(n: int) -> list[int]:
 @pytest.fixture(scope="module")
 def ray_head():
     from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_nodes
 
     tmp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
     gcs, dash, client, agent, agent_grpc, metrics, rt_env, node_mgr, obj_mgr, low = free_ports(10)
@@ -55,11 +57,13 @@ def ray_head():
         while True:
             try:
                 JobSubmissionClient(url).list_jobs()
-                break
+                if list_nodes(address=url):  # the node registers a moment after the Jobs API answers
+                    break
             except Exception:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the local Ray head did not start (rc {proc.poll()})")
-                time.sleep(1)
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the local Ray head did not start (rc {proc.poll()})")
+            time.sleep(1)
         yield url
     finally:  # stop exactly the head we started: its own process group
         try:
@@ -149,3 +153,14 @@ def test_unreachable_jobs_api_is_one_line():
         client("127.0.0.1:1")
     with pytest.raises(TwinarmError, match="no Ray Jobs address"):
         client("auto")
+
+
+def test_doctor_on_a_head_without_gpus(ray_head):
+    from rl.verl_doctor import check_gpus, check_ray
+
+    ray_check, url = check_ray(ray_head)
+    assert ray_check.ok and url == ray_head
+    gpus = check_gpus(url, nnodes=1, per_node=8)
+    assert not gpus.ok and re.fullmatch(r"GPUs: verl needs 1 node\(s\) with 8 GPUs each \(executor.verl.nnodes / "
+                                        r"n_gpus_per_node\); the cluster has [0-9.]+: 0", gpus.line)
+    print(gpus.line)
