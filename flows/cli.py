@@ -343,6 +343,28 @@ def ui(prefect_port: int = typer.Option(4200, help="Prefect UI/API port on 127.0
     _guard(body)
 
 
+@app.command()
+def plan(spec: Path = typer.Argument(..., help="ablation spec (YAML) with executor.kind: verl"),
+         address: Optional[str] = typer.Option(None, help="Ray Jobs address (default: executor.ray_address)"),
+         root: Optional[str] = typer.Option(None, help="TWINARM_HOME as the cluster mounts it")) -> None:
+    """Dry run of the verl cluster executor: each arm's `ray job submit` line and verl overrides, and the diff
+    between arms checked against the declared diff (rl/verl_plan.py). Nothing is submitted."""
+    from rl.verl_plan import print_plan
+
+    _guard(lambda: print_plan(str(spec), address, root, out))
+
+
+@app.command()
+def doctor(spec: Path = typer.Argument(..., help="ablation spec (YAML) with executor.kind: verl"),
+           address: Optional[str] = typer.Option(None, help="Ray Jobs address (default: executor.ray_address)")
+           ) -> None:
+    """Check a cluster for the verl executor: Ray address, GPUs per node, vLLM, CUDA torch, shared TWINARM_HOME
+    (rl/verl_doctor.py). Exit code 1 when a check fails."""
+    from rl.verl_doctor import print_doctor
+
+    _guard(lambda: print_doctor(str(spec), address, out))
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

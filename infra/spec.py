@@ -283,7 +283,11 @@ class RLSpec(Strict):
     heads: HeadsSpec = HeadsSpec()
     adv_norm_std: bool = Field(False, description="divide group-centred advantages by the group std (every arm alike)")
     lr: float = Field(1e-6, gt=0)
-    lr_warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="verl's actor schedules (rl/schedule.py)")
+    lr_warmup_steps: int = Field(0, ge=0, description="linear warm-up steps; 0 = use warmup_ratio")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="warm-up steps as a share of steps (when "
+                                                               "lr_warmup_steps is 0)")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor as a share of lr")
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     batch_size: int = Field(64, ge=1, description="prompts per step")
@@ -291,8 +295,12 @@ class RLSpec(Strict):
     n: int = Field(8, ge=1, description="samples per prompt")
     temperature: float = Field(0.6, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, ge=-1, description="rollout top-k; -1 = off (verl's convention)")
     clip_low: float = Field(0.2, ge=0)
     clip_high: float = Field(0.28, ge=0)
+    entropy_coeff: float = Field(0.0, ge=0, description="loss = pg_loss − entropy_coeff · entropy (verl's actor)")
+    kl_loss: bool = Field(False, description="KL(π‖π_ref) as a loss term (verl use_kl_loss, low_var_kl), "
+                                             "weighted by kl_coef; the reference is the arm's SFT model")
     kl_coef: float = Field(0.0, ge=0)
     loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
     max_prompt_length: int = Field(1024, ge=8)
@@ -308,6 +316,11 @@ class RLSpec(Strict):
         if self.batch_size % self.mini_batch_size:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of mini_batch_size "
                              f"{self.mini_batch_size}")
+        if self.top_k == 0:
+            raise ValueError("top_k: 0 is not a top-k; use -1 for no top-k filtering")
+        if self.kl_coef > 0 and not self.kl_loss:
+            raise ValueError(f"kl_coef {self.kl_coef} without kl_loss: true (KL acts only as a loss term; "
+                             f"in-reward KL is not supported)")
         return self
 
 

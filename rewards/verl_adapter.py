@@ -1,20 +1,28 @@
-"""The shared heads/region advantage as verl's advantage estimator "twinarm_heads" (DESIGN §5, cluster executor).
+"""The shared heads/region advantage on verl: reward manager "TwinarmRewardManager" and advantage estimator
+"twinarm_heads" (DESIGN §5, cluster executor; rl/verl_config.py wires both into verl's config).
 
-The estimator reads per-row fields that `attach` writes (per row, so they survive verl's reordering, balancing
-and chunking of a batch):
+Reward manager (verl's reward-loop interface, one rollout per `run_single`): grades the decoded response with our
+grader and returns the per-rollout heads of rewards.heads.rollout_heads as reward_extra_info
+`twinarm_head_<head>` (NaN where the head has no value) and the correctness head as verl's reward score. The meta
+head is a group signal; on verl only the vanilla signal (no meta value) is built — a signal that needs the
+frozen-reference scorer is refused when the manager starts (issue 18 item 3).
+
+The estimator reads per-row fields (per row, so they survive verl's reordering, balancing and chunking):
 - non_tensor_batch["twinarm_head_<head>"]: float (bs,), NaN where the head has no value (None) — the shape a verl
   reward manager's reward_extra_info already lands in;
-- batch["twinarm_region_ids"]: int64 (bs, response_length), region index into infra.spec.REGIONS;
-- batch["twinarm_gain"]: float32 (bs, heads, regions) = w_h(step) · routing[h][r].
+- batch["twinarm_region_ids"]: int64 (bs, response_length), region index into infra.spec.REGIONS, from the
+  response token ids by rewards.heads.token_offsets/token_regions (`attach_regions`);
+- batch["twinarm_gain"]: float32 (bs, heads, regions) = w_h(step) · routing[h][r] (`attach_gain`).
 It centres each head within each `uid` group with rewards.heads.centre_heads and maps heads to tokens with
 rewards.heads.token_advantages, the same functions the local executor runs. token_level_rewards are not read
 (the heads carry the reward), so in-reward KL is refused rather than silently dropped.
 
 verl 0.9.1's ray_trainer.compute_advantage forwards `batch`/`non_tensor_batch` to GDPO only; any other registered
-estimator gets token_level_rewards, response_mask, index and config. The executor therefore calls
-`compute_advantage(data, norm_adv_by_std_in_grpo=...)` below in place of verl's for this estimator; called without
-the fields, the registered function raises instead of guessing. The std switch is read from the argument or the
-algorithm config (`norm_adv_by_std_in_grpo`), never defaulted.
+estimator gets token_level_rewards, response_mask, index and config — and the v1 trainer fetches only a fixed
+list of fields from its TransferQueue. Our trainer (rl/verl_trainer.py, trainer mode "twinarm_sync") therefore
+fetches the head fields and response ids itself and calls `heads_advantage` below; called without the fields,
+the registered function raises instead of guessing. The std switch is read from the argument or the algorithm
+config (`norm_adv_by_std_in_grpo`), never defaulted.
 """
 from __future__ import annotations
 
@@ -23,12 +31,17 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from verl import DataProto
+from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase
 from verl.trainer.ppo.core_algos import register_adv_est
 
-from infra.spec import HEADS, REGIONS
-from rewards.heads import centre_heads, gain_matrix, token_advantages
+from infra.spec import HEADS, REGIONS, GraderSpec, HeadsSpec
+from rewards.heads import centre_heads, gain_matrix, head_weights, rollout_heads, token_advantages, \
+    token_offsets, token_regions
+from rewards.signals import Rollout, get_signal
+from sft.grammar import META_CLOSE, META_OPEN, format_class
 
 ESTIMATOR = "twinarm_heads"
+TWINARM_SECTION = "twinarm"  # the verl config's top-level section of our keys (rl/verl_config.py writes it)
 HEAD_KEY = "twinarm_head_{}"
 REGION_KEY = "twinarm_region_ids"
 GAIN_KEY = "twinarm_gain"
@@ -37,20 +50,65 @@ GAIN_KEY = "twinarm_gain"
 def attach(data: DataProto, head_values: Sequence[Mapping[str, float | None]], region_ids: Sequence[Sequence[int]],
            weights: Mapping[str, float], routing: Mapping[str, Mapping[str, float]]) -> None:
     """Write the estimator's fields into `data` (rows in data's order; region ids padded to the response width)."""
-    bs, width = data.batch["response_mask"].shape
-    if not len(head_values) == len(region_ids) == bs:
-        raise ValueError(f"batch has {bs} rows; got {len(head_values)} head rows, {len(region_ids)} region rows")
+    bs = data.batch["response_mask"].shape[0]
+    if len(head_values) != bs:
+        raise ValueError(f"batch has {bs} rows; got {len(head_values)} head rows")
     for h in HEADS:
         data.non_tensor_batch[HEAD_KEY.format(h)] = np.array(
             [np.nan if v.get(h) is None else float(v[h]) for v in head_values], dtype=np.float64)
+    _write_regions(data, region_ids)
+    attach_gain(data, weights, routing)
+
+
+def _write_regions(data: DataProto, region_ids: Sequence[Sequence[int]]) -> None:
+    bs, width = data.batch["response_mask"].shape
+    if len(region_ids) != bs:
+        raise ValueError(f"batch has {bs} rows; got {len(region_ids)} region rows")
     regions = torch.zeros((bs, width), dtype=torch.long)
     for b, ids in enumerate(region_ids):
         if len(ids) > width:
             raise ValueError(f"row {b}: {len(ids)} region ids for a response width of {width}")
         regions[b, :len(ids)] = torch.tensor(list(ids), dtype=torch.long)
     data.batch[REGION_KEY] = regions
+
+
+def attach_regions(data: DataProto, tokenizer: Any, meta_open: str = META_OPEN, meta_close: str = META_CLOSE
+                   ) -> None:
+    """Region ids of every response token from data.batch["responses"] (bs, T) and "response_mask" (bs, T),
+    by the local executor's rewards.heads.token_offsets/token_regions."""
+    responses, mask = data.batch["responses"], data.batch["response_mask"]
+    regions = []
+    for b in range(responses.shape[0]):
+        ids = responses[b, :int(mask[b].sum())].tolist()
+        text, offsets = token_offsets(tokenizer, ids)
+        regions.append(token_regions(text, offsets, meta_open, meta_close))
+    _write_regions(data, regions)
+
+
+def attach_gain(data: DataProto, weights: Mapping[str, float], routing: Mapping[str, Mapping[str, float]]) -> None:
+    bs = data.batch["response_mask"].shape[0]
     gain = torch.tensor(gain_matrix(weights, routing), dtype=torch.float32)
     data.batch[GAIN_KEY] = gain.expand(bs, len(HEADS), len(REGIONS)).clone()
+
+
+def heads_advantage(data: DataProto, tokenizer: Any, heads: HeadsSpec, step: int, norm_adv_by_std_in_grpo: bool,
+                    meta_open: str = META_OPEN, meta_close: str = META_CLOSE) -> dict[str, Any]:
+    """What our verl trainer runs at RL step `step` (1-based) on a batch carrying uid, responses, response_mask
+    and the reward manager's head fields: regions, gain w_h(step)·routing, then `compute_advantage`."""
+    attach_regions(data, tokenizer, meta_open, meta_close)
+    attach_gain(data, head_weights(heads, step), heads.routing)
+    return compute_advantage(data, norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo)
+
+
+def read_twinarm_section(config: Any) -> dict[str, Any]:
+    """{rl: {...}, grader: {...}, model: {...}, seed} from a composed verl config's `twinarm` section.
+    Raises ValueError when the config has none (it was not made by rl.verl_config)."""
+    from omegaconf import OmegaConf
+
+    section = config.get(TWINARM_SECTION) if hasattr(config, "get") else None
+    if section is None:
+        raise ValueError(f"the verl config has no '{TWINARM_SECTION}' section: it was not made by rl.verl_config")
+    return OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else dict(section)
 
 
 def _std_switch(norm_adv_by_std_in_grpo: bool | None, config: Any) -> bool:
@@ -103,3 +161,47 @@ def compute_advantage(data: DataProto, norm_adv_by_std_in_grpo: bool | None = No
     data.batch["returns"] = adv
     data.meta_info["twinarm_adv_facts"] = facts
     return facts
+
+
+class TwinarmRewardManager(RewardManagerBase):
+    """verl reward-loop manager: one rollout → {"reward_score": correctness head, "reward_extra_info": heads}.
+
+    Configured by rl/verl_config.py (`reward.reward_manager.source=importlib`, module pkg://rewards.verl_adapter);
+    reads the `twinarm` section of the verl config (rl.reward, rl.heads, grader, meta tags). Raises ValueError at
+    construction for a signal other than vanilla (the scorer-based signals are not built on verl)."""
+
+    def __init__(self, config: Any, tokenizer: Any, compute_score: Any = None, reward_router_address: Any = None,
+                 reward_model_tokenizer: Any = None, **kwargs: Any) -> None:
+        super().__init__(config, tokenizer, compute_score)
+        from rewards.grader import get_grader
+
+        section = read_twinarm_section(config)
+        reward = section["rl"]["reward"]
+        if get_signal(reward).needs or reward != "vanilla":
+            raise ValueError(f"rl.reward '{reward}': on verl only the vanilla signal is built; signals that need "
+                             f"the frozen-reference scorer or regeneration are not (issue 18 item 3)")
+        self.reward = reward
+        self.grader = get_grader(GraderSpec.model_validate(section["grader"]))
+        self.meta_open = section["model"]["meta_open"]
+        self.meta_close = section["model"]["meta_close"]
+        self.max_response_length = int(config.data.max_response_length)
+
+    def heads_of(self, response: str, gold: str, truncated: bool, n_tokens: int) -> dict[str, float | None]:
+        """The per-rollout heads, as rewards.pipeline builds them for the local executor."""
+        grade = self.grader.grade([response], [gold])[0]
+        rollout = Rollout(prompt="", response=response, gold=gold, correct=grade.correct, truncated=truncated,
+                          format_class=format_class(response, truncated, 1, self.meta_open, self.meta_close),
+                          n_tokens=n_tokens)
+        return rollout_heads(rollout, None, self.meta_open, self.meta_close)
+
+    async def run_single(self, data: DataProto) -> dict:
+        item = data[-1]
+        response_ids = item.batch["responses"]
+        valid = int(item.batch["attention_mask"][-response_ids.shape[-1]:].sum())
+        ids = response_ids[:valid].tolist()
+        text, _ = token_offsets(self.tokenizer, ids)  # the text the regions are cut from (local: the same)
+        gold = str(item.non_tensor_batch["reward_model"]["ground_truth"])
+        values = await self.loop.run_in_executor(
+            None, lambda: self.heads_of(text, gold, valid >= self.max_response_length, valid))
+        extra = {HEAD_KEY.format(h): (np.nan if values[h] is None else float(values[h])) for h in HEADS}
+        return {"reward_score": float(values["correctness"]), "reward_extra_info": extra}

@@ -1,0 +1,440 @@
+"""The verl cluster executor on CPU, against verl 0.9.1's real code: the spec → verl translation composed with
+verl's shipped ppo_trainer config and validated by verl's config classes; the reward manager and estimator on a
+real DataProto against the local executor's path; the parquet layout; `twinarm plan`; the RL schedule keys;
+`twinarm doctor` on a machine without GPUs."""
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import numpy as np
+import pytest
+
+from infra.errors import SpecError
+from infra.spec import BaseSpec, GraderSpec, HeadsSpec, RLSpec, load_spec, resolved_arms
+
+QWEN = "configs/qwen3-8b.yaml"
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    spec = load_spec(QWEN)
+    return spec, resolved_arms(spec)
+
+
+def paths(tmp: str = "/shared/twinarm"):
+    from rl.verl_config import RunPaths
+
+    return RunPaths(f"{tmp}/rl.parquet", f"{tmp}/val.parquet", f"{tmp}/model", f"{tmp}/ckpt")
+
+
+def verl_cfg(**rl) -> BaseSpec:
+    return BaseSpec.model_validate({"executor": {"kind": "verl", "compute": {"device": "cuda"}},
+                                    "rl": rl, "grader": {"workers": 1}})
+
+
+# ---------------------------------------------------------------- translation + composition
+
+
+def test_every_qwen_arm_composes_and_validates_through_verl(qwen):
+    from rl.verl_config import ESTIMATOR, TRAINER_MODE, compose, overrides_for, translate, validate
+
+    spec, arms = qwen
+    for arm, cfg in arms.items():
+        ov = translate(cfg, ablation=spec.name, arm=arm, seed=0, paths=paths())
+        # every arm, the control arm included, runs our estimator and trainer: never verl's stock GRPO path
+        assert ov["algorithm.adv_estimator"] == ESTIMATOR and ov["trainer.v1.trainer_mode"] == TRAINER_MODE
+    cfg = arms["control"]
+    config = compose(overrides_for(cfg, ablation=spec.name, arm="control", seed=0, paths=paths()))
+    checked = validate(config)
+    assert checked == {"actor_rollout_ref.actor": "FSDPActorConfig", "actor_rollout_ref.rollout": "RolloutConfig",
+                       "algorithm": "AlgoConfig", "actor_rollout_ref.actor.optim": "FSDPOptimizerConfig",
+                       "reward.reward_manager": "TwinarmRewardManager"}
+    # the research's hyperparameters reached verl's config (read back from the composed config)
+    a, r = config.actor_rollout_ref.actor, config.actor_rollout_ref.rollout
+    assert (a.optim.lr, a.optim.weight_decay, a.optim.lr_scheduler_type, a.optim.lr_warmup_steps_ratio,
+            a.optim.min_lr_ratio, a.optim.clip_grad) == (1e-6, 0.01, "cosine", 0.1, 0.1, 1.0)
+    assert (a.ppo_mini_batch_size, a.loss_agg_mode, a.entropy_coeff, a.clip_ratio_low, a.clip_ratio_high,
+            a.use_kl_loss, a.kl_loss_coef) == (8, "token-mean", 0.001, 0.2, 0.28, True, 0.0)
+    assert (r.n, r.temperature, r.top_k, r.top_p, r.val_kwargs.do_sample) == (8, 0.6, 20, 0.95, False)
+    assert (config.data.train_batch_size, config.data.max_prompt_length, config.data.max_response_length) == \
+        (64, 2048, 4096)
+    t = config.trainer
+    assert (t.total_training_steps, t.save_freq, t.test_freq, t.resume_mode) == (300, 10, 25, "auto")
+    assert config.twinarm.rl.reward == "vanilla" and config.twinarm.model.meta_open == "<|meta|>"
+
+
+def test_unknown_key_and_refused_value_are_one_clear_error(qwen):
+    from rl.verl_config import VerlConfigError, check, overrides_for
+
+    spec, arms = qwen
+    cfg = arms["control"].model_copy(deep=True)
+    cfg.executor.verl.extra_overrides = ["actor_rollout_ref.actor.clip_ratio_hgih=0.3"]
+    ov = overrides_for(cfg, ablation=spec.name, arm="control", seed=0, paths=paths())
+    with pytest.raises(VerlConfigError, match=r"verl override 'actor_rollout_ref.actor.clip_ratio_hgih' \(from "
+                                              r"executor.verl.extra_overrides.*no such key"):
+        check(ov)
+    base = overrides_for(arms["control"], ablation=spec.name, arm="control", seed=0, paths=paths())
+    with pytest.raises(VerlConfigError, match=r"verl override 'actor_rollout_ref.actor.ppo_epochs'.*expected a "
+                                              r"number like verl's default 1, got 'abc'"):
+        check(base + ["actor_rollout_ref.actor.ppo_epochs=abc"])
+    with pytest.raises(VerlConfigError, match=r"verl config actor_rollout_ref.actor: ValueError: Invalid "
+                                              r"loss_agg_mode: bogus"):
+        check(base + ["actor_rollout_ref.actor.loss_agg_mode=bogus"])  # refused by verl's ActorConfig
+    # an extra override cannot swap verl's stock GRPO in for our estimator
+    with pytest.raises(VerlConfigError, match="not twinarm_heads / twinarm_sync"):
+        check(base + ["algorithm.adv_estimator=grpo"])
+
+
+def test_translation_refuses_what_verl_cannot_run():
+    from rl.verl_config import translate
+
+    with pytest.raises(SpecError, match="executor.kind is 'local'"):
+        translate(BaseSpec(), ablation="x", arm="a", seed=0, paths=paths())
+    cpu = BaseSpec.model_validate({"executor": {"kind": "verl", "compute": {"device": "cpu"}}})
+    with pytest.raises(SpecError, match="no CPU training path"):
+        translate(cpu, ablation="x", arm="a", seed=0, paths=paths())
+
+
+def test_spec_refuses_keys_that_would_not_act():
+    with pytest.raises(ValueError, match="without kl_loss"):
+        RLSpec(kl_coef=0.1)
+    with pytest.raises(ValueError, match="top_k: 0"):
+        RLSpec(top_k=0)
+
+
+# ---------------------------------------------------------------- plan
+
+
+def test_plan_diff_equals_declared_diff_for_qwen(qwen):
+    from rl.verl_plan import arm_diffs, plan_arms
+
+    spec, _ = qwen
+    plans = plan_arms(spec, "/mnt/shared", "http://head:8265")
+    assert [p.arm for p in plans] == ["control", "meta_sft", "pmishift"]
+    assert len({p.job.submission_id for p in plans}) == 3
+    assert all(p.submit.startswith("ray job submit --address http://head:8265 --submission-id twinarm-rl-")
+               and " -- python -m rl.verl_main " in p.submit for p in plans)
+    assert plans[2].blocked and "scorer" in plans[2].blocked and plans[0].blocked is None
+    diffs = {(d.a, d.b): d for d in arm_diffs(spec, plans)}
+    rq1, rq2 = diffs["meta_sft", "control"], diffs["pmishift", "meta_sft"]
+    assert list(rq1.verl) == ["actor_rollout_ref.model.path"] and rq1.mapped == rq1.declared == {"sft.strip_meta"}
+    assert rq2.verl == {"+twinarm.rl.reward": ("pmishift", "vanilla")} and rq2.mapped == rq2.declared == {"rl.reward"}
+    # the plan is deterministic: the same spec gives the same job ids
+    assert [p.job.submission_id for p in plan_arms(spec, "/mnt/shared", "x")] == [p.job.submission_id for p in plans]
+
+
+def test_plan_catches_a_leaked_difference(qwen):
+    from rl.verl_plan import arm_diffs, plan_arms
+
+    spec, _ = qwen
+    plans = plan_arms(spec, "/mnt/shared", "http://head:8265")
+    plans[1].overrides["actor_rollout_ref.rollout.top_k"] = 50  # a difference nobody declared
+    d = {(x.a, x.b): x for x in arm_diffs(spec, plans)}["meta_sft", "control"]
+    assert not d.equal and d.mapped == {"sft.strip_meta", "rl.top_k"}
+
+
+def test_plan_command(qwen, home):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    res = CliRunner().invoke(app, ["plan", QWEN, "--root", "/mnt/shared", "--address", "http://head:8265"],
+                             env={"COLUMNS": "250"})
+    assert res.exit_code == 0, res.output
+    assert res.output.count("ray job submit --address http://head:8265") == 3
+    assert res.output.count("equals the declared diff") == 2
+
+
+# ---------------------------------------------------------------- data layout
+
+
+def test_prompts_in_verl_parquet_layout(tmp_path):
+    import pyarrow.parquet as pq
+
+    from infra.errors import DataError
+    from rl.verl_data import write_verl_parquet
+
+    rows = [{"id": "a1", "prompt": "What is 2+3?", "answer": "5", "domain": "add", "level": None, "source": "arith"},
+            {"id": "a2", "prompt": "What is 7*6?", "answer": "42", "domain": "mul", "level": 2, "source": "arith"}]
+    digest = write_verl_parquet(rows, tmp_path / "rl.parquet", "train", "rl_prompts")
+    table = pq.read_table(tmp_path / "rl.parquet")
+    assert table.column_names == ["data_source", "prompt", "ability", "reward_model", "extra_info"]
+    got = table.to_pylist()
+    assert got[1] == {"data_source": "arith", "prompt": [{"role": "user", "content": "What is 7*6?"}],
+                      "ability": "mul", "reward_model": {"style": "rule", "ground_truth": "42"},
+                      "extra_info": {"id": "a2", "domain": "mul", "level": 2, "split": "train", "index": 1}}
+    assert write_verl_parquet(rows, tmp_path / "again.parquet", "train", "rl_prompts") == digest  # deterministic
+    with pytest.raises(DataError, match=r"rl_prompts: row 1 \(id 'a2'\): field 'answer'"):
+        write_verl_parquet([rows[0], {**rows[1], "answer": " "}], tmp_path / "bad.parquet", "train", "rl_prompts")
+
+
+def test_verl_reads_our_parquet(tmp_path):
+    """verl's own RL dataset reads the file, applies the chat template to `prompt`, keeps the ground truth."""
+    from omegaconf import OmegaConf
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    from rl.verl_data import write_verl_parquet
+    from test_heads import byte_level_tokenizer
+
+    tok = byte_level_tokenizer()
+    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    tok.pad_token = tok.eos_token = "<|/meta|>"
+    rows = [{"id": "a1", "prompt": "What is 2+3?", "answer": "5", "domain": "add", "source": "arith"}]
+    write_verl_parquet(rows, tmp_path / "rl.parquet", "train", "rl_prompts")
+    data_cfg = OmegaConf.create({"max_prompt_length": 64, "prompt_key": "prompt", "truncation": "error",
+                                 "filter_overlong_prompts": False, "return_raw_chat": True})
+    ds = RLHFDataset(data_files=str(tmp_path / "rl.parquet"), tokenizer=tok, config=data_cfg)
+    item = ds[0]
+    assert item["reward_model"]["ground_truth"] == "5" and item["data_source"] == "arith"
+    assert list(item["raw_prompt"]) == [{"role": "user", "content": "What is 2+3?"}]
+
+
+# ---------------------------------------------------------------- schedule keys (both executors)
+
+
+def test_lr_schedule_is_verls():
+    import torch
+    from verl.utils.torch_functional import get_cosine_schedule_with_warmup
+
+    from rl.schedule import lr_at, warmup_steps
+
+    rl = RLSpec(lr=1e-6, lr_schedule="cosine", warmup_ratio=0.1, min_lr_ratio=0.1, steps=300)
+    assert warmup_steps(rl) == 30
+    lrs = [lr_at(s, rl) for s in range(1, 301)]
+    # verl's actor: a LambdaLR stepped after each update, so step s trains at the multiplier of s − 1
+    opt = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=1e-6)
+    sched = get_cosine_schedule_with_warmup(opt, 30, 300, min_lr_ratio=0.1)
+    theirs = []
+    for _ in range(300):
+        theirs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx(theirs, rel=0, abs=1e-18)
+    assert lrs[0] == 0 and lrs[30] == pytest.approx(1e-6) and lrs[-1] == pytest.approx(1e-7, rel=1e-3)
+    assert lrs[15] == pytest.approx(0.5e-6)  # halfway through the warm-up
+    assert [lr_at(s, RLSpec(lr=2e-5, steps=10)) for s in (1, 10)] == [2e-5, 2e-5]  # constant, no warm-up
+    with pytest.raises(ValueError, match="outside 1..10"):
+        lr_at(11, RLSpec(steps=10))
+
+
+def test_loss_extras_are_verls_entropy_and_kl_terms():
+    import torch
+    from verl.trainer.ppo.core_algos import agg_loss, kl_penalty
+    from verl.utils.torch_functional import entropy_from_logits
+
+    from rl.schedule import entropy, hf_top_k, policy_loss_extras
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 11, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float32)
+    lp, ref = -torch.rand(3, 5, generator=g), -torch.rand(3, 5, generator=g)
+    ent = entropy(logits)
+    rl = RLSpec(entropy_coeff=0.001, kl_loss=True, kl_coef=0.05)
+    loss, metrics = policy_loss_extras(torch.tensor(1.0), lp, mask, rl, ent, ref)
+    want_ent = agg_loss(entropy_from_logits(logits), mask.bool(), "token-mean")
+    want_kl = agg_loss(kl_penalty(lp, ref, "low_var_kl"), mask.bool(), "token-mean")
+    assert float(loss) == pytest.approx(1.0 - 0.001 * float(want_ent) + 0.05 * float(want_kl), abs=1e-7)
+    assert metrics == pytest.approx({"actor/entropy_loss": float(want_ent), "actor/kl_loss": float(want_kl)})
+    assert float(want_ent) > 1 and float(want_kl) > 0  # the terms are not zeros
+    # KL on with coefficient 0 (the research's setting): logged, no change to the loss
+    loss0, m0 = policy_loss_extras(torch.tensor(1.0), lp, mask, RLSpec(kl_loss=True), None, ref)
+    assert float(loss0) == 1.0 and m0["actor/kl_loss"] == pytest.approx(float(want_kl))
+    with pytest.raises(ValueError, match="per-token entropy"):
+        policy_loss_extras(torch.tensor(1.0), lp, mask, rl, None, ref)
+    with pytest.raises(ValueError, match="reference model"):
+        policy_loss_extras(torch.tensor(1.0), lp, mask, RLSpec(kl_loss=True), None, None)
+    assert (hf_top_k(RLSpec()), hf_top_k(RLSpec(top_k=20))) == (0, 20)
+
+
+# ---------------------------------------------------------------- parity: local executor path vs verl path
+
+
+TEXTS = [["ok<|meta|>confidence 0.8 looks right<|/meta|>\\boxed{5}", "\\boxed{5}", "ok \\boxed{4}",
+          "<|meta|>confidence 0.3<|/meta|>\\boxed{4}"],
+         ["\\boxed{42}", "<|meta|>hmm", "ok<|meta|>looks right<|/meta|>\\boxed{41}", "\\boxed{42}"],
+         ["<|meta|>a<|/meta|><|meta|>b<|/meta|>\\boxed{7}", "\\boxed{7}", "\\boxed{8}"]]
+GOLDS = ["5", "42", "7"]
+
+
+def verl_batch(tok, groups_ids, golds, max_resp: int):
+    """A DataProto as verl's rollout leaves it: left-padded prompts, right-padded responses, masks, uid."""
+    import torch
+    from verl import DataProto
+
+    prompt = tok.encode("Q:", add_special_tokens=False)
+    rows = [(g, ids) for g, group in enumerate(groups_ids) for ids in group]
+    bs, p_len = len(rows), len(prompt)
+    prompts = torch.tensor([prompt] * bs)
+    responses = torch.zeros(bs, max_resp, dtype=torch.long)
+    attn = torch.zeros(bs, p_len + max_resp, dtype=torch.long)
+    attn[:, :p_len] = 1
+    for b, (_, ids) in enumerate(rows):
+        responses[b, :len(ids)] = torch.tensor(ids)
+        attn[b, p_len:p_len + len(ids)] = 1
+    return DataProto.from_dict(
+        tensors={"prompts": prompts, "responses": responses, "attention_mask": attn,
+                 "response_mask": attn[:, p_len:].float()},
+        non_tensors={"uid": np.array([f"p{g}" for g, _ in rows], dtype=object),
+                     "reward_model": np.array([{"ground_truth": golds[g]} for g, _ in rows], dtype=object),
+                     "data_source": np.array(["arith"] * bs, dtype=object)})
+
+
+SHAPED = {"weights": {"correctness": 1.0, "meta": 1.0, "calibration": 1.0, "format": 0.5, "emission": 0.3},
+          "warmup_steps": {"emission": 4}}
+
+
+def both_paths(norm: bool, heads: dict | None, step: int = 2):
+    """The same rollouts through the local executor's pipeline and through our verl reward manager (as verl's
+    reward loop calls it, one rollout at a time). Returns (tokenizer, local BatchResult, verl config, DataProto
+    carrying the reward manager's head fields, reward manager outputs)."""
+    from rewards.grader import get_grader
+    from rewards.pipeline import Sample, score_batch
+    from rewards.verl_adapter import TwinarmRewardManager
+    from rl.verl_config import compose, overrides_for
+    from test_heads import byte_level_tokenizer
+
+    tok = byte_level_tokenizer()
+    cfg = verl_cfg(reward="vanilla", adv_norm_std=norm, max_response_length=64, **({"heads": heads} if heads else {}))
+    groups_ids = [[tok.encode(t, add_special_tokens=False) for t in group] for group in TEXTS]
+    groups = [[Sample("Q:", t, ids, GOLDS[g]) for t, ids in zip(group, groups_ids[g])]
+              for g, group in enumerate(TEXTS)]
+    local = score_batch(groups, rl=cfg.rl, step=step, grader=get_grader(GraderSpec(workers=1)), tokenizer=tok)
+    config = compose(overrides_for(cfg, ablation="t", arm="a", seed=0, paths=paths()))
+    manager = TwinarmRewardManager(config, tok, None)
+    data = verl_batch(tok, groups_ids, GOLDS, 64)
+    outs = [manager.loop.run_until_complete(manager.run_single(data[i:i + 1])) for i in range(len(data))]
+    return tok, local, config, data, outs
+
+
+def padded_local(local, width: int = 64) -> np.ndarray:
+    out = np.zeros((len(local.token_advantages), width))
+    for b, adv in enumerate(local.token_advantages):
+        out[b, :len(adv)] = adv
+    return out
+
+
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("heads", [SHAPED, None], ids=["shaped-heads", "control"])
+def test_local_and_verl_paths_give_identical_advantages_and_loss(norm, heads):
+    import torch
+    from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
+    from verl.workers.config.actor import ActorConfig
+
+    from rewards.verl_adapter import HEAD_KEY, heads_advantage, read_twinarm_section
+
+    step = 2
+    tok, local, config, data, outs = both_paths(norm, heads, step)
+    for key in outs[0]["reward_extra_info"]:
+        data.non_tensor_batch[key] = np.array([o["reward_extra_info"][key] for o in outs])
+    section = read_twinarm_section(config)
+    facts = heads_advantage(data, tok, HeadsSpec.model_validate(section["rl"]["heads"]), step,
+                            bool(config.algorithm.norm_adv_by_std_in_grpo))
+    ours = padded_local(local)
+    theirs = data.batch["advantages"].numpy()
+    assert np.abs(theirs - ours).max() <= 1e-6
+    assert facts["adv_norm_std_applied"] is norm
+    # the comparison is not between near-zeros, and heads other than correctness moved tokens
+    assert np.abs(ours).sum() > 5
+    assert [o["reward_score"] for o in outs] == [1.0 if r["correct"] else -1.0 for r in local.records]
+    assert [o["reward_extra_info"][HEAD_KEY.format("calibration")] for o in outs[:4]] == pytest.approx(
+        [-(0.8 - 1) ** 2, math.nan, math.nan, -(0.3 - 0) ** 2], nan_ok=True)
+    if heads is None:  # the control arm: our estimator with the correctness head only = verl's GRPO outcome advantage
+        from verl.trainer.ppo.core_algos import compute_grpo_outcome_advantage
+
+        rewards = torch.zeros(len(data), 64)
+        for b, o in enumerate(outs):
+            rewards[b, int(data.batch["response_mask"][b].sum()) - 1] = o["reward_score"]
+        grpo, _ = compute_grpo_outcome_advantage(rewards, data.batch["response_mask"], data.non_tensor_batch["uid"],
+                                                 norm_adv_by_std_in_grpo=norm)
+        assert np.abs(grpo.numpy() - theirs).max() <= 1e-6
+    # and the same PPO loss (verl's policy loss, the one the local executor's ppo_update calls)
+    g = torch.Generator().manual_seed(1)
+    old = -torch.rand(len(data), 64, generator=g)
+    new = old + 0.1 * torch.randn(len(data), 64, generator=g)
+    mask = data.batch["response_mask"]
+    actor = ActorConfig(strategy="fsdp", clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28,
+                        loss_agg_mode="token-mean", ppo_mini_batch_size=11, ppo_micro_batch_size_per_gpu=11, rollout_n=1)
+    l_local, _ = compute_policy_loss_vanilla(old, new, torch.tensor(ours, dtype=torch.float32), mask,
+                                             loss_agg_mode="token-mean", config=actor)
+    l_verl, _ = compute_policy_loss_vanilla(old, new, data.batch["advantages"], mask, loss_agg_mode="token-mean",
+                                            config=actor)
+    assert abs(float(l_local) - float(l_verl)) <= 1e-6 and abs(float(l_verl)) > 1e-3
+
+
+def test_reward_manager_refuses_a_scorer_signal():
+    from rewards.verl_adapter import TwinarmRewardManager
+    from rl.verl_config import compose, overrides_for
+    from test_heads import byte_level_tokenizer
+
+    config = compose(overrides_for(verl_cfg(reward="pmishift"), ablation="t", arm="a", seed=0, paths=paths()))
+    with pytest.raises(ValueError, match="rl.reward 'pmishift': on verl only the vanilla signal"):
+        TwinarmRewardManager(config, byte_level_tokenizer(), None)
+
+
+# ---------------------------------------------------------------- doctor
+
+
+def test_doctor_reports_each_failure_in_one_line(tmp_path):
+    from rl.verl_doctor import check_home, doctor, fs_type
+
+    mounts = "overlay / overlay rw 0 0\nnfs1:/export /mnt/shared nfs4 rw 0 0\n"
+    checks = {c.name: c for c in doctor(verl_cfg(), tmp_path, address="http://127.0.0.1:1", mounts=mounts)}
+    assert list(checks) == ["ray", "gpus", "vllm", "torch", "transfer_queue", "home"]
+    # this machine has no cluster, GPUs, vLLM, CUDA torch or shared disk
+    assert {n for n, c in checks.items() if not c.ok} == {"ray", "gpus", "vllm", "torch", "home"} | \
+        (set() if importlib.util.find_spec("transfer_queue") else {"transfer_queue"})
+    assert all("\n" not in c.line for c in checks.values())
+    assert "could not reach the Ray Jobs API at http://127.0.0.1:1" in checks["ray"].line
+    assert checks["gpus"].line == "GPUs: not checked (no Ray cluster reachable)"
+    assert "vLLM: not installed; verl's vllm rollout needs vllm ≥ 0.18.0 (verl[vllm] pins 0.24.0)" in \
+        checks["vllm"].line
+    assert "is not a CUDA build" in checks["torch"].line
+    assert "is on a local overlay filesystem" in checks["home"].line
+    assert fs_type(tmp_path / "x", "nfs1:/e /mnt/shared nfs4 rw 0 0\n") == "unknown"
+    shared = tmp_path  # the mount table decides: a path under an nfs mount passes
+    assert check_home(shared, f"overlay / overlay rw 0 0\nn:/e {shared} nfs4 rw 0 0\n").ok
+
+
+def test_trainer_advantage_step_reads_transfer_queue_fields(monkeypatch):
+    """Our v1 trainer's _compute_advantage on fields shaped as verl's agent loop puts them in its TransferQueue
+    (jagged responses/masks, uid, per-rollout extra_fields with reward_extra_info): the advantages it writes back
+    are the local executor's. Needs TransferQueue (verl's verl-core extra); skipped where it is not installed."""
+    pytest.importorskip("transfer_queue")
+    import torch
+    from verl.utils import tensordict_utils as tu
+
+    import rl.verl_trainer as trainer_mod
+
+    step = 3
+    tok, local, config, data, outs = both_paths(True, SHAPED, step)
+    lengths = data.batch["response_mask"].sum(-1).long().tolist()
+    jag = lambda t: torch.nested.as_nested_tensor([t[b, :n] for b, n in enumerate(lengths)], layout=torch.jagged)
+    stored = tu.get_tensordict({
+        "uid": list(data.non_tensor_batch["uid"]), "responses": jag(data.batch["responses"]),
+        "response_mask": jag(data.batch["response_mask"].long()),
+        "extra_fields": [{"reward_extra_info": o["reward_extra_info"]} for o in outs]})
+    put = {}
+
+    class FakeTQ:
+        @staticmethod
+        def kv_batch_get(keys, partition_id, select_fields):
+            return stored.select(*select_fields).clone()
+
+        @staticmethod
+        def kv_batch_put(keys, partition_id, fields):
+            put.update(fields=fields)
+            return "meta"
+
+    class Batch(list):
+        keys, partition_id = [f"k{i}" for i in range(len(lengths))], "train"
+
+    monkeypatch.setattr(trainer_mod, "tq", FakeTQ)
+    trainer = object.__new__(trainer_mod.TwinarmTrainer)
+    trainer.config, trainer.tokenizer, trainer.global_steps = config, tok, step
+    metrics: dict = {}
+    assert trainer._compute_advantage(Batch(range(len(lengths))), metrics) == "meta"
+    adv = put["fields"]["advantages"].to_padded_tensor(0.0).numpy()
+    want = padded_local(local)[:, :adv.shape[1]]
+    assert np.abs(adv - want).max() <= 1e-6 and np.abs(want).sum() > 5
+    assert metrics["twinarm/adv_norm_std_applied"] == 1.0 and metrics["twinarm/adv_groups"] == 3
