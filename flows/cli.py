@@ -348,8 +348,8 @@ def plan(spec: Path = typer.Argument(..., help="ablation spec (YAML) with execut
          address: Optional[str] = typer.Option(None, help="Ray Jobs address (default: executor.ray_address)"),
          root: Optional[str] = typer.Option(None, help="TWINARM_HOME as the cluster mounts it")) -> None:
     """Dry run of the verl cluster executor: each arm's `ray job submit` line and verl overrides, and the diff
-    between arms checked against the declared diff (rl/verl_plan.py). Nothing is submitted."""
-    from rl.verl_plan import print_plan
+    between arms checked against the declared diff (flows/plan.py). Nothing is submitted."""
+    from flows.plan import print_plan
 
     _guard(lambda: print_plan(str(spec), address, root, out))
 

@@ -38,7 +38,7 @@ from infra.spec import HEADS, REGIONS, GraderSpec, HeadsSpec
 from rewards.heads import centre_heads, gain_matrix, head_weights, rollout_heads, token_advantages, \
     token_offsets, token_regions
 from rewards.signals import Rollout, get_signal
-from sft.grammar import META_CLOSE, META_OPEN, format_class
+from meta.grammar import META_CLOSE, META_OPEN, format_class
 
 ESTIMATOR = "twinarm_heads"
 TWINARM_SECTION = "twinarm"  # the verl config's top-level section of our keys (rl/verl_config.py writes it)

@@ -107,7 +107,7 @@ def test_spec_refuses_keys_that_would_not_act():
 
 
 def test_plan_diff_equals_declared_diff_for_qwen(qwen):
-    from rl.verl_plan import arm_diffs, plan_arms
+    from flows.plan import arm_diffs, plan_arms
 
     spec, _ = qwen
     plans = plan_arms(spec, "/mnt/shared", "http://head:8265")
@@ -125,7 +125,7 @@ def test_plan_diff_equals_declared_diff_for_qwen(qwen):
 
 
 def test_plan_catches_a_leaked_difference(qwen):
-    from rl.verl_plan import arm_diffs, plan_arms
+    from flows.plan import arm_diffs, plan_arms
 
     spec, _ = qwen
     plans = plan_arms(spec, "/mnt/shared", "http://head:8265")

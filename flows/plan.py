@@ -14,10 +14,11 @@ from itertools import combinations
 from typing import Any
 
 from infra.hashing import hash_json
-from infra.spec import AblationSpec, BaseSpec, config_diff, resolved_arms, stage_config
+from infra.spec import AblationSpec, BaseSpec, config_diff, resolved_arms
 from rewards.signals import get_signal
 from rl.verl_config import LABEL_KEYS, SOURCES, RunPaths, render, translate
 from rl.verl_jobs import JobSpec, job_spec, submit_line
+from tasks.stages import STAGES
 
 DATA_STAGES = ("data",)
 MODEL_STAGES = ("data", "base_model", "twins", "sft")  # what the arm's SFT model depends on
@@ -26,14 +27,14 @@ PATH_STAGES = {"data.train_files": DATA_STAGES, "data.val_files": DATA_STAGES,
 
 
 def _slices(cfg: BaseSpec, stages: tuple[str, ...], seed: int) -> dict[str, Any]:
-    return {s: stage_config(cfg, s, seed) for s in stages}
+    return {s: STAGES[s].config(cfg, seed) for s in stages}
 
 
 def run_paths(cfg: BaseSpec, seed: int, root: str) -> tuple[RunPaths, str]:
     """The arm × seed's paths under `root` (TWINARM_HOME as the cluster mounts it) and its RL compute key."""
     data_key = hash_json(_slices(cfg, DATA_STAGES, seed), 12)
     model_key = hash_json(_slices(cfg, MODEL_STAGES, seed), 12)
-    rl_key = hash_json({"stage": "rl", "config": stage_config(cfg, "rl", seed), "model": model_key, "data": data_key})
+    rl_key = hash_json({"stage": "rl", "config": STAGES["rl"].config(cfg, seed), "model": model_key, "data": data_key})
     paths = RunPaths(train_files=f"{root}/verl/data/{data_key}/rl_prompts.parquet",
                      val_files=f"{root}/verl/data/{data_key}/val.parquet",
                      model=f"{root}/verl/sft/{model_key}/hf", checkpoints=f"{root}/verl/rl/{rl_key}/checkpoints")
