@@ -273,7 +273,21 @@ class GraderSpec(Strict):
     backend: Literal["math_verify"] = "math_verify"
     timeout_s: float = Field(5.0, gt=0, description="hard per-item timeout; a timeout grades as incorrect")
     workers: int = Field(2, ge=1)
-    float_rounding: int = Field(6, ge=0)
+    # Grading conventions (docs/method-cards.md "Grader conventions"); defaults follow verl / Qwen2.5-Math.
+    unclosed_last_box: Literal["no_answer", "previous_box"] = Field(
+        "no_answer", description="a response whose last box never closes: no answer (counted as truncated), or "
+                                 "the last complete box before it")
+    braceless_box: bool = Field(True, description="read `\\boxed 5` as the answer 5")
+    fbox: bool = Field(True, description="`\\fbox{...}` is an answer box like `\\boxed{...}`")
+    join_boxes: bool = Field(True, description="when the gold is a list, join the response's last boxes that "
+                                               "form one list (`\\boxed{3}, \\boxed{5}`)")
+    percent: Literal["strip", "scaled"] = Field(
+        "strip", description="strip: a percent sign is dropped on both sides (10\\% = 10); scaled: also accept "
+                             "the gold ×100 and ÷100 (Qwen2.5-Math include_percentage)")
+    rel_tol: float = Field(1e-4, gt=0, lt=1, description="relative tolerance when either side is a decimal "
+                                                          "(Qwen2.5-Math numeric_equal)")
+    numeric_precision: int = Field(15, ge=1, le=100, description="exact values (no decimal) must agree to this "
+                                                                   "many significant digits")
 
 
 class EvalSpec(Strict):
