@@ -85,15 +85,18 @@ _OPEN, _CLOSE = "([{", ")]}"
 
 
 def list_items(answer: str) -> list[str]:
-    """The top-level items of a comma or semicolon list (`3, 5, 7` → 3 items; `(1, 2)`, `10,\\!080` and `1,000`
-    → 1 item): separators inside brackets or braces, escaped (`\\,` `\\;`) or thousands groups do not split."""
+    """The top-level items of a comma or semicolon list (`3, 5, 7` → 3 items; `(1, 2)`, `\\{1, 2\\}`, `10,\\!080`
+    and `1,000` → 1 item): separators inside brackets, braces or escaped braces, escaped separators (`\\,` `\\;`)
+    and thousands groups do not split."""
     text = answer.strip()
     if _THOUSANDS.fullmatch(text):
         return [text]
     items, depth, last, i = [], 0, 0, 0
     while i < len(text):
         ch = text[i]
-        if ch == "\\":
+        if ch == "\\":  # an escaped brace `\\{ \\}` is a bracket (a set); any other escape is skipped
+            depth = depth + 1 if text.startswith("{", i + 1) else max(0, depth - 1) if text.startswith("}", i + 1) \
+                else depth
             i += 2
             continue
         if ch in _OPEN:
