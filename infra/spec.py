@@ -162,12 +162,18 @@ class PMIShiftParams(Strict):
 
 class PMIParams(Strict):
     aggregate: Literal["sum", "mean"] = "sum"
-    clip: float = Field(2.0, gt=0)
+    clip: float = Field(2.0, gt=0, description="G of the gate: +clip(agg, 0, G) if correct, −clip(agg, 0, G) if "
+                                                "wrong")
     placebo: bool = False
+    copy_ngram: int = Field(8, ge=1, description="n of the copy check: a block whose token n-grams reappear in "
+                                                 "the continuation is not scored")
+    copy_share: float = Field(0.25, gt=0, le=1, description="share of the block's n-grams that makes it a copy")
 
 
 class GMParams(Strict):
-    clip: float = Field(2.0, gt=0)
+    clip: float = Field(2.0, gt=0, description="each per-token δ is clipped to ±clip")
+    gate: float = Field(2.0, gt=0, description="G of the gate: +clip(agg, 0, G) if correct, −clip(agg, 0, G) "
+                                               "if wrong")
 
 
 class AsymCFParams(Strict):
