@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Sequence
 
 META_OPEN = "<|meta|>"
 META_CLOSE = "<|/meta|>"
@@ -67,6 +67,14 @@ def parse_confidence(content: str) -> tuple[float | None, tuple[int, int] | None
     if not 0 <= value <= 1:
         return None, None
     return value, (m.start(), m.end())
+
+
+def stated_confidence(blocks: Sequence[MetaBlock]) -> float | None:
+    """THE stated confidence of a response (evaluation's ECE/Brier and the calibration head both use it): the
+    confidence of the LAST closed block that states one (within a block, its last statement, parse_confidence);
+    None when no block states one. The last, not the first: it is the belief closest to the final answer, so a
+    block that redirects after a slip states its confidence in the corrected answer, which is the answer graded."""
+    return next((b.confidence for b in reversed(blocks) if b.confidence is not None), None)
 
 
 def find_blocks(text: str, open_tag: str = META_OPEN, close_tag: str = META_CLOSE) -> list[MetaBlock]:
