@@ -131,11 +131,12 @@ def final_answer(response: str, gold: str, cfg: GraderSpec) -> tuple[str | None,
 
 # ---------------------------------------------------------------- the semantics (runs in workers)
 
-_PERCENT = re.compile(r"\s*(?:\\(?:text|mathrm|textrm|mbox)\{\s*(?:\\?%|percent)\s*\}|\\?%|\\[,;! ]?\s*percent\b)")
+_PERCENT = re.compile(r"(?:\s|\\[,;:! ]|~)*(?:\\(?:text|mathrm|textrm|mbox)\{\s*(?:\\?%|percent)\s*\}|\\?%|percent\b)")
 
 
 def strip_percent(answer: str) -> str:
-    """`10\\%`, `10 \\%`, `10%`, `10\\text{\\%}`, `10 percent` → `10`: every percent sign, with its spacing."""
+    """`10\\%`, `10 \\%`, `10%`, `10\\,\\%`, `10\\text{\\%}`, `10 percent` → `10`: every percent sign, with the spacing
+    before it."""
     return _PERCENT.sub("", answer).strip()
 
 

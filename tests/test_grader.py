@@ -16,7 +16,7 @@ import rewards.grader as grader_module
 from infra.errors import DataError
 from infra.spec import GraderSpec
 from rewards.golds import SOURCES, equivalent_renderings, extract_gold
-from rewards.grader import CALL_PATH, Grade, Grader, get_grader, grade_one
+from rewards.grader import CALL_PATH, Grade, Grader, get_grader, grade_one, strip_percent
 
 BENCHMARK_FILES = ("gsm8k", "math500", "aime24", "amc23", "minerva_math", "olympiadbench")
 ROWS = {"gsm8k": 1319, "math500": 500, "aime24": 30, "amc23": 40, "minerva_math": 272, "olympiadbench": 675}
@@ -160,8 +160,17 @@ def test_extraction_conventions_are_spec_keys():
 
 
 # Percent: `\\%`, `%`, spacing and \\text wrappers are dropped on both sides (percent: strip).
-PERCENT_SPELLINGS = ["10\\%", "10 \\%", "10%", "10 %", "10\\,\\%", "10\\text{\\%}", "10\\text{ percent}",
-                     "\\text{10\\%}", "10"]
+PERCENT_SPELLINGS = ["10\\%", "10 \\%", "10%", "10 %", "10\\,\\%", "10~\\%", "10\\text{\\%}", "10\\text{ percent}",
+                     "10 \\mathrm{\\%}", "10 percent", "\\text{10\\%}", "10"]
+
+
+@pytest.mark.parametrize("answer, stripped", [
+    ("10\\%", "10"), ("10 \\%", "10"), ("10%", "10"), ("10\\,\\%", "10"), ("10~\\%", "10"),
+    ("10\\text{\\%}", "10"), ("10\\text{ percent}", "10"), ("10 percent", "10"), ("\\text{10\\%}", "\\text{10}"),
+    ("12.5\\% \\text{ of them}", "12.5 \\text{ of them}"), ("\\text{percentage}", "\\text{percentage}"),
+])
+def test_strip_percent(answer, stripped):
+    assert strip_percent(answer) == stripped
 
 
 @pytest.mark.parametrize("answer", PERCENT_SPELLINGS)
