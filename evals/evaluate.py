@@ -82,7 +82,7 @@ def sample_and_grade(engine: "GenerationEngine", tokenizer: Any, grader: Any, su
                      seed: int) -> list[dict[str, Any]]:
     """n samples per prompt row, graded, with closed-meta facts and the meta-strip regrade."""
     from evals.engine import render_prompt
-    from meta.grammar import find_blocks, strip_meta
+    from meta.grammar import find_blocks, stated_confidence, strip_meta
 
     gens = engine.generate([render_prompt(tokenizer, r["prompt"]) for r in rows], n=n, temperature=temperature,
                            top_p=top_p, max_new_tokens=max_new_tokens, seed=seed_for(seed, suite))
@@ -99,7 +99,7 @@ def sample_and_grade(engine: "GenerationEngine", tokenizer: Any, grader: Any, su
             "level": row.get("level"), "sample": k, "response": g.text, "extracted": grade.extracted,
             "correct": grade.correct, "length": len(g.token_ids), "truncated": g.truncated,
             "n_blocks": len(blocks), "categories": sorted({c for b in blocks for c in b.categories}),
-            "confidence": next((b.confidence for b in blocks if b.confidence is not None), None),
+            "confidence": stated_confidence(blocks),
             "stripped_correct": regrades[i].correct if i in regrades else grade.correct,
         })
     return out

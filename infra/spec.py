@@ -192,14 +192,20 @@ class PMIParams(Strict):
     ±clip, signed by correctness; placebo: the baseline context holds a neutral block."""
 
     aggregate: Literal["sum", "mean"] = "sum"
-    clip: float = Field(2.0, gt=0)
+    clip: float = Field(2.0, gt=0, description="G of the gate: +clip(agg, 0, G) if correct, −clip(agg, 0, G) if "
+                                                "wrong")
     placebo: bool = False
+    copy_ngram: int = Field(8, ge=1, description="n of the copy check: a block whose token n-grams reappear in "
+                                                 "the continuation is not scored")
+    copy_share: float = Field(0.25, gt=0, le=1, description="share of the block's n-grams that makes it a copy")
 
 
 class GMParams(Strict):
-    """gm (DESIGN §6): each per-token gold/decoy difference-in-differences is clipped to ±clip."""
+    """gm (DESIGN §6): each per-token gold/decoy difference-in-differences is clipped to ±clip, then gated."""
 
-    clip: float = Field(2.0, gt=0)
+    clip: float = Field(2.0, gt=0, description="each per-token δ is clipped to ±clip")
+    gate: float = Field(2.0, gt=0, description="G of the gate: +clip(agg, 0, G) if correct, −clip(agg, 0, G) "
+                                               "if wrong")
 
 
 class AsymCFParams(Strict):
@@ -333,7 +339,21 @@ class GraderSpec(Strict):
     backend: Literal["math_verify"] = "math_verify"
     timeout_s: float = Field(5.0, gt=0, description="hard per-item timeout; a timeout grades as incorrect")
     workers: int = Field(2, ge=1)
-    float_rounding: int = Field(6, ge=0)
+    # Grading conventions (docs/method-cards.md "Grader conventions"); defaults follow verl / Qwen2.5-Math.
+    unclosed_last_box: Literal["no_answer", "previous_box"] = Field(
+        "no_answer", description="a response whose last box never closes: no answer (counted as truncated), or "
+                                 "the last complete box before it")
+    braceless_box: bool = Field(True, description="read `\\boxed 5` as the answer 5")
+    fbox: bool = Field(True, description="`\\fbox{...}` is an answer box like `\\boxed{...}`")
+    join_boxes: bool = Field(True, description="when the gold is a list, join the response's last boxes that "
+                                               "form one list (`\\boxed{3}, \\boxed{5}`)")
+    percent: Literal["strip", "scaled"] = Field(
+        "strip", description="strip: a percent sign is dropped on both sides (10\\% = 10); scaled: also accept "
+                             "the gold ×100 and ÷100 (Qwen2.5-Math include_percentage)")
+    rel_tol: float = Field(1e-4, gt=0, lt=1, description="relative tolerance when either side is a decimal "
+                                                          "(Qwen2.5-Math numeric_equal)")
+    numeric_precision: int = Field(15, ge=1, le=100, description="exact values (no decimal) must agree to this "
+                                                                   "many significant digits")
 
 
 class EvalSpec(Strict):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Sequence
 
 META_OPEN = "<|meta|>"
 META_CLOSE = "<|/meta|>"
@@ -26,7 +26,7 @@ CUES: dict[str, tuple[str, ...]] = {
 _CUE_RE = {cat: re.compile(r"(?<![\w-])(?:" + "|".join(re.escape(w) for w in words) + r")(?![\w-])", re.IGNORECASE)
            for cat, words in CUES.items()}
 _CONFIDENCE_RE = re.compile(r"(?<![\w])confidence\s*[:=]?\s*(\d{1,3}(?:\.\d+)?)(?!\.?\d)(?:\s*(%))?", re.IGNORECASE)
-_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BRACELESS_RE = re.compile(r"[^\s${}]+")
 _BRACE_RE = re.compile(r"\\.|[{}]", re.DOTALL)
 _DECISION_RE = re.compile(r"(?<![\w])decision\s*:\s*(redirect|verify)(?![\w])", re.IGNORECASE)
 
@@ -67,6 +67,14 @@ def parse_confidence(content: str) -> tuple[float | None, tuple[int, int] | None
     if not 0 <= value <= 1:
         return None, None
     return value, (m.start(), m.end())
+
+
+def stated_confidence(blocks: Sequence[MetaBlock]) -> float | None:
+    """THE stated confidence of a response (evaluation's ECE/Brier and the calibration head both use it): the
+    confidence of the LAST closed block that states one (within a block, its last statement, parse_confidence);
+    None when no block states one. The last, not the first: it is the belief closest to the final answer, so a
+    block that redirects after a slip states its confidence in the corrected answer, which is the answer graded."""
+    return next((b.confidence for b in reversed(blocks) if b.confidence is not None), None)
 
 
 def find_blocks(text: str, open_tag: str = META_OPEN, close_tag: str = META_CLOSE) -> list[MetaBlock]:
@@ -184,13 +192,31 @@ def char_regions(text: str, open_tag: str = META_OPEN, close_tag: str = META_CLO
     return out
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last brace-balanced \\boxed{...} (also \\fbox{...}); None if there is none or it never closes."""
-    opens = [m.end() - 1 for m in _BOXED_RE.finditer(text)]
+BOX_COMMANDS = ("boxed", "fbox")
+
+
+@dataclass(frozen=True)
+class Boxes:
+    """The answer boxes of a text. contents: every complete box, in order of its opening; spans: each one's
+    (start, end) character offsets, command included; truncated: the LAST box opening never closes (the text was
+    cut, or abandoned, inside its final answer)."""
+
+    contents: tuple[str, ...]
+    spans: tuple[tuple[int, int], ...]
+    truncated: bool
+
+
+def find_boxes(text: str, commands: tuple[str, ...] = BOX_COMMANDS, braceless: bool = True) -> Boxes:
+    """Every `\\boxed{...}` (and the other `commands`) of `text`, brace-balanced, a backslash escaping the next
+    character. With `braceless`, `\\boxed 5` is the box of the next token (up to whitespace or `$`, trailing
+    sentence punctuation dropped), as verl's and Qwen2.5-Math's extractors read it. A box opening with no content
+    (`\\boxed{` unclosed, `\\boxed` at the end) is incomplete; when it is the last opening, `truncated` is True.
+    Linear in len(text)."""
+    opener = re.compile(r"\\(?:" + "|".join(map(re.escape, commands)) + r")(?![a-zA-Z])\s*")
+    opens = list(opener.finditer(text))
     if not opens:
-        return None
-    # Match all braces in one pass (a backslash escapes the next character): rescanning from each unclosed
-    # \boxed{ to the end of the text was quadratic.
+        return Boxes((), (), False)
+    # Match all braces in one pass: rescanning from each unclosed \boxed{ to the end of the text was quadratic.
     closes: dict[int, int] = {}
     stack: list[int] = []
     for m in _BRACE_RE.finditer(text):
@@ -198,7 +224,30 @@ def last_boxed(text: str) -> str | None:
             stack.append(m.start())
         elif m.group() == "}" and stack:
             closes[stack.pop()] = m.start()
-    for o in reversed(opens):
-        if o in closes:
-            return text[o + 1:closes[o]]
-    return None
+    contents: list[str] = []
+    spans: list[tuple[int, int]] = []
+    complete = True  # of the last box opening seen
+    for m in opens:
+        o = m.end()
+        if o < len(text) and text[o] != "{" and not braceless:
+            continue  # `\\boxed 5` is not a box without `braceless`
+        complete = False
+        if o < len(text) and text[o] == "{":
+            if o in closes:
+                contents.append(text[o + 1:closes[o]])
+                spans.append((m.start(), closes[o] + 1))
+                complete = True
+        elif braceless:
+            token = _BRACELESS_RE.match(text, o)
+            value = token.group().rstrip(".,;:!?") if token else ""
+            if value:
+                contents.append(value)
+                spans.append((m.start(), o + len(value)))
+                complete = True
+    return Boxes(tuple(contents), tuple(spans), not complete)
+
+
+def last_boxed(text: str, commands: tuple[str, ...] = BOX_COMMANDS, braceless: bool = True) -> str | None:
+    """Content of the last box (find_boxes); None if there is none or the last box never closes."""
+    boxes = find_boxes(text, commands, braceless)
+    return None if boxes.truncated or not boxes.contents else boxes.contents[-1]

@@ -1,9 +1,21 @@
 """THE grading function (DESIGN §6 correctness head, §8 evaluation): one call path for every arm and stage.
 
-    correct = math_verify.verify(parse(\\boxed{gold}), parse(\\boxed{last_boxed(response)}))
+    answer  = final_answer(response, gold)          # conventions below, each a `grader` spec key
+    correct = math_verify.verify(parse(\\boxed{norm(gold)}), parse(\\boxed{norm(answer)}))
 
-No brace-balanced `\\boxed{}` in the response → incorrect, extracted None. Grading runs in worker processes (fresh
-interpreters, so callers may have torch, CUDA, Ray or threads) with two per-item budgets:
+Conventions (the table in docs/method-cards.md "Grader conventions"; defaults follow verl and Qwen2.5-Math):
+- the answer is the last box (`\\boxed`, `\\fbox` with `fbox`, brace-less `\\boxed 5` with `braceless_box`);
+  when the last box opening never closes the response has no answer and counts as truncated
+  (`unclosed_last_box: no_answer`; `previous_box` takes the last complete box instead, still counted);
+- a list gold (top-level commas or semicolons) takes the response's last boxes joined when they form one list
+  (`join_boxes`);
+- norm drops a percent sign on both sides (`percent: strip`; `scaled` also accepts the gold ×100 and ÷100);
+- numbers compare by relative tolerance: `rel_tol` when either side holds a decimal, `numeric_precision`
+  significant digits between exact values (math-verify 0.9's own rule rounds to 6 decimal places, so it calls
+  2^-98 equal to 2^-99; ours replaces `math_verify.grader.sympy_numeric_eq` inside the grading processes).
+
+No answer → incorrect, extracted None. Grading runs in worker processes (fresh interpreters, so callers may have
+torch, CUDA, Ray or threads) with two per-item budgets:
 - soft: a SIGALRM timer in the worker's main thread interrupts pure-Python sympy work at 80 % of `timeout_s`; the
   worker survives. math-verify's own signal timeouts are switched off: they would cancel this timer, and they
   swallow a timeout into a silent "False" that could not be counted.
@@ -15,9 +27,11 @@ once per batch and remembered in an LRU cache in the parent.
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -26,7 +40,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -35,15 +49,15 @@ from typing import TYPE_CHECKING, Any
 from infra.errors import DataError, TwinarmError
 from infra.code import closure_hash
 from infra.hashing import hash_json
-from meta.grammar import last_boxed
+from meta.grammar import BOX_COMMANDS, find_boxes
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
 
     from infra.spec import GraderSpec
 
-CALL_PATH = ("rewards.grader.Grader.grade→math_verify.verify(parse(boxed(gold)), "
-             "parse(boxed(last_boxed(response))))")
+CALL_PATH = ("rewards.grader.Grader.grade→final_answer(response, gold)→math_verify.verify("
+             "parse(boxed(norm(gold))), parse(boxed(norm(answer)))) with relative-tolerance numbers")
 
 _CACHE_ENTRIES = 65536
 _CACHE_MAX_CHARS = 1000  # longer answers are rare repeats: not worth holding in memory (parent or worker)
@@ -61,19 +75,143 @@ class Grade:
     extracted: str | None
     timed_out: bool = False
     error: str | None = None
+    truncated: bool = False  # the response's last box never closes
+
+
+# ---------------------------------------------------------------- extraction (runs in the parent)
+
+_SEPARATOR = re.compile(r"(?:[\s$,;.]|\\[,;:! ]|\\q?quad|\band\b|&|\\text\{\s*(?:and|,)?\s*\})*")
+_THOUSANDS = re.compile(r"-?\d{1,3}(?:(?:,|\{,\}|,\\!)\d{3})+(?:\.\d+)?")
+_OPEN, _CLOSE = "([{", ")]}"
+
+
+def list_items(answer: str) -> list[str]:
+    """The top-level items of a comma or semicolon list (`3, 5, 7` → 3 items; `(1, 2)`, `\\{1, 2\\}`, `10,\\!080`
+    and `1,000` → 1 item): separators inside brackets, braces or escaped braces, escaped separators (`\\,` `\\;`)
+    and thousands groups do not split."""
+    text = answer.strip()
+    if _THOUSANDS.fullmatch(text):
+        return [text]
+    items, depth, last, i = [], 0, 0, 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":  # an escaped brace `\\{ \\}` is a bracket (a set); any other escape is skipped
+            depth = depth + 1 if text.startswith("{", i + 1) else max(0, depth - 1) if text.startswith("}", i + 1) \
+                else depth
+            i += 2
+            continue
+        if ch in _OPEN:
+            depth += 1
+        elif ch in _CLOSE:
+            depth = max(0, depth - 1)
+        elif ch in ",;" and depth == 0 and not text.startswith("\\!", i + 1):
+            items.append(text[last:i])
+            last = i + 1
+        i += 1
+    items.append(text[last:])
+    return [x.strip() for x in items if x.strip()]
+
+
+def final_answer(response: str, gold: str, cfg: GraderSpec) -> tuple[str | None, bool]:
+    """(answer, truncated) of one response under the `cfg` conventions; answer None = no answer."""
+    commands = BOX_COMMANDS if cfg.fbox else ("boxed",)
+    boxes = find_boxes(response, commands, cfg.braceless_box)
+    if not boxes.contents or (boxes.truncated and cfg.unclosed_last_box == "no_answer"):
+        return None, boxes.truncated
+    answer = boxes.contents[-1]
+    n = len(list_items(gold)) if cfg.join_boxes else 1
+    if n > 1 and len(list_items(answer)) < n and len(boxes.contents) >= n and not boxes.truncated:
+        tail = range(len(boxes.contents) - n, len(boxes.contents))
+        between = [response[boxes.spans[k - 1][1]:boxes.spans[k][0]] for k in tail if k > tail[0]]
+        # Only boxes that form one written list are joined, never earlier boxes of abandoned attempts.
+        if all(_SEPARATOR.fullmatch(b) for b in between) and all(len(list_items(boxes.contents[k])) == 1
+                                                                 for k in tail):
+            answer = ", ".join(boxes.contents[k].strip() for k in tail)
+    return answer, boxes.truncated
 
 
 # ---------------------------------------------------------------- the semantics (runs in workers)
+
+_PERCENT = re.compile(r"(?:\s|\\[,;:! ]|~)*(?:\\(?:text|mathrm|textrm|mbox)\{\s*(?:\\?%|percent)\s*\}|\\?%|percent\b)")
+
+
+def strip_percent(answer: str) -> str:
+    """`10\\%`, `10 \\%`, `10%`, `10\\,\\%`, `10\\text{\\%}`, `10 percent` → `10`: every percent sign, with the spacing
+    before it."""
+    return _PERCENT.sub("", answer).strip()
+
+
+@dataclass(frozen=True)
+class Semantics:
+    """The comparison conventions a worker needs (a slice of GraderSpec)."""
+
+    percent: str = "strip"
+    rel_tol: float = 1e-4
+    numeric_precision: int = 15
+
+    @classmethod
+    def of(cls, cfg: GraderSpec) -> Semantics:
+        return cls(cfg.percent, cfg.rel_tol, cfg.numeric_precision)
+
+
+_ACTIVE = Semantics()  # the conventions of the grading now running in this process (see _install)
+
 
 def _quiet_math_verify() -> None:
     # Its "timeout is disabled" warning is expected: the timeouts are ours (module docstring).
     logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 
+def _relative_numeric_eq(a: Any, b: Any, float_rounding: int, numeric_precision: int) -> bool:
+    """math-verify's numeric comparison with a RELATIVE tolerance: |a − b| ≤ tol · max(|a|, |b|), tol = rel_tol
+    when either side holds a decimal (a Float), else 10^-numeric_precision, evaluated with 20 extra digits;
+    two exact rationals compare exactly. Symbolic expressions and matrices keep math-verify's own rule."""
+    from math_verify import grader as mv
+    from sympy import Float, N, Rational
+
+    a, b = mv.get_pct_val(a, a), mv.get_pct_val(b, b)
+    try:
+        numbers = bool(getattr(a, "is_number", False)) and bool(getattr(b, "is_number", False))
+    except Exception:
+        numbers = False
+    if not numbers:
+        return _UPSTREAM_NUMERIC_EQ(a, b, float_rounding, numeric_precision)
+    ea, eb = mv.safe_sympy_doit(a), mv.safe_sympy_doit(b)
+    if isinstance(ea, Rational) and isinstance(eb, Rational):
+        return bool(ea == eb)
+    floats = a.has(Float) or b.has(Float)
+    tol = _ACTIVE.rel_tol if floats else 10.0 ** -_ACTIVE.numeric_precision
+    digits = _ACTIVE.numeric_precision + 20
+    try:
+        va, vb = N(ea, digits), N(eb, digits)
+        diff, scale = abs(va - vb), max(abs(va), abs(vb))
+        return bool(diff <= Float(tol, digits) * scale)
+    except Exception:  # not comparable as numbers (zoo, nan, a complex max): math-verify's own rule
+        return _UPSTREAM_NUMERIC_EQ(a, b, float_rounding, numeric_precision)
+
+
+_UPSTREAM_NUMERIC_EQ: Any = None
+
+
+def _install(semantics: Semantics) -> None:
+    """Make math-verify compare numbers by `semantics` in this process (workers and grade_one only)."""
+    global _ACTIVE, _UPSTREAM_NUMERIC_EQ
+    from math_verify import grader as mv
+
+    if _UPSTREAM_NUMERIC_EQ is None:
+        _UPSTREAM_NUMERIC_EQ = mv.sympy_numeric_eq
+        mv.sympy_numeric_eq = _relative_numeric_eq
+    _ACTIVE = semantics
+
+
+def _norm(answer: str) -> str:
+    return strip_percent(answer) or answer
+
+
 def _parse(answer: str) -> tuple:
     from math_verify import parse
 
-    return tuple(parse("\\boxed{" + answer + "}", parsing_timeout=None))
+    return tuple(parse("\\boxed{" + _norm(answer) + "}", parsing_timeout=None))
 
 
 _parse_cached = lru_cache(maxsize=4096)(_parse)  # a batch repeats each gold n times
@@ -83,26 +221,37 @@ def _parsed(answer: str) -> tuple:
     return _parse_cached(answer) if len(answer) <= _CACHE_MAX_CHARS else _parse(answer)
 
 
-def _verify(extracted: str, gold: str, float_rounding: int) -> bool:
+def _verify(extracted: str, gold: str) -> bool:
     from math_verify import verify
 
-    return verify(list(_parsed(gold)), list(_parsed(extracted)), float_rounding=float_rounding, timeout_seconds=None)
+    golds = list(_parsed(gold))
+    if _ACTIVE.percent == "scaled":  # Qwen2.5-Math include_percentage: gold, gold/100 and gold·100
+        from sympy import Expr, Integer, Rational
+
+        numbers = [g for g in golds if isinstance(g, Expr) and g.is_number]
+        golds += [g * Rational(1, 100) for g in numbers] + [g * Integer(100) for g in numbers]
+    return verify(golds, list(_parsed(extracted)), numeric_precision=_ACTIVE.numeric_precision,
+                  timeout_seconds=None)
 
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:_ERROR_CHARS]
 
 
-def grade_one(response: str, gold: str, float_rounding: int = 6) -> Grade:
+def grade_one(response: str, gold: str, cfg: GraderSpec | None = None) -> Grade:
     """The same semantics as Grader.grade for one item, in this process and WITHOUT a timeout (tests, debugging)."""
+    from infra.spec import GraderSpec
+
+    cfg = cfg or GraderSpec()
     _quiet_math_verify()
-    extracted = last_boxed(response)
+    _install(Semantics.of(cfg))
+    extracted, truncated = final_answer(response, gold, cfg)
     if extracted is None:
-        return Grade(False, None)
+        return Grade(False, None, truncated=truncated)
     try:
-        return Grade(bool(_verify(extracted, gold, float_rounding)), extracted)
+        return Grade(bool(_verify(extracted, gold)), extracted, truncated=truncated)
     except Exception as exc:
-        return Grade(False, extracted, error=_describe(exc))
+        return Grade(False, extracted, error=_describe(exc), truncated=truncated)
 
 
 class _SoftTimeout(BaseException):
@@ -120,7 +269,7 @@ def _on_alarm(signum: int, frame: Any) -> None:
         raise _SoftTimeout
 
 
-def _run_item(extracted: str, gold: str, float_rounding: int, soft_s: float | None) -> tuple[bool, bool, str | None]:
+def _run_item(extracted: str, gold: str, soft_s: float | None) -> tuple[bool, bool, str | None]:
     """(correct, timed_out, error) for one item under the soft budget."""
     global _armed, _expired
     _expired = False
@@ -130,7 +279,7 @@ def _run_item(extracted: str, gold: str, float_rounding: int, soft_s: float | No
             if soft_s:
                 _armed = True
                 signal.setitimer(signal.ITIMER_REAL, soft_s)
-            correct = bool(_verify(extracted, gold, float_rounding))
+            correct = bool(_verify(extracted, gold))
         finally:
             _armed = False
             signal.setitimer(signal.ITIMER_REAL, 0)
@@ -144,20 +293,21 @@ def _run_item(extracted: str, gold: str, float_rounding: int, soft_s: float | No
 
 
 def _worker_entry() -> None:
-    """Worker process main: argv = socket fd, float_rounding, soft budget (repr of a float or None)."""
+    """Worker process main: argv = socket fd, Semantics as JSON, soft budget (repr of a float or None)."""
     from multiprocessing.connection import Connection
 
-    fd, float_rounding, soft = sys.argv[1:4]
-    _worker_loop(Connection(int(fd)), int(float_rounding), None if soft == "None" else float(soft))
+    fd, semantics, soft = sys.argv[1:4]
+    _worker_loop(Connection(int(fd)), Semantics(**json.loads(semantics)), None if soft == "None" else float(soft))
 
 
-def _worker_loop(conn: Connection, float_rounding: int, soft_s: float | None) -> None:
+def _worker_loop(conn: Connection, semantics: Semantics, soft_s: float | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the workers
     signal.signal(signal.SIGALRM, _on_alarm)
     _quiet_math_verify()
+    _install(semantics)
     # Warm-up outside any item's budget: the first parse of each kind triggers lazy imports.
     for pred, gold in (("0.5", "\\frac{1}{2}"), ("3", "x=3"), ("(1,2)", "[0,1)"), ("2\\sqrt{3}", "\\pi")):
-        _run_item(pred, gold, float_rounding, None)
+        _run_item(pred, gold, None)
     conn.send(("ready", os.getpid()))
     while True:
         try:
@@ -167,7 +317,7 @@ def _worker_loop(conn: Connection, float_rounding: int, soft_s: float | None) ->
         if chunk is None:
             return
         for idx, extracted, gold in chunk:
-            result = _run_item(extracted, gold, float_rounding, soft_s)
+            result = _run_item(extracted, gold, soft_s)
             try:
                 conn.send((idx, *result))
             except OSError:  # the parent is gone
@@ -188,14 +338,14 @@ class _Worker:
     in every worker (a script without an `if __name__ == "__main__"` guard would break or run twice).
     """
 
-    def __init__(self, float_rounding: int, soft_s: float | None) -> None:
+    def __init__(self, semantics: Semantics, soft_s: float | None) -> None:
         from multiprocessing.connection import Connection
 
         ours, theirs = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_REPO), os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from rewards.grader import _worker_entry; _worker_entry()",
-             str(theirs.fileno()), str(float_rounding), repr(soft_s)],
+             str(theirs.fileno()), json.dumps(asdict(semantics)), repr(soft_s)],
             pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         theirs.close()  # the worker's end lives only in the worker, so its death reads as EOF here
         self.conn = Connection(ours.detach())
@@ -260,7 +410,8 @@ def _check_inputs(responses: list[str], golds: list[str]) -> None:
 class Grader:
     """The process pool grader for one GraderSpec. Thread-safe (calls are serialised); workers start lazily.
 
-    facts()["counts"]: items (graded items returned), unboxed, cache_hits (items answered without a worker of
+    facts()["counts"]: items (graded items returned), unboxed (no answer: no box, or only an unclosed one),
+    truncated (the last box never closes; with unclosed_last_box=no_answer these are also unboxed), cache_hits (items answered without a worker of
     their own: the LRU, or an identical (extracted, gold) earlier in the same batch), graded (distinct pairs sent
     to workers), timeouts and errors (items, duplicates included), worker_starts, worker_kills, max_item_s.
     """
@@ -271,7 +422,7 @@ class Grader:
         self._workers: list[_Worker] = []
         self._pid = os.getpid()
         self._cache: OrderedDict[tuple[str, str], bool] = OrderedDict()
-        self._counts = {"items": 0, "unboxed": 0, "cache_hits": 0, "graded": 0, "timeouts": 0, "errors": 0,
+        self._counts = {"items": 0, "unboxed": 0, "truncated": 0, "cache_hits": 0, "graded": 0, "timeouts": 0, "errors": 0,
                         "worker_starts": 0, "worker_kills": 0}
         self._max_item_s = 0.0
         _LIVE.add(self)
@@ -283,16 +434,18 @@ class Grader:
         with self._lock:
             out: list[Grade | None] = [None] * len(responses)
             jobs: dict[tuple[str, str], list[int]] = {}
+            truncated = [False] * len(responses)
             for i, (response, gold) in enumerate(zip(responses, golds)):
-                extracted = last_boxed(response)
+                extracted, truncated[i] = final_answer(response, gold, self.cfg)
+                self._counts["truncated"] += truncated[i]
                 if extracted is None:
-                    out[i] = Grade(False, None)
+                    out[i] = Grade(False, None, truncated=truncated[i])
                     self._counts["unboxed"] += 1
                     continue
                 key = (extracted, gold)
                 if key in self._cache:
                     self._cache.move_to_end(key)
-                    out[i] = Grade(self._cache[key], extracted)
+                    out[i] = Grade(self._cache[key], extracted, truncated=truncated[i])
                     self._counts["cache_hits"] += 1
                 elif key in jobs:  # graded once for the whole batch
                     jobs[key].append(i)
@@ -303,7 +456,7 @@ class Grader:
             results = self._run(keys)
             for key, (correct, timed_out, error) in zip(keys, results):
                 for i in jobs[key]:
-                    out[i] = Grade(correct, key[0], timed_out, error)
+                    out[i] = Grade(correct, key[0], timed_out, error, truncated[i])
                 self._counts["timeouts"] += timed_out * len(jobs[key])
                 self._counts["errors"] += (error is not None) * len(jobs[key])
                 if not timed_out and error is None and len(key[0]) + len(key[1]) <= _CACHE_MAX_CHARS:
@@ -341,7 +494,7 @@ class Grader:
 
     def _start_worker(self) -> _Worker:
         self._counts["worker_starts"] += 1
-        return _Worker(self.cfg.float_rounding, _soft_budget(self.cfg.timeout_s))
+        return _Worker(Semantics.of(self.cfg), _soft_budget(self.cfg.timeout_s))
 
     def _ensure_workers(self) -> None:
         if self._pid != os.getpid():  # forked: the workers belong to the parent process

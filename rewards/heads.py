@@ -6,8 +6,8 @@ rewards.verl_adapter, and both reach `centre_heads` and `token_advantages` here.
 Heads per rollout (None = no value: the row is left out of that head's group mean and gets 0 advantage on it):
 - correctness: +1 correct, −1 otherwise (a grader timeout is incorrect);
 - meta: the reward signal's value (None where the signal skipped);
-- calibration: −(confidence − 1[correct])² from the confidence stated in the LAST closed block that states one
-  (the latest belief before the answer); None without a stated confidence;
+- calibration: −(confidence − 1[correct])² with meta.grammar.stated_confidence (the LAST closed block that states
+  one: the latest belief before the answer, the same definition evaluation uses); None without one;
 - format: FORMAT_VALUES by format class (below);
 - emission: 1 with a closed block, else 0.
 MASA meta-prediction rows carry only the meta head (they are not solutions).
@@ -31,7 +31,7 @@ import numpy as np
 
 from infra.spec import HEADS, REGIONS, HeadsSpec
 from rewards.signals import Rollout
-from meta.grammar import META_CLOSE, META_OPEN, char_regions, find_blocks
+from meta.grammar import META_CLOSE, META_OPEN, char_regions, find_blocks, stated_confidence
 
 # wellformed/none are the target formats; truncation is the length limit's doing, not the model's format choice
 # (the correctness head already sees the missing answer); drift opened a block and never closed it; discard
@@ -47,11 +47,11 @@ def rollout_heads(r: Rollout, meta: float | None, meta_open: str = META_OPEN, me
     if r.role == "meta_prediction":
         return {**dict.fromkeys(HEADS), "meta": meta}
     blocks = find_blocks(r.response, meta_open, meta_close)
-    stated = [b.confidence for b in blocks if b.confidence is not None]
+    stated = stated_confidence(blocks)
     return {
         "correctness": 1.0 if r.correct else -1.0,
         "meta": meta,
-        "calibration": -(stated[-1] - float(r.correct)) ** 2 if stated else None,
+        "calibration": -(stated - float(r.correct)) ** 2 if stated is not None else None,
         "format": FORMAT_VALUES[r.format_class],
         "emission": 1.0 if blocks else 0.0,
     }

@@ -44,10 +44,10 @@ class BatchResult:
     facts: dict[str, Any] = field(default_factory=dict)
 
 
-def _grader_decoys(grader: Any) -> Callable[[list[str]], list[str | None]]:
+def _grader_decoys(grader: Any, tokenizer: Any) -> Callable[[list[str]], list[str | None]]:
     from rewards.decoys import make_decoys
 
-    return lambda golds: make_decoys(golds, grader)
+    return lambda golds: make_decoys(golds, grader, tokenizer)  # a decoy of the gold's token length first
 
 
 def score_batch(groups: Sequence[Sequence[Sample]], *, rl: RLSpec, step: int, grader: Any, tokenizer: Any,
@@ -71,7 +71,7 @@ def score_batch(groups: Sequence[Sequence[Sample]], *, rl: RLSpec, step: int, gr
     decoys: dict[int, str | None] = dict.fromkeys(range(len(groups)))
     if "decoy" in signal.needs:  # one decoy per problem, shared by all its rollouts
         live = [g for g, group in enumerate(groups) if group]
-        decoy_fn = make_decoys or _grader_decoys(grader)
+        decoy_fn = make_decoys or _grader_decoys(grader, tokenizer)
         decoys.update(zip(live, decoy_fn([groups[g][0].gold for g in live])))
 
     counters: Counter = Counter()

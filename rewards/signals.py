@@ -26,7 +26,7 @@ from typing import Any, Callable, Literal, Sequence
 from infra.spec import AsymCFParams, SignalParams
 from rewards import masa as masa_fns
 from rewards.scorer import Scorer, encode, text_logprobs
-from meta.grammar import META_CLOSE, META_OPEN, FormatClass, last_boxed, split_first_block
+from meta.grammar import META_CLOSE, META_OPEN, FormatClass, find_boxes, split_first_block
 
 PLACEBO_CONTENT = "\nLet me continue.\n"
 
@@ -129,15 +129,40 @@ def _gate(r: Rollout) -> int:
     return 1 if r.correct else -1
 
 
+def _gated(r: Rollout, agg: float, bound: float) -> float:
+    """The research code's correctness gate: +clip(agg, 0, G) if the rollout is correct, −clip(agg, 0, G) if wrong
+    (G = bound). A block that lowered the aggregate earns 0 either way; NaN stays NaN."""
+    return _gate(r) * max(0.0, min(bound, agg)) + 0.0 if math.isfinite(agg) else math.nan  # + 0.0: never −0.0
+
+
+def copied_share(block: str, continuation: str, tokenizer: Any, n: int) -> float:
+    """Share of the block's token n-grams (its content, tags excluded) that reappear in the continuation's tokens;
+    0 for a block shorter than n tokens."""
+    def grams(ids: list[int]) -> list[tuple[int, ...]]:
+        return [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+
+    mine = grams(encode(tokenizer, block))
+    if not mine:
+        return 0.0
+    theirs = set(grams(encode(tokenizer, continuation)))
+    return sum(g in theirs for g in mine) / len(mine)
+
+
 def _parts(r: Rollout, ctx: SignalContext, boxed_ok: bool = False) -> tuple[str, str, str] | SignalResult:
     """(p, m, c) around the first closed block, or the skip. A block that already states a boxed answer lets the
     scorer copy it, so the log-prob signals refuse it (boxed_ok=False)."""
     parts = split_first_block(r.response, ctx.meta_open, ctx.meta_close)
     if parts is None:
         return skip("no_block")
-    if not boxed_ok and last_boxed(parts[1]) is not None:
+    if not boxed_ok and _holds_box(parts[1]):
         return skip("boxed_in_block")
     return parts
+
+
+def _holds_box(block: str) -> bool:
+    """Any answer box in the block, complete, brace-less or cut off (`\\boxed{`, `\\boxed 5`, `\\fbox{`)."""
+    boxes = find_boxes(block)
+    return bool(boxes.contents) or boxes.truncated
 
 
 @dataclass(frozen=True)
@@ -224,13 +249,19 @@ def pmishift(group: Sequence[Rollout], ctx: SignalContext) -> list[SignalResult]
 @register("pmi", needs=("scorer",))
 def pmi(group: Sequence[Rollout], ctx: SignalContext) -> list[SignalResult]:
     """Per token of c: log π(c_t | x∘p∘m∘c_<t) − log π(c_t | x∘p∘c_<t) (placebo: x∘p∘placebo∘c_<t in the second
-    term); aggregated by sum or mean, clipped ±clip, signed by correctness."""
+    term); aggregated by sum or mean; gated +clip(agg, 0, G) if correct, −clip(agg, 0, G) if wrong (G = clip).
+    Not scored when the block holds a box or ≥ copy_share of its copy_ngram-grams reappear in c (a copy)."""
     p = ctx.params.pmi
     out, ready = _prepare(group, ctx, need_pair=False)
     jobs = []
     for i, ((pre, block, cont), _) in ready.items():
         if not cont:
             out[i] = skip("empty_continuation")
+            continue
+        content = block[len(ctx.meta_open):len(block) - len(ctx.meta_close)]
+        share = copied_share(content, cont, ctx.tokenizer, p.copy_ngram)
+        if share >= p.copy_share:
+            out[i] = skip("copied_block", copied_share=share)
             continue
         x = group[i].prompt + pre
         jobs.append((i, x + block, x + ctx.placebo if p.placebo else x, cont))
@@ -239,7 +270,7 @@ def pmi(group: Sequence[Rollout], ctx: SignalContext) -> list[SignalResult]:
     for k, (i, *_) in enumerate(jobs):
         per_token = [a - b for a, b in zip(lps[2 * k], lps[2 * k + 1])]
         agg = sum(per_token) if p.aggregate == "sum" else sum(per_token) / len(per_token)
-        out[i] = SignalResult(_gate(group[i]) * _clip(agg, p.clip),
+        out[i] = SignalResult(_gated(group[i], agg, p.clip),
                               {"pmi": agg, "n_tokens": len(per_token), "gate": _gate(group[i]), "placebo": p.placebo})
     return out
 
@@ -247,8 +278,8 @@ def pmi(group: Sequence[Rollout], ctx: SignalContext) -> list[SignalResult]:
 @register("gm", needs=("scorer", "decoy"))
 def gm(group: Sequence[Rollout], ctx: SignalContext) -> list[SignalResult]:
     """Difference-in-differences at x∘p∘m vs x∘p∘placebo over the differing gold/decoy tokens:
-    δ_t = [gold_t(m) − gold_t(placebo)] − [decoy_t(m) − decoy_t(placebo)], clipped ±clip;
-    value = ±(mean δ + min δ) by correctness."""
+    δ_t = [gold_t(m) − gold_t(placebo)] − [decoy_t(m) − decoy_t(placebo)], clipped ±clip; agg = mean δ + min δ;
+    gated +clip(agg, 0, G) if correct, −clip(agg, 0, G) if wrong (G = gate)."""
     p = ctx.params.gm
     out, ready = _prepare(group, ctx, need_pair=True)
     items = []
@@ -259,7 +290,7 @@ def gm(group: Sequence[Rollout], ctx: SignalContext) -> list[SignalResult]:
     for k, i in enumerate(ready):
         deltas = [_clip(a - b, p.clip) for a, b in zip(terms[2 * k], terms[2 * k + 1])]
         agg = sum(deltas) / len(deltas) + min(deltas)
-        out[i] = SignalResult(_gate(group[i]) * agg, {"deltas": deltas, "gm": agg, "gate": _gate(group[i]),
+        out[i] = SignalResult(_gated(group[i], agg, p.gate), {"deltas": deltas, "gm": agg, "gate": _gate(group[i]),
                                                       "decoy": group[i].decoy})
     return out
 

@@ -14,9 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from infra.spec import GraderSpec
-from rewards.decoys import as_number, candidates, make_decoy, make_decoys, ordered_candidates
+from rewards.decoys import as_number, candidates, decoy_facts, make_decoy, make_decoys, ordered_candidates, \
+    text_moves
 from rewards.golds import extract_gold
 from rewards.grader import Grader, get_grader, grade_one
+from rewards.scorer import PieceTokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLOW = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -96,7 +98,81 @@ def test_plain_integers_never_call_the_grader():
 
 def test_same_decoy_for_every_rollout_and_none_without_candidates():
     assert make_decoys(["\\frac{3}{4}"] * 8) == [make_decoy("\\frac{3}{4}")] * 8
-    assert make_decoy("\\text{Evelyn}") is None
+    assert make_decoy("\\infty") is None  # no number, no word, no sign to flip: no near-miss
+
+
+@pytest.mark.parametrize("gold, decoy", [
+    ("\\text{Evelyn}", "\\text{Evelyo}"),  # the last letter of the last word moves on by one
+    ("\\text{even}", "\\text{odd}"),  # an opposite word comes first
+    ("\\text{East}", "\\text{West}"),  # case kept
+    ("\\text{(C)}", "\\text{(D)}"),
+    ("\\textbf{(E)}", "\\textbf{(F)}"),
+    ("\\mathrm{yes}", "\\mathrm{no}"),
+    ("Yes", "No"),  # a word has no sign: never "-Yes"
+    ("\\text{Paz}", "\\text{Paa}"),  # z wraps to a
+])
+def test_text_answers_fall_back_to_a_word_near_miss(gold, decoy):
+    assert candidates(gold) == []
+    assert make_decoy(gold) == decoy
+    assert_decoy_ok(gold, decoy)
+
+
+def test_fallbacks_come_after_every_rule_candidate():
+    assert text_moves("18 \\text{ cm}") == ["18 \\text{ cn}"]
+    order = ordered_candidates("18 \\text{ cm}")
+    assert order[-1] == "18 \\text{ cn}" and all("cm" in c for c in order[:-1])
+
+
+@pytest.mark.parametrize("gold, expected", [
+    ("10,\\!080", {"10,\\!081", "10,\\!079", "10,\\!082", "10,\\!078", "10,\\!085", "10,\\!075", "10,\\!090",
+                   "10,\\!070"}),
+    ("1{,}000", {"1{,}001", "999", "1{,}002", "998", "1{,}005", "995", "1{,}010", "990"}),
+    ("-2,500", {"-2,499", "-2,501", "-2,498", "-2,502", "-2,495", "-2,505", "-2,490", "-2,510"}),
+    ("1\\,000\\,000", {"1\\,000\\,001", "999\\,999", "1\\,000\\,002", "999\\,998", "1\\,000\\,005", "999\\,995",
+                       "1\\,000\\,010", "999\\,990"}),
+    ("12,345 \\text{ dollars}", {f"12,{n} \\text{{ dollars}}" for n in (346, 344, 347, 343, 350, 340, 355, 335)}),
+    ("007", {"008", "006", "009", "005", "012", "002", "017", "-3", "-007"}),  # leading zeros kept
+])
+def test_numbers_move_as_whole_well_formed_numbers(gold, expected):
+    assert set(candidates(gold)) == expected
+    assert_decoy_ok(gold, make_decoy(gold))
+
+
+def test_decoys_of_the_golds_token_length_come_first():
+    tok = PieceTokenizer()  # one character per token, \boxed{ one token
+    # 16: ±1 ±2 ±5 (2 digits) match \boxed{16}; 6 and 26 also; -16 (3 tokens) and the like do not
+    order = ordered_candidates("16", tok)
+    lengths = [len(tok.encode(f"\\boxed{{{c}}}")) for c in order]
+    n = len(tok.encode("\\boxed{16}"))
+    k = lengths.index(next(x for x in lengths if x != n))
+    assert k > 0 and all(x == n for x in lengths[:k]) and all(x != n for x in lengths[k:])
+    # within each group the gold's RNG order is kept
+    plain = ordered_candidates("16")
+    assert order[:k] == [c for c in plain if len(tok.encode(f"\\boxed{{{c}}}")) == n]
+    # -2: every candidate with one digit after the sign, never 3 or 8 (2 tokens)
+    assert all(len(tok.encode(f"\\boxed{{{make_decoy(g, tokenizer=tok)}}}")) == len(tok.encode(f"\\boxed{{{g}}}"))
+               for g in ("-2", "16", "9", "-10", "999", "0.5", "\\frac{3}{4}", "10,\\!080"))
+
+
+def test_length_choice_is_deterministic_and_shared_by_a_problems_rollouts():
+    tok = PieceTokenizer()
+    golds = ["-2", "16", "0.5", "\\frac{3}{4}"] * 4
+    first = make_decoys(golds, tokenizer=tok)
+    assert first == make_decoys(golds, tokenizer=tok) and first[:4] * 4 == first
+    code = ("import json, sys; from rewards.decoys import make_decoys; from rewards.scorer import PieceTokenizer; "
+            "print(json.dumps(make_decoys(json.loads(sys.argv[1]), tokenizer=PieceTokenizer())))")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(golds)], capture_output=True, text=True, check=True,
+                         cwd=REPO, env={**os.environ, "PYTHONHASHSEED": "7"}).stdout
+    assert json.loads(out) == first
+
+
+def test_decoy_facts_count_the_pairs_pmishift_can_score():
+    tok = PieceTokenizer()
+    facts = decoy_facts(["16", "16", "16", "\\text{x}"], ["-2", "-12", None, "\\text{y}"], tok)
+    # -2 matches \boxed{16} in length; -12 does not; None has no pair; \text{y} matches
+    assert facts == {"decoys/problems": 4, "decoys/none": 1, "decoys/scorable": 2, "decoys/scorable_share": 0.5}
+    with pytest.raises(ValueError, match="2 golds but 1 decoys"):
+        decoy_facts(["1", "2"], ["3"], tok)
 
 
 def test_the_grader_filter_is_the_graders_own_call():

@@ -8,8 +8,8 @@ import time
 import pytest
 from hypothesis import assume, example, given, settings, strategies as st
 
-from meta.grammar import META_CLOSE, META_OPEN, char_regions, cue_categories, find_blocks, format_class, has_tags, \
-    last_boxed, parse_confidence, split_first_block, strip_meta
+from meta.grammar import META_CLOSE, META_OPEN, Boxes, char_regions, cue_categories, find_blocks, find_boxes, \
+    format_class, has_tags, last_boxed, parse_confidence, split_first_block, strip_meta
 
 O, C = META_OPEN, META_CLOSE
 # Pieces that combine into nested/unclosed/stray tags, tags split by other tags, tags inside \boxed, and unicode
@@ -165,12 +165,16 @@ def test_cue_categories_are_whole_words_case_insensitive():
     ("\\boxed{5}", "5"),
     ("\\boxed{1} then \\boxed{2}", "2"),
     ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
-    ("\\boxed{\\boxed{3}}", "3"),  # the last \boxed is the inner one
-    ("\\boxed{5} and \\boxed{6", "5"),  # the last never closes: the last balanced one counts
+    ("\\boxed{\\boxed{3}}", "3"),  # the last \\boxed is the inner one
+    ("\\boxed{5} and \\boxed{6", None),  # the last never closes: no answer (truncated)
     ("\\boxed{6", None),
     ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),  # escaped braces do not count
     ("\\boxed{a}}}", "a"),
     ("\\fbox {x}", "x"),
+    ("\\boxed 5", "5"),  # brace-less: the next token
+    ("$\\boxed 12.5$.", "12.5"),
+    ("\\boxed{5} \\boxed", None),
+    ("\\boxedx{5}", None),  # another command
     ("no box {here}", None),
     ("\\boxed{}", ""),
 ])
@@ -178,26 +182,37 @@ def test_last_boxed(text, expected):
     assert last_boxed(text) == expected
 
 
+def test_find_boxes_reports_truncation_and_spans():
+    text = "a \\boxed{1}, \\boxed 2 and \\boxed{3"
+    boxes = find_boxes(text)
+    assert boxes.contents == ("1", "2") and boxes.truncated
+    assert [text[s:e] for s, e in boxes.spans] == ["\\boxed{1}", "\\boxed 2"]
+    assert find_boxes("\\boxed 2", braceless=False) == Boxes((), (), False)
+    assert find_boxes("\\fbox{2}", commands=("boxed",)) == Boxes((), (), False)
+
+
 def _last_boxed_reference(text):
-    """The straightforward rescan (quadratic on unbalanced input); the fast version must agree with it."""
-    for m in reversed(list(re.finditer(r"\\(?:boxed|fbox)\s*\{", text))):
-        depth, i = 1, m.end()
-        while i < len(text) and depth:
-            if text[i] == "\\" and i + 1 < len(text):
-                i += 2
-                continue
-            depth += (text[i] == "{") - (text[i] == "}")
-            i += 1
-        if depth == 0:
-            return text[m.end():i - 1]
-    return None
+    """The straightforward rescan (quadratic on unbalanced input) of the last braced box; the fast version must
+    agree with it on braced boxes."""
+    opens = list(re.finditer(r"\\(?:boxed|fbox)(?![a-zA-Z])\s*\{", text))
+    if not opens:
+        return None
+    m = opens[-1]
+    depth, i = 1, m.end()
+    while i < len(text) and depth:
+        if text[i] == "\\" and i + 1 < len(text):
+            i += 2
+            continue
+        depth += (text[i] == "{") - (text[i] == "}")
+        i += 1
+    return text[m.end():i - 1] if depth == 0 else None
 
 
 @quick
 @given(st.lists(st.sampled_from(["\\boxed{", "\\boxed {", "\\fbox{", "{", "}", "\\", "\\\\", "\\{", "\\}", "x", "7",
                                  " ", O]), max_size=30).map("".join))
 def test_last_boxed_matches_reference(text):
-    assert last_boxed(text) == _last_boxed_reference(text)
+    assert last_boxed(text, braceless=False) == _last_boxed_reference(text)
 
 
 LONG = {  # each ≥ 100k characters; each was quadratic somewhere before (seconds to minutes)

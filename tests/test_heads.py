@@ -8,6 +8,7 @@ from verl.trainer.ppo import core_algos as verl_algos  # ~7 s, once
 from infra.spec import HEADS, REGIONS, HeadsSpec, RLSpec
 from rewards.heads import FORMAT_VALUES, centre_heads, gain_matrix, head_weights, rollout_heads, token_advantages, \
     token_offsets, token_regions
+from rewards.grader import Grade
 from rewards.signals import Rollout
 
 EPS = 1e-6
@@ -264,3 +265,42 @@ def test_pipeline_routes_meta_advantage_to_block_tokens():
     assert adv[:5] == pytest.approx([2 / 3, 2 / 3 + 1, 2 / 3 + 1, 2 / 3 + 1, 2 / 3])
     assert out.token_advantages[1][2] == pytest.approx(2 / 3 - 1)
     assert out.token_advantages[2] == pytest.approx([-4 / 3] * 3)  # [\\boxed{, 3, }]
+
+
+# ---------------------------------------------------------------- one stated confidence for evaluation and the head
+
+TWO_STATED = ["<|meta|>confidence 0.2, redo<|/meta|> x <|meta|>confidence: 90%<|/meta|> \\boxed{1}",  # last: 0.9
+              "<|meta|>confidence 0.3<|/meta|> y <|meta|>no number here<|/meta|> \\boxed{2}",  # last stating: 0.3
+              "<|meta|>confidence 0.4 ... confidence 0.6<|/meta|> \\boxed{3}",  # within a block its last: 0.6
+              "<|meta|>check<|/meta|> \\boxed{4}"]  # none
+
+
+def test_stated_confidence_is_the_last_stated_one():
+    from meta.grammar import find_blocks, stated_confidence
+
+    assert [stated_confidence(find_blocks(t)) for t in TWO_STATED] == [0.9, 0.3, 0.6, None]
+
+
+def test_evaluation_and_the_calibration_head_read_the_same_confidence():
+    from evals.engine import Generation
+    from evals.evaluate import sample_and_grade
+
+    class Engine:
+        def generate(self, prompts, n=1, **kw):
+            return [[Generation(TWO_STATED[i], (1, 2), False)] for i in range(len(prompts))]
+
+    class Tok:
+        def apply_chat_template(self, messages, **kw):
+            return messages[0]["content"]
+
+    class Grades:
+        def grade(self, responses, golds):
+            return [Grade(True, "1") for _ in responses]
+
+    rows = [{"id": f"p{i}", "prompt": f"q{i}", "answer": "1"} for i in range(len(TWO_STATED))]
+    records = sample_and_grade(Engine(), Tok(), Grades(), "s", rows, 1, 0.0, 1.0, 8, 0)
+    evaluation = [r["confidence"] for r in records]
+    head = [rollout_heads(Rollout(prompt="", response=t, gold="1", correct=True), None)["calibration"]
+            for t in TWO_STATED]
+    assert evaluation == [0.9, 0.3, 0.6, None]
+    assert head == [pytest.approx(-(c - 1.0) ** 2) if c is not None else None for c in evaluation]

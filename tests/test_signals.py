@@ -166,12 +166,57 @@ def test_gm_difference_in_differences():
     res = score_group("gm", group(), ctx())
     # SAVE (correct): δ1 = (−0.2 − −2.0) − (−3.0 − −0.5) = 1.8 + 2.5 = 4.3 → clip 2; δ2 = (−0.1 − −0.5) − (−0.6 − −0.3)
     #   = 0.4 + 0.3 = 0.7. mean 1.35 + min 0.7 = 2.05
+    #   gate: +clip(2.05, 0, 2) = 2.0
     # DERAIL (wrong): δ1 = (−1.5 − −0.6) − (−0.8 − −0.9) = −0.9 − 0.1 = −1.0; δ2 = (−0.3 − −0.2) − 0 = −0.1;
-    #   mean −0.55 + min −1.0 = −1.55; the design's gate (− if wrong) gives +1.55
+    #   mean −0.55 + min −1.0 = −1.55; gate: −clip(−1.55, 0, 2) = 0 (the old ±agg gate rewarded it +1.55)
     # decorative (correct): δ1 = 0.1 − 0.1 = 0, δ2 = 0 − 0 = 0 → gm ≈ 0
-    assert values(res)[:3] == pytest.approx([2.05, 1.55, 0.0], abs=1e-9)
+    assert values(res)[:3] == pytest.approx([2.0, 0.0, 0.0], abs=1e-9)
+    assert res[0].extras["gm"] == pytest.approx(2.05) and res[1].extras["gm"] == pytest.approx(-1.55)
     assert res[0].extras["deltas"] == pytest.approx([2.0, 0.7])
     assert res[3].value is None
+    # G is gm.gate: 2.05 clipped to [0, 1.5]
+    assert values(score_group("gm", group()[:1], ctx(SignalParams(gm={"gate": 1.5})))) == pytest.approx([1.5])
+
+
+@pytest.mark.parametrize("correct, agg, value", [
+    (True, 1.5, 1.5), (True, 2.5, 2.0), (True, -1.0, 0.0), (True, -3.0, 0.0),
+    (False, 2.3, -2.0), (False, 1.0, -1.0), (False, -2.5, 0.0), (False, -0.1, 0.0),
+])
+def test_the_gate_is_plus_or_minus_clip_agg_0_g(correct, agg, value):
+    from rewards.signals import _gated
+
+    assert _gated(rollout("", correct), agg, 2.0) == pytest.approx(value)
+    assert math.isnan(_gated(rollout("", correct), math.nan, 2.0))
+
+
+def test_pmi_gate_gives_a_wrong_rollout_with_a_negative_pmi_zero():
+    # DERAIL with the block making "-" LESS likely: lp(-) −2.5 after the block vs −0.2 without → agg −2.3, wrong:
+    # −clip(−2.3, 0, 2) = 0 (the old gate gave −1·clip(−2.3, ±2) = +2)
+    table = {**TABLE, (X + P_DER + M_DER, "\n\\boxed{"): {"-": -2.5}, (X + P_DER, "\n\\boxed{"): {"-": -0.2}}
+    res = score_group("pmi", group()[1:2], ctx(table=table))
+    assert values(res) == [0.0] and res[0].extras["pmi"] == pytest.approx(-2.3)
+
+
+def test_pmi_skips_a_block_copied_into_the_continuation():
+    block = "<|meta|>7-3*(-3) is 7+9 which is 16<|/meta|>"
+    # content: 27 characters (one token each) → 20 8-grams; the continuation repeats its last 16 characters
+    # " 7+9 which is 16" → 9 of the 20 reappear = 45 % ≥ 25 %: a copy, not scored
+    cont = " so 7+9 which is 16, \\boxed{16}"
+    res = score_group("pmi", [rollout(P_DEC + block + cont, True)], ctx())
+    assert res[0].value is None and res[0].extras["skip"] == "copied_block"
+    assert res[0].extras["copied_share"] == pytest.approx(9 / 20)
+    # a higher threshold scores it; a continuation sharing less than 25 % is scored
+    assert score_group("pmi", [rollout(P_DEC + block + cont, True)],
+                       ctx(SignalParams(pmi={"copy_share": 0.5})))[0].value is not None
+    assert score_group("pmi", [rollout(P_DEC + block + " \\boxed{16}", True)], ctx())[0].value is not None
+
+
+@pytest.mark.parametrize("block", ["<|meta|>so \\boxed{16}?<|/meta|>", "<|meta|>so \\boxed 16<|/meta|>",
+                                   "<|meta|>so \\boxed{1<|/meta|>", "<|meta|>\\fbox{16}<|/meta|>"])
+@pytest.mark.parametrize("signal", ["pmi", "pmishift", "gm"])
+def test_a_block_holding_any_box_is_not_scored(block, signal):
+    res = score_group(signal, [rollout(P_SAVE + block + C_SAVE, True)], ctx())
+    assert res[0].value is None and res[0].extras["skip"] == "boxed_in_block"
 
 
 def fake_grade(responses: list[str], golds: list[str]) -> list[bool]:
