@@ -5,11 +5,16 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # setup is redone only when the dependency pins change
 STAMP := $(VENV)/.setup-$(shell cat pyproject.toml requirements.lock 2>/dev/null | sha256sum | cut -c1-16)
+# the vLLM engine's own environment (it cannot share .venv: docs/vllm.md); rebuilt only when its pins change
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.setup-$(shell cat requirements-vllm.txt 2>/dev/null | sha256sum | cut -c1-16)
+# where torch's CPU build comes from when this machine's pip does not already find it
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONDONTWRITEBYTECODE := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-fast ui bench-grader bench-rl faults screenshots clean-home
+.PHONY: help setup setup-vllm demo test test-fast ui bench-grader bench-rl faults screenshots clean-home
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -24,6 +29,20 @@ $(STAMP): pyproject.toml requirements.lock
 	@rm -f $(VENV)/.setup-*
 	@touch $@
 	@echo "environment ready: $(VENV)"
+
+setup-vllm: $(VLLM_STAMP) ## create .venv-vllm: vLLM (CPU build) for eval.engine=vllm, checked by a smoke generation
+
+$(VLLM_STAMP): requirements-vllm.txt
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	@rm -f $(VLLM_VENV)/.setup-*
+	$(VLLM_VENV)/bin/python -m pip install -q $$(grep -E '^torch==' requirements-vllm.txt) \
+	  || $(VLLM_VENV)/bin/python -m pip install -q --extra-index-url $(TORCH_CPU_INDEX) $$(grep -E '^torch==' requirements-vllm.txt)
+	$(VLLM_VENV)/bin/python -m pip install -q -r requirements-vllm.txt
+	@# pip pulls CUDA builds of these; with them `from vllm import LLM` fails (torchvision::nms does not exist)
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python evals/vllm_worker.py --smoke
+	@touch $@
+	@echo "vLLM engine environment ready: $(VLLM_VENV) ($$(du -sh $(VLLM_VENV) | cut -f1))"
 
 demo: setup ## run the embedded demo ablation (arith world, tiny model, CPU) and print where results are
 	$(BIN)/twinarm run configs/demo.yaml

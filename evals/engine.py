@@ -1,17 +1,26 @@
-"""Generation engines: one interface, an HF transformers implementation (CPU or one GPU); vLLM later.
+"""Generation engines: one interface; HF transformers `generate` in process (CPU or one GPU), or vLLM in its
+own environment and process (evals/vllm_engine.py). `eval.engine` picks one; `engine_identity` is what the
+evaluation protocol records of it (name and version), so results of different engines never share a key.
 
 Prompts arrive rendered with the chat template (`render_prompt`), so every engine sees the same text. A
 response's `text` keeps the meta tags (ordinary added tokens) and drops special tokens (eos, pad);
 `token_ids` are the generated ids up to and including the first special token (eos, or any other special token:
-generation stops there, as Qwen's does on <|endoftext|>), so the ids always decode to the text.
+generation stops there, as Qwen's does on <|endoftext|>), so the ids always decode to the text. With
+`logprobs=True`, `logprobs[i]` is the natural-log probability of `token_ids[i]` under the model's raw
+distribution (log-softmax of the logits, before temperature, top-p and banning), as vLLM reports it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Protocol
+
+from infra.errors import DataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+ENGINES = ("hf", "vllm")
 
 
 @dataclass(frozen=True)
@@ -19,14 +28,63 @@ class Generation:
     text: str
     token_ids: tuple[int, ...]
     truncated: bool  # reached max_new_tokens without a stop token
+    logprobs: tuple[float, ...] | None = None  # one per token id, when asked for
 
 
 class GenerationEngine(Protocol):
     def generate(self, prompts: list[str], n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-                 max_new_tokens: int = 128, seed: int = 0, banned_tokens: list[int] | None = None
-                 ) -> list[list[Generation]]:
+                 max_new_tokens: int = 128, seed: int = 0, banned_tokens: list[int] | None = None,
+                 logprobs: bool = False) -> list[list[Generation]]:
         """n generations per rendered prompt; temperature 0 = greedy; banned token ids are never sampled."""
         ...
+
+    def close(self) -> None:
+        """Release the engine (its process, for out-of-process engines)."""
+        ...
+
+
+def finished(tokenizer: "PreTrainedTokenizerFast", row: Iterable[int], stop: list[int],
+             logprobs: Iterable[float] | None = None) -> Generation:
+    """A generated row cut after its first stop token (truncated when there is none), decoded without specials:
+    the one rule every engine's raw output goes through."""
+    row = list(row)
+    end = next((i for i, t in enumerate(row) if t in stop), None)
+    ids = row[:end + 1] if end is not None else row
+    lps = tuple(list(logprobs)[:len(ids)]) if logprobs is not None else None
+    return Generation(text=tokenizer.decode(ids, skip_special_tokens=True), token_ids=tuple(ids),
+                      truncated=end is None, logprobs=lps)
+
+
+def engine_identity(name: str) -> dict[str, Any]:
+    """What the evaluation protocol records of an engine: its name and the version of the generating library
+    (transformers for hf; vLLM of the engine environment for vllm, read from its metadata without starting it).
+    Raises DataError for an unknown name or a missing engine environment."""
+    if name == "hf":
+        from importlib.metadata import version
+
+        return {"name": "hf", "version": version("transformers"), "torch": version("torch")}
+    if name == "vllm":
+        from evals.vllm_engine import env_versions
+
+        found = env_versions()
+        return {"name": "vllm", "version": found["vllm"], "torch": found["torch"]}
+    raise DataError(f"eval.engine: unknown engine {name!r}; expected one of {', '.join(ENGINES)}")
+
+
+def make_engine(name: str, model_dir: Path, device: str, precision: str) -> "GenerationEngine":
+    """The engine `name` serving the checkpoint in model_dir (close() it when done)."""
+    from worlds.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    if name == "vllm":
+        from evals.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model_dir, tokenizer, device=device, precision=precision)
+    if name == "hf":
+        from worlds.model import load_model
+
+        return HFEngine(load_model(model_dir, device), tokenizer, device=device, precision=precision)
+    raise DataError(f"eval.engine: unknown engine {name!r}; expected one of {', '.join(ENGINES)}")
 
 
 def render_prompt(tokenizer: "PreTrainedTokenizerFast", prompt_text: str) -> str:
@@ -52,8 +110,8 @@ class HFEngine:
         self.device, self.precision, self.batch_size = device, precision, batch_size
 
     def generate(self, prompts: list[str], n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-                 max_new_tokens: int = 128, seed: int = 0, banned_tokens: list[int] | None = None
-                 ) -> list[list[Generation]]:
+                 max_new_tokens: int = 128, seed: int = 0, banned_tokens: list[int] | None = None,
+                 logprobs: bool = False) -> list[list[Generation]]:
         import torch
 
         from worlds.model import autocast, seeded
@@ -65,7 +123,8 @@ class HFEngine:
         out: list[Generation] = []
         was_training = self.model.training
         self.model.eval()
-        kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad)
+        kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad,
+                      return_dict_in_generate=True, output_logits=logprobs)
         if temperature > 0:
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
         else:
@@ -79,12 +138,16 @@ class HFEngine:
                     enc = tok(chunk, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
                     enc = {k: v.to(self.device) for k, v in enc.items()}
                     with torch.no_grad(), autocast(self.device, self.precision):
-                        seqs = self.model.generate(**enc, **kwargs)
-                    for row in seqs[:, enc["input_ids"].shape[1]:].tolist():
-                        end = next((i for i, t in enumerate(row) if t in stop), None)
-                        ids = row[:end + 1] if end is not None else row
-                        out.append(Generation(text=tok.decode(ids, skip_special_tokens=True), token_ids=tuple(ids),
-                                              truncated=end is None))
+                        res = self.model.generate(**enc, **kwargs)
+                    new = res.sequences[:, enc["input_ids"].shape[1]:]
+                    lps = [None] * len(new)
+                    if logprobs:  # raw logits (before processors) -> log-softmax at the generated token
+                        logits = torch.stack(res.logits, dim=1).float()
+                        lps = torch.log_softmax(logits, -1).gather(-1, new.unsqueeze(-1)).squeeze(-1).tolist()
+                    out += [finished(tok, row, stop, lp) for row, lp in zip(new.tolist(), lps)]
         finally:
             self.model.train(was_training)
         return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    def close(self) -> None:
+        """Nothing to release: the model belongs to the caller."""
