@@ -32,10 +32,16 @@ class Generation:
 
 
 class GenerationEngine(Protocol):
+    tokenizer: "PreTrainedTokenizerFast"
+
     def generate(self, prompts: list[str], n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
                  max_new_tokens: int = 128, seed: int = 0, banned_tokens: list[int] | None = None,
                  logprobs: bool = False) -> list[list[Generation]]:
         """n generations per rendered prompt; temperature 0 = greedy; banned token ids are never sampled."""
+        ...
+
+    def facts(self) -> dict[str, Any]:
+        """Runtime facts for the stage record: engine name, versions it ran with, precision."""
         ...
 
     def close(self) -> None:
@@ -148,6 +154,12 @@ class HFEngine:
         finally:
             self.model.train(was_training)
         return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    def facts(self) -> dict[str, Any]:
+        from infra.code import package_versions
+
+        return {"engine": "hf", "versions": package_versions(("transformers", "torch")),
+                "precision": self.precision}
 
     def close(self) -> None:
         """Nothing to release: the model belongs to the caller."""

@@ -37,6 +37,7 @@ class Protocol:
     max_new_tokens: int
     grader: dict[str, Any]  # grader config and version
     suites: dict[str, str]  # suite -> hash of its rows
+    engine: dict[str, Any]  # generation engine name and versions (evals.engine.engine_identity)
 
     @property
     def key(self) -> str:
@@ -76,18 +77,19 @@ def sample_and_grade(engine: "GenerationEngine", tokenizer: Any, grader: Any, su
 
 
 def evaluate_model(model_dir: Path, suites: dict[str, list[dict[str, Any]]], protocol: Protocol, grader: Any,
-                   device: str, precision: str) -> list[dict[str, Any]]:
-    from evals.engine import HFEngine
-    from worlds.model import load_model
-    from worlds.tokenizer import load_tokenizer
+                   device: str, precision: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(rows, runtime facts of the engine that generated them) with the protocol's engine."""
+    from evals.engine import make_engine
 
-    tokenizer = load_tokenizer(model_dir)
-    engine = HFEngine(load_model(model_dir, device), tokenizer, device=device, precision=precision)
-    rows: list[dict[str, Any]] = []
-    for name, suite_rows in suites.items():
-        rows += sample_and_grade(engine, tokenizer, grader, name, suite_rows, protocol.n[name],
-                                 protocol.temperature, protocol.top_p, protocol.max_new_tokens, protocol.seed)
-    return rows
+    engine = make_engine(protocol.engine["name"], model_dir, device, precision)
+    try:
+        rows: list[dict[str, Any]] = []
+        for name, suite_rows in suites.items():
+            rows += sample_and_grade(engine, engine.tokenizer, grader, name, suite_rows, protocol.n[name],
+                                     protocol.temperature, protocol.top_p, protocol.max_new_tokens, protocol.seed)
+        return rows, engine.facts()
+    finally:
+        engine.close()
 
 
 @dataclass(frozen=True)
@@ -102,9 +104,13 @@ class Entry:
 
 
 class ResultStore:
+    """Per-checkpoint results under one protocol. `engine_facts`: runtime facts of the last engine that evaluated
+    here (versions it reported, start-up time) and how many checkpoints were evaluated now."""
+
     def __init__(self, root: Path, protocol: Protocol):
         self.dir = Path(root) / protocol.key
         self.protocol = protocol
+        self.engine_facts: dict[str, Any] = {"engine": protocol.engine["name"], "evaluated_now": 0}
 
     def path(self, checkpoint_id: str) -> Path:
         return self.dir / f"{checkpoint_id}.parquet"
@@ -121,8 +127,9 @@ class ResultStore:
         with progress("checkpoints evaluated", len(todo)) as bar:
             for entry in todo:
                 t0 = time.perf_counter()
-                rows = evaluate_model(entry.model_dir, suites, self.protocol, grader, device, precision)
+                rows, facts = evaluate_model(entry.model_dir, suites, self.protocol, grader, device, precision)
                 write_parquet(rows, self.path(entry.checkpoint_id))
+                self.engine_facts = {**facts, "evaluated_now": self.engine_facts["evaluated_now"] + 1}
                 bar.advance(checkpoint=f"{entry.arm}@{entry.step}",
                             samples_per_s=len(rows) / (time.perf_counter() - t0))
         return todo

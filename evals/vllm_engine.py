@@ -70,6 +70,12 @@ def env_versions() -> dict[str, str]:
     return {"vllm": vllm, "torch": found.get("torch", "absent"), "transformers": found.get("transformers", "absent")}
 
 
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     import signal
 
@@ -93,11 +99,12 @@ class VLLMEngine:
 
     start_timeout_s bounds the engine's start-up; stall_timeout_s bounds the time between two progress reports
     of a request (the worker reports every few seconds while requests finish), so a long evaluation never
-    times out while a wedged engine does."""
+    times out while a wedged engine does. threads: CPU threads of the engine (default: this process's torch
+    threads, which stages set from executor.compute.cpu_threads)."""
 
     def __init__(self, model_dir: Path, tokenizer: "PreTrainedTokenizerFast", device: str = "cpu",
-                 precision: str = "fp32", max_model_len: int | None = None, start_timeout_s: float = 600,
-                 stall_timeout_s: float = 600):
+                 precision: str = "fp32", max_model_len: int | None = None, threads: int | None = None,
+                 start_timeout_s: float = 600, stall_timeout_s: float = 600):
         if precision not in DTYPES:
             raise EngineError(f"vLLM engine: precision {precision!r} not supported; expected one of {list(DTYPES)}")
         self.tokenizer, self.device, self.precision = tokenizer, device, precision
@@ -106,6 +113,8 @@ class VLLMEngine:
         self.log = Path(tempfile.mkstemp(prefix="vllm-engine-", suffix=".log")[1])
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the worker's defaults: ENGINE_ENV
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # required: one process, killed as a group
+        self.threads = threads or _torch_threads()  # CPU threads: the caller's torch setting (compute.cpu_threads)
+        env["OMP_NUM_THREADS"] = str(self.threads)
         cmd = [str(python), str(WORKER), "--model", str(model_dir), "--dtype", DTYPES[precision],
                "--parent", str(os.getpid())]
         if max_model_len:
@@ -181,7 +190,7 @@ class VLLMEngine:
     def facts(self) -> dict[str, Any]:
         """Runtime facts of this engine: versions reported by the engine process itself, start-up seconds."""
         return {"engine": "vllm", "versions": self.versions, "startup_s": round(self.startup_s, 2),
-                "precision": self.precision}
+                "precision": self.precision, "threads": self.threads}
 
     def generate(self, prompts: list[str], n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
                  max_new_tokens: int = 128, seed: int = 0, banned_tokens: list[int] | None = None,

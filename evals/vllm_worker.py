@@ -165,6 +165,9 @@ def smoke() -> int:
     """Build a tiny Qwen2 model, generate greedy and seeded samples twice, check they agree."""
     import tempfile
 
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # vLLM logs to stdout: keep it for the one result line
+
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -184,14 +187,17 @@ def smoke() -> int:
     assert first == again, "seeded sampling is not reproducible"
     assert all(len(s["ids"]) >= 1 and 2 not in s["ids"] for g in first for s in g), "banned token sampled"
     assert all(g[0]["ids"] == g[1]["ids"] for g in greedy), "greedy samples differ"
-    print(json.dumps({"smoke": "ok", "seconds": round(time.perf_counter() - t0, 1), "versions": versions()}))
+    out.write(json.dumps({"smoke": "ok", "seconds": round(time.perf_counter() - t0, 1), "versions": versions()}))
+    out.write("\n")
+    out.flush()
     return 0
 
 
 ENGINE_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine core in this process: one process to supervise
     "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache on CPU (vLLM's default 4 is much for a shared box)
-    "VLLM_LOGGING_LEVEL": "WARNING", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_LOGGING_LEVEL": "WARNING", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
 }
 
 

