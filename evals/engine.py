@@ -1,6 +1,5 @@
-"""Generation engines: one interface; HF transformers `generate` in process (CPU or one GPU), or vLLM in its
-own environment and process (evals/vllm_engine.py). `eval.engine` picks one; `engine_identity` is what the
-evaluation protocol records of it (name and version), so results of different engines never share a key.
+"""Generation engines: one interface; HF transformers `generate` in process (CPU or one GPU) here, vLLM in its
+own environment and process in evals/vllm_engine.py; `eval.engine` picks one (evals/engines.py).
 
 Prompts arrive rendered with the chat template (`render_prompt`), so every engine sees the same text. A
 response's `text` keeps the meta tags (ordinary added tokens) and drops special tokens (eos, pad);
@@ -15,12 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
-from infra.errors import DataError
+from infra.hashing import hash_json
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
-
-ENGINES = ("hf", "vllm")
 
 
 @dataclass(frozen=True)
@@ -61,36 +58,9 @@ def finished(tokenizer: "PreTrainedTokenizerFast", row: Iterable[int], stop: lis
                       truncated=end is None, logprobs=lps)
 
 
-def engine_identity(name: str) -> dict[str, Any]:
-    """What the evaluation protocol records of an engine: its name and the version of the generating library
-    (transformers for hf; vLLM of the engine environment for vllm, read from its metadata without starting it).
-    Raises DataError for an unknown name or a missing engine environment."""
-    if name == "hf":
-        from importlib.metadata import version
-
-        return {"name": "hf", "version": version("transformers"), "torch": version("torch")}
-    if name == "vllm":
-        from evals.vllm_engine import env_versions
-
-        found = env_versions()
-        return {"name": "vllm", "version": found["vllm"], "torch": found["torch"]}
-    raise DataError(f"eval.engine: unknown engine {name!r}; expected one of {', '.join(ENGINES)}")
-
-
-def make_engine(name: str, model_dir: Path, device: str, precision: str) -> "GenerationEngine":
-    """The engine `name` serving the checkpoint in model_dir (close() it when done)."""
-    from worlds.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(model_dir)
-    if name == "vllm":
-        from evals.vllm_engine import VLLMEngine
-
-        return VLLMEngine(model_dir, tokenizer, device=device, precision=precision)
-    if name == "hf":
-        from worlds.model import load_model
-
-        return HFEngine(load_model(model_dir, device), tokenizer, device=device, precision=precision)
-    raise DataError(f"eval.engine: unknown engine {name!r}; expected one of {', '.join(ENGINES)}")
+def seed_for(*parts: Any) -> int:
+    """A 31-bit seed derived from any parts (stable across processes and machines, unlike hash())."""
+    return int(hash_json(list(parts), 8), 16) & 0x7FFFFFFF
 
 
 def render_prompt(tokenizer: "PreTrainedTokenizerFast", prompt_text: str) -> str:

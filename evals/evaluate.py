@@ -37,22 +37,18 @@ class Protocol:
     max_new_tokens: int
     grader: dict[str, Any]  # grader config and version
     suites: dict[str, str]  # suite -> hash of its rows
-    engine: dict[str, Any]  # generation engine name and versions (evals.engine.engine_identity)
+    engine: dict[str, Any]  # generation engine name and versions (evals.engines.engine_identity)
 
     @property
     def key(self) -> str:
         return hash_json(self.__dict__)
 
 
-def seed_for(*parts: Any) -> int:
-    return int(hash_json(list(parts), 8), 16) & 0x7FFFFFFF
-
-
 def sample_and_grade(engine: "GenerationEngine", tokenizer: Any, grader: Any, suite: str,
                      rows: list[dict[str, Any]], n: int, temperature: float, top_p: float, max_new_tokens: int,
                      seed: int) -> list[dict[str, Any]]:
     """n samples per prompt row, graded, with closed-meta facts and the meta-strip regrade."""
-    from evals.engine import render_prompt
+    from evals.engine import render_prompt, seed_for
     from sft.grammar import find_blocks, strip_meta
 
     gens = engine.generate([render_prompt(tokenizer, r["prompt"]) for r in rows], n=n, temperature=temperature,
@@ -79,7 +75,7 @@ def sample_and_grade(engine: "GenerationEngine", tokenizer: Any, grader: Any, su
 def evaluate_model(model_dir: Path, suites: dict[str, list[dict[str, Any]]], protocol: Protocol, grader: Any,
                    device: str, precision: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(rows, runtime facts of the engine that generated them) with the protocol's engine."""
-    from evals.engine import make_engine
+    from evals.engines import make_engine
 
     engine = make_engine(protocol.engine["name"], model_dir, device, precision)
     try:

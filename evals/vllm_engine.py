@@ -197,8 +197,7 @@ class VLLMEngine:
                  logprobs: bool = False) -> list[list["Generation"]]:
         """n generations per rendered prompt (see GenerationEngine); raises EngineError if the engine dies,
         stalls or refuses the request."""
-        from evals.engine import finished, stop_ids
-        from evals.evaluate import seed_for
+        from evals.engine import finished, seed_for, stop_ids
 
         if self.proc.poll() is not None:
             raise self._fail(f"process is not running (exit code {self.proc.returncode})")

@@ -36,7 +36,7 @@ def build_checkpoint(out: Path, seed: int = 0) -> list[str]:
 
 
 def run(name: str, ckpt: Path, prompts: list[str], n: int, max_new: int, precision: str) -> dict:
-    from evals.engine import make_engine
+    from evals.engines import make_engine
 
     t0 = time.perf_counter()
     engine = make_engine(name, ckpt, "cpu", precision)

@@ -17,7 +17,7 @@ from tasks.sweep import entries, grader_identity
 
 
 def protocol_for(call: StageCall, grader: Any) -> Any:
-    from evals.engine import engine_identity
+    from evals.engines import engine_identity
     from evals.evaluate import Protocol
 
     ev = EvalSpec(**call.config["eval"])

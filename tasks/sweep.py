@@ -38,7 +38,7 @@ def grader_identity(grader: Any) -> dict[str, Any]:
 
 
 def sweep_body(call: StageCall) -> StageOutput:
-    from evals.engine import engine_identity
+    from evals.engines import engine_identity
     from evals.evaluate import Protocol, ResultStore
     from rewards.grader import get_grader
     from rl.grpo import val_metrics

@@ -170,7 +170,7 @@ def test_banned_tokens_never_sampled(engine, rendered):
 # ------------------------------------------------------------------ failure modes
 
 def test_missing_engine_env_is_a_clear_error(monkeypatch, tmp_path, checkpoint, tokenizer):
-    from evals.engine import engine_identity
+    from evals.engines import engine_identity
     from evals.vllm_engine import EngineError, VLLMEngine
 
     monkeypatch.setenv("TWINARM_VLLM_VENV", str(tmp_path / "nowhere"))
@@ -181,7 +181,7 @@ def test_missing_engine_env_is_a_clear_error(monkeypatch, tmp_path, checkpoint, 
 
 
 def test_unknown_engine_is_refused():
-    from evals.engine import engine_identity
+    from evals.engines import engine_identity
     from infra.errors import DataError
 
     with pytest.raises(DataError, match=r"eval.engine: unknown engine 'tgi'; expected one of hf, vllm"):
@@ -268,7 +268,7 @@ def test_dead_engine_raises_instead_of_hanging(vllm, rendered):
 # ------------------------------------------------------------------ eval.engine in the evaluation protocol
 
 def _protocol(engine: str):
-    from evals.engine import engine_identity
+    from evals.engines import engine_identity
     from evals.evaluate import Protocol
 
     return Protocol(temperature=0.0, top_p=1.0, n={"arith": 2}, seed=0, max_new_tokens=MAX_NEW,
