@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from infra.errors import TwinarmError
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
     from evals.engine import Generation
 
@@ -68,6 +68,11 @@ def env_versions() -> dict[str, str]:
     if vllm is None:
         raise EngineError(f"vLLM engine environment {engine_venv()} has no vllm installed: run `make setup-vllm`")
     return {"vllm": vllm, "torch": found.get("torch", "absent"), "transformers": found.get("transformers", "absent")}
+
+
+def _shm() -> str | None:
+    """A RAM-backed directory for handing weights to the engine, when the machine has one."""
+    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 
 
 def _torch_threads() -> int:
@@ -208,6 +213,20 @@ class VLLMEngine:
                     "stop": stop, "banned": list(banned_tokens or []), "logprobs": logprobs})
         outputs = self._receive(self.stall_timeout_s, "generation")["outputs"]
         return [[finished(self.tokenizer, s["ids"], stop, s["logprobs"]) for s in samples] for samples in outputs]
+
+    def load_weights(self, model: "PreTrainedModel") -> float:
+        """Serve `model`'s current weights from now on (same architecture as the checkpoint the engine started
+        with): written once as safetensors (RAM disk where there is one), reloaded in place inside the engine
+        process, prefix cache dropped. Returns the engine-side reload seconds. For rollouts whose policy changes
+        every step. Tied weights are written under each name (`lm_head.weight` too): vLLM's in-place reload
+        re-creates layer tensors one by one, and a tied head left out keeps the old weights."""
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+        with tempfile.TemporaryDirectory(prefix="vllm-weights-", dir=_shm()) as tmp:
+            save_file(state, str(Path(tmp) / "model.safetensors"))
+            self._send({"op": "load_weights", "path": str(Path(tmp) / "model.safetensors")})
+            return float(self._receive(self.stall_timeout_s, "weight reload")["seconds"])
 
     def close(self) -> None:
         """Ask the engine to exit, then kill its process group if it has not within 10 s. Idempotent."""

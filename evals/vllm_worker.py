@@ -9,6 +9,8 @@ the engine is built, then answers each request line on stdin with one line:
      "logprobs": bool}
     -> {"progress": engine steps so far}  (every 2 s while the engine steps: a heartbeat)
     -> {"outputs": [[{"ids": [...], "logprobs": [...] | null}, ...n] per prompt]}
+    {"op": "load_weights", "path": a .safetensors file in checkpoint format}
+    -> {"loaded": tensors, "seconds": s}  (in-place reload of the served model; the prefix cache is reset)
     {"op": "close"} -> exits 0
 
 An error answers `{"error": "..."}` and the worker keeps serving. Library logs go to stderr (fd 1 is re-pointed
@@ -128,6 +130,18 @@ def generate(llm, req: dict) -> list[list[dict]]:
     return result
 
 
+def load_weights(llm, path: str) -> dict:
+    """Replace the served model's weights in place with those of a safetensors file (checkpoint names), and
+    drop the prefix cache, whose KV entries were computed with the old weights."""
+    from safetensors.torch import load_file
+
+    t0 = time.perf_counter()
+    state = load_file(path)
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state.items())})
+    llm.reset_prefix_cache()
+    return {"loaded": len(state), "seconds": round(time.perf_counter() - t0, 3)}
+
+
 def serve(args: argparse.Namespace) -> int:
     channel = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything printed by libraries goes to stderr, not into the protocol
@@ -153,9 +167,12 @@ def serve(args: argparse.Namespace) -> int:
             req = json.loads(line)
             if req.get("op") == "close":
                 return 0
-            if req.get("op") != "generate":
+            if req.get("op") == "load_weights":
+                send(load_weights(llm, req["path"]))
+            elif req.get("op") == "generate":
+                send({"outputs": generate(llm, req)})
+            else:
                 raise ValueError(f"unknown op {req.get('op')!r}")
-            send({"outputs": generate(llm, req)})
         except Exception as exc:  # report and keep serving: the parent decides
             send({"error": f"{type(exc).__name__}: {exc}"})
     return 0

@@ -254,6 +254,30 @@ def test_sigkill_of_the_stage_leaves_no_engine(checkpoint):
 
 
 @needs_vllm
+def test_weight_reload_serves_the_new_weights_exactly(hf, vllm, rendered, checkpoint):
+    """In-place reload (the rollout path): after loading model B the engine's greedy outputs and log-probs are
+    HF's on B (not A's, not A's cached prefixes); loading A back restores A's."""
+    import torch
+
+    from evals.engine import HFEngine
+    from worlds.model import load_model
+
+    model_b = load_model(checkpoint)
+    with torch.no_grad():
+        for p in model_b.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    hf_b = HFEngine(model_b, hf.tokenizer, precision="fp32")
+    kw = dict(n=1, max_new_tokens=MAX_NEW, logprobs=True)
+    a, b = hf.generate(rendered, **kw), hf_b.generate(rendered, **kw)
+    assert [g[0].token_ids for g in a] != [g[0].token_ids for g in b]  # B really is another model
+    for model, want in ((model_b, b), (hf.model, a)):
+        assert vllm.load_weights(model) >= 0
+        got = vllm.generate(rendered, **kw)
+        assert [(g[0].token_ids, g[0].truncated) for g in got] == [(g[0].token_ids, g[0].truncated) for g in want]
+        assert max(abs(p - q) for x, y in zip(got, want) for p, q in zip(x[0].logprobs, y[0].logprobs)) < 1e-4
+
+
+@needs_vllm
 def test_dead_engine_raises_instead_of_hanging(vllm, rendered):
     """Runs last in this module: it kills the shared engine."""
     from evals.vllm_engine import EngineError
