@@ -3,6 +3,7 @@ response runs to max_new_tokens: the worst case), the arith world's held-out pro
 
     python scripts/bench_engines.py [--prompts 64] [--n 4] [--max-new 160] [--precision bf16] [--threads 1]
     python scripts/bench_engines.py --server   # also: start-up of vLLM's OpenAI server vs the engine worker
+    python scripts/bench_engines.py --rollout  # GRPO rollouts instead: per step, new weights + 16 prompts × 8
 
 Prints one JSON line per measurement: engine, start-up seconds, generation seconds, samples/s (start-up
 included and excluded). Needs `make setup-vllm`. Keep it short on a shared box and say it was contended.
@@ -55,6 +56,41 @@ def run(name: str, ckpt: Path, prompts: list[str], n: int, max_new: int, precisi
             "samples_per_s_with_startup": round(samples / (gen_s + started), 1)}
 
 
+def rollout(ckpt: Path, prompts: list[str], steps: int, batch: int, n: int, max_new: int, precision: str) -> list:
+    """GRPO-shaped rollouts (the demo's batch): each step perturbs the policy like an optimizer step, then HF
+    generates from the model in place, while vLLM first reloads the new weights into its engine process."""
+    import torch
+
+    from evals.engine import HFEngine
+    from evals.vllm_engine import VLLMEngine
+    from worlds.model import load_model
+    from worlds.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(ckpt)
+    model = load_model(ckpt)
+    hf = HFEngine(model, tokenizer, precision=precision)
+    t0 = time.perf_counter()
+    with VLLMEngine(ckpt, tokenizer, precision=precision) as vllm:
+        out = [{"engine": "vllm", "startup_s": round(time.perf_counter() - t0, 1)}]
+        for step in range(steps):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(1.0 + 1e-3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(step)))
+            chunk = prompts[step * batch % len(prompts):][:batch]
+            kw = dict(n=n, temperature=0.7, top_p=1.0, max_new_tokens=max_new, seed=step)
+            t1 = time.perf_counter()
+            hf.generate(chunk, **kw)
+            t2 = time.perf_counter()
+            reload_engine_s = vllm.load_weights(model)
+            t3 = time.perf_counter()
+            vllm.generate(chunk, **kw)
+            t4 = time.perf_counter()
+            out.append({"step": step, "samples": batch * n, "hf_s": round(t2 - t1, 2),
+                        "vllm_reload_s": round(t3 - t2, 2), "vllm_reload_engine_s": round(reload_engine_s, 2),
+                        "vllm_generate_s": round(t4 - t3, 2), "speedup": round((t2 - t1) / (t4 - t2), 2)})
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -96,6 +132,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of both engines (the demo's cpu_threads)")
     ap.add_argument("--engines", nargs="+", default=["hf", "vllm"])
     ap.add_argument("--server", action="store_true")
+    ap.add_argument("--rollout", action="store_true", help="GRPO rollouts: --steps steps of 16 prompts × --n")
+    ap.add_argument("--steps", type=int, default=3)
     args = ap.parse_args()
 
     from worlds.model import set_threads
@@ -103,6 +141,10 @@ def main() -> int:
     set_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         prompts = build_checkpoint(Path(tmp))[:args.prompts]
+        if args.rollout:
+            for row in rollout(Path(tmp), prompts, args.steps, 16, args.n, args.max_new, args.precision[0]):
+                print(json.dumps({**row, "precision": args.precision[0], "threads": args.threads}), flush=True)
+            return 0
         for precision in args.precision:
             for name in args.engines:
                 print(json.dumps({**run(name, Path(tmp), prompts, args.n, args.max_new, precision),
