@@ -102,9 +102,9 @@ class VLLMEngine:
     prompt's n samples depend on the call's seed and its position, not on how vLLM batches: the same call gives
     the same generations (HF's seeded stream is not reproduced: only greedy outputs match across engines).
 
-    start_timeout_s bounds the engine's start-up; stall_timeout_s bounds the time between two progress reports
-    of a request (the worker reports every few seconds while requests finish), so a long evaluation never
-    times out while a wedged engine does. threads: CPU threads of the engine (default: this process's torch
+    start_timeout_s bounds the engine's start-up; stall_timeout_s bounds the time without an engine step (the
+    worker sends a heartbeat every 2 s while its engine steps), so a long evaluation never times out while a
+    wedged engine does. device is recorded only: the engine environment's build decides (CPU or CUDA). threads: CPU threads of the engine (default: this process's torch
     threads, which stages set from executor.compute.cpu_threads)."""
 
     def __init__(self, model_dir: Path, tokenizer: "PreTrainedTokenizerFast", device: str = "cpu",
@@ -113,9 +113,11 @@ class VLLMEngine:
         if precision not in DTYPES:
             raise EngineError(f"vLLM engine: precision {precision!r} not supported; expected one of {list(DTYPES)}")
         self.tokenizer, self.device, self.precision = tokenizer, device, precision
-        self.stall_timeout_s = stall_timeout_s
+        self.stall_timeout_s, self.failed = stall_timeout_s, False
         python = engine_python()
-        self.log = Path(tempfile.mkstemp(prefix="vllm-engine-", suffix=".log")[1])
+        fd, log_name = tempfile.mkstemp(prefix="vllm-engine-", suffix=".log")
+        os.close(fd)
+        self.log = Path(log_name)
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the worker's defaults: ENGINE_ENV
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # required: one process, killed as a group
         self.threads = threads or _torch_threads()  # CPU threads: the caller's torch setting (compute.cpu_threads)
@@ -154,6 +156,7 @@ class VLLMEngine:
             return "(no log)"
 
     def _fail(self, what: str) -> EngineError:
+        self.failed = True  # keep the log: the error names it
         self.close()
         return EngineError(f"vLLM engine {what} (log: {self.log}); last lines:\n{self._log_tail()}")
 
@@ -229,7 +232,8 @@ class VLLMEngine:
             return float(self._receive(self.stall_timeout_s, "weight reload")["seconds"])
 
     def close(self) -> None:
-        """Ask the engine to exit, then kill its process group if it has not within 10 s. Idempotent."""
+        """Ask the engine to exit, then kill its process group if it has not within 10 s; delete its log unless
+        it failed. Idempotent."""
         proc = self.proc
         if proc.poll() is None:
             try:
@@ -238,6 +242,8 @@ class VLLMEngine:
             except (subprocess.TimeoutExpired, OSError, ValueError):
                 pass
         self._finalizer()
+        if not self.failed:
+            self.log.unlink(missing_ok=True)
 
     def _send_close(self) -> None:
         assert self.proc.stdin is not None
