@@ -5,11 +5,18 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # setup is redone only when the dependency pins change
 STAMP := $(VENV)/.setup-$(shell cat pyproject.toml requirements.lock 2>/dev/null | sha256sum | cut -c1-16)
+# the vLLM engine's own environment (it cannot share .venv: docs/vllm.md); rebuilt only when its pins change
+VLLM_VENV ?= .venv-vllm
+VLLM_REQUIREMENTS ?= requirements-vllm.txt
+VLLM_STAMP := $(VLLM_VENV)/.setup-$(shell cat $(VLLM_REQUIREMENTS) 2>/dev/null | sha256sum | cut -c1-16)
+VLLM_TORCH := $(shell grep -E '^torch==' $(VLLM_REQUIREMENTS) 2>/dev/null)
+# where torch's CPU build comes from when this machine's pip does not already find it
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONDONTWRITEBYTECODE := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-fast ui bench-grader bench-rl faults screenshots clean-home
+.PHONY: help setup setup-vllm demo test test-fast ui bench-grader bench-rl bench-engines faults screenshots clean-home
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -24,6 +31,26 @@ $(STAMP): pyproject.toml requirements.lock
 	@rm -f $(VENV)/.setup-*
 	@touch $@
 	@echo "environment ready: $(VENV)"
+
+setup-vllm: $(VLLM_STAMP) ## create .venv-vllm for eval.engine=vllm (CPU build; GPU: docs/vllm.md), smoke-checked
+
+$(VLLM_STAMP): $(VLLM_REQUIREMENTS)
+	@# pins changed (an older stamp exists): start from an empty venv, so nothing of the old pins lingers
+	@if ls $(VLLM_VENV)/.setup-* >/dev/null 2>&1; then rm -rf $(VLLM_VENV); fi
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+ifneq ($(VLLM_TORCH),)
+	$(VLLM_VENV)/bin/python -m pip install -q '$(VLLM_TORCH)' \
+	  || $(VLLM_VENV)/bin/python -m pip install -q --extra-index-url $(TORCH_CPU_INDEX) '$(VLLM_TORCH)'
+endif
+	$(VLLM_VENV)/bin/python -m pip install -q -r $(VLLM_REQUIREMENTS)
+ifeq ($(findstring +cpu,$(VLLM_TORCH)),+cpu)
+	@# with CPU torch, pip's CUDA builds of these break `from vllm import LLM` (torchvision::nms does not exist)
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+endif
+	@$(VLLM_VENV)/bin/python evals/vllm_worker.py --smoke 2>$(VLLM_VENV)/smoke.log \
+	  || { tail -n 30 $(VLLM_VENV)/smoke.log; echo "vLLM smoke generation failed (full log: $(VLLM_VENV)/smoke.log)"; exit 1; }
+	@touch $@
+	@echo "vLLM engine environment ready: $(VLLM_VENV) ($$(du -sh $(VLLM_VENV) | cut -f1))"
 
 demo: setup ## run the embedded demo ablation (arith world, tiny model, CPU) and print where results are
 	$(BIN)/twinarm run configs/demo.yaml
@@ -43,6 +70,9 @@ bench-grader: setup ## grader throughput, latency and hard timeouts on the held-
 bench-rl: setup ## GRPO step time vanilla vs PMI-shift (needs `make demo` first), then demo wall time sequential vs Ray
 	$(BIN)/python scripts/bench_rl.py step
 	$(BIN)/python scripts/bench_rl.py demo
+
+bench-engines: setup setup-vllm ## held-out generation, HF vs vLLM on the same work: start-up and samples/s
+	$(BIN)/python scripts/bench_engines.py
 
 faults: setup ## SIGKILL each stage at random points, rerun, compare with an uninterrupted run
 	$(BIN)/python scripts/fault_inject.py

@@ -1,14 +1,20 @@
-"""Generation engines: one interface, an HF transformers implementation (CPU or one GPU); vLLM later.
+"""Generation engines: one interface; HF transformers `generate` in process (CPU or one GPU) here, vLLM in its
+own environment and process in evals/vllm_engine.py; `eval.engine` picks one (evals/engines.py).
 
 Prompts arrive rendered with the chat template (`render_prompt`), so every engine sees the same text. A
 response's `text` keeps the meta tags (ordinary added tokens) and drops special tokens (eos, pad);
 `token_ids` are the generated ids up to and including the first special token (eos, or any other special token:
-generation stops there, as Qwen's does on <|endoftext|>), so the ids always decode to the text.
+generation stops there, as Qwen's does on <|endoftext|>), so the ids always decode to the text. With
+`logprobs=True`, `logprobs[i]` is the natural-log probability of `token_ids[i]` under the model's raw
+distribution (log-softmax of the logits, before temperature, top-p and banning), as vLLM reports it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Protocol
+
+from infra.hashing import hash_json
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -19,14 +25,42 @@ class Generation:
     text: str
     token_ids: tuple[int, ...]
     truncated: bool  # reached max_new_tokens without a stop token
+    logprobs: tuple[float, ...] | None = None  # one per token id, when asked for
 
 
 class GenerationEngine(Protocol):
+    tokenizer: "PreTrainedTokenizerFast"
+
     def generate(self, prompts: list[str], n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-                 max_new_tokens: int = 128, seed: int = 0, banned_tokens: list[int] | None = None
-                 ) -> list[list[Generation]]:
+                 max_new_tokens: int = 128, seed: int = 0, banned_tokens: list[int] | None = None,
+                 logprobs: bool = False) -> list[list[Generation]]:
         """n generations per rendered prompt; temperature 0 = greedy; banned token ids are never sampled."""
         ...
+
+    def facts(self) -> dict[str, Any]:
+        """Runtime facts for the stage record: engine name, versions it ran with, precision."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine (its process, for out-of-process engines)."""
+        ...
+
+
+def finished(tokenizer: "PreTrainedTokenizerFast", row: Iterable[int], stop: list[int],
+             logprobs: Iterable[float] | None = None) -> Generation:
+    """A generated row cut after its first stop token (truncated when there is none), decoded without specials:
+    the one rule every engine's raw output goes through."""
+    row = list(row)
+    end = next((i for i, t in enumerate(row) if t in stop), None)
+    ids = row[:end + 1] if end is not None else row
+    lps = tuple(list(logprobs)[:len(ids)]) if logprobs is not None else None
+    return Generation(text=tokenizer.decode(ids, skip_special_tokens=True), token_ids=tuple(ids),
+                      truncated=end is None, logprobs=lps)
+
+
+def seed_for(*parts: Any) -> int:
+    """A 31-bit seed derived from any parts (stable across processes and machines, unlike hash())."""
+    return int(hash_json(list(parts), 8), 16) & 0x7FFFFFFF
 
 
 def render_prompt(tokenizer: "PreTrainedTokenizerFast", prompt_text: str) -> str:
@@ -52,8 +86,8 @@ class HFEngine:
         self.device, self.precision, self.batch_size = device, precision, batch_size
 
     def generate(self, prompts: list[str], n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-                 max_new_tokens: int = 128, seed: int = 0, banned_tokens: list[int] | None = None
-                 ) -> list[list[Generation]]:
+                 max_new_tokens: int = 128, seed: int = 0, banned_tokens: list[int] | None = None,
+                 logprobs: bool = False) -> list[list[Generation]]:
         import torch
 
         from worlds.model import autocast, seeded
@@ -65,7 +99,8 @@ class HFEngine:
         out: list[Generation] = []
         was_training = self.model.training
         self.model.eval()
-        kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad)
+        kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad,
+                      return_dict_in_generate=True, output_logits=logprobs)
         if temperature > 0:
             kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
         else:
@@ -79,12 +114,22 @@ class HFEngine:
                     enc = tok(chunk, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
                     enc = {k: v.to(self.device) for k, v in enc.items()}
                     with torch.no_grad(), autocast(self.device, self.precision):
-                        seqs = self.model.generate(**enc, **kwargs)
-                    for row in seqs[:, enc["input_ids"].shape[1]:].tolist():
-                        end = next((i for i, t in enumerate(row) if t in stop), None)
-                        ids = row[:end + 1] if end is not None else row
-                        out.append(Generation(text=tok.decode(ids, skip_special_tokens=True), token_ids=tuple(ids),
-                                              truncated=end is None))
+                        res = self.model.generate(**enc, **kwargs)
+                    new = res.sequences[:, enc["input_ids"].shape[1]:]
+                    lps = [None] * len(new)
+                    if logprobs:  # raw logits (before processors) -> log-softmax at the generated token
+                        logits = torch.stack(res.logits, dim=1).float()
+                        lps = torch.log_softmax(logits, -1).gather(-1, new.unsqueeze(-1)).squeeze(-1).tolist()
+                    out += [finished(tok, row, stop, lp) for row, lp in zip(new.tolist(), lps)]
         finally:
             self.model.train(was_training)
         return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    def facts(self) -> dict[str, Any]:
+        from infra.code import package_versions
+
+        return {"engine": "hf", "versions": package_versions(("transformers", "torch")),
+                "precision": self.precision}
+
+    def close(self) -> None:
+        """Nothing to release: the model belongs to the caller."""

@@ -368,6 +368,8 @@ class EvalSpec(Strict):
     n_per_suite: dict[str, int] = Field(default_factory=lambda: {"aime24": 16})
     seed: int = 0
     max_new_tokens: int = Field(4096, ge=8)
+    engine: Literal["hf", "vllm"] = Field("hf", description="generation engine of the held-out job and the "
+                                          "sweeps: hf (transformers, in process) or vllm (`make setup-vllm`)")
     sweep: bool = Field(True, description="score every saved checkpoint on the val mix")
     bootstrap_resamples: int = Field(1000, ge=10)
     ece_bins: int = Field(15, ge=2)

@@ -29,9 +29,9 @@ def heldout_body(call: StageCall) -> StageOutput:
     ev = ConfigSlice(cfg, "eval")
     protocol = heldout_protocol(ev, grader, {name: call.inputs[role].artifact_id for name, role in suites.items()})
     todo = checkpoint_entries({r: (a.artifact_id, call.input_path(r)) for r, a in call.inputs.items()})
-    rows, done = evaluate_checkpoints(todo, {name: read_parquet(call.input_path(role)) for name, role in suites.items()},
-                                      protocol, Path(call.home) / "results" / "heldout", grader, device,
-                                      resolve_precision(compute, device))
+    rows, done, engine_facts = evaluate_checkpoints(
+        todo, {name: read_parquet(call.input_path(role)) for name, role in suites.items()}, protocol,
+        Path(call.home) / "results" / "heldout", grader, device, resolve_precision(compute, device))
     write_parquet(rows, call.workdir / "heldout.parquet")
     ks = sorted({1, *protocol.n.values()})
     table = aggregate(rows, by=("suite",), ks=ks)
@@ -44,7 +44,7 @@ def heldout_body(call: StageCall) -> StageOutput:
              "regrade_flips": len(flips),
              "regrade_flip_examples": [{k: r[k] for k in ("arm", "step", "suite", "problem_id", "sample")}
                                        for r in flips[:20]],
-             "evaluated_now": len(done)}
+             "evaluated_now": len(done), "engine": engine_facts}
     final = {g["arm"]: round(g["avg_at_k"], 3) for g in aggregate(rows, by=(), ks=[1])
              if g["step"] == max(r["step"] for r in rows if r["arm"] == g["arm"])}
     return StageOutput(outputs={"heldout": store(call).put(call.workdir / "heldout.parquet", kind="table",
@@ -54,7 +54,8 @@ def heldout_body(call: StageCall) -> StageOutput:
 
 
 # the held-out protocol: the eval.* keys that decide sampling (bootstrap_resamples and ece_bins are the report's)
-PROTOCOL_KEYS = ("eval.temperature", "eval.top_p", "eval.n", "eval.n_per_suite", "eval.seed", "eval.max_new_tokens")
+PROTOCOL_KEYS = ("eval.temperature", "eval.top_p", "eval.n", "eval.n_per_suite", "eval.seed", "eval.max_new_tokens",
+                 "eval.engine")
 
 STAGE = Stage("heldout", heldout_body, config_keys=(*PROTOCOL_KEYS, "grader", "executor.compute"),
               inputs=(SuiteRole.PREFIX + "*", CheckpointRole.PREFIX + "*"), outputs=("heldout",), placed=True,

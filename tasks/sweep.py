@@ -24,11 +24,11 @@ def sweep_body(call: StageCall) -> StageOutput:
     device = resolve_device(compute)
     grader = get_grader(GraderSpec(**cfg["grader"]))
     rl = ConfigSlice(cfg, "rl")
-    protocol = val_protocol(rl, cfg["eval.seed"], grader, call.inputs["val"].artifact_id)
+    protocol = val_protocol(rl, cfg["eval.seed"], grader, call.inputs["val"].artifact_id, cfg["eval.engine"])
     todo = checkpoint_entries({r: (a.artifact_id, call.input_path(r)) for r, a in call.inputs.items()})
-    rows, done = evaluate_checkpoints(todo, {"val": read_parquet(call.input_path("val"))}, protocol,
-                                      Path(call.home) / "results" / "sweep", grader, device,
-                                      resolve_precision(compute, device))
+    rows, done, engine_facts = evaluate_checkpoints(todo, {"val": read_parquet(call.input_path("val"))}, protocol,
+                                                    Path(call.home) / "results" / "sweep", grader, device,
+                                                    resolve_precision(compute, device))
     write_parquet(rows, call.workdir / "sweep.parquet")
     metrics = []
     for e in todo:
@@ -39,12 +39,13 @@ def sweep_body(call: StageCall) -> StageOutput:
     return StageOutput(outputs={"sweep": store(call).put(call.workdir / "sweep.parquet", kind="table",
                                                          rows=len(rows))},
                        facts={"protocol": protocol.__dict__, "protocol_key": protocol.key,
-                              "checkpoints": len(todo), "evaluated_now": len(done), "grader": protocol.grader},
+                              "checkpoints": len(todo), "evaluated_now": len(done), "grader": protocol.grader,
+                              "engine": engine_facts},
                        metrics=metrics, summary={"checkpoints": len(todo), "final_acc": round(final_acc, 3)})
 
 
 STAGE = Stage("sweep", sweep_body,
               config_keys=("rl.val_temperature", "rl.top_p", "rl.val_n", "rl.max_response_length", "grader",
-                           "eval.seed", "executor.compute"),
+                           "eval.seed", "eval.engine", "executor.compute"),
               inputs=("val", CheckpointRole.PREFIX + "*"), outputs=("sweep",), per_arm=True, placed=True,
               result_view="sweep_rows")

@@ -1,0 +1,158 @@
+"""HF `generate` vs vLLM (eval.engine) on the same work: a demo-sized toy checkpoint (random init, so every
+response runs to max_new_tokens: the worst case), the arith world's held-out prompts, n samples each.
+
+    python scripts/bench_engines.py [--prompts 64] [--n 4] [--max-new 160] [--precision bf16] [--threads 1]
+    python scripts/bench_engines.py --server   # also: start-up of vLLM's OpenAI server vs the engine worker
+    python scripts/bench_engines.py --rollout  # GRPO rollouts instead: per step, new weights + 16 prompts × 8
+
+Prints one JSON line per measurement: engine, start-up seconds, generation seconds, samples/s (start-up
+included and excluded). Needs `make setup-vllm`. Keep it short on a shared box and say it was contended.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+
+def build_checkpoint(out: Path, seed: int = 0) -> list[str]:
+    """Save a demo-sized toy model + tokenizer to out; return the rendered held-out prompts."""
+    from evals.engine import render_prompt
+    from infra.spec import ArithWorldSpec, ToyModelSpec
+    from worlds.arith import generate_world, world_texts
+    from worlds.model import save_model, toy_model
+    from worlds.tokenizer import save_tokenizer, train_tokenizer
+
+    world = generate_world(ArithWorldSpec(n_base=2000, n_sft1=200, n_sft2=60, n_rl=20, n_val_per_domain=2,
+                                          n_heldout=270))
+    tokenizer = train_tokenizer(world_texts(world), vocab_size=ToyModelSpec().vocab_size)
+    save_model(toy_model(ToyModelSpec(), tokenizer, seed=seed), out)
+    save_tokenizer(tokenizer, out)
+    return [render_prompt(tokenizer, r["prompt"]) for r in world["heldout"]]
+
+
+def run(name: str, ckpt: Path, prompts: list[str], n: int, max_new: int, precision: str) -> dict:
+    from evals.engines import make_engine
+
+    t0 = time.perf_counter()
+    engine = make_engine(name, ckpt, "cpu", precision)
+    started = time.perf_counter() - t0
+    try:
+        t1 = time.perf_counter()
+        gens = engine.generate(prompts, n=n, temperature=0.7, top_p=0.95, max_new_tokens=max_new, seed=0)
+        gen_s = time.perf_counter() - t1
+    finally:
+        engine.close()
+    samples = sum(len(g) for g in gens)
+    tokens = sum(len(s.token_ids) for g in gens for s in g)
+    return {"engine": name, "precision": precision, "samples": samples, "tokens": tokens,
+            "startup_s": round(started, 1), "generate_s": round(gen_s, 1),
+            "samples_per_s": round(samples / gen_s, 1),
+            "samples_per_s_with_startup": round(samples / (gen_s + started), 1)}
+
+
+def rollout(ckpt: Path, prompts: list[str], steps: int, batch: int, n: int, max_new: int, precision: str) -> list:
+    """GRPO-shaped rollouts (the demo's batch): each step perturbs the policy like an optimizer step, then HF
+    generates from the model in place, while vLLM first reloads the new weights into its engine process."""
+    import torch
+
+    from evals.engine import HFEngine
+    from evals.vllm_engine import VLLMEngine
+    from worlds.model import load_model
+    from worlds.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(ckpt)
+    model = load_model(ckpt)
+    hf = HFEngine(model, tokenizer, precision=precision)
+    t0 = time.perf_counter()
+    with VLLMEngine(ckpt, tokenizer, precision=precision) as vllm:
+        out = [{"engine": "vllm", "startup_s": round(time.perf_counter() - t0, 1)}]
+        for step in range(steps):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(1.0 + 1e-3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(step)))
+            chunk = prompts[step * batch % len(prompts):][:batch]
+            kw = dict(n=n, temperature=0.7, top_p=1.0, max_new_tokens=max_new, seed=step)
+            t1 = time.perf_counter()
+            hf.generate(chunk, **kw)
+            t2 = time.perf_counter()
+            reload_engine_s = vllm.load_weights(model)
+            t3 = time.perf_counter()
+            vllm.generate(chunk, **kw)
+            t4 = time.perf_counter()
+            out.append({"step": step, "samples": batch * n, "hf_s": round(t2 - t1, 2),
+                        "vllm_reload_s": round(t3 - t2, 2), "vllm_reload_engine_s": round(reload_engine_s, 2),
+                        "vllm_generate_s": round(t4 - t3, 2), "speedup": round((t2 - t1) / (t4 - t2), 2)})
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_startup(ckpt: Path, precision: str) -> dict:
+    """Seconds until vLLM's OpenAI-compatible server answers /health, same engine options as the worker."""
+    from evals.vllm_engine import DTYPES, engine_python
+
+    port = free_port()
+    cmd = [str(engine_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt), "--host",
+           "127.0.0.1", "--port", str(port), "--dtype", DTYPES[precision], "--enforce-eager",
+           "--no-enable-chunked-prefill", "--skip-tokenizer-init", "--generation-config", "vllm"]
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "PATH": "/usr/bin:/bin"}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
+        try:
+            while time.perf_counter() - t0 < 300 and proc.poll() is None:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                    return {"engine": "vllm-openai-server", "startup_s": round(time.perf_counter() - t0, 1)}
+                except OSError:
+                    time.sleep(0.5)
+            log.seek(0)
+            return {"engine": "vllm-openai-server", "error": log.read().decode(errors="replace")[-2000:]}
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--max-new", type=int, default=160)
+    ap.add_argument("--precision", nargs="+", default=["bf16", "fp32"])
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of both engines (the demo's cpu_threads)")
+    ap.add_argument("--engines", nargs="+", default=["hf", "vllm"])
+    ap.add_argument("--server", action="store_true")
+    ap.add_argument("--rollout", action="store_true", help="GRPO rollouts: --steps steps of 16 prompts × --n")
+    ap.add_argument("--steps", type=int, default=3)
+    args = ap.parse_args()
+
+    from worlds.model import set_threads
+
+    set_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts = build_checkpoint(Path(tmp))[:args.prompts]
+        if args.rollout:
+            for row in rollout(Path(tmp), prompts, args.steps, 16, args.n, args.max_new, args.precision[0]):
+                print(json.dumps({**row, "precision": args.precision[0], "threads": args.threads}), flush=True)
+            return 0
+        for precision in args.precision:
+            for name in args.engines:
+                print(json.dumps({**run(name, Path(tmp), prompts, args.n, args.max_new, precision),
+                                  "threads": args.threads}), flush=True)
+        if args.server:
+            print(json.dumps(server_startup(Path(tmp), "fp32")), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
