@@ -3,7 +3,8 @@
 One step: sample `batch_size` prompts (a seeded permutation per epoch) → `n` samples each → the shared reward
 pipeline (grade → decoys → signal → heads → per-head group centring → token advantages by region) → PPO-clip
 updates over mini-batches with verl's own policy loss (clip-higher, dual-clip, token-mean), so the algorithm is
-the one the verl executor runs. The control arm takes the same path with the vanilla signal (no scorer is even
+the one the verl executor runs. Old, new (and reference) log-probs are taken at the sampling temperature
+(logits / rl.temperature), as verl's actor computes them. The control arm takes the same path with the vanilla signal (no scorer is even
 loaded, and "scorer calls = 0" is recorded).
 
 Every `save_freq` steps (and at the end) a checkpoint is written atomically: HF weights + tokenizer + optimizer
@@ -86,9 +87,13 @@ def _collate(rows: list[tuple[list[int], list[int], list[float]]], pad_id: int, 
             "resp_mask": resp_mask.to(device), "adv": adv.to(device), "p_len": torch.tensor(p_len)}
 
 
-def response_logprobs(model: "PreTrainedModel", batch: dict[str, "torch.Tensor"], device: str, precision: str
-                      ) -> "torch.Tensor":
-    """log π(response token | everything before it), shape (rows, response length)."""
+def response_logprobs(model: "PreTrainedModel", batch: dict[str, "torch.Tensor"], device: str, precision: str,
+                      temperature: float) -> "torch.Tensor":
+    """log π(response token | everything before it) at the sampling temperature, shape (rows, response length).
+
+    The logits are divided by `temperature` before the log-softmax, as verl's actor does for old, new and
+    reference log-probs (verl.workers.engine.fsdp.transformer_impl), so importance ratios are those of the
+    distribution the rollouts were sampled from."""
     import torch
 
     from worlds.model import autocast
@@ -98,9 +103,21 @@ def response_logprobs(model: "PreTrainedModel", batch: dict[str, "torch.Tensor"]
     with autocast(device, precision):
         logits = model(input_ids=batch["ids"], attention_mask=batch["attn"], position_ids=batch["pos"],
                        use_cache=False).logits
-    logits = logits[:, p_len - 1:p_len - 1 + r_len].float()
+    logits = logits[:, p_len - 1:p_len - 1 + r_len].float() / temperature
     targets = batch["ids"][:, p_len:p_len + r_len]
     return torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+def grpo_loss(old_lp: "torch.Tensor", new_lp: "torch.Tensor", adv: "torch.Tensor", mask: "torch.Tensor",
+              actor_cfg: Any) -> tuple["torch.Tensor", dict[str, float]]:
+    """The actor loss of one mini-batch, composed as verl 0.9.1's `verl.workers.utils.losses.ppo_loss`: the
+    vanilla clipped policy loss (clip-higher, dual-clip) aggregated by `loss_agg_mode`. All tensors are
+    (rows, response length); `mask` is 1 on response tokens. Returns (scalar loss, metrics)."""
+    from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
+
+    loss, metrics = compute_policy_loss_vanilla(old_lp, new_lp, adv, mask, loss_agg_mode=actor_cfg.loss_agg_mode,
+                                                config=actor_cfg)
+    return loss, {"actor/pg_loss": loss.item(), **metrics}
 
 
 def ppo_update(model: "PreTrainedModel", optimizer: "torch.optim.Optimizer", rows: list[tuple[list[int],
@@ -108,24 +125,21 @@ def ppo_update(model: "PreTrainedModel", optimizer: "torch.optim.Optimizer", row
                ) -> dict[str, float]:
     """One PPO pass over the batch in mini-batches of mini_batch_size prompts × n samples (verl's layout)."""
     import torch
-    from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
 
     size = rl.mini_batch_size * rl.n
     minis = [_collate(rows[i:i + size], pad_id, device) for i in range(0, len(rows), size)]
     with torch.no_grad():  # the behaviour policy: the weights that sampled the batch
-        old = [response_logprobs(model, mb, device, precision) for mb in minis]
+        old = [response_logprobs(model, mb, device, precision, rl.temperature) for mb in minis]
     stats: dict[str, list[float]] = defaultdict(list)
     for mb, old_lp in zip(minis, old):
-        new_lp = response_logprobs(model, mb, device, precision)
-        loss, pg_metrics = compute_policy_loss_vanilla(old_lp, new_lp, mb["adv"], mb["resp_mask"],
-                                                       loss_agg_mode=rl.loss_agg, config=actor_cfg)
+        new_lp = response_logprobs(model, mb, device, precision, rl.temperature)
+        loss, metrics = grpo_loss(old_lp, new_lp, mb["adv"], mb["resp_mask"], actor_cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rl.grad_clip)
         optimizer.step()
-        stats["actor/pg_loss"].append(loss.item())
         stats["actor/grad_norm"].append(float(grad_norm))
-        for key, value in pg_metrics.items():
+        for key, value in metrics.items():
             stats[key].append(float(value))
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
