@@ -3,9 +3,20 @@
 One step: sample `batch_size` prompts (a seeded permutation per epoch) → `n` samples each → the shared reward
 pipeline (grade → decoys → signal → heads → per-head group centring → token advantages by region) → PPO-clip
 updates over mini-batches with verl's own policy loss (clip-higher, dual-clip, token-mean), so the algorithm is
-the one the verl executor runs. Old, new (and reference) log-probs are taken at the sampling temperature
-(logits / rl.temperature), as verl's actor computes them. The control arm takes the same path with the vanilla signal (no scorer is even
+the one the verl executor runs. The control arm takes the same path with the vanilla signal (no scorer is even
 loaded, and "scorer calls = 0" is recorded).
+
+Log-probs: old, new and reference log-probs are taken at the sampling temperature (logits / rl.temperature), as
+verl's actor computes them.
+
+KL: `rl.kl_coef` > 0 is verl's `use_kl_loss` with `kl_loss_type: low_var_kl`: kl_coef · token-mean k3 estimate of
+KL(π‖π_ref) added to the actor loss, π_ref the frozen SFT result (the same model object as the PMI-shift scorer
+when the arm has one; loaded once otherwise). At kl_coef 0 no reference forward runs at all. Facts record
+`kl.applied`; the metric `actor/kl_loss` is the mean KL of each step.
+
+Prompt length: a prompt (rl prompts or val) whose rendered chat template is longer than `rl.max_prompt_length`
+tokens is REFUSED before training starts, with a DataError naming the set, the prompt id and its length (verl's
+`data.truncation: error`). Nothing is truncated: a cut prompt would be a different problem with the same gold.
 
 Every `save_freq` steps (and at the end) a checkpoint is written atomically: HF weights + tokenizer + optimizer
 + RNG + the run's state (metrics so far, LR per step, counters). Every step's rollouts go to parquet; every
@@ -35,6 +46,7 @@ if TYPE_CHECKING:
     from rewards.pipeline import Sample
 
 MetricRows = list[tuple[str, float, int]]
+KL_LOSS_TYPE = "low_var_kl"  # verl's kl_loss_type (k3, Schulman 2020), clamped to [-10, 10] as verl does
 
 
 def derived_seed(*parts: Any) -> int:
@@ -62,7 +74,8 @@ def _actor_config(rl: RLSpec) -> Any:
     mini = rl.mini_batch_size * rl.n
     return ActorConfig(strategy="fsdp", clip_ratio=rl.clip_low, clip_ratio_low=rl.clip_low,
                        clip_ratio_high=rl.clip_high, loss_agg_mode=rl.loss_agg, ppo_mini_batch_size=mini,
-                       ppo_micro_batch_size_per_gpu=mini, rollout_n=rl.n)
+                       ppo_micro_batch_size_per_gpu=mini, rollout_n=rl.n, use_kl_loss=rl.kl_coef > 0,
+                       kl_loss_coef=rl.kl_coef, kl_loss_type=KL_LOSS_TYPE)
 
 
 def _collate(rows: list[tuple[list[int], list[int], list[float]]], pad_id: int, device: str
@@ -109,31 +122,47 @@ def response_logprobs(model: "PreTrainedModel", batch: dict[str, "torch.Tensor"]
 
 
 def grpo_loss(old_lp: "torch.Tensor", new_lp: "torch.Tensor", adv: "torch.Tensor", mask: "torch.Tensor",
-              actor_cfg: Any) -> tuple["torch.Tensor", dict[str, float]]:
+              actor_cfg: Any, ref_lp: "torch.Tensor | None" = None) -> tuple["torch.Tensor", dict[str, float]]:
     """The actor loss of one mini-batch, composed as verl 0.9.1's `verl.workers.utils.losses.ppo_loss`: the
-    vanilla clipped policy loss (clip-higher, dual-clip) aggregated by `loss_agg_mode`. All tensors are
-    (rows, response length); `mask` is 1 on response tokens. Returns (scalar loss, metrics)."""
-    from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
+    vanilla clipped policy loss (clip-higher, dual-clip) aggregated by `loss_agg_mode`, plus, with
+    `use_kl_loss`, kl_loss_coef · agg(kl_penalty(new, ref, kl_loss_type)) against the frozen reference.
+    All tensors are (rows, response length) log-probs / advantages; `mask` is 1 on response tokens.
+    Returns (scalar loss, metrics); raises ValueError when the KL loss is on and `ref_lp` is missing."""
+    from verl.trainer.ppo.core_algos import agg_loss, compute_policy_loss_vanilla, kl_penalty
 
-    loss, metrics = compute_policy_loss_vanilla(old_lp, new_lp, adv, mask, loss_agg_mode=actor_cfg.loss_agg_mode,
-                                                config=actor_cfg)
-    return loss, {"actor/pg_loss": loss.item(), **metrics}
+    pg_loss, metrics = compute_policy_loss_vanilla(old_lp, new_lp, adv, mask, loss_agg_mode=actor_cfg.loss_agg_mode,
+                                                   config=actor_cfg)
+    metrics = {"actor/pg_loss": pg_loss.item(), **metrics}
+    if not actor_cfg.use_kl_loss:
+        return pg_loss, metrics
+    if ref_lp is None:
+        raise ValueError("use_kl_loss is on but no reference log-probs were given")
+    kld = kl_penalty(logprob=new_lp, ref_logprob=ref_lp, kl_penalty=actor_cfg.kl_loss_type)
+    kl_loss = agg_loss(loss_mat=kld, loss_mask=mask, loss_agg_mode=actor_cfg.loss_agg_mode,
+                       **actor_cfg.global_batch_info)
+    metrics.update({"actor/kl_loss": kl_loss.item(), "actor/kl_coef": actor_cfg.kl_loss_coef})
+    return pg_loss + kl_loss * actor_cfg.kl_loss_coef, metrics
 
 
 def ppo_update(model: "PreTrainedModel", optimizer: "torch.optim.Optimizer", rows: list[tuple[list[int],
-               list[int], list[float]]], rl: RLSpec, actor_cfg: Any, pad_id: int, device: str, precision: str
-               ) -> dict[str, float]:
-    """One PPO pass over the batch in mini-batches of mini_batch_size prompts × n samples (verl's layout)."""
+               list[int], list[float]]], rl: RLSpec, actor_cfg: Any, pad_id: int, device: str, precision: str,
+               ref_model: "PreTrainedModel | None" = None) -> dict[str, float]:
+    """One PPO pass over the batch in mini-batches of mini_batch_size prompts × n samples (verl's layout).
+    `ref_model` (frozen) is run only when the KL loss is on (actor_cfg.use_kl_loss); then it is required."""
     import torch
 
+    if actor_cfg.use_kl_loss and ref_model is None:
+        raise ValueError("rl.kl_coef > 0 needs the frozen reference model")
     size = rl.mini_batch_size * rl.n
     minis = [_collate(rows[i:i + size], pad_id, device) for i in range(0, len(rows), size)]
     with torch.no_grad():  # the behaviour policy: the weights that sampled the batch
         old = [response_logprobs(model, mb, device, precision, rl.temperature) for mb in minis]
+        refs = [response_logprobs(ref_model, mb, device, precision, rl.temperature) if actor_cfg.use_kl_loss
+                else None for mb in minis]
     stats: dict[str, list[float]] = defaultdict(list)
-    for mb, old_lp in zip(minis, old):
+    for mb, old_lp, ref_lp in zip(minis, old, refs):
         new_lp = response_logprobs(model, mb, device, precision, rl.temperature)
-        loss, metrics = grpo_loss(old_lp, new_lp, mb["adv"], mb["resp_mask"], actor_cfg)
+        loss, metrics = grpo_loss(old_lp, new_lp, mb["adv"], mb["resp_mask"], actor_cfg, ref_lp)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rl.grad_clip)
@@ -142,6 +171,24 @@ def ppo_update(model: "PreTrainedModel", optimizer: "torch.optim.Optimizer", row
         for key, value in metrics.items():
             stats[key].append(float(value))
     return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def check_prompt_lengths(tokenizer: "PreTrainedTokenizerFast", sets: dict[str, list[dict[str, Any]]],
+                         max_prompt_length: int) -> None:
+    """Refuse (DataError) any prompt whose rendered chat-template tokens exceed `max_prompt_length`, naming the
+    set, the prompt id and its length (verl's data.truncation='error'); nothing is truncated."""
+    from evals.engine import render_prompt
+
+    for name, rows in sets.items():
+        if not rows:
+            continue
+        lengths = [len(ids) for ids in tokenizer([render_prompt(tokenizer, r["prompt"]) for r in rows],
+                                                 add_special_tokens=False)["input_ids"]]
+        over = [(r.get("id"), n) for r, n in zip(rows, lengths) if n > max_prompt_length]
+        if over:
+            shown = ", ".join(f"id {i!r}: {n} tokens" for i, n in over[:5])
+            raise DataError(f"{name}: {len(over)} prompt(s) longer than rl.max_prompt_length {max_prompt_length} "
+                            f"({shown}{', …' if len(over) > 5 else ''}); raise rl.max_prompt_length or drop them")
 
 
 def lr_at(step: int, rl: RLSpec) -> float:
@@ -181,7 +228,8 @@ def validate(engine: Any, tokenizer: "PreTrainedTokenizerFast", grader: Any, val
     """Pure correctness on the val mix, overall and per domain (never mixed with shaped reward)."""
     from evals.evaluate import sample_and_grade
 
-    rows = sample_and_grade(engine, tokenizer, grader, "val", val, rl.val_n, rl.val_temperature, rl.top_p,
+    # top_p 1.0, as the sweep scores checkpoints and as verl's val_kwargs default
+    rows = sample_and_grade(engine, tokenizer, grader, "val", val, rl.val_n, rl.val_temperature, 1.0,
                             rl.max_response_length, derived_seed("val", seed, step))
     write_parquet([{"step": step, **r} for r in rows], out_dir / "val" / f"step-{step:07d}.parquet")
     return val_metrics(rows)
@@ -226,10 +274,14 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
                                   weight_decay=rl.weight_decay)
     signal = get_signal(rl.reward)
     scorer = HFScorer.from_pretrained(init_dir, device=device) if "scorer" in signal.needs else None
+    # the KL reference is the same frozen SFT result as the scorer: reuse it; no reference at all without KL
+    ref_model = None if rl.kl_coef == 0 else scorer.model if scorer is not None else \
+        load_model(init_dir, device).eval().requires_grad_(False)
     grader = get_grader(grader_spec)
     engine = HFEngine(model, tokenizer, device=device, precision=precision)
     actor_cfg = _actor_config(rl)
     meta_open_id = tokenizer.convert_tokens_to_ids("<|meta|>")
+    check_prompt_lengths(tokenizer, {"rl prompts": prompts, "val": val}, rl.max_prompt_length)
     fingerprint = hash_json({"rl": rl.model_dump(mode="json"), "seed": seed, "prompts": [r["id"] for r in prompts],
                              "val": [r["id"] for r in val]})
 
@@ -283,7 +335,8 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
         update_rows = [(prompt_ids[g], list(s.response_ids), adv)
                        for (g, s), adv in zip([(g, s) for g, gs in enumerate(groups) for s in gs],
                                               batch.token_advantages)]
-        update = ppo_update(model, optimizer, update_rows, rl, actor_cfg, tokenizer.pad_token_id, device, precision)
+        update = ppo_update(model, optimizer, update_rows, rl, actor_cfg, tokenizer.pad_token_id, device, precision,
+                            ref_model)
         t_update = time.perf_counter() - t0
 
         write_parquet(_rollout_rows(step, rows, batch.records, rl.n), out_dir / "rollouts" / f"step-{step:07d}.parquet")
@@ -329,6 +382,10 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
         "signal_totals": {k: totals[k] for k in ("signal/scored", "signal/skipped", "signal/save",
                                                  "signal/derail", "signal/regenerations")},
         "grader": grader.facts(), "device": device, "precision": precision,
+        "kl": {"applied": actor_cfg.use_kl_loss, "coef": rl.kl_coef,
+               "loss_type": KL_LOSS_TYPE if actor_cfg.use_kl_loss else None,
+               "reference": None if ref_model is None else "scorer (shared)" if scorer is not None else "loaded"},
+        "max_prompt_length": rl.max_prompt_length, "logprob_temperature": rl.temperature,
     }
     summary = {"val_acc": round(final_val.get("val/accuracy/pure", float("nan")), 3),
                "scorer_calls": totals["scorer/calls"]}

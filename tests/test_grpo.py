@@ -98,34 +98,173 @@ def twinarm_advantages(correct, index, mask, norm):
     return out
 
 
-@pytest.mark.parametrize("norm", [True, False])
-def test_loss_and_advantage_parity_with_verl(norm):
+@pytest.mark.parametrize("norm,kl_coef", [(True, 0.0), (False, 0.0), (False, 0.3), (True, 0.3)])
+def test_loss_and_advantage_parity_with_verl(norm, kl_coef):
     import torch
     from verl.trainer.ppo import core_algos
 
     from rl.grpo import _actor_config, grpo_loss
 
     index, mask, rewards, correct, old, new, ref = fixed_batch()
-    rl = RLSpec(clip_low=0.2, clip_high=0.28, loss_agg="token-mean", batch_size=3, mini_batch_size=3, n=3)
+    rl = RLSpec(clip_low=0.2, clip_high=0.28, loss_agg="token-mean", batch_size=3, mini_batch_size=3, n=3,
+                kl_coef=kl_coef)
     cfg = _actor_config(rl)
+    assert cfg.use_kl_loss is (kl_coef > 0) and cfg.kl_loss_type == "low_var_kl"
 
     ours_adv = twinarm_advantages(correct, index, mask, norm)
     theirs_adv, _ = core_algos.compute_grpo_outcome_advantage(rewards, mask, index, norm_adv_by_std_in_grpo=norm)
 
     ours_new = new.clone().requires_grad_(True)
-    ours_loss, ours_metrics = grpo_loss(old, ours_new, ours_adv, mask, cfg)
+    ours_loss, ours_metrics = grpo_loss(old, ours_new, ours_adv, mask, cfg, ref_lp=ref)
     ours_loss.backward()
 
     theirs_new = new.clone().requires_grad_(True)
     pg, pg_metrics = core_algos.compute_policy_loss_vanilla(old, theirs_new, theirs_adv, mask,
                                                             loss_agg_mode="token-mean", config=cfg)
-    pg.backward()
+    theirs_loss = pg
+    if kl_coef:  # as verl.workers.utils.losses.ppo_loss adds it
+        kld = core_algos.kl_penalty(logprob=theirs_new, ref_logprob=ref, kl_penalty="low_var_kl")
+        kl_loss = core_algos.agg_loss(loss_mat=kld, loss_mask=mask, loss_agg_mode="token-mean")
+        theirs_loss = pg + kl_loss * kl_coef
+        pg_metrics["actor/kl_loss"] = kl_loss.item()
+        assert kl_loss.item() > 1e-3  # a KL term that really moves the loss
+    else:
+        assert "actor/kl_loss" not in ours_metrics
+    theirs_loss.backward()
 
-    diffs = {"advantage": (ours_adv - theirs_adv).abs().max().item(), "loss": abs(ours_loss.item() - pg.item()),
+    diffs = {"advantage": (ours_adv - theirs_adv).abs().max().item(), "loss": abs(ours_loss.item() - theirs_loss.item()),
              "grad": (ours_new.grad - theirs_new.grad).abs().max().item(),
              **{k: abs(ours_metrics[k] - v) for k, v in pg_metrics.items()}}
-    print(f"norm={norm} max abs diffs vs verl: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    print(f"norm={norm} kl_coef={kl_coef} max abs diffs vs verl: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
     assert max(diffs.values()) < 1e-6
     # the batch exercises every branch: both clips and the dual clip
     assert pg_metrics["actor/pg_clipfrac"] > 0 and pg_metrics["actor/pg_clipfrac_lower"] > 0
     assert theirs_adv.abs().sum() > 1 and ours_new.grad.abs().sum() > 0
+
+
+def test_kl_on_needs_reference_log_probs():
+    from rl.grpo import _actor_config, grpo_loss
+
+    index, mask, rewards, correct, old, new, ref = fixed_batch()
+    cfg = _actor_config(RLSpec(kl_coef=0.1, batch_size=8, mini_batch_size=8))
+    with pytest.raises(ValueError, match="reference log-probs"):
+        grpo_loss(old, new, rewards, mask, cfg)
+
+
+class _Forbidden:
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("the reference model ran although kl_coef is 0")
+
+
+def _rows(n_rows=4, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(1, VOCAB, int(rng.integers(2, 6))).tolist(), rng.integers(1, VOCAB, int(rng.integers(1, 7))).tolist())
+            for _ in range(n_rows)]
+
+
+def _update_rows(rows, seed=1):
+    rng = np.random.default_rng(seed)
+    return [(p, r, [float(a)] * len(r)) for (p, r), a in zip(rows, rng.normal(size=len(rows)))]
+
+
+def test_ppo_update_kl_reference(tiny_lm):
+    """kl_coef 0: the reference never runs. kl_coef > 0: needs a reference; against a copy of the start weights the
+    KL of the first mini-batch is 0 (same weights) and positive once the policy has moved."""
+    import copy
+
+    import torch
+
+    from rl.grpo import _actor_config, ppo_update
+
+    rows = _update_rows(_rows(4))
+    rl0 = RLSpec(batch_size=2, mini_batch_size=1, n=2, temperature=0.7, lr=1e-2)
+    model = copy.deepcopy(tiny_lm).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    stats = ppo_update(model, opt, rows, rl0, _actor_config(rl0), 0, "cpu", "fp32", ref_model=_Forbidden())
+    assert "actor/kl_loss" not in stats
+
+    rl1 = rl0.model_copy(update={"kl_coef": 0.5})
+    with pytest.raises(ValueError, match="reference model"):
+        ppo_update(model, opt, rows, rl1, _actor_config(rl1), 0, "cpu", "fp32")
+    model = copy.deepcopy(tiny_lm).train()
+    ref = copy.deepcopy(tiny_lm).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    kls = []
+    import rl.grpo as grpo
+
+    real = grpo.grpo_loss
+
+    def spy(*args, **kwargs):
+        loss, metrics = real(*args, **kwargs)
+        kls.append(metrics["actor/kl_loss"])
+        return loss, metrics
+
+    grpo.grpo_loss = spy
+    try:
+        stats = ppo_update(model, opt, rows, rl1, _actor_config(rl1), 0, "cpu", "fp32", ref_model=ref)
+    finally:
+        grpo.grpo_loss = real
+    assert kls[0] == pytest.approx(0.0, abs=1e-7) and kls[1] > 1e-6
+    assert stats["actor/kl_loss"] == pytest.approx(sum(kls) / 2) and stats["actor/kl_coef"] == 0.5
+
+
+# ---------------------------------------------------------------- the local executor end to end (tiny)
+
+@pytest.fixture(scope="module")
+def arm_init(tmp_path_factory):
+    """A tiny SFT-result directory (toy model + trained tokenizer), RL prompts and val rows of the arith world."""
+    from infra.spec import ArithWorldSpec, ToyModelSpec
+    from worlds.arith import generate_world, world_texts
+    from worlds.model import toy_model
+    from worlds.tokenizer import train_tokenizer
+
+    world = generate_world(ArithWorldSpec(n_base=200, n_sft1=120, n_sft2=60, n_rl=9, n_val_per_domain=1,
+                                          n_heldout=9))
+    tok = train_tokenizer(world_texts(world), vocab_size=400)
+    model = toy_model(ToyModelSpec(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                                   max_position=256), tok, seed=0)
+    path = tmp_path_factory.mktemp("init")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path, world["rl"], world["val"][:2]
+
+
+def _run(arm_init, tmp_path, monkeypatch, **rl_kw):
+    import worlds.model
+    from infra.spec import ComputeSpec, GraderSpec
+    from rewards.scorer import HFScorer
+    from rl.grpo import train_grpo
+
+    loads = []
+    real_load, real_scorer = worlds.model.load_model, HFScorer.from_pretrained.__func__
+    monkeypatch.setattr(worlds.model, "load_model", lambda *a, **k: loads.append("model") or real_load(*a, **k))
+    monkeypatch.setattr(HFScorer, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append("scorer") or real_scorer(cls, *a, **k)))
+    init, prompts, val = arm_init
+    rl = RLSpec(**{"steps": 1, "batch_size": 2, "mini_batch_size": 1, "n": 2, "max_response_length": 8,
+                   "save_freq": 1, "test_freq": 1, "temperature": 0.7, **rl_kw})
+    out = train_grpo(init, prompts, val, rl, GraderSpec(workers=1), ComputeSpec(device="cpu", precision="fp32"), 0,
+                     tmp_path / "run")
+    return out, loads
+
+
+@pytest.mark.parametrize("reward,kl_coef,loads", [("vanilla", 0.0, ["model"]), ("vanilla", 0.2, ["model", "model"]),
+                                                  ("pmishift", 0.2, ["model", "scorer"])])
+def test_train_grpo_kl_reference_is_loaded_once(arm_init, tmp_path, monkeypatch, reward, kl_coef, loads):
+    out, seen = _run(arm_init, tmp_path, monkeypatch, reward=reward, kl_coef=kl_coef)
+    assert seen == loads  # the PMI-shift scorer doubles as the KL reference; no reference without KL
+    kl = out["facts"]["kl"]
+    assert kl["applied"] is (kl_coef > 0) and kl["coef"] == kl_coef
+    assert kl["reference"] == {("vanilla", 0.0): None, ("vanilla", 0.2): "loaded",
+                               ("pmishift", 0.2): "scorer (shared)"}[(reward, kl_coef)]
+    keys = {k for k, _, step in out["metrics"] if step == 1}
+    assert ("actor/kl_loss" in keys) is (kl_coef > 0)
+
+
+def test_train_grpo_refuses_prompts_over_max_prompt_length(arm_init, tmp_path, monkeypatch):
+    from infra.errors import DataError
+
+    with pytest.raises(DataError, match=r"rl prompts: 9 prompt\(s\) longer than rl.max_prompt_length 8 "
+                                        r"\(id 'arith-rl-000000': \d+ tokens"):
+        _run(arm_init, tmp_path, monkeypatch, max_prompt_length=8)
+    assert not (tmp_path / "run").exists()  # refused before any training
