@@ -25,6 +25,7 @@ Every `save_freq` steps (and at the end) a checkpoint is written atomically: HF 
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -100,25 +101,72 @@ def _collate(rows: list[tuple[list[int], list[int], list[float]]], pad_id: int, 
             "resp_mask": resp_mask.to(device), "adv": adv.to(device), "p_len": torch.tensor(p_len)}
 
 
+@functools.cache
+def _sampled_token_logprob_fn() -> Any:
+    """The torch.autograd.Function behind `sampled_token_logprobs` (built on first use: torch is imported lazily)."""
+    import torch
+
+    class SampledTokenLogProb(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, logits: "torch.Tensor", targets: "torch.Tensor", temperature: float, chunk: int
+                    ) -> "torch.Tensor":
+            flat, tgt = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1, 1)
+            acc = torch.promote_types(logits.dtype, torch.float32)  # fp32, or fp64 for fp64 logits
+            out = torch.empty(flat.shape[0], dtype=acc, device=logits.device)
+            lse = torch.empty_like(out)
+            for i in range(0, flat.shape[0], chunk):
+                x = flat[i:i + chunk].to(acc) / temperature
+                lse[i:i + chunk] = torch.logsumexp(x, -1)
+                out[i:i + chunk] = x.gather(-1, tgt[i:i + chunk])[:, 0] - lse[i:i + chunk]
+            ctx.save_for_backward(logits, targets, lse)
+            ctx.temperature, ctx.chunk = temperature, chunk
+            return out.view(targets.shape)
+
+        @staticmethod
+        def backward(ctx: Any, grad: "torch.Tensor") -> tuple[Any, ...]:
+            logits, targets, lse = ctx.saved_tensors
+            flat, tgt = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1, 1)
+            g = grad.reshape(-1, 1).to(lse.dtype)
+            out = torch.empty_like(flat)
+            for i in range(0, flat.shape[0], ctx.chunk):
+                x = flat[i:i + ctx.chunk].to(lse.dtype) / ctx.temperature
+                d = torch.exp(x - lse[i:i + ctx.chunk, None]).mul_(-g[i:i + ctx.chunk])
+                d.scatter_add_(-1, tgt[i:i + ctx.chunk], g[i:i + ctx.chunk])
+                out[i:i + ctx.chunk] = d.div_(ctx.temperature)
+            return out.view(logits.shape), None, None, None
+
+    return SampledTokenLogProb
+
+
+def sampled_token_logprobs(logits: "torch.Tensor", targets: "torch.Tensor", temperature: float,
+                           chunk_rows: int = 1024) -> "torch.Tensor":
+    """log softmax(logits / temperature)[target] in fp32 (fp64 for fp64 logits), shape logits.shape[:-1], without a
+    full-vocabulary fp32 tensor: rows of `chunk_rows` positions are upcast, reduced by logsumexp and gathered one chunk at a time
+    (verl.utils.torch_functional.logprobs_from_logits_v2's identity log_softmax(x)_t = x_t − logsumexp(x)), and
+    the backward recomputes each chunk's softmax from the model-dtype logits it kept:
+    ∂/∂x_v = g · (1[v = t] − softmax(x)_v) / temperature. `logits` (..., vocab) in any float dtype; `targets`
+    int64 (...). Equal to log_softmax(logits.float() / T).gather(target) up to fp32 rounding."""
+    return _sampled_token_logprob_fn().apply(logits, targets, temperature, chunk_rows)
+
+
 def response_logprobs(model: "PreTrainedModel", batch: dict[str, "torch.Tensor"], device: str, precision: str,
                       temperature: float) -> "torch.Tensor":
     """log π(response token | everything before it) at the sampling temperature, shape (rows, response length).
 
     The logits are divided by `temperature` before the log-softmax, as verl's actor does for old, new and
     reference log-probs (verl.workers.engine.fsdp.transformer_impl), so importance ratios are those of the
-    distribution the rollouts were sampled from."""
-    import torch
-
+    distribution the rollouts were sampled from. Only the response positions go through the LM head
+    (`logits_to_keep`), and the log-softmax never materialises fp32 full-vocabulary logits
+    (`sampled_token_logprobs`)."""
     from worlds.model import autocast
 
     p_len = int(batch["p_len"])
     r_len = batch["resp_mask"].shape[1]
     with autocast(device, precision):
+        # responses are right-padded from column p_len, so the last r_len + 1 positions hold every logit needed
         logits = model(input_ids=batch["ids"], attention_mask=batch["attn"], position_ids=batch["pos"],
-                       use_cache=False).logits
-    logits = logits[:, p_len - 1:p_len - 1 + r_len].float() / temperature
-    targets = batch["ids"][:, p_len:p_len + r_len]
-    return torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+                       use_cache=False, logits_to_keep=r_len + 1).logits[:, :-1]
+    return sampled_token_logprobs(logits, batch["ids"][:, p_len:p_len + r_len], temperature)
 
 
 def grpo_loss(old_lp: "torch.Tensor", new_lp: "torch.Tensor", adv: "torch.Tensor", mask: "torch.Tensor",
@@ -156,13 +204,16 @@ def ppo_update(model: "PreTrainedModel", optimizer: "torch.optim.Optimizer", row
     size = rl.mini_batch_size * rl.n
     minis = [_collate(rows[i:i + size], pad_id, device) for i in range(0, len(rows), size)]
     with torch.no_grad():  # the behaviour policy: the weights that sampled the batch
-        old = [response_logprobs(model, mb, device, precision, rl.temperature) for mb in minis]
+        # the first mini-batch is updated before the weights move: its old log-probs are its new ones, detached
+        # (ratio exactly 1, as verl's on-policy path), so only the later mini-batches need an old-log-prob pass
+        old = [None] + [response_logprobs(model, mb, device, precision, rl.temperature) for mb in minis[1:]]
         refs = [response_logprobs(ref_model, mb, device, precision, rl.temperature) if actor_cfg.use_kl_loss
                 else None for mb in minis]
     stats: dict[str, list[float]] = defaultdict(list)
     for mb, old_lp, ref_lp in zip(minis, old, refs):
         new_lp = response_logprobs(model, mb, device, precision, rl.temperature)
-        loss, metrics = grpo_loss(old_lp, new_lp, mb["adv"], mb["resp_mask"], actor_cfg, ref_lp)
+        loss, metrics = grpo_loss(new_lp.detach() if old_lp is None else old_lp, new_lp, mb["adv"],
+                                  mb["resp_mask"], actor_cfg, ref_lp)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rl.grad_clip)

@@ -268,3 +268,116 @@ def test_train_grpo_refuses_prompts_over_max_prompt_length(arm_init, tmp_path, m
                                         r"\(id 'arith-rl-000000': \d+ tokens"):
         _run(arm_init, tmp_path, monkeypatch, max_prompt_length=8)
     assert not (tmp_path / "run").exists()  # refused before any training
+
+
+# ---------------------------------------------------------------- speed changes that must not change numbers
+
+def _full_vocab_logprobs(logits, targets, temperature):
+    """The previous path: fp32 full-vocabulary log-softmax, then gather."""
+    import torch
+
+    return torch.log_softmax(logits.float() / temperature, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sampled_token_logprobs_equal_the_full_vocabulary_path(dtype):
+    import torch
+
+    from rl.grpo import sampled_token_logprobs
+
+    gen = torch.Generator().manual_seed(3)
+    base = (torch.randn(3, 5, VOCAB, generator=gen) * 4).to(getattr(torch, dtype))
+    targets = torch.randint(0, VOCAB, (3, 5), generator=gen)
+    weights = torch.randn(3, 5, generator=gen)
+    a, b = base.clone().requires_grad_(True), base.clone().requires_grad_(True)
+    ours = sampled_token_logprobs(a, targets, 0.7, chunk_rows=4)  # 15 rows in chunks of 4: a ragged last chunk
+    theirs = _full_vocab_logprobs(b, targets, 0.7)
+    (ours * weights).sum().backward()
+    (theirs * weights).sum().backward()
+    assert ours.dtype == torch.float32 and a.grad.dtype == a.dtype
+    assert (ours - theirs).abs().max().item() < 2e-6
+    tol = 1e-6 if dtype == "float32" else 1e-2  # bf16 gradients: one bf16 rounding of the same fp32 value
+    assert (a.grad.float() - b.grad.float()).abs().max().item() < tol * max(1.0, b.grad.abs().max().item())
+
+
+def test_sampled_token_logprobs_gradcheck():
+    import torch
+
+    from rl.grpo import sampled_token_logprobs
+
+    logits = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 7, (2, 3))
+    assert torch.autograd.gradcheck(lambda x: sampled_token_logprobs(x, targets, 0.6, chunk_rows=2), (logits,))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_response_logprobs_equal_the_full_logits_path(tiny_lm, precision):
+    """logits_to_keep + chunked log-softmax vs the full forward's fp32 log-softmax: values and parameter grads."""
+    import copy
+
+    import torch
+
+    from rl.grpo import response_logprobs
+    from worlds.model import autocast
+
+    batch = _batch()
+    p_len, r_len = int(batch["p_len"]), batch["resp_mask"].shape[1]
+    m1, m2 = copy.deepcopy(tiny_lm), copy.deepcopy(tiny_lm)
+    ours = response_logprobs(m1, batch, "cpu", precision, 0.7)
+    with autocast("cpu", precision):
+        logits = m2(input_ids=batch["ids"], attention_mask=batch["attn"], position_ids=batch["pos"]).logits
+    theirs = _full_vocab_logprobs(logits[:, p_len - 1:p_len - 1 + r_len], batch["ids"][:, p_len:], 0.7)
+    mask = batch["resp_mask"]
+    assert ((ours - theirs) * mask).abs().max().item() < (2e-6 if precision == "fp32" else 1e-5)
+    (ours * mask).sum().backward()
+    (theirs * mask).sum().backward()
+    for (name, p1), p2 in zip(m1.named_parameters(), m2.parameters()):
+        scale = max(1.0, p2.grad.abs().max().item())
+        assert (p1.grad - p2.grad).abs().max().item() < (1e-5 if precision == "fp32" else 2e-2) * scale, name
+
+
+def test_first_mini_batch_skips_the_old_log_prob_pass(tiny_lm, monkeypatch):
+    """Two mini-batches: one old-log-prob forward (the second mini-batch's) instead of two, and the same update
+    as computing the first mini-batch's old log-probs with a separate no-grad pass."""
+    import copy
+
+    import torch
+
+    import rl.grpo as grpo
+
+    rows = _update_rows(_rows(4, seed=5), seed=6)
+    rl = RLSpec(batch_size=2, mini_batch_size=1, n=2, temperature=0.7)
+    cfg = grpo._actor_config(rl)
+
+    def run(skip: bool):
+        model = copy.deepcopy(tiny_lm).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        calls, real = [], grpo.response_logprobs
+
+        def counted(m, mb, *a):
+            calls.append(torch.is_grad_enabled())
+            return real(m, mb, *a)
+
+        monkeypatch.setattr(grpo, "response_logprobs", counted)
+        if not skip:  # the previous behaviour: every mini-batch's old log-probs from a no-grad pass up front
+            real_loss = grpo.grpo_loss
+            minis = [grpo._collate(rows[i:i + 2], 0, "cpu") for i in (0, 2)]
+            with torch.no_grad():
+                first_old = real(model, minis[0], "cpu", "fp32", 0.7)
+            seen = []
+
+            def with_old(old_lp, new_lp, *a):
+                seen.append(1)
+                return real_loss(first_old if len(seen) == 1 else old_lp, new_lp, *a)
+
+            monkeypatch.setattr(grpo, "grpo_loss", with_old)
+        stats = grpo.ppo_update(model, opt, rows, rl, cfg, 0, "cpu", "fp32")
+        monkeypatch.undo()
+        return model, stats, calls
+
+    fast, fast_stats, calls = run(skip=True)
+    slow, slow_stats, _ = run(skip=False)
+    assert calls == [False, True, True]  # one no-grad pass (mini-batch 2), then a grad pass per mini-batch
+    for p1, p2 in zip(fast.parameters(), slow.parameters()):
+        assert torch.equal(p1, p2)  # bit-identical: the grad and no-grad forwards give the same log-probs
+    assert fast_stats == slow_stats
