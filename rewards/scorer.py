@@ -166,8 +166,9 @@ class HFScorer:
                     t_ids[r, :n] = torch.tensor(list(targets[i][:-1]), dtype=torch.long)
                     t_mask[r, :n] = 1
                 pos = ctx_len[row_ctx, None] + torch.arange(t_width)[None, :]
-                rest = self.decoder(input_ids=t_ids.to(dev), attention_mask=torch.cat([mask[row_ctx], t_mask], 1).to(dev),
-                                    position_ids=pos.to(dev), past_key_values=cache, use_cache=True).last_hidden_state
+                full_mask = torch.cat([mask[row_ctx], t_mask], 1)  # context padding stays masked for the targets
+                rest = self.decoder(input_ids=t_ids.to(dev), attention_mask=full_mask.to(dev), position_ids=pos.to(dev),
+                                    past_key_values=cache, use_cache=True).last_hidden_state
             picked = []
             for r, (b, i) in enumerate(reqs):
                 picked.append(last[b:b + 1])

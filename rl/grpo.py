@@ -141,9 +141,9 @@ def _sampled_token_logprob_fn() -> Any:
 def sampled_token_logprobs(logits: "torch.Tensor", targets: "torch.Tensor", temperature: float,
                            chunk_rows: int = 1024) -> "torch.Tensor":
     """log softmax(logits / temperature)[target] in fp32 (fp64 for fp64 logits), shape logits.shape[:-1], without a
-    full-vocabulary fp32 tensor: rows of `chunk_rows` positions are upcast, reduced by logsumexp and gathered one chunk at a time
-    (verl.utils.torch_functional.logprobs_from_logits_v2's identity log_softmax(x)_t = x_t − logsumexp(x)), and
-    the backward recomputes each chunk's softmax from the model-dtype logits it kept:
+    full-vocabulary fp32 tensor: rows of `chunk_rows` positions are upcast, reduced by logsumexp and gathered one
+    chunk at a time (verl.utils.torch_functional.logprobs_from_logits_v2's identity log_softmax(x)_t = x_t −
+    logsumexp(x)), and the backward recomputes each chunk's softmax from the model-dtype logits it kept:
     ∂/∂x_v = g · (1[v = t] − softmax(x)_v) / temperature. `logits` (..., vocab) in any float dtype; `targets`
     int64 (...). Equal to log_softmax(logits.float() / T).gather(target) up to fp32 rounding."""
     return _sampled_token_logprob_fn().apply(logits, targets, temperature, chunk_rows)

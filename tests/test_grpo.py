@@ -132,10 +132,12 @@ def test_loss_and_advantage_parity_with_verl(norm, kl_coef):
         assert "actor/kl_loss" not in ours_metrics
     theirs_loss.backward()
 
-    diffs = {"advantage": (ours_adv - theirs_adv).abs().max().item(), "loss": abs(ours_loss.item() - theirs_loss.item()),
+    diffs = {"advantage": (ours_adv - theirs_adv).abs().max().item(),
+             "loss": abs(ours_loss.item() - theirs_loss.item()),
              "grad": (ours_new.grad - theirs_new.grad).abs().max().item(),
              **{k: abs(ours_metrics[k] - v) for k, v in pg_metrics.items()}}
-    print(f"norm={norm} kl_coef={kl_coef} max abs diffs vs verl: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    print(f"norm={norm} kl_coef={kl_coef} max abs diffs vs verl: "
+          + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
     assert max(diffs.values()) < 1e-6
     # the batch exercises every branch: both clips and the dual clip
     assert pg_metrics["actor/pg_clipfrac"] > 0 and pg_metrics["actor/pg_clipfrac_lower"] > 0
@@ -158,8 +160,8 @@ class _Forbidden:
 
 def _rows(n_rows=4, seed=0):
     rng = np.random.default_rng(seed)
-    return [(rng.integers(1, VOCAB, int(rng.integers(2, 6))).tolist(), rng.integers(1, VOCAB, int(rng.integers(1, 7))).tolist())
-            for _ in range(n_rows)]
+    return [(rng.integers(1, VOCAB, int(rng.integers(2, 6))).tolist(),
+             rng.integers(1, VOCAB, int(rng.integers(1, 7))).tolist()) for _ in range(n_rows)]
 
 
 def _update_rows(rows, seed=1):
