@@ -279,8 +279,7 @@ def validate(engine: Any, tokenizer: "PreTrainedTokenizerFast", grader: Any, val
     """Pure correctness on the val mix, overall and per domain (never mixed with shaped reward)."""
     from evals.evaluate import sample_and_grade
 
-    # top_p 1.0, as the sweep scores checkpoints and as verl's val_kwargs default
-    rows = sample_and_grade(engine, tokenizer, grader, "val", val, rl.val_n, rl.val_temperature, 1.0,
+    rows = sample_and_grade(engine, tokenizer, grader, "val", val, rl.val_n, rl.val_temperature, rl.top_p,
                             rl.max_response_length, derived_seed("val", seed, step))
     write_parquet([{"step": step, **r} for r in rows], out_dir / "val" / f"step-{step:07d}.parquet")
     return val_metrics(rows)
