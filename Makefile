@@ -16,7 +16,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONDONTWRITEBYTECODE := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-vllm demo test test-fast ui bench-grader bench-rl bench-engines faults screenshots clean-home
+.PHONY: help setup setup-vllm demo test test-fast ui bench-grader bench-rl bench-peer bench-engines faults screenshots clean-home
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -73,6 +73,10 @@ bench-rl: setup ## GRPO step time vanilla vs PMI-shift (needs `make demo` first)
 
 bench-engines: setup setup-vllm ## held-out generation, HF vs vLLM on the same work: start-up and samples/s
 	$(BIN)/python scripts/bench_engines.py
+
+bench-peer: setup ## twinarm's GRPO step vs TRL's GRPOTrainer on identical work (needs `make demo` first; installs the bench extra)
+	$(BIN)/python -m pip install -q --no-build-isolation -e '.[bench]'
+	$(BIN)/python scripts/bench_peer.py
 
 faults: setup ## SIGKILL each stage at random points, rerun, compare with an uninterrupted run
 	$(BIN)/python scripts/fault_inject.py

@@ -60,12 +60,18 @@ def _check(contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) 
 class HFScorer:
     """A transformers causal LM (model.eval(), frozen) as a scorer.
 
-    Requests are sorted by length and packed into batches whose padded size (rows × longest) stays within
-    `token_budget`; right padding with an attention mask keeps every real token at its unpadded position, so a
-    request's log-probs do not depend on its batch mates. One forward per batch runs the decoder only; the LM
-    head and an fp32 log-softmax are applied to the gathered target positions alone (a full-vocabulary logit
-    tensor over every position would dominate memory for a 150k vocabulary). Models whose logits are not
-    lm_head(hidden) (final soft-capping, logit scaling) are refused rather than scored wrongly.
+    Requests that share a context share its forward pass: the distinct contexts of a call are right-padded into
+    batches, run once through the decoder with a KV cache, and every target of a context then runs as one short
+    continuation on a copy of that context's cache. PMI-shift's four requests per rollout (gold and decoy after
+    the before-context, gold and decoy after the after-context) are two context passes, not four, and a whole
+    call (a group, or a batch) packs into as few forwards as the token budget allows: a batch holds contexts
+    sorted by length whose padded size (rows × longest, one row per context and per target) stays within
+    `token_budget`. Padding is masked and every real token keeps its unpadded position, so a request's log-probs
+    do not depend on its batch mates (to fp rounding). The LM head and an fp32 log-softmax are applied to the
+    gathered target positions alone (a full-vocabulary logit tensor over every position would dominate memory
+    for a 150k vocabulary). Models whose logits are not lm_head(hidden) (final soft-capping, logit scaling) are
+    refused rather than scored wrongly. `forwards` counts batches (one context pass plus at most one target
+    pass each).
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, *, token_budget: int = 16384, max_rows: int = 256
@@ -99,54 +105,83 @@ class HFScorer:
     def device(self) -> "torch.device":
         return next(self.model.parameters()).device
 
-    def _batches(self, lengths: list[int]) -> list[list[int]]:
+    def _batches(self, lengths: list[int], rows: list[int]) -> list[list[int]]:
+        """Items (longest first) packed while (rows in the batch) × (the batch's longest) ≤ token_budget."""
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
         batches: list[list[int]] = []
+        used = 0
         for i in order:
-            # sorted longest first, so a batch's first row sets its padded width
-            if batches and len(batches[-1]) < self.max_rows and \
-                    (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= self.token_budget:
+            # sorted longest first, so a batch's first item sets its padded width
+            if batches and used + rows[i] <= self.max_rows and \
+                    (used + rows[i]) * lengths[batches[-1][0]] <= self.token_budget:
                 batches[-1].append(i)
+                used += rows[i]
             else:
                 batches.append([i])
+                used = rows[i]
         return batches
 
     def target_logprobs(self, contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]
                         ) -> list[list[float]]:
-        import torch
-
         _check(contexts, targets)
         out: list[list[float]] = [[] for _ in contexts]
-        live = [i for i, t in enumerate(targets) if len(t)]
-        # the last target token is never an input: drop it to save a position
-        seqs = {i: list(contexts[i]) + list(targets[i][:-1]) for i in live}
-        for batch in self._batches([len(seqs[i]) for i in live]):
-            rows = [live[j] for j in batch]
-            width = len(seqs[rows[0]])
-            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            b_idx, p_idx, t_ids = [], [], []
-            for b, i in enumerate(rows):
-                n = len(seqs[i])
-                ids[b, :n] = torch.tensor(seqs[i], dtype=torch.long)
-                mask[b, :n] = 1
-                start = len(contexts[i]) - 1  # logits at position k predict token k + 1
-                b_idx += [b] * len(targets[i])
-                p_idx += range(start, start + len(targets[i]))
-                t_ids += list(targets[i])
-            with torch.inference_mode():
-                hidden = self.decoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                      use_cache=False).last_hidden_state
-                picked = hidden[torch.tensor(b_idx, device=self.device), torch.tensor(p_idx, device=self.device)]
-                logp = self.head(picked).float().log_softmax(-1)
-                lp = logp.gather(-1, torch.tensor(t_ids, device=self.device)[:, None])[:, 0].tolist()
-            self.forwards += 1
-            k = 0
-            for i in rows:
-                out[i] = lp[k:k + len(targets[i])]
-                k += len(targets[i])
+        by_context: dict[tuple[int, ...], list[int]] = {}
+        for i, t in enumerate(targets):
+            if len(t):
+                by_context.setdefault(tuple(contexts[i]), []).append(i)
+        groups = list(by_context.items())
+        for batch in self._batches([len(c) for c, _ in groups], [1 + len(reqs) for _, reqs in groups]):
+            self._score([groups[j] for j in batch], targets, out)
         self.calls += len(contexts)
         return out
+
+    def _score(self, groups: list[tuple[tuple[int, ...], list[int]]], targets: Sequence[Sequence[int]],
+               out: list[list[float]]) -> None:
+        """One batch: the contexts' forward with a cache, then every target's continuation on its context's cache
+        (the last target token is never an input)."""
+        import torch
+
+        dev = self.device
+        width = max(len(c) for c, _ in groups)
+        ids = torch.full((len(groups), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(groups), width), dtype=torch.long)
+        for b, (ctx, _) in enumerate(groups):
+            ids[b, :len(ctx)] = torch.tensor(ctx, dtype=torch.long)
+            mask[b, :len(ctx)] = 1
+        reqs = [(b, i) for b, (_, members) in enumerate(groups) for i in members]
+        t_width = max(len(targets[i]) - 1 for _, i in reqs)
+        with torch.inference_mode():
+            first = self.decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=t_width > 0)
+            ctx_len = mask.sum(1)
+            last = first.last_hidden_state[torch.arange(len(groups)), ctx_len - 1]  # predicts each target's 1st token
+            rest = None
+            if t_width > 0:
+                row_ctx = torch.tensor([b for b, _ in reqs], dtype=torch.long)
+                cache = first.past_key_values
+                cache.batch_select_indices(row_ctx.to(dev))  # one copy of the context cache per target
+                t_ids = torch.full((len(reqs), t_width), self.pad_id, dtype=torch.long)
+                t_mask = torch.zeros((len(reqs), t_width), dtype=torch.long)
+                for r, (_, i) in enumerate(reqs):
+                    n = len(targets[i]) - 1
+                    t_ids[r, :n] = torch.tensor(list(targets[i][:-1]), dtype=torch.long)
+                    t_mask[r, :n] = 1
+                pos = ctx_len[row_ctx, None] + torch.arange(t_width)[None, :]
+                full_mask = torch.cat([mask[row_ctx], t_mask], 1)  # context padding stays masked for the targets
+                rest = self.decoder(input_ids=t_ids.to(dev), attention_mask=full_mask.to(dev), position_ids=pos.to(dev),
+                                    past_key_values=cache, use_cache=True).last_hidden_state
+            picked = []
+            for r, (b, i) in enumerate(reqs):
+                picked.append(last[b:b + 1])
+                if len(targets[i]) > 1:
+                    picked.append(rest[r, :len(targets[i]) - 1])
+            t_ids_all = torch.tensor([t for _, i in reqs for t in targets[i]], device=dev)
+            logp = self.head(torch.cat(picked)).float().log_softmax(-1)
+            lp = logp.gather(-1, t_ids_all[:, None])[:, 0].tolist()
+        self.forwards += 1
+        k = 0
+        for _, i in reqs:
+            out[i] = lp[k:k + len(targets[i])]
+            k += len(targets[i])
 
 
 class PieceTokenizer:

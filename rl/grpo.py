@@ -6,6 +6,18 @@ updates over mini-batches with verl's own policy loss (clip-higher, dual-clip, t
 the one the verl executor runs. The control arm takes the same path with the vanilla signal (no scorer is even
 loaded, and "scorer calls = 0" is recorded).
 
+Log-probs: old, new and reference log-probs are taken at the sampling temperature (logits / rl.temperature), as
+verl's actor computes them.
+
+KL: `rl.kl_coef` > 0 is verl's `use_kl_loss` with `kl_loss_type: low_var_kl`: kl_coef · token-mean k3 estimate of
+KL(π‖π_ref) added to the actor loss, π_ref the frozen SFT result (the same model object as the PMI-shift scorer
+when the arm has one; loaded once otherwise). At kl_coef 0 no reference forward runs at all. Facts record
+`kl.applied`; the metric `actor/kl_loss` is the mean KL of each step.
+
+Prompt length: a prompt (rl prompts or val) whose rendered chat template is longer than `rl.max_prompt_length`
+tokens is REFUSED before training starts, with a DataError naming the set, the prompt id and its length (verl's
+`data.truncation: error`). Nothing is truncated: a cut prompt would be a different problem with the same gold.
+
 Every `save_freq` steps (and at the end) a checkpoint is written atomically: HF weights + tokenizer + optimizer
 + RNG + the run's state (metrics so far, LR per step, counters). Every step's rollouts go to parquet; every
 `test_freq` steps the val mix is scored with pure correctness per domain. Sampling is seeded per step from
@@ -13,6 +25,7 @@ Every `save_freq` steps (and at the end) a checkpoint is written atomically: HF 
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -34,6 +47,7 @@ if TYPE_CHECKING:
     from rewards.pipeline import Sample
 
 MetricRows = list[tuple[str, float, int]]
+KL_LOSS_TYPE = "low_var_kl"  # verl's kl_loss_type (k3, Schulman 2020), clamped to [-10, 10] as verl does
 
 
 def derived_seed(*parts: Any) -> int:
@@ -61,7 +75,8 @@ def _actor_config(rl: RLSpec) -> Any:
     mini = rl.mini_batch_size * rl.n
     return ActorConfig(strategy="fsdp", clip_ratio=rl.clip_low, clip_ratio_low=rl.clip_low,
                        clip_ratio_high=rl.clip_high, loss_agg_mode=rl.loss_agg, ppo_mini_batch_size=mini,
-                       ppo_micro_batch_size_per_gpu=mini, rollout_n=rl.n)
+                       ppo_micro_batch_size_per_gpu=mini, rollout_n=rl.n, use_kl_loss=rl.kl_coef > 0,
+                       kl_loss_coef=rl.kl_coef, kl_loss_type=KL_LOSS_TYPE)
 
 
 def _collate(rows: list[tuple[list[int], list[int], list[float]]], pad_id: int, device: str
@@ -86,48 +101,145 @@ def _collate(rows: list[tuple[list[int], list[int], list[float]]], pad_id: int, 
             "resp_mask": resp_mask.to(device), "adv": adv.to(device), "p_len": torch.tensor(p_len)}
 
 
-def response_logprobs(model: "PreTrainedModel", batch: dict[str, "torch.Tensor"], device: str, precision: str
-                      ) -> "torch.Tensor":
-    """log π(response token | everything before it), shape (rows, response length)."""
+@functools.cache
+def _sampled_token_logprob_fn() -> Any:
+    """The torch.autograd.Function behind `sampled_token_logprobs` (built on first use: torch is imported lazily)."""
     import torch
 
+    class SampledTokenLogProb(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, logits: "torch.Tensor", targets: "torch.Tensor", temperature: float, chunk: int
+                    ) -> "torch.Tensor":
+            flat, tgt = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1, 1)
+            acc = torch.promote_types(logits.dtype, torch.float32)  # fp32, or fp64 for fp64 logits
+            out = torch.empty(flat.shape[0], dtype=acc, device=logits.device)
+            lse = torch.empty_like(out)
+            for i in range(0, flat.shape[0], chunk):
+                x = flat[i:i + chunk].to(acc) / temperature
+                lse[i:i + chunk] = torch.logsumexp(x, -1)
+                out[i:i + chunk] = x.gather(-1, tgt[i:i + chunk])[:, 0] - lse[i:i + chunk]
+            ctx.save_for_backward(logits, targets, lse)
+            ctx.temperature, ctx.chunk = temperature, chunk
+            return out.view(targets.shape)
+
+        @staticmethod
+        def backward(ctx: Any, grad: "torch.Tensor") -> tuple[Any, ...]:
+            logits, targets, lse = ctx.saved_tensors
+            flat, tgt = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1, 1)
+            g = grad.reshape(-1, 1).to(lse.dtype)
+            out = torch.empty_like(flat)
+            for i in range(0, flat.shape[0], ctx.chunk):
+                x = flat[i:i + ctx.chunk].to(lse.dtype) / ctx.temperature
+                d = torch.exp(x - lse[i:i + ctx.chunk, None]).mul_(-g[i:i + ctx.chunk])
+                d.scatter_add_(-1, tgt[i:i + ctx.chunk], g[i:i + ctx.chunk])
+                out[i:i + ctx.chunk] = d.div_(ctx.temperature)
+            return out.view(logits.shape), None, None, None
+
+    return SampledTokenLogProb
+
+
+def sampled_token_logprobs(logits: "torch.Tensor", targets: "torch.Tensor", temperature: float,
+                           chunk_rows: int = 1024) -> "torch.Tensor":
+    """log softmax(logits / temperature)[target] in fp32 (fp64 for fp64 logits), shape logits.shape[:-1], without a
+    full-vocabulary fp32 tensor: rows of `chunk_rows` positions are upcast, reduced by logsumexp and gathered one
+    chunk at a time (verl.utils.torch_functional.logprobs_from_logits_v2's identity log_softmax(x)_t = x_t −
+    logsumexp(x)), and the backward recomputes each chunk's softmax from the model-dtype logits it kept:
+    ∂/∂x_v = g · (1[v = t] − softmax(x)_v) / temperature. `logits` (..., vocab) in any float dtype; `targets`
+    int64 (...). Equal to log_softmax(logits.float() / T).gather(target) up to fp32 rounding."""
+    return _sampled_token_logprob_fn().apply(logits, targets, temperature, chunk_rows)
+
+
+def response_logprobs(model: "PreTrainedModel", batch: dict[str, "torch.Tensor"], device: str, precision: str,
+                      temperature: float) -> "torch.Tensor":
+    """log π(response token | everything before it) at the sampling temperature, shape (rows, response length).
+
+    The logits are divided by `temperature` before the log-softmax, as verl's actor does for old, new and
+    reference log-probs (verl.workers.engine.fsdp.transformer_impl), so importance ratios are those of the
+    distribution the rollouts were sampled from. Only the response positions go through the LM head
+    (`logits_to_keep`), and the log-softmax never materialises fp32 full-vocabulary logits
+    (`sampled_token_logprobs`)."""
     from worlds.model import autocast
 
     p_len = int(batch["p_len"])
     r_len = batch["resp_mask"].shape[1]
     with autocast(device, precision):
+        # responses are right-padded from column p_len, so the last r_len + 1 positions hold every logit needed
         logits = model(input_ids=batch["ids"], attention_mask=batch["attn"], position_ids=batch["pos"],
-                       use_cache=False).logits
-    logits = logits[:, p_len - 1:p_len - 1 + r_len].float()
-    targets = batch["ids"][:, p_len:p_len + r_len]
-    return torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+                       use_cache=False, logits_to_keep=r_len + 1).logits[:, :-1]
+    return sampled_token_logprobs(logits, batch["ids"][:, p_len:p_len + r_len], temperature)
+
+
+def grpo_loss(old_lp: "torch.Tensor", new_lp: "torch.Tensor", adv: "torch.Tensor", mask: "torch.Tensor",
+              actor_cfg: Any, ref_lp: "torch.Tensor | None" = None) -> tuple["torch.Tensor", dict[str, float]]:
+    """The actor loss of one mini-batch, composed as verl 0.9.1's `verl.workers.utils.losses.ppo_loss`: the
+    vanilla clipped policy loss (clip-higher, dual-clip) aggregated by `loss_agg_mode`, plus, with
+    `use_kl_loss`, kl_loss_coef · agg(kl_penalty(new, ref, kl_loss_type)) against the frozen reference.
+    All tensors are (rows, response length) log-probs / advantages; `mask` is 1 on response tokens.
+    Returns (scalar loss, metrics); raises ValueError when the KL loss is on and `ref_lp` is missing."""
+    from verl.trainer.ppo.core_algos import agg_loss, compute_policy_loss_vanilla, kl_penalty
+
+    pg_loss, metrics = compute_policy_loss_vanilla(old_lp, new_lp, adv, mask, loss_agg_mode=actor_cfg.loss_agg_mode,
+                                                   config=actor_cfg)
+    metrics = {"actor/pg_loss": pg_loss.item(), **metrics}
+    if not actor_cfg.use_kl_loss:
+        return pg_loss, metrics
+    if ref_lp is None:
+        raise ValueError("use_kl_loss is on but no reference log-probs were given")
+    kld = kl_penalty(logprob=new_lp, ref_logprob=ref_lp, kl_penalty=actor_cfg.kl_loss_type)
+    kl_loss = agg_loss(loss_mat=kld, loss_mask=mask, loss_agg_mode=actor_cfg.loss_agg_mode,
+                       **actor_cfg.global_batch_info)
+    metrics.update({"actor/kl_loss": kl_loss.item(), "actor/kl_coef": actor_cfg.kl_loss_coef})
+    return pg_loss + kl_loss * actor_cfg.kl_loss_coef, metrics
 
 
 def ppo_update(model: "PreTrainedModel", optimizer: "torch.optim.Optimizer", rows: list[tuple[list[int],
-               list[int], list[float]]], rl: RLSpec, actor_cfg: Any, pad_id: int, device: str, precision: str
-               ) -> dict[str, float]:
-    """One PPO pass over the batch in mini-batches of mini_batch_size prompts × n samples (verl's layout)."""
+               list[int], list[float]]], rl: RLSpec, actor_cfg: Any, pad_id: int, device: str, precision: str,
+               ref_model: "PreTrainedModel | None" = None) -> dict[str, float]:
+    """One PPO pass over the batch in mini-batches of mini_batch_size prompts × n samples (verl's layout).
+    `ref_model` (frozen) is run only when the KL loss is on (actor_cfg.use_kl_loss); then it is required."""
     import torch
-    from verl.trainer.ppo.core_algos import compute_policy_loss_vanilla
 
+    if actor_cfg.use_kl_loss and ref_model is None:
+        raise ValueError("rl.kl_coef > 0 needs the frozen reference model")
     size = rl.mini_batch_size * rl.n
     minis = [_collate(rows[i:i + size], pad_id, device) for i in range(0, len(rows), size)]
     with torch.no_grad():  # the behaviour policy: the weights that sampled the batch
-        old = [response_logprobs(model, mb, device, precision) for mb in minis]
+        # the first mini-batch is updated before the weights move: its old log-probs are its new ones, detached
+        # (ratio exactly 1, as verl's on-policy path), so only the later mini-batches need an old-log-prob pass
+        old = [None] + [response_logprobs(model, mb, device, precision, rl.temperature) for mb in minis[1:]]
+        refs = [response_logprobs(ref_model, mb, device, precision, rl.temperature) if actor_cfg.use_kl_loss
+                else None for mb in minis]
     stats: dict[str, list[float]] = defaultdict(list)
-    for mb, old_lp in zip(minis, old):
-        new_lp = response_logprobs(model, mb, device, precision)
-        loss, pg_metrics = compute_policy_loss_vanilla(old_lp, new_lp, mb["adv"], mb["resp_mask"],
-                                                       loss_agg_mode=rl.loss_agg, config=actor_cfg)
+    for mb, old_lp, ref_lp in zip(minis, old, refs):
+        new_lp = response_logprobs(model, mb, device, precision, rl.temperature)
+        loss, metrics = grpo_loss(new_lp.detach() if old_lp is None else old_lp, new_lp, mb["adv"],
+                                  mb["resp_mask"], actor_cfg, ref_lp)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rl.grad_clip)
         optimizer.step()
-        stats["actor/pg_loss"].append(loss.item())
         stats["actor/grad_norm"].append(float(grad_norm))
-        for key, value in pg_metrics.items():
+        for key, value in metrics.items():
             stats[key].append(float(value))
     return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def check_prompt_lengths(tokenizer: "PreTrainedTokenizerFast", sets: dict[str, list[dict[str, Any]]],
+                         max_prompt_length: int) -> None:
+    """Refuse (DataError) any prompt whose rendered chat-template tokens exceed `max_prompt_length`, naming the
+    set, the prompt id and its length (verl's data.truncation='error'); nothing is truncated."""
+    from evals.engine import render_prompt
+
+    for name, rows in sets.items():
+        if not rows:
+            continue
+        lengths = [len(ids) for ids in tokenizer([render_prompt(tokenizer, r["prompt"]) for r in rows],
+                                                 add_special_tokens=False)["input_ids"]]
+        over = [(r.get("id"), n) for r, n in zip(rows, lengths) if n > max_prompt_length]
+        if over:
+            shown = ", ".join(f"id {i!r}: {n} tokens" for i, n in over[:5])
+            raise DataError(f"{name}: {len(over)} prompt(s) longer than rl.max_prompt_length {max_prompt_length} "
+                            f"({shown}{', …' if len(over) > 5 else ''}); raise rl.max_prompt_length or drop them")
 
 
 def lr_at(step: int, rl: RLSpec) -> float:
@@ -203,10 +315,14 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
                                   weight_decay=rl.weight_decay)
     signal = get_signal(rl.reward)
     scorer = HFScorer.from_pretrained(init_dir, device=device) if "scorer" in signal.needs else None
+    # the KL reference is the same frozen SFT result as the scorer: reuse it; no reference at all without KL
+    ref_model = None if rl.kl_coef == 0 else scorer.model if scorer is not None else \
+        load_model(init_dir, device).eval().requires_grad_(False)
     grader = get_grader(grader_spec)
     engine = HFEngine(model, tokenizer, device=device, precision=precision)
     actor_cfg = _actor_config(rl)
     meta_open_id = tokenizer.convert_tokens_to_ids("<|meta|>")
+    check_prompt_lengths(tokenizer, {"rl prompts": prompts, "val": val}, rl.max_prompt_length)
     fingerprint = hash_json({"rl": rl.model_dump(mode="json"), "seed": seed, "prompts": [r["id"] for r in prompts],
                              "val": [r["id"] for r in val]})
 
@@ -260,7 +376,8 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
         update_rows = [(prompt_ids[g], list(s.response_ids), adv)
                        for (g, s), adv in zip([(g, s) for g, gs in enumerate(groups) for s in gs],
                                               batch.token_advantages)]
-        update = ppo_update(model, optimizer, update_rows, rl, actor_cfg, tokenizer.pad_token_id, device, precision)
+        update = ppo_update(model, optimizer, update_rows, rl, actor_cfg, tokenizer.pad_token_id, device, precision,
+                            ref_model)
         t_update = time.perf_counter() - t0
 
         write_parquet(_rollout_rows(step, rows, batch.records, rl.n), out_dir / "rollouts" / f"step-{step:07d}.parquet")
@@ -306,6 +423,10 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
         "signal_totals": {k: totals[k] for k in ("signal/scored", "signal/skipped", "signal/save",
                                                  "signal/derail", "signal/regenerations")},
         "grader": grader.facts(), "device": device, "precision": precision,
+        "kl": {"applied": actor_cfg.use_kl_loss, "coef": rl.kl_coef,
+               "loss_type": KL_LOSS_TYPE if actor_cfg.use_kl_loss else None,
+               "reference": None if ref_model is None else "scorer (shared)" if scorer is not None else "loaded"},
+        "max_prompt_length": rl.max_prompt_length, "logprob_temperature": rl.temperature,
     }
     summary = {"val_acc": round(final_val.get("val/accuracy/pure", float("nan")), 3),
                "scorer_calls": totals["scorer/calls"]}

@@ -3,6 +3,8 @@ ablation's wall time with arms sequential vs parallel on local Ray (plus the cac
 
     # step: one arm's SFT model from a completed ablation, K GRPO steps per reward from the same start
     .venv/bin/python scripts/bench_rl.py step [--home .twinarm] [--ablation demo] [--spec configs/demo.yaml]
+    # step without an ablation: any SFT model directory and rl_prompts / val parquet files
+    .venv/bin/python scripts/bench_rl.py step --init DIR --prompts rl_prompts.parquet --val val.parquet
     # demo: the whole ablation in fresh homes, arms sequential then on Ray, then the cached rerun
     .venv/bin/python scripts/bench_rl.py demo [--spec configs/demo.yaml] [--work /tmp/twinarm-bench]
 
@@ -46,16 +48,11 @@ def _artifact_path(lineage, ablation: str, stage: str, arm: str, role: str) -> P
 
 
 def bench_step(home: Path, ablation: str, spec_file: str, arm: str | None, steps: int, val_rows: int,
-               repeats: int) -> dict:
-    os.environ["TWINARM_HOME"] = str(home)
-    from infra.home import configure_environment
-
-    configure_environment()
+               repeats: int, files: dict[str, Path | None] | None = None) -> dict:
+    """`files` (init, prompts, val) replace the ablation's artifacts where given."""
     from infra.artifacts import read_parquet
-    from infra.lineage import Lineage
     from infra.spec import load_spec, resolved_arms
     from rl.grpo import train_grpo
-    from tasks.common import SHARED
 
     spec = load_spec(spec_file)
     arms = resolved_arms(spec)
@@ -64,10 +61,21 @@ def bench_step(home: Path, ablation: str, spec_file: str, arm: str | None, steps
     from worlds.model import set_threads
 
     set_threads(cfg.executor.compute.cpu_threads)  # as the RL stage does
-    lineage = Lineage(home / "lineage.duckdb")
-    init = _artifact_path(lineage, ablation, "sft", arm, "model")
-    prompts = read_parquet(_artifact_path(lineage, ablation, "data", SHARED, "rl_prompts"))
-    val = read_parquet(_artifact_path(lineage, ablation, "data", SHARED, "val"))[:val_rows]
+    paths = dict(files or {})
+    if not all(paths.get(k) for k in ("init", "prompts", "val")):
+        os.environ["TWINARM_HOME"] = str(home)
+        from infra.home import configure_environment
+        from infra.lineage import Lineage
+        from tasks.common import SHARED
+
+        configure_environment()
+        lineage = Lineage(home / "lineage.duckdb")
+        paths["init"] = paths.get("init") or _artifact_path(lineage, ablation, "sft", arm, "model")
+        for role, key in (("rl_prompts", "prompts"), ("val", "val")):
+            paths[key] = paths.get(key) or _artifact_path(lineage, ablation, "data", SHARED, role)
+    init = paths["init"]
+    prompts = read_parquet(paths["prompts"])
+    val = read_parquet(paths["val"])[:val_rows]
     out: dict = {"arm": arm, "init": str(init), "steps": steps, "repeats": repeats,
                  "batch": f"{cfg.rl.batch_size} prompts x {cfg.rl.n} samples, max {cfg.rl.max_response_length} tokens",
                  "rewards": {}}
@@ -99,6 +107,8 @@ def bench_step(home: Path, ablation: str, spec_file: str, arm: str | None, steps
             "scorer_calls": results[0]["scorer_calls"]}
     v, t = out["rewards"]["vanilla"], out["rewards"][cfg.rl.reward]
     out["ratio_step1"] = round(t["step1_s"] / v["step1_s"], 3)
+    # the reward's own cost on the identical batch: its scoring seconds as a share of the vanilla step (aim ≤ 0.15)
+    out["scoring_share_of_vanilla_step1"] = round(t["step1_phases_s"]["time/score_s"] / v["step1_s"], 3)
     out["ratio_median"] = round(t["median_step_s"] / v["median_step_s"], 3)
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return out
@@ -189,6 +199,9 @@ def main() -> None:
     step.add_argument("--steps", type=int, default=6)
     step.add_argument("--val-rows", type=int, default=16)
     step.add_argument("--repeats", type=int, default=2, help="measurements per reward, alternating")
+    step.add_argument("--init", type=Path, default=None, help="an SFT model directory (instead of the ablation's)")
+    step.add_argument("--prompts", type=Path, default=None, help="an rl_prompts parquet (instead of the ablation's)")
+    step.add_argument("--val", type=Path, default=None, help="a val parquet (instead of the ablation's)")
     demo = sub.add_parser("demo", help="demo wall time, arms sequential vs on Ray, and the cached rerun")
     demo.add_argument("--spec", default="configs/demo.yaml")
     demo.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "twinarm-bench")
@@ -196,7 +209,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.mode == "step":
         result = bench_step(args.home.resolve(), args.ablation, args.spec, args.arm, args.steps, args.val_rows,
-                            args.repeats)
+                            args.repeats, {"init": args.init, "prompts": args.prompts, "val": args.val})
     else:
         result = bench_demo(args.spec, args.work.resolve())
     text = json.dumps(result, indent=1)

@@ -62,6 +62,33 @@ def test_hf_scorer_batching_invariance(tiny_model):
     assert all(a == pytest.approx(b, abs=1e-5) for a, b in zip(together, rev))
 
 
+def test_shared_contexts_give_the_unbatched_beliefs(tiny_model):
+    """PMI-shift's requests: per rollout, gold and decoy after a before-context and after an after-context. Shared
+    contexts run once (4 requests → 2 context rows); every belief B = Σ_D [lp(gold) − lp(decoy)] equals the one
+    from unpadded single forwards to 1e-5, with one forward for the whole call."""
+    prefix = "Q: 7-3*(2-5)=?\nA: 2-5=3, 7-9=-2."
+    befores = [prefix + "\n", prefix + " so", prefix[:20] + "\n"]
+    afters = [c + "<|meta|>sign slip<|/meta|>" for c in befores]
+    gold, decoy = encode(TOK, "\\boxed{16}"), encode(TOK, "\\boxed{-2}")  # same length, two tokens differ
+    assert len(gold) == len(decoy)
+    diff = [t for t, (g, d) in enumerate(zip(gold, decoy)) if g != d]
+    ctxs = [encode(TOK, c) for pair in zip(befores, afters) for c in pair for _ in (0, 1)]
+    tgts = [t for _ in range(2 * len(befores)) for t in (gold, decoy)]
+    scorer = HFScorer(tiny_model)
+    got = scorer.target_logprobs(ctxs, tgts)
+    assert scorer.forwards == 1 and scorer.calls == len(ctxs)
+    widths = []
+    real = scorer.decoder.forward
+    scorer.decoder.forward = lambda *a, **k: widths.append(k["input_ids"].shape) or real(*a, **k)
+    scorer.target_logprobs(ctxs, tgts)
+    assert widths[0][0] == 2 * len(befores) and widths[1][0] == len(ctxs)  # 6 context rows, 12 target rows
+    for k in range(0, len(ctxs), 2):
+        ours = sum(got[k][t] - got[k + 1][t] for t in diff)
+        alone = [reference(tiny_model, ctxs[k + j], tgts[k + j]) for j in (0, 1)]
+        assert ours == pytest.approx(sum(alone[0][t] - alone[1][t] for t in diff), abs=1e-5)
+        assert got[k] == pytest.approx(alone[0], abs=1e-5) and got[k + 1] == pytest.approx(alone[1], abs=1e-5)
+
+
 def test_hf_scorer_edges(tiny_model):
     scorer = HFScorer(tiny_model)
     assert scorer.target_logprobs([[1, 2], [3]], [[], [4]])[0] == []
