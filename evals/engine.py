@@ -32,9 +32,10 @@ class GenerationEngine(Protocol):
     tokenizer: "PreTrainedTokenizerFast"
 
     def generate(self, prompts: list[str], n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-                 max_new_tokens: int = 128, seed: int = 0, banned_tokens: list[int] | None = None,
+                 top_k: int = 0, max_new_tokens: int = 128, seed: int = 0, banned_tokens: list[int] | None = None,
                  logprobs: bool = False) -> list[list[Generation]]:
-        """n generations per rendered prompt; temperature 0 = greedy; banned token ids are never sampled."""
+        """n generations per rendered prompt; temperature 0 = greedy; top_k 0 = no top-k filtering (top_p and
+        top_k apply only when sampling); banned token ids are never sampled."""
         ...
 
     def facts(self) -> dict[str, Any]:
@@ -86,7 +87,7 @@ class HFEngine:
         self.device, self.precision, self.batch_size = device, precision, batch_size
 
     def generate(self, prompts: list[str], n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-                 max_new_tokens: int = 128, seed: int = 0, banned_tokens: list[int] | None = None,
+                 top_k: int = 0, max_new_tokens: int = 128, seed: int = 0, banned_tokens: list[int] | None = None,
                  logprobs: bool = False) -> list[list[Generation]]:
         import torch
 
@@ -102,7 +103,7 @@ class HFEngine:
         kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=pad,
                       return_dict_in_generate=True, output_logits=logprobs)
         if temperature > 0:
-            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if banned_tokens:

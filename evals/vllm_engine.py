@@ -201,7 +201,7 @@ class VLLMEngine:
                 "precision": self.precision, "threads": self.threads}
 
     def generate(self, prompts: list[str], n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-                 max_new_tokens: int = 128, seed: int = 0, banned_tokens: list[int] | None = None,
+                 top_k: int = 0, max_new_tokens: int = 128, seed: int = 0, banned_tokens: list[int] | None = None,
                  logprobs: bool = False) -> list[list["Generation"]]:
         """n generations per rendered prompt (see GenerationEngine); raises EngineError if the engine dies,
         stalls or refuses the request."""
@@ -212,7 +212,7 @@ class VLLMEngine:
         stop = stop_ids(self.tokenizer)
         ids = self.tokenizer(prompts, add_special_tokens=False).input_ids
         self._send({"op": "generate", "prompts": ids, "n": n, "temperature": temperature, "top_p": top_p,
-                    "max_new_tokens": max_new_tokens, "seeds": [seed_for(seed, i) for i in range(len(prompts))],
+                    "top_k": top_k, "max_new_tokens": max_new_tokens, "seeds": [seed_for(seed, i) for i in range(len(prompts))],
                     "stop": stop, "banned": list(banned_tokens or []), "logprobs": logprobs})
         outputs = self._receive(self.stall_timeout_s, "generation")["outputs"]
         return [[finished(self.tokenizer, s["ids"], stop, s["logprobs"]) for s in samples] for samples in outputs]

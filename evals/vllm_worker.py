@@ -112,7 +112,8 @@ def generate(llm, req: dict) -> list[list[dict]]:
     allowed = [t for t in range(vocab) if t not in banned] if banned else None
     greedy = req["temperature"] == 0  # vLLM refuses n > 1 when greedy: one sample, copied n times below
     params = [SamplingParams(n=1 if greedy else req["n"], temperature=req["temperature"],
-                             top_p=1.0 if greedy else req["top_p"], top_k=0, max_tokens=req["max_new_tokens"],
+                             top_p=1.0 if greedy else req["top_p"], top_k=0 if greedy else req.get("top_k", 0),
+                             max_tokens=req["max_new_tokens"],
                              seed=None if greedy else seed, stop_token_ids=req["stop"], ignore_eos=False,
                              detokenize=False, skip_special_tokens=False, allowed_token_ids=allowed,
                              logprobs=0 if req.get("logprobs") else None)

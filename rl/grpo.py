@@ -9,10 +9,14 @@ loaded, and "scorer calls = 0" is recorded).
 Log-probs: old, new and reference log-probs are taken at the sampling temperature (logits / rl.temperature), as
 verl's actor computes them.
 
-KL: `rl.kl_coef` > 0 is verl's `use_kl_loss` with `kl_loss_type: low_var_kl`: kl_coef · token-mean k3 estimate of
-KL(π‖π_ref) added to the actor loss, π_ref the frozen SFT result (the same model object as the PMI-shift scorer
-when the arm has one; loaded once otherwise). At kl_coef 0 no reference forward runs at all. Facts record
-`kl.applied`; the metric `actor/kl_loss` is the mean KL of each step.
+KL: `rl.kl_loss` is verl's `use_kl_loss` with `kl_loss_type: low_var_kl`: rl.kl_coef · token-mean k3 estimate of
+KL(π‖π_ref) added to the actor loss (kl_coef > 0 without kl_loss is refused by the spec), π_ref the frozen SFT
+result (the same model object as the PMI-shift scorer when the arm has one; loaded once otherwise). With kl_loss
+off no reference forward runs at all; on with coefficient 0 (the research runs) the KL is measured, not added.
+Facts record `kl.applied`; the metric `actor/kl_loss` is the mean KL of each step.
+
+Schedule and the other actor terms are verl's own (rl/schedule.py): lr_at (constant or cosine with warm-up and
+a min-lr floor), entropy bonus entropy_coeff · agg(entropy), rollout top-k (`rl.top_k`, −1 = off).
 
 Prompt length: a prompt (rl prompts or val) whose rendered chat template is longer than `rl.max_prompt_length`
 tokens is REFUSED before training starts, with a DataError naming the set, the prompt id and its length (verl's
@@ -39,6 +43,7 @@ from infra.errors import DataError
 from infra.hashing import hash_json
 from infra.progress import Progress
 from infra.spec import ComputeSpec, GraderSpec, RLSpec
+from rl.schedule import KL_LOSS_TYPE, hf_top_k, lr_at
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +52,6 @@ if TYPE_CHECKING:
     from rewards.pipeline import Sample
 
 MetricRows = list[tuple[str, float, int]]
-KL_LOSS_TYPE = "low_var_kl"  # verl's kl_loss_type (k3, Schulman 2020), clamped to [-10, 10] as verl does
 
 
 def derived_seed(*parts: Any) -> int:
@@ -75,8 +79,8 @@ def _actor_config(rl: RLSpec) -> Any:
     mini = rl.mini_batch_size * rl.n
     return ActorConfig(strategy="fsdp", clip_ratio=rl.clip_low, clip_ratio_low=rl.clip_low,
                        clip_ratio_high=rl.clip_high, loss_agg_mode=rl.loss_agg, ppo_mini_batch_size=mini,
-                       ppo_micro_batch_size_per_gpu=mini, rollout_n=rl.n, use_kl_loss=rl.kl_coef > 0,
-                       kl_loss_coef=rl.kl_coef, kl_loss_type=KL_LOSS_TYPE)
+                       ppo_micro_batch_size_per_gpu=mini, rollout_n=rl.n, use_kl_loss=rl.kl_loss,
+                       kl_loss_coef=rl.kl_coef, kl_loss_type=KL_LOSS_TYPE, entropy_coeff=rl.entropy_coeff)
 
 
 def _collate(rows: list[tuple[list[int], list[int], list[float]]], pad_id: int, device: str
@@ -150,14 +154,16 @@ def sampled_token_logprobs(logits: "torch.Tensor", targets: "torch.Tensor", temp
 
 
 def response_logprobs(model: "PreTrainedModel", batch: dict[str, "torch.Tensor"], device: str, precision: str,
-                      temperature: float) -> "torch.Tensor":
+                      temperature: float, with_entropy: bool = False) -> Any:
     """log π(response token | everything before it) at the sampling temperature, shape (rows, response length).
 
     The logits are divided by `temperature` before the log-softmax, as verl's actor does for old, new and
     reference log-probs (verl.workers.engine.fsdp.transformer_impl), so importance ratios are those of the
     distribution the rollouts were sampled from. Only the response positions go through the LM head
     (`logits_to_keep`), and the log-softmax never materialises fp32 full-vocabulary logits
-    (`sampled_token_logprobs`)."""
+    (`sampled_token_logprobs`). With `with_entropy`, also the per-token entropy of the tempered distribution
+    (rows, response length), verl's entropy_from_logits — that one does materialise the logits, so it is computed
+    only when rl.entropy_coeff > 0. Returns lp, or (lp, entropy)."""
     from worlds.model import autocast
 
     p_len = int(batch["p_len"])
@@ -166,30 +172,45 @@ def response_logprobs(model: "PreTrainedModel", batch: dict[str, "torch.Tensor"]
         # responses are right-padded from column p_len, so the last r_len + 1 positions hold every logit needed
         logits = model(input_ids=batch["ids"], attention_mask=batch["attn"], position_ids=batch["pos"],
                        use_cache=False, logits_to_keep=r_len + 1).logits[:, :-1]
-    return sampled_token_logprobs(logits, batch["ids"][:, p_len:p_len + r_len], temperature)
+    lp = sampled_token_logprobs(logits, batch["ids"][:, p_len:p_len + r_len], temperature)
+    if not with_entropy:
+        return lp
+    from verl.utils.torch_functional import entropy_from_logits
+
+    return lp, entropy_from_logits(logits.float() / temperature)
 
 
 def grpo_loss(old_lp: "torch.Tensor", new_lp: "torch.Tensor", adv: "torch.Tensor", mask: "torch.Tensor",
-              actor_cfg: Any, ref_lp: "torch.Tensor | None" = None) -> tuple["torch.Tensor", dict[str, float]]:
+              actor_cfg: Any, ref_lp: "torch.Tensor | None" = None, entropy: "torch.Tensor | None" = None
+              ) -> tuple["torch.Tensor", dict[str, float]]:
     """The actor loss of one mini-batch, composed as verl 0.9.1's `verl.workers.utils.losses.ppo_loss`: the
-    vanilla clipped policy loss (clip-higher, dual-clip) aggregated by `loss_agg_mode`, plus, with
-    `use_kl_loss`, kl_loss_coef · agg(kl_penalty(new, ref, kl_loss_type)) against the frozen reference.
-    All tensors are (rows, response length) log-probs / advantages; `mask` is 1 on response tokens.
-    Returns (scalar loss, metrics); raises ValueError when the KL loss is on and `ref_lp` is missing."""
+    vanilla clipped policy loss (clip-higher, dual-clip) aggregated by `loss_agg_mode`; minus entropy_coeff ·
+    agg(entropy) when entropy_coeff > 0; plus, with `use_kl_loss`, kl_loss_coef · agg(kl_penalty(new, ref,
+    kl_loss_type)) against the frozen reference (logged even at coefficient 0, as verl does).
+    All tensors are (rows, response length) log-probs / advantages / entropies; `mask` is 1 on response tokens.
+    Returns (scalar loss, metrics); raises ValueError when a term is on and its input is missing."""
     from verl.trainer.ppo.core_algos import agg_loss, compute_policy_loss_vanilla, kl_penalty
 
     pg_loss, metrics = compute_policy_loss_vanilla(old_lp, new_lp, adv, mask, loss_agg_mode=actor_cfg.loss_agg_mode,
                                                    config=actor_cfg)
     metrics = {"actor/pg_loss": pg_loss.item(), **metrics}
+    loss = pg_loss
+    if actor_cfg.entropy_coeff > 0:
+        if entropy is None:
+            raise ValueError(f"entropy_coeff {actor_cfg.entropy_coeff} needs the per-token entropy of the policy")
+        ent = agg_loss(loss_mat=entropy, loss_mask=mask, loss_agg_mode=actor_cfg.loss_agg_mode,
+                       **actor_cfg.global_batch_info)
+        loss = loss - actor_cfg.entropy_coeff * ent
+        metrics["actor/entropy_loss"] = ent.item()
     if not actor_cfg.use_kl_loss:
-        return pg_loss, metrics
+        return loss, metrics
     if ref_lp is None:
         raise ValueError("use_kl_loss is on but no reference log-probs were given")
     kld = kl_penalty(logprob=new_lp, ref_logprob=ref_lp, kl_penalty=actor_cfg.kl_loss_type)
     kl_loss = agg_loss(loss_mat=kld, loss_mask=mask, loss_agg_mode=actor_cfg.loss_agg_mode,
                        **actor_cfg.global_batch_info)
     metrics.update({"actor/kl_loss": kl_loss.item(), "actor/kl_coef": actor_cfg.kl_loss_coef})
-    return pg_loss + kl_loss * actor_cfg.kl_loss_coef, metrics
+    return loss + kl_loss * actor_cfg.kl_loss_coef, metrics
 
 
 def ppo_update(model: "PreTrainedModel", optimizer: "torch.optim.Optimizer", rows: list[tuple[list[int],
@@ -200,7 +221,7 @@ def ppo_update(model: "PreTrainedModel", optimizer: "torch.optim.Optimizer", row
     import torch
 
     if actor_cfg.use_kl_loss and ref_model is None:
-        raise ValueError("rl.kl_coef > 0 needs the frozen reference model")
+        raise ValueError("rl.kl_loss needs the frozen reference model")
     size = rl.mini_batch_size * rl.n
     minis = [_collate(rows[i:i + size], pad_id, device) for i in range(0, len(rows), size)]
     with torch.no_grad():  # the behaviour policy: the weights that sampled the batch
@@ -211,9 +232,10 @@ def ppo_update(model: "PreTrainedModel", optimizer: "torch.optim.Optimizer", row
                 else None for mb in minis]
     stats: dict[str, list[float]] = defaultdict(list)
     for mb, old_lp, ref_lp in zip(minis, old, refs):
-        new_lp = response_logprobs(model, mb, device, precision, rl.temperature)
+        new_lp, ent = response_logprobs(model, mb, device, precision, rl.temperature, with_entropy=True) \
+            if actor_cfg.entropy_coeff > 0 else (response_logprobs(model, mb, device, precision, rl.temperature), None)
         loss, metrics = grpo_loss(new_lp.detach() if old_lp is None else old_lp, new_lp, mb["adv"],
-                                  mb["resp_mask"], actor_cfg, ref_lp)
+                                  mb["resp_mask"], actor_cfg, ref_lp, ent)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rl.grad_clip)
@@ -242,13 +264,6 @@ def check_prompt_lengths(tokenizer: "PreTrainedTokenizerFast", sets: dict[str, l
                             f"({shown}{', …' if len(over) > 5 else ''}); raise rl.max_prompt_length or drop them")
 
 
-def lr_at(step: int, rl: RLSpec) -> float:
-    """verl's actor schedule: linear warm-up over lr_warmup_steps, then constant."""
-    if rl.lr_warmup_steps and step <= rl.lr_warmup_steps:
-        return rl.lr * step / rl.lr_warmup_steps
-    return rl.lr
-
-
 def _rollout_rows(step: int, rows: list[dict[str, Any]], records: list[dict[str, Any]], n: int
                   ) -> list[dict[str, Any]]:
     out = []
@@ -268,6 +283,14 @@ def _rollout_rows(step: int, rows: list[dict[str, Any]], records: list[dict[str,
             "heads": json.dumps(rec["heads"], sort_keys=True), "adv": json.dumps(rec["adv"], sort_keys=True),
         })
     return out
+
+
+def _decoy_facts(prompts: list[dict[str, Any]], grader: Any, tokenizer: Any) -> dict[str, Any]:
+    """How many of the RL prompts' gold/decoy pairs PMI-shift and gm can score (rewards.decoys.decoy_facts)."""
+    from rewards.decoys import decoy_facts, make_decoys
+
+    golds = [str(r["answer"]) for r in prompts]
+    return decoy_facts(golds, make_decoys(golds, grader, tokenizer), tokenizer)
 
 
 def _mean(values: list[float]) -> float:
@@ -316,7 +339,7 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
     signal = get_signal(rl.reward)
     scorer = HFScorer.from_pretrained(init_dir, device=device) if "scorer" in signal.needs else None
     # the KL reference is the same frozen SFT result as the scorer: reuse it; no reference at all without KL
-    ref_model = None if rl.kl_coef == 0 else scorer.model if scorer is not None else \
+    ref_model = None if not rl.kl_loss else scorer.model if scorer is not None else \
         load_model(init_dir, device).eval().requires_grad_(False)
     grader = get_grader(grader_spec)
     engine = HFEngine(model, tokenizer, device=device, precision=precision)
@@ -359,7 +382,7 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
         rows = [prompts[i] for i in prompt_indices(step, len(prompts), rl.batch_size, seed)]
         rendered = [render_prompt(tokenizer, r["prompt"]) for r in rows]
         t0 = time.perf_counter()
-        gens = engine.generate(rendered, n=rl.n, temperature=rl.temperature, top_p=rl.top_p,
+        gens = engine.generate(rendered, n=rl.n, temperature=rl.temperature, top_p=rl.top_p, top_k=hf_top_k(rl),
                                max_new_tokens=rl.max_response_length, seed=derived_seed("rollout", seed, step))
         t_sample = time.perf_counter() - t0
         groups: list[list[Sample]] = [[Sample(prompt=rendered[i], response=g.text, response_ids=g.token_ids,
@@ -427,6 +450,7 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
                "loss_type": KL_LOSS_TYPE if actor_cfg.use_kl_loss else None,
                "reference": None if ref_model is None else "scorer (shared)" if scorer is not None else "loaded"},
         "max_prompt_length": rl.max_prompt_length, "logprob_temperature": rl.temperature,
+        "decoys": _decoy_facts(prompts, grader, tokenizer) if "decoy" in signal.needs else None,
     }
     summary = {"val_acc": round(final_val.get("val/accuracy/pure", float("nan")), 3),
                "scorer_calls": totals["scorer/calls"]}

@@ -7,8 +7,8 @@ Each one is verl's own code or verl's own formula, so the local executor (rl/grp
   (verl.utils.torch_functional.get_constant_schedule_with_warmup / get_cosine_schedule_with_warmup) exactly as
   verl's FSDP engine builds them: warm-up steps = lr_warmup_steps, or int(warmup_ratio · steps) when that is 0;
   the scheduler is 0-indexed and stepped after each update, so step s uses the multiplier at s − 1.
-- `policy_loss_extras(...)`: verl's actor loss terms after the PG loss (verl.workers.utils.losses.ppo_loss):
-  loss −= entropy_coeff · agg(entropy), and with kl_loss, loss += kl_coef · agg(low_var_kl(π, π_ref)).
+- the entropy and KL terms of the actor loss live with the rest of the loss in rl.grpo.grpo_loss (verl's own
+  agg_loss / kl_penalty, configured through verl's ActorConfig).
 - `hf_top_k(rl)`: the rollout top-k in HF generate's convention (0 = off) from verl's (−1 = off).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from infra.spec import RLSpec
 if TYPE_CHECKING:
     import torch
 
-KL_LOSS_TYPE = "low_var_kl"  # verl's default kl_loss_type; the translation sets the same
+KL_LOSS_TYPE = "low_var_kl"  # verl's kl_loss_type (k3, Schulman 2020); the translation sets the same
 
 
 def warmup_steps(rl: RLSpec) -> int:
@@ -49,43 +49,6 @@ def lr_at(step: int, rl: RLSpec) -> float:
     if not 1 <= step <= rl.steps:
         raise ValueError(f"step {step} outside 1..{rl.steps}")
     return rl.lr * _multiplier(rl.lr_schedule, warmup_steps(rl), rl.steps, rl.min_lr_ratio)(step - 1)
-
-
-def entropy(logits: "torch.Tensor") -> "torch.Tensor":
-    """Per-token entropy (rows, T) of the policy from logits (rows, T, vocab) — verl's entropy_from_logits."""
-    from verl.utils.torch_functional import entropy_from_logits
-
-    return entropy_from_logits(logits)
-
-
-def policy_loss_extras(loss: "torch.Tensor", log_prob: "torch.Tensor", response_mask: "torch.Tensor",
-                       rl: RLSpec, entropy_tokens: "torch.Tensor | None" = None,
-                       ref_log_prob: "torch.Tensor | None" = None) -> tuple["torch.Tensor", dict[str, float]]:
-    """verl's actor loss after the PG term: `loss` − entropy_coeff · agg(entropy) [+ kl_coef · agg(kl)].
-
-    log_prob, response_mask, entropy_tokens, ref_log_prob: (rows, T). entropy_tokens is needed when
-    entropy_coeff > 0 and ref_log_prob when kl_loss is on (ValueError otherwise: a key that acts silently not
-    acting is the failure this guards). agg is verl's agg_loss with rl.loss_agg; the KL is verl's kl_penalty
-    with low_var_kl. Returns (loss, metrics) with verl's metric names actor/entropy_loss, actor/kl_loss.
-    """
-    from verl.trainer.ppo.core_algos import agg_loss, kl_penalty
-
-    mask = response_mask.to(bool)
-    metrics: dict[str, float] = {}
-    if rl.entropy_coeff > 0:
-        if entropy_tokens is None:
-            raise ValueError(f"entropy_coeff {rl.entropy_coeff} needs the per-token entropy of the policy")
-        ent = agg_loss(loss_mat=entropy_tokens, loss_mask=mask, loss_agg_mode=rl.loss_agg)
-        loss = loss - rl.entropy_coeff * ent
-        metrics["actor/entropy_loss"] = float(ent.detach())
-    if rl.kl_loss:
-        if ref_log_prob is None:
-            raise ValueError("kl_loss is on: the reference model's log-probs are needed")
-        kld = kl_penalty(logprob=log_prob, ref_logprob=ref_log_prob, kl_penalty=KL_LOSS_TYPE)
-        kl = agg_loss(loss_mat=kld, loss_mask=mask, loss_agg_mode=rl.loss_agg)
-        loss = loss + rl.kl_coef * kl
-        metrics["actor/kl_loss"] = float(kl.detach())
-    return loss, metrics
 
 
 def hf_top_k(rl: RLSpec) -> int:

@@ -107,7 +107,7 @@ def test_loss_and_advantage_parity_with_verl(norm, kl_coef):
 
     index, mask, rewards, correct, old, new, ref = fixed_batch()
     rl = RLSpec(clip_low=0.2, clip_high=0.28, loss_agg="token-mean", batch_size=3, mini_batch_size=3, n=3,
-                kl_coef=kl_coef)
+                kl_loss=kl_coef > 0, kl_coef=kl_coef)
     cfg = _actor_config(rl)
     assert cfg.use_kl_loss is (kl_coef > 0) and cfg.kl_loss_type == "low_var_kl"
 
@@ -148,7 +148,7 @@ def test_kl_on_needs_reference_log_probs():
     from rl.grpo import _actor_config, grpo_loss
 
     index, mask, rewards, correct, old, new, ref = fixed_batch()
-    cfg = _actor_config(RLSpec(kl_coef=0.1, batch_size=8, mini_batch_size=8))
+    cfg = _actor_config(RLSpec(kl_loss=True, kl_coef=0.1, batch_size=8, mini_batch_size=8))
     with pytest.raises(ValueError, match="reference log-probs"):
         grpo_loss(old, new, rewards, mask, cfg)
 
@@ -185,7 +185,7 @@ def test_ppo_update_kl_reference(tiny_lm):
     stats = ppo_update(model, opt, rows, rl0, _actor_config(rl0), 0, "cpu", "fp32", ref_model=_Forbidden())
     assert "actor/kl_loss" not in stats
 
-    rl1 = rl0.model_copy(update={"kl_coef": 0.5})
+    rl1 = RLSpec(**{**rl0.model_dump(), "kl_loss": True, "kl_coef": 0.5})
     with pytest.raises(ValueError, match="reference model"):
         ppo_update(model, opt, rows, rl1, _actor_config(rl1), 0, "cpu", "fp32")
     model = copy.deepcopy(tiny_lm).train()
@@ -253,7 +253,7 @@ def _run(arm_init, tmp_path, monkeypatch, **rl_kw):
 @pytest.mark.parametrize("reward,kl_coef,loads", [("vanilla", 0.0, ["model"]), ("vanilla", 0.2, ["model", "model"]),
                                                   ("pmishift", 0.2, ["model", "scorer"])])
 def test_train_grpo_kl_reference_is_loaded_once(arm_init, tmp_path, monkeypatch, reward, kl_coef, loads):
-    out, seen = _run(arm_init, tmp_path, monkeypatch, reward=reward, kl_coef=kl_coef)
+    out, seen = _run(arm_init, tmp_path, monkeypatch, reward=reward, kl_loss=kl_coef > 0, kl_coef=kl_coef)
     assert seen == loads  # the PMI-shift scorer doubles as the KL reference; no reference without KL
     kl = out["facts"]["kl"]
     assert kl["applied"] is (kl_coef > 0) and kl["coef"] == kl_coef

@@ -218,32 +218,38 @@ def test_lr_schedule_is_verls():
         lr_at(11, RLSpec(steps=10))
 
 
-def test_loss_extras_are_verls_entropy_and_kl_terms():
+def test_entropy_and_kl_terms_are_verls():
+    """The local loss's entropy bonus and KL term (rl.grpo.grpo_loss) are verl's agg_loss/kl_penalty terms."""
     import torch
-    from verl.trainer.ppo.core_algos import agg_loss, kl_penalty
+    from verl.trainer.ppo.core_algos import agg_loss, compute_policy_loss_vanilla, kl_penalty
     from verl.utils.torch_functional import entropy_from_logits
 
-    from rl.schedule import entropy, hf_top_k, policy_loss_extras
+    from rl.grpo import _actor_config, grpo_loss
+    from rl.schedule import hf_top_k
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 5, 11, generator=g)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float32)
-    lp, ref = -torch.rand(3, 5, generator=g), -torch.rand(3, 5, generator=g)
-    ent = entropy(logits)
-    rl = RLSpec(entropy_coeff=0.001, kl_loss=True, kl_coef=0.05)
-    loss, metrics = policy_loss_extras(torch.tensor(1.0), lp, mask, rl, ent, ref)
-    want_ent = agg_loss(entropy_from_logits(logits), mask.bool(), "token-mean")
+    lp, ref, adv = -torch.rand(3, 5, generator=g), -torch.rand(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    ent = entropy_from_logits(logits)
+    rl = RLSpec(entropy_coeff=0.001, kl_loss=True, kl_coef=0.05, batch_size=3, mini_batch_size=3, n=1)
+    cfg = _actor_config(rl)
+    loss, metrics = grpo_loss(lp, lp, adv, mask, cfg, ref, ent)
+    pg, _ = compute_policy_loss_vanilla(lp, lp, adv, mask, loss_agg_mode="token-mean", config=cfg)
+    want_ent = agg_loss(ent, mask.bool(), "token-mean")
     want_kl = agg_loss(kl_penalty(lp, ref, "low_var_kl"), mask.bool(), "token-mean")
-    assert float(loss) == pytest.approx(1.0 - 0.001 * float(want_ent) + 0.05 * float(want_kl), abs=1e-7)
-    assert metrics == pytest.approx({"actor/entropy_loss": float(want_ent), "actor/kl_loss": float(want_kl)})
+    assert float(loss) == pytest.approx(float(pg) - 0.001 * float(want_ent) + 0.05 * float(want_kl), abs=1e-7)
+    assert metrics["actor/entropy_loss"] == pytest.approx(float(want_ent))
+    assert metrics["actor/kl_loss"] == pytest.approx(float(want_kl))
     assert float(want_ent) > 1 and float(want_kl) > 0  # the terms are not zeros
     # KL on with coefficient 0 (the research's setting): logged, no change to the loss
-    loss0, m0 = policy_loss_extras(torch.tensor(1.0), lp, mask, RLSpec(kl_loss=True), None, ref)
-    assert float(loss0) == 1.0 and m0["actor/kl_loss"] == pytest.approx(float(want_kl))
+    cfg0 = _actor_config(RLSpec(kl_loss=True, batch_size=3, mini_batch_size=3, n=1))
+    loss0, m0 = grpo_loss(lp, lp, adv, mask, cfg0, ref)
+    assert float(loss0) == pytest.approx(float(pg)) and m0["actor/kl_loss"] == pytest.approx(float(want_kl))
     with pytest.raises(ValueError, match="per-token entropy"):
-        policy_loss_extras(torch.tensor(1.0), lp, mask, rl, None, ref)
-    with pytest.raises(ValueError, match="reference model"):
-        policy_loss_extras(torch.tensor(1.0), lp, mask, RLSpec(kl_loss=True), None, None)
+        grpo_loss(lp, lp, adv, mask, cfg, ref, None)
+    with pytest.raises(ValueError, match="reference log-probs"):
+        grpo_loss(lp, lp, adv, mask, cfg0, None)
     assert (hf_top_k(RLSpec()), hf_top_k(RLSpec(top_k=20))) == (0, 20)
 
 
