@@ -20,6 +20,8 @@ from typing import Any, Callable  # noqa: E402
 from prefect import flow, runtime  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 
+from flows.artifacts import publish_summary  # noqa: E402
+from flows.orphans import crash_orphans  # noqa: E402
 from infra.errors import SpecError  # noqa: E402
 from infra.lineage import Artifact  # noqa: E402
 from infra.spec import AblationSpec, BaseSpec, load_spec, resolved_arms, stage_config  # noqa: E402
@@ -121,6 +123,7 @@ def ablation(spec_file: str = "configs/demo.yaml", overrides: RunOverrides = Run
     placement = {"executor": spec.base.executor.model_dump(mode="json")}
     flow_run_id = str(runtime.flow_run.id) if runtime.flow_run.id else None
     with Session(spec, spec_file, fresh=fresh, flow_run_id=flow_run_id) as s:
+        crash_orphans(s.lineage, spec.name, flow_run_id)  # flow runs of this ablation whose process was killed
         spec_art = s.store.put(Path(spec_file), kind="spec")
         for arm, cfg in arms.items():
             run_task(s, resolve_stage.resolve,
@@ -166,4 +169,4 @@ def ablation(spec_file: str = "configs/demo.yaml", overrides: RunOverrides = Run
         result = {"ablation": spec.name, "home": str(s.home.root), "stages": dict(s.status),
                   "summaries": dict(s.summaries)}
     # after the session has recorded everything: the ledger and the report read this flow run back from lineage
-    return {**result, **report_stage.audit_and_report(result["home"], spec.name)}
+    return publish_summary({**result, **report_stage.audit_and_report(result["home"], spec.name)})
