@@ -175,7 +175,8 @@ def print_summary(result: dict) -> None:
     out.print(f"lineage       {h.lineage_db}   (twinarm lineage \"SELECT * FROM runs\")")
     if result.get("ablation"):
         experiment = Tracker(h).experiment(result["ablation"])
-        out.print(f"MLflow        {runs_url(experiment)}   (with `twinarm ui`; store {tracking_uri(h)})", soft_wrap=True)
+        out.print(f"MLflow        {runs_url(experiment)}   (with `twinarm ui`; store {tracking_uri(h)})",
+                  soft_wrap=True)
     if result.get("ledger"):
         counts = result["ledger"]
         verdict = f"[bold red]✗ {', '.join(result['violated'])}[/]" if result["violated"] else "[green]no ✗[/]"

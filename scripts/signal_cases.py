@@ -124,7 +124,7 @@ def ctrl_c_run(repo: Path, python: str, root: Path) -> dict[str, Any]:
     job = Started(repo, python, home, "run", str(tiny_spec(repo, root)))
     try:
         deadline = time.monotonic() + 900
-        while not list(home.glob("runs/base_model/*/checkpoints/*")):  # the base model is training
+        while not list(home.glob("runs/base_model/*/train/checkpoints/*")):  # base-model training, mid-way
             if job.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"no base-model checkpoint appeared:\n{job.text()}")
             time.sleep(0.2)
@@ -134,8 +134,9 @@ def ctrl_c_run(repo: Path, python: str, root: Path) -> dict[str, Any]:
         time.sleep(1)
         after = [line for t, line in job.lines if t > t_signal + 1 and TRAINING.search(line)]
         written = [p for p in (home / "runs").rglob("*") if p.is_file() and p.stat().st_mtime > wall_signal + 1]
+        before = [line for t, line in job.lines if t <= t_signal and TRAINING.search(line)]
         return {"case": "Ctrl-C on `twinarm run` (mid-training)", "exit": code, "seconds": round(seconds, 1),
-                "training lines after the signal": len(after), "files written 1 s after the signal": len(written),
+                "progress lines before the signal": len(before), "training lines after the signal": len(after), "files written 1 s after the signal": len(written),
                 "flow run": ", ".join(flow_run_states(home)),
                 "left running": len(owned(home)), "last line": job.text().strip().splitlines()[-1][:160],
                 "output": job.text()}
@@ -154,7 +155,8 @@ def ui_cases(repo: Path, python: str, root: Path, sig: signal.Signals, group: bo
     results = []
     try:
         deadline = time.monotonic() + 300
-        while not (answers(f"http://127.0.0.1:{ports[0]}/api/health") and answers(f"http://127.0.0.1:{ports[1]}/health")):
+        urls = f"http://127.0.0.1:{ports[0]}/api/health", f"http://127.0.0.1:{ports[1]}/health"
+        while not all(answers(u) for u in urls):
             if job.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"twinarm ui did not come up:\n{job.text()}")
             time.sleep(1)
@@ -178,8 +180,7 @@ def ui_cases(repo: Path, python: str, root: Path, sig: signal.Signals, group: bo
         results.append({"case": f"{'Ctrl-C' if group else sig.name} on `twinarm ui`", "exit": code,
                         "seconds": round(seconds, 1), "processes before": n_processes,
                         "left running": len(owned(home)),
-                        "ports still answering": sum(answers(u) for u in (f"http://127.0.0.1:{ports[0]}/api/health",
-                                                                            f"http://127.0.0.1:{ports[1]}/health")),
+                        "ports still answering": sum(answers(u) for u in urls),
                         "files written in the venv": in_venv,
                         "last line": (job.text().strip().splitlines() or [""])[-1][:160]})
         return results

@@ -20,8 +20,10 @@ INTERRUPTED = "interrupted: completed stages are kept; run the same command agai
 
 def test_ctrl_c_on_run_stops_the_stages_records_a_crash_and_exits_130(tmp_path):
     row = signal_cases.ctrl_c_run(REPO, sys.executable, tmp_path)
+    print({k: v for k, v in row.items() if k != "output"})
     assert row["exit"] == 130, row["output"]
     assert row["last line"] == INTERRUPTED, row["output"]
+    assert row["progress lines before the signal"] > 0, row["output"]  # progress on the terminal, inline placement
     assert row["seconds"] < 60 and row["training lines after the signal"] == 0, row
     assert row["files written 1 s after the signal"] == 0, row
     assert row["flow run"] == "Crashed", row
@@ -34,6 +36,7 @@ def test_ctrl_c_on_run_stops_the_stages_records_a_crash_and_exits_130(tmp_path):
                          ids=["sigterm-with-serve-beside", "ctrl-c"])
 def test_ui_stops_every_child_and_frees_its_ports(tmp_path, sig, group, serve_beside):
     rows = signal_cases.ui_cases(REPO, sys.executable, tmp_path, sig, group, serve_beside)
+    print(rows)
     if serve_beside:
         serve = rows.pop(0)
         assert serve["exit"] == 1 and "already served" in serve["last line"], serve
@@ -47,5 +50,6 @@ def test_ui_stops_every_child_and_frees_its_ports(tmp_path, sig, group, serve_be
 
 def test_serve_with_an_unreachable_api_names_the_url(tmp_path):
     row = signal_cases.serve_unreachable(REPO, sys.executable, tmp_path)
+    print(row)
     assert row["exit"] == 1 and row["names the URL"] and row["seconds"] < 30, row
     assert row["last line"].startswith("error: the Prefect API http://127.0.0.1:"), row
