@@ -20,6 +20,8 @@ from typing import Any, Callable  # noqa: E402
 from prefect import flow, runtime  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 
+from flows.artifacts import publish_summary  # noqa: E402
+from flows.orphans import crash_orphans  # noqa: E402
 from infra.artifacts import Artifact  # noqa: E402
 from infra.errors import SpecError  # noqa: E402
 from infra.roles import CheckpointRole, StepRole, SuiteRole  # noqa: E402
@@ -119,6 +121,7 @@ def ablation(spec_file: str = "configs/demo.yaml", overrides: RunOverrides = Run
     placement = {"executor": spec.base.executor.model_dump(mode="json")}
     flow_run_id = str(runtime.flow_run.id) if runtime.flow_run.id else None
     with Session(spec, spec_file, fresh=fresh, flow_run_id=flow_run_id) as s:
+        crash_orphans(s.lineage, spec.name, flow_run_id)  # flow runs of this ablation whose process was killed
         spec_art = s.store.put(Path(spec_file), kind="spec")
         resolve = STAGES["resolve"]
         for arm, cfg in arms.items():
@@ -160,5 +163,5 @@ def ablation(spec_file: str = "configs/demo.yaml", overrides: RunOverrides = Run
         run_task(s, heldout.task, s.begin(s.stage_call(heldout, SHARED, None, one_protocol(arms),
                                                        {**suites, **starts_and_ends})), **placement)
         # every stage of this flow run is recorded: the ledger and the report read it back from lineage
-        return {"ablation": spec.name, "home": str(s.home.root), "stages": dict(s.status),
-                "summaries": dict(s.summaries), **report_stage.audit_and_report(s)}
+        return publish_summary({"ablation": spec.name, "home": str(s.home.root), "stages": dict(s.status),
+                                "summaries": dict(s.summaries), **report_stage.audit_and_report(s)})

@@ -8,7 +8,8 @@ import shutil
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -117,16 +118,39 @@ def run(spec: Path = typer.Argument(..., help="ablation spec (YAML)"),
     """Run an ablation (or resume it: completed stages are served from cache)."""
 
     def body() -> int:
-        from flows.ablation import RunOverrides, ablation
+        from flows.ui import run_server
 
-        quiet_prefect_failures()
-        result = ablation(spec_file=str(spec), overrides=RunOverrides(arms=_csv_list(arms),
-                                                                      seeds=_csv_list(seeds, int),
-                                                                      rl_steps=rl_steps), fresh=fresh)
-        print_summary(result)
+        with interruptible(), run_server():
+            from flows.ablation import RunOverrides, ablation
+
+            quiet_prefect_failures()
+            result = ablation(spec_file=str(spec), overrides=RunOverrides(arms=_csv_list(arms),
+                                                                          seeds=_csv_list(seeds, int),
+                                                                          rl_steps=rl_steps), fresh=fresh)
+            print_summary(result)
         return 0
 
     _guard(body)
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """Ctrl-C (SIGINT) or SIGTERM during a flow: every running stage stops at its next step (infra.progress.STOP),
+    the flow run is recorded as Crashed, and KeyboardInterrupt reaches _guard (exit 130, "interrupted")."""
+    import signal
+
+    from infra.progress import STOP
+
+    def stop(signum: int, frame: object) -> None:
+        STOP.set()
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def quiet_prefect_failures() -> None:
@@ -139,7 +163,7 @@ def quiet_prefect_failures() -> None:
 
 def print_summary(result: dict) -> None:
     from infra.home import home
-    from infra.tracking import tracking_uri
+    from infra.tracking import Tracker, runs_url, tracking_uri
 
     h = home()
     stages = result.get("stages", {})
@@ -150,7 +174,10 @@ def print_summary(result: dict) -> None:
     out.print(t)
     out.print(f"TWINARM_HOME  {h.root}")
     out.print(f"lineage       {h.lineage_db}   (twinarm lineage \"SELECT * FROM runs\")")
-    out.print(f"MLflow        {tracking_uri(h)}   (artifacts {h.mlflow_artifacts}; `make ui`)")
+    if result.get("ablation"):
+        experiment = Tracker(h).experiment(result["ablation"])
+        out.print(f"MLflow        {runs_url(experiment)}   (with `twinarm ui`; store {tracking_uri(h)})",
+                  soft_wrap=True)
     if result.get("ledger"):
         counts = result["ledger"]
         verdict = f"[bold red]✗ {', '.join(result['violated'])}[/]" if result["violated"] else "[green]no ✗[/]"
@@ -197,18 +224,22 @@ def heldout(ablation: str = typer.Argument(..., help="a registered ablation (its
     deployment does for every ablation)."""
 
     def body() -> int:
-        from flows.heldout import nightly_heldout, registered
+        from flows.ui import run_server
         from infra.home import home
         from infra.lineage import Lineage
 
-        known = registered(Lineage(home().lineage_db))
-        if ablation not in known:
-            raise UsageError(f"ablation '{ablation}' has no held-out job yet; registered: {', '.join(known) or 'none'}")
-        quiet_prefect_failures()
-        result = nightly_heldout(ablations=[ablation])["ablations"][ablation]
+        with interruptible(), run_server():
+            from flows.heldout import line, nightly_heldout, registered
+
+            known = registered(Lineage(home().lineage_db))
+            if ablation not in known:
+                raise UsageError(f"ablation '{ablation}' has no held-out job yet; registered: "
+                                 f"{', '.join(known) or 'none'}")
+            quiet_prefect_failures()
+            result = nightly_heldout(ablations=[ablation])["ablations"][ablation]
         if "skipped" in result:
             raise TwinarmError(result["skipped"])
-        out.print(f"{ablation}: {result['checkpoints']} checkpoints, {result['evaluated_now']} evaluated now")
+        out.print(line(ablation, result))
         return 0
 
     _guard(body)
@@ -311,18 +342,31 @@ def belief(ablation: str = typer.Argument(..., help="an ablation whose RL stage 
 
 @app.command()
 def serve(spec: str = typer.Option("configs/demo.yaml", help="the spec file the ablation form starts with"),
-          cron: str = typer.Option("0 3 * * *", help="schedule of the nightly held-out deployment")) -> None:
-    """Serve the ablation and nightly held-out deployments to a running Prefect server (PREFECT_API_URL)."""
+          cron: str = typer.Option("0 3 * * *", help="schedule of the nightly held-out deployment"),
+          interval: Optional[float] = typer.Option(None, min=1, help="run the nightly held-out deployment every "
+                                                                     "INTERVAL seconds instead of on --cron"),
+          replace: bool = typer.Option(False, "--replace", hidden=True,
+                                       help="serve even if another process serves the deployments (twinarm ui's "
+                                            "own child)")) -> None:
+    """Serve the ablation and nightly held-out deployments to a running Prefect server (PREFECT_API_URL). One
+    process serves them: refused while another (`twinarm ui`, another `serve`) does."""
 
     def body() -> int:
         import os
 
-        if not os.environ.get("PREFECT_API_URL"):
+        api = os.environ.get("PREFECT_API_URL")
+        if not api:
             raise UsageError("PREFECT_API_URL is not set: start the server with `twinarm ui` (it serves the "
                              "deployments itself) or point PREFECT_API_URL at your Prefect server")
-        from flows.deploy import serve as serve_deployments
+        from flows.deploy import check_api, served_elsewhere, serve as serve_deployments
 
-        serve_deployments(spec, cron)
+        check_api(api)
+        busy = [] if replace else served_elsewhere()
+        if busy:
+            raise TwinarmError(f"{', '.join(busy)} already served on {api} by another process (`twinarm ui` or "
+                               f"`twinarm serve`): stop it first; one process owns the deployments and their "
+                               f"schedules")
+        serve_deployments(spec, cron, interval)
         return 0
 
     _guard(body)

@@ -20,11 +20,17 @@ from infra.artifacts import Artifact, uri_path  # noqa: E402
 from infra.errors import LockedError  # noqa: E402
 from infra.lineage import Lineage  # noqa: E402
 from infra.roles import CheckpointRole, StepRole, SuiteRole  # noqa: E402
+from infra.progress import to_run_log  # noqa: E402
 from infra.spec import load_spec  # noqa: E402
 from tasks.common import SHARED, Session, run_task  # noqa: E402
 from tasks.stages import STAGES  # noqa: E402
 
 NIGHTLY = "nightly"
+
+
+def line(ablation: str, result: dict[str, Any]) -> str:
+    """`tiny: 6 checkpoints, 4 evaluated now` (the nightly run's log line and `twinarm heldout`'s output)."""
+    return f"{ablation}: {result['checkpoints']} checkpoints, {result['evaluated_now']} evaluated now"
 
 
 def registered(lineage: Lineage) -> list[str]:
@@ -77,6 +83,7 @@ def nightly_heldout(ablations: list[str] | None = None) -> dict[str, Any]:
                 cached = s.status[f"heldout/{SHARED}"] == "cached"
                 summary[name] = {"checkpoints": sum(CheckpointRole.parse(r) is not None for r in inputs),
                                  "evaluated_now": 0 if cached else out.facts["evaluated_now"]}
+                to_run_log(line(name, summary[name]))
         except LockedError as exc:
             print(f"skipping {name}: {exc}")
             summary[name] = {"skipped": str(exc)}

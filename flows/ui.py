@@ -1,18 +1,29 @@
 """`twinarm ui`: the Prefect server (UI + API) and the MLflow UI on 127.0.0.1, plus the served deployments, as
-child processes that share TWINARM_HOME's stores; Ctrl-C stops them all."""
+child processes that share TWINARM_HOME's stores. Ctrl-C or SIGTERM stops every child it started (each in its own
+process group, so their own children go too) and frees the ports.
+
+Nothing is written into the virtualenv: the Prefect UI's build (which the server copies and rewrites for its
+base URL at each start) goes to TWINARM_HOME/prefect/ui-build (PREFECT_UI_STATIC_DIRECTORY), and the servers'
+output to TWINARM_HOME/prefect/*.log."""
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from typing import Any
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
 
 from infra.errors import TwinarmError
-from infra.home import configure_environment
+from infra.home import Home, configure_environment
 from infra.tracking import tracking_uri
+
+STOP_GRACE_S = 20
 
 
 def _free(port: int) -> None:
@@ -20,6 +31,13 @@ def _free(port: int) -> None:
         if sock.connect_ex(("127.0.0.1", port)) == 0:
             raise TwinarmError(f"port {port} on 127.0.0.1 is already in use: stop what holds it or pass another "
                                f"port (--prefect-port / --mlflow-port)")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def wait_http(url: str, timeout_s: float, proc: subprocess.Popen) -> None:
@@ -35,23 +53,79 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen) -> None:
     raise TwinarmError(f"{url} did not answer within {timeout_s:.0f}s")
 
 
+def prefect_env(home: Home, port: int) -> dict[str, str]:
+    """The environment of a Prefect server on 127.0.0.1:port and of the clients that use it."""
+    api = f"http://127.0.0.1:{port}/api"
+    return {**os.environ, "PREFECT_API_URL": api, "PREFECT_UI_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED":
+            "false", "PREFECT_UI_STATIC_DIRECTORY": str(home.prefect / "ui-build")}
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path | None = None) -> subprocess.Popen:
+    """A child in its own process group (stop() ends it with everything it started)."""
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child holds it; closed on exit
+    try:
+        return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        if log:
+            out.close()
+
+
+def start_prefect(home: Home, port: int, env: dict[str, str]) -> subprocess.Popen:
+    """`prefect server start` on 127.0.0.1:port (output in TWINARM_HOME/prefect/server.log); returns once the
+    API answers."""
+    _free(port)
+    proc = spawn([os.path.join(os.path.dirname(sys.executable), "prefect"), "server", "start", "--host",
+                  "127.0.0.1", "--port", str(port)], env, home.prefect / "server.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/health", 120, proc)
+    except BaseException:
+        stop([proc])
+        raise
+    return proc
+
+
+@contextmanager
+def run_server() -> Iterator[None]:
+    """The Prefect API of one `twinarm run`/`heldout` when PREFECT_API_URL is not set: the temporary server Prefect
+    would start itself (no UI, no services), but in its own process group, so that a Ctrl-C reaches the flow,
+    which stops its stages and records its end, and not the server it records them in. Stopped on exit."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    home = configure_environment()
+    port = free_port()
+    env = {**os.environ, "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT_UI_ENABLED": "0"}
+    proc = spawn([sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host",
+                  "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"], env,
+                 home.prefect / "run-server.log")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/api/health", 120, proc)
+        os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+        yield
+    finally:
+        if "prefect.logging.handlers" in sys.modules:  # send what is queued while the server still answers
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
+
+            for worker in (APILogWorker, EventsWorker):
+                logging.getLogger(worker.__name__).setLevel(logging.ERROR)  # not "Still processing items"
+                worker.drain_all(timeout=15)
+        os.environ.pop("PREFECT_API_URL", None)
+        stop([proc])
+
+
 def start_servers(prefect_port: int, mlflow_port: int) -> tuple[list[subprocess.Popen], dict[str, str]]:
     """Start both servers; return the processes and the environment that points clients at them."""
     home = configure_environment()
     for port in (prefect_port, mlflow_port):
         _free(port)
-    bin_dir = os.path.dirname(sys.executable)
-    env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": f"http://127.0.0.1:{prefect_port}/api"}
-    procs = [
-        subprocess.Popen([os.path.join(bin_dir, "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                          str(prefect_port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT),
-        subprocess.Popen([os.path.join(bin_dir, "mlflow"), "server", "--backend-store-uri", tracking_uri(home),
-                          "--default-artifact-root", home.mlflow_artifacts.as_uri(), "--host", "127.0.0.1",
-                          "--port", str(mlflow_port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT),
-    ]
+    env = prefect_env(home, prefect_port)
+    procs = [start_prefect(home, prefect_port, env)]
     try:
-        wait_http(f"http://127.0.0.1:{prefect_port}/api/health", 120, procs[0])
+        procs.append(spawn([os.path.join(os.path.dirname(sys.executable), "mlflow"), "server",
+                            "--backend-store-uri", tracking_uri(home), "--default-artifact-root",
+                            home.mlflow_artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(mlflow_port)],
+                           env, home.prefect / "mlflow-server.log"))
         wait_http(f"http://127.0.0.1:{mlflow_port}/health", 120, procs[1])
     except BaseException:
         stop(procs)
@@ -60,28 +134,50 @@ def start_servers(prefect_port: int, mlflow_port: int) -> tuple[list[subprocess.
 
 
 def stop(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in procs:
+    """Stop the children in reverse start order (the deployments' runner first, while the API still answers, so
+    it can record its runs' end): SIGTERM to each process group, SIGKILL after STOP_GRACE_S."""
+    for proc in reversed(procs):
+        _signal_group(proc, signal.SIGTERM)
         try:
-            proc.wait(timeout=15)
+            proc.wait(timeout=STOP_GRACE_S)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+        _signal_group(proc, signal.SIGKILL)  # grandchildren that outlived their parent
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _terminate_as_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def run_ui(prefect_port: int, mlflow_port: int, spec: str, deployments: bool, console: Any) -> int:
-    procs, env = start_servers(prefect_port, mlflow_port)
-    if deployments:
-        procs.append(subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--spec", spec], env=env))
-    console.print(f"Prefect UI  http://127.0.0.1:{prefect_port}   (deployments: twinarm-ablation/ablation, "
-                  f"twinarm-nightly-heldout/nightly-heldout)")
-    console.print(f"MLflow UI   http://127.0.0.1:{mlflow_port}")
-    console.print("Ctrl-C stops both.")
+    previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)  # SIGTERM stops the children like Ctrl-C
+    procs: list[subprocess.Popen] = []
     try:
+        procs, env = start_servers(prefect_port, mlflow_port)
+        if deployments:
+            procs.append(spawn([sys.executable, "-m", "flows.cli", "serve", "--spec", spec, "--replace"], env))
+        console.print(f"Prefect UI  http://127.0.0.1:{prefect_port}   (deployments: twinarm-ablation/ablation, "
+                      f"twinarm-nightly-heldout/nightly-heldout)")
+        console.print(f"MLflow UI   http://127.0.0.1:{mlflow_port}")
+        console.print("Ctrl-C stops both.")
         while all(p.poll() is None for p in procs):
             time.sleep(1)
         failed = next(p for p in procs if p.poll() is not None)
         raise TwinarmError(f"{' '.join(map(str, failed.args[:3]))} exited with code {failed.returncode}")
+    except KeyboardInterrupt:
+        stop(procs)
+        procs = []
+        console.print(f"stopped: the Prefect and MLflow servers and the served deployments; ports {prefect_port} "
+                      f"and {mlflow_port} are free.")
+        return 0
     finally:
         stop(procs)
+        signal.signal(signal.SIGTERM, previous)

@@ -74,7 +74,10 @@ def _derived(h: Home) -> dict[str, str]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOCAL_STORAGE_PATH": str(h.prefect / "results"),
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
-        "PREFECT_LOGGING_LEVEL": "WARNING",
+        # INFO reaches the run's logs (the Prefect UI, `prefect flow-run logs`): progress lines, stage summaries;
+        # the terminal shows Prefect's warnings and errors only (twinarm prints its own lines there)
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # 20 s default: too short on a busy 2-core box
         "MLFLOW_TRACKING_URI": f"sqlite:///{h.mlflow_db}",
         "MLFLOW_LOGGING_LEVEL": "WARNING",

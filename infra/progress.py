@@ -1,17 +1,29 @@
 """Progress of long loops (base model, SFT and RL steps, generation, grading): a bar with ETA on a terminal, plain
-lines elsewhere (CI, logs, Ray workers, pipes) at most every few seconds, so logs stay readable.
+lines elsewhere (CI, logs, Ray workers, pipes) at most every few seconds, so logs stay readable. Inside a Prefect
+flow or task run the same lines (and each stage's summary) also go to the run's logs at INFO, which the Prefect UI
+shows on the flow run page and `prefect flow-run logs` prints.
 
 Every line names the stage and arm that is running (set by the stage runner), e.g.
-`[rl/pmishift] step 12/60  20%  3.1 s/it  ETA 2m28s  acc=0.41`.
+`[rl/pmishift/seed0] GRPO steps 12/60  20%  3.1 s/it  ETA 2m28s  acc=0.41`.
 """
 from __future__ import annotations
 
 import contextvars
 import os
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
+
+# Set on Ctrl-C / SIGTERM of the command line: every running loop stops at its next step (stage bodies run in
+# worker threads, which a signal does not reach).
+STOP = threading.Event()
+
+
+class StopRequested(Exception):
+    """Raised by Progress.advance once STOP is set: the stage ends here (its last checkpoint is kept)."""
+
 
 STAGE_LABEL: contextvars.ContextVar[str] = contextvars.ContextVar("twinarm_stage_label", default="")
 LINE_EVERY_S = float(os.environ.get("TWINARM_PROGRESS_EVERY_S", "10"))
@@ -55,19 +67,52 @@ class Progress:
                 + (f"  {extra}" if extra else ""))
 
     def advance(self, n: int = 1, **shown: Any) -> None:
+        """Count `n` units done; raises StopRequested when the command was interrupted (STOP)."""
+        if STOP.is_set():
+            raise StopRequested(f"{self.prefix}: interrupted at {self.done}/{self.total}")
         self.done += n
         if self.bar is not None:
             self.bar.update(self.task, completed=self.done, shown=" ".join(f"{k}={v:.3g}" if isinstance(v, float)
                                                                             else f"{k}={v}" for k, v in shown.items()))
-            return
         now = time.monotonic()
         if now - self.last_line >= LINE_EVERY_S or self.done >= self.total:
             self.last_line = now
-            print(self.line(shown), file=sys.stderr, flush=True)
+            line = self.line(shown)
+            if self.bar is None:
+                to_terminal(line)
+            to_run_log(line)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+
+
+def to_terminal(line: str) -> None:
+    """A line on stderr, written directly: inside a flow run with log_prints, Prefect turns print() into an INFO
+    log record, which the terminal (console handler at WARNING) would not show."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def to_run_log(line: str) -> None:
+    """Send a line to the logs of the current Prefect task or flow run (INFO); nothing outside a run (a Ray
+    worker, a unit test)."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if TaskRunContext.get() is None and FlowRunContext.get() is None:
+        return
+    from prefect.logging import get_run_logger
+
+    get_run_logger().info(line)
+
+
+def stage_done(label: str, status: str, summary: dict[str, Any]) -> None:
+    """One line per finished stage, on the terminal and in the run's logs:
+    `[sft/control/seed0] computed  loss=0.41  steps=60`."""
+    numbers = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items())
+    line = f"[{label}] {status}" + (f"  {numbers}" if numbers else "")
+    to_terminal(line)
+    to_run_log(line)
 
 
 @contextmanager

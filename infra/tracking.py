@@ -32,6 +32,17 @@ def tracking_uri(home: Home) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home.mlflow_db}"
 
 
+MLFLOW_UI = "http://127.0.0.1:5000"  # the MLflow UI of `twinarm ui` (its --mlflow-port default)
+
+
+def runs_url(experiment_id: str, ui: str | None = None) -> str:
+    """The MLflow UI page with an experiment's runs table (not MLflow 3's GenAI overview tab, which stays empty
+    for these runs). The UI is `ui`, else a remote tracking server's own, else `twinarm ui`'s."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    base = ui or (uri if uri.startswith(("http://", "https://")) else MLFLOW_UI)
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail early with one clear message when a remote tracking server does not answer."""
     if not uri.startswith(("http://", "https://")):

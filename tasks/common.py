@@ -32,7 +32,7 @@ from infra.home import Home, configure_environment
 from infra.artifacts import Artifact
 from infra.lineage import Lineage, Run, StageRecord, utcnow
 from infra.locks import exclusive
-from infra.progress import stage_label
+from infra.progress import stage_done, stage_label
 from infra.spec import AblationSpec, BaseSpec, config_hash, flatten, stage_config
 from infra.tracking import Tracker
 
@@ -363,6 +363,7 @@ class Session:
             self.tracker.log_artifact(run_id, Path(path))
         self.tracker.finish(run_id)
         self.status[call.label] = "cached" if cached else "computed"
+        stage_done(call.label, self.status[call.label], out.summary)
         if out.summary:
             self.summaries[call.label] = out.summary
         return out
@@ -386,7 +387,8 @@ def run_calls(session: Session, task: Any, calls: list[StageCall], **kwargs: Any
     unique: dict[str, StageCall] = {}
     for call in calls:
         unique.setdefault(call.key, call)
-    futures = {key: task.with_options(refresh_cache=session.fresh).submit(call=call, **kwargs)
+    futures = {key: task.with_options(refresh_cache=session.fresh, task_run_name=call.label).submit(call=call,
+                                                                                                  **kwargs)
                for key, call in unique.items()}
     states = {}
     for key, future in futures.items():
