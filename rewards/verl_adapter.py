@@ -182,17 +182,14 @@ class TwinarmRewardManager(RewardManagerBase):
                              f"the frozen-reference scorer or regeneration are not (issue 18 item 3)")
         self.reward = reward
         self.grader = get_grader(GraderSpec.model_validate(section["grader"]))
-        self.meta_open = section["model"]["meta_open"]
-        self.meta_close = section["model"]["meta_close"]
         self.max_response_length = int(config.data.max_response_length)
 
     def heads_of(self, response: str, gold: str, truncated: bool, n_tokens: int) -> dict[str, float | None]:
         """The per-rollout heads, as rewards.pipeline builds them for the local executor."""
         grade = self.grader.grade([response], [gold])[0]
         rollout = Rollout(prompt="", response=response, gold=gold, correct=grade.correct, truncated=truncated,
-                          format_class=format_class(response, truncated, 1, self.meta_open, self.meta_close),
-                          n_tokens=n_tokens)
-        return rollout_heads(rollout, None, self.meta_open, self.meta_close)
+                          format_class=format_class(response, truncated, 1), n_tokens=n_tokens)
+        return rollout_heads(rollout, None)
 
     async def run_single(self, data: DataProto) -> dict:
         item = data[-1]

@@ -43,6 +43,7 @@ from infra.errors import DataError
 from infra.hashing import hash_json
 from infra.progress import Progress
 from infra.spec import ComputeSpec, GraderSpec, RLSpec
+from meta.grammar import META_OPEN
 from rl.schedule import KL_LOSS_TYPE, hf_top_k, lr_at
 
 if TYPE_CHECKING:
@@ -344,7 +345,7 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
     grader = get_grader(grader_spec)
     engine = HFEngine(model, tokenizer, device=device, precision=precision)
     actor_cfg = _actor_config(rl)
-    meta_open_id = tokenizer.convert_tokens_to_ids("<|meta|>")
+    meta_open_id = tokenizer.convert_tokens_to_ids(META_OPEN)
     check_prompt_lengths(tokenizer, {"rl prompts": prompts, "val": val}, rl.max_prompt_length)
     fingerprint = hash_json({"rl": rl.model_dump(mode="json"), "seed": seed, "prompts": [r["id"] for r in prompts],
                              "val": [r["id"] for r in val]})

@@ -154,8 +154,9 @@ def translate(cfg: BaseSpec, *, ablation: str, arm: str, seed: int, paths: RunPa
 
 
 def twinarm_section(cfg: BaseSpec, seed: int) -> dict[str, Any]:
-    """Our keys verl has no field for, flat: rl.reward, rl.signal.*, rl.heads.*, grader.*, model meta tags, seed."""
-    keep = ("rl.reward", "rl.signal.", "rl.heads.", "grader.", "model.meta_open", "model.meta_close")
+    """Our keys verl has no field for, flat: rl.reward, rl.signal.*, rl.heads.*, grader.*, seed (the meta tags
+    are the grammar's constants, meta.grammar)."""
+    keep = ("rl.reward", "rl.signal.", "rl.heads.", "grader.")
     flat = {k: v for k, v in flatten(cfg).items() if k.startswith(keep)}
     return {**flat, "seed": seed}
 

@@ -52,8 +52,7 @@ class TwinarmTrainer(PPOTrainerSync):
         proto.non_tensor_batch["uid"] = np.array(proto.batch.pop("uid").tolist(), dtype=object)
         proto.non_tensor_batch.update(head_columns(extra))
         facts = heads_advantage(proto, self.tokenizer, rl.heads, self.global_steps,
-                                bool(self.config.algorithm.norm_adv_by_std_in_grpo),
-                                section["model"]["meta_open"], section["model"]["meta_close"])
+                                bool(self.config.algorithm.norm_adv_by_std_in_grpo))
         metrics.update({f"twinarm/{k}": float(v) for k, v in facts.items() if isinstance(v, (int, float))})
         output = TensorDict({f: response_to_nested(proto.batch[f], response_mask) for f in ("advantages", "returns")},
                             batch_size=len(batch))

@@ -177,7 +177,8 @@ def test_every_leaf_of_the_demo_spec_acts_or_is_declared():
             inert.append(key)
     assert not inert, f"spec keys that change no stage's compute key and are not declared: {inert}"
     # spot checks of the walk itself
-    assert outcome["rl.kl_coef"] == ["rl"] and outcome["sft.epochs"] == ["sft"]
+    assert outcome["rl.kl_loss"] == ["rl"] and outcome["sft.epochs"] == ["sft"]
+    assert outcome["rl.kl_coef"] == "refused"  # kl_coef > 0 acts only with kl_loss on: refused alone
     assert set(outcome["grader.timeout_s"]) >= {"base_model", "rl", "sweep", "heldout"}
     assert outcome["world.n_rl"] == ["data"] and outcome["executor.use_ray"] == "placement"
     assert outcome["model.revision"] == "refused"
