@@ -16,10 +16,10 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONDONTWRITEBYTECODE := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-vllm demo test test-fast ui bench-grader bench-rl bench-peer bench-engines faults screenshots clean-home
+.PHONY: help setup setup-vllm demo test test-fast ui bench-grader grader-differential bench-decoys bench-rl bench-peer bench-engines faults signal-cases mutation-resume screenshots clean-home
 
 help: ## list the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-20s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 setup: $(STAMP) ## create .venv and install the pinned environment (idempotent; instant when done)
 
@@ -67,6 +67,12 @@ ui: setup ## start the Prefect UI (127.0.0.1:4200) and MLflow UI (127.0.0.1:5000
 bench-grader: setup ## grader throughput, latency and hard timeouts on the held-out 1030 (../shared/data/benchmarks)
 	$(BIN)/python scripts/bench_grader.py ../shared/data/benchmarks
 
+grader-differential: setup ## the grader vs verl's math rewards on the held-out 1030 golds x renderings and decoys
+	$(BIN)/python scripts/grader_differential.py --all --data-dir ../shared/data/benchmarks
+
+bench-decoys: setup ## share of the demo's RL problems PMI-shift can score (gold/decoy of equal token length)
+	$(BIN)/python scripts/bench_decoys.py
+
 bench-rl: setup ## GRPO step time vanilla vs PMI-shift (needs `make demo` first), then demo wall time sequential vs Ray
 	$(BIN)/python scripts/bench_rl.py step
 	$(BIN)/python scripts/bench_rl.py demo
@@ -80,6 +86,12 @@ bench-peer: setup ## twinarm's GRPO step vs TRL's GRPOTrainer on identical work 
 
 faults: setup ## SIGKILL each stage at random points, rerun, compare with an uninterrupted run
 	$(BIN)/python scripts/fault_inject.py
+
+signal-cases: setup ## Ctrl-C / SIGTERM on `twinarm run` and `twinarm ui`, serve beside ui: exit codes, leftovers
+	$(BIN)/python scripts/signal_cases.py
+
+mutation-resume: setup ## break the optimizer-state / RNG restore on a copy and run the SIGKILL-resume test
+	$(BIN)/python scripts/mutation_resume.py
 
 screenshots: setup ## docs/prefect-ablation-form.png: the Prefect UI's ablation form, via headless Chromium
 	$(BIN)/python scripts/screenshot_ui.py docs/prefect-ablation-form.png
