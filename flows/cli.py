@@ -354,6 +354,11 @@ def serve(spec: str = typer.Option("configs/demo.yaml", help="the spec file the 
     def body() -> int:
         import os
 
+        from infra.home import configure_environment
+
+        # before anything reads Prefect's settings: the runner hands its settings to each flow run's process, so
+        # settings read before TWINARM_HOME is applied would send results to another home's storage
+        configure_environment()
         api = os.environ.get("PREFECT_API_URL")
         if not api:
             raise UsageError("PREFECT_API_URL is not set: start the server with `twinarm ui` (it serves the "

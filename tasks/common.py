@@ -187,8 +187,11 @@ class Stage:
 
 
 def stage_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    """Prefect cache key: the compute key of the task's StageCall."""
-    return parameters["call"].key
+    """Prefect cache key: the compute key of the task's StageCall within its home. The home is part of it because
+    a cached StageOutput names files of the home that computed it: served to another home (a result storage
+    shared by mistake), it would point outside that home's lineage."""
+    call = parameters["call"]
+    return hash_json({"key": call.key, "home": call.home})
 
 
 def load_output(call: StageCall) -> StageOutput | None:
