@@ -131,12 +131,14 @@ def ctrl_c_run(repo: Path, python: str, root: Path) -> dict[str, Any]:
         t_signal, wall_signal = time.monotonic(), time.time()
         os.killpg(job.proc.pid, signal.SIGINT)
         code, seconds = job.ended(timeout=180)
-        time.sleep(1)
+        wall_exit = time.time()
+        time.sleep(2)  # anything still computing in the background would write now
         after = [line for t, line in job.lines if t > t_signal + 1 and TRAINING.search(line)]
-        written = [p for p in (home / "runs").rglob("*") if p.is_file() and p.stat().st_mtime > wall_signal + 1]
+        # a checkpoint being saved when the signal came may finish before exit; nothing may be written after it
+        written = [p for p in (home / "runs").rglob("*") if p.is_file() and p.stat().st_mtime > wall_exit]
         before = [line for t, line in job.lines if t <= t_signal and TRAINING.search(line)]
         return {"case": "Ctrl-C on `twinarm run` (mid-training)", "exit": code, "seconds": round(seconds, 1),
-                "progress lines before the signal": len(before), "training lines after the signal": len(after), "files written 1 s after the signal": len(written),
+                "progress lines before the signal": len(before), "training lines after the signal": len(after), "files written after exit": len(written),
                 "flow run": ", ".join(flow_run_states(home)),
                 "left running": len(owned(home)), "last line": job.text().strip().splitlines()[-1][:160],
                 "output": job.text()}
