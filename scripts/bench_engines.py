@@ -4,6 +4,7 @@ response runs to max_new_tokens: the worst case), the arith world's held-out pro
     python scripts/bench_engines.py [--prompts 64] [--n 4] [--max-new 160] [--precision bf16] [--threads 1]
     python scripts/bench_engines.py --server   # also: start-up of vLLM's OpenAI server vs the engine worker
     python scripts/bench_engines.py --rollout  # GRPO rollouts instead: per step, new weights + 16 prompts × 8
+    python scripts/bench_engines.py --home .twinarm --ablation demo  # an ablation's held-out job on both engines
 
 Prints one JSON line per measurement: engine, start-up seconds, generation seconds, samples/s (start-up
 included and excluded). Needs `make setup-vllm`. Keep it short on a shared box and say it was contended.
@@ -123,6 +124,57 @@ def server_startup(ckpt: Path, precision: str) -> dict:
             proc.wait(timeout=30)
 
 
+def heldout_both(home: Path, ablation: str, engines: list[str]) -> list[dict]:
+    """The ablation's held-out job (its checkpoints, suites and protocol, read from lineage as the nightly flow
+    does) evaluated once per engine into a scratch result store: samples/s and accuracy per checkpoint, so the
+    engines can be compared on the same work. Sampled (temperature > 0) outputs differ between engines (different
+    RNGs), so accuracies agree within sampling noise, not sample for sample."""
+    import os
+    from collections import defaultdict
+
+    os.environ["TWINARM_HOME"] = str(home)
+    import json as _json
+
+    from evals.evaluate import checkpoint_entries, evaluate_checkpoints, heldout_protocol
+    from infra.artifacts import read_parquet, uri_path
+    from infra.lineage import Lineage
+    from infra.roles import SuiteRole
+    from infra.spec import ComputeSpec, ConfigSlice, GraderSpec
+    from rewards.grader import get_grader
+    from worlds.model import resolve_device, resolve_precision
+
+    lineage = Lineage(home / "lineage.duckdb")
+    run = lineage.rows("SELECT run_id, config_json FROM runs WHERE ablation = ? AND stage = 'heldout' AND "
+                       "status = 'completed' ORDER BY ended_at DESC LIMIT 1", [ablation])[0]
+    config = _json.loads(run["config_json"])
+    inputs = {r["role"]: r for r in lineage.rows(
+        "SELECT e.role, a.artifact_id, a.uri FROM edges e JOIN artifacts a USING (artifact_id) "
+        "WHERE e.run_id = ? AND e.direction = 'in'", [run["run_id"]])}
+    compute = ComputeSpec(**config["executor.compute"])
+    device = resolve_device(compute)
+    grader = get_grader(GraderSpec(**config["grader"]))
+    suites = {ref.name: role for role in sorted(inputs) if (ref := SuiteRole.parse(role))}
+    rows = {name: read_parquet(uri_path(inputs[role]["uri"])) for name, role in suites.items()}
+    job = checkpoint_entries({r: (a["artifact_id"], uri_path(a["uri"])) for r, a in inputs.items()})
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in engines:
+            protocol = heldout_protocol(ConfigSlice({**config, "eval.engine": name}, "eval"), grader,
+                                        {s: inputs[r]["artifact_id"] for s, r in suites.items()})
+            t0 = time.perf_counter()
+            got, _, facts = evaluate_checkpoints(job, rows, protocol, Path(tmp) / name, grader, device,
+                                                 resolve_precision(compute, device))
+            seconds = time.perf_counter() - t0
+            acc = defaultdict(list)
+            for r in got:
+                acc[f"{r['arm']}@{r['step']}"].append(r["correct"])
+            out.append({"engine": name, "checkpoints": len(job), "samples": len(got), "seconds": round(seconds, 1),
+                        "samples_per_s": round(len(got) / seconds, 1),
+                        "accuracy": {k: round(sum(v) / len(v), 4) for k, v in sorted(acc.items())},
+                        "versions": {k: facts.get(k) for k in ("vllm", "torch", "transformers") if facts.get(k)}})
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=64)
@@ -134,11 +186,21 @@ def main() -> int:
     ap.add_argument("--server", action="store_true")
     ap.add_argument("--rollout", action="store_true", help="GRPO rollouts: --steps steps of 16 prompts × --n")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--home", type=Path, help="an ablation's TWINARM_HOME: evaluate its held-out job on each engine")
+    ap.add_argument("--ablation", default="demo")
     args = ap.parse_args()
 
     from worlds.model import set_threads
 
     set_threads(args.threads)
+    if args.home:
+        rows = heldout_both(args.home.resolve(), args.ablation, args.engines)
+        for row in rows:
+            print(json.dumps(row), flush=True)
+        if len(rows) == 2:
+            print(json.dumps({"vllm_over_hf_samples_per_s": round(rows[1]["samples_per_s"] / rows[0]["samples_per_s"],
+                                                                  2)}), flush=True)
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         prompts = build_checkpoint(Path(tmp))[:args.prompts]
         if args.rollout:
