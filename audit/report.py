@@ -356,6 +356,20 @@ def ledger_section(ledger: Ledger, arms: list[str]) -> list[Block]:
     return blocks
 
 
+def signal_coverage(run: Any) -> str:
+    """One RL run's reward-signal coverage from its facts: the signal, blocks scored / skipped, scorer calls, and
+    for signals that need a decoy the share of its RL problems with a scorable gold/decoy pair."""
+    f = run.facts
+    totals = f.get("signal_totals") or {}
+    decoys = f.get("decoys") or {}
+    share = decoys.get("decoys/scorable_share")
+    return (f"{run.arm}{'' if run.seed in (None, 0) else f'/seed{run.seed}'}: {f.get('reward', '?')}, "
+            f"{totals.get('signal/scored', 0)} rollouts scored, {totals.get('signal/skipped', 0)} skipped, "
+            f"{f.get('scorer_calls', 0)} scorer calls"
+            + (f", decoys scorable for {decoys.get('decoys/scorable')}/{decoys.get('decoys/problems')} problems "
+               f"({share:.1%})" if share is not None else ""))
+
+
 def reproducibility_section(inp: Inputs, home: Home) -> list[Block]:
     """Flow run, spec, configs, code, seeds, devices, hosts, packages, grader, protocol, stores, build host."""
     flow = inp.flow
@@ -390,6 +404,7 @@ def reproducibility_section(inp: Inputs, home: Home) -> list[Block]:
         ["packages recorded", ", ".join(f"{k} {v}" for k, v in grader.get("versions", {}).items())
          or "none (only the grader's call path records its package versions)"],
         ["held-out protocol", next((r.facts.get("protocol_key", "?") for r in flow.stage("heldout")), "no job")],
+        *[["reward signal", signal_coverage(r)] for r in flow.stage("rl")],
         ["MLflow", f"{tracking_uri(home)} · experiment {experiment_name(flow.ablation)} (this report: artifacts "
                    f"report/ of its parent run)"],
         ["lineage", str(home.lineage_db)],

@@ -186,3 +186,19 @@ def test_report_reads_the_declared_equivalence_margin(tmp_path, margin, words):
     verdict = re.search(r"\| meta \| arith \| .*", md).group(0)
     assert verdict.endswith(f"| 200 × 2 | {words} |"), verdict
     assert "300 resamples" in md and ("not declared" in md) == (margin is None)
+
+
+def test_signal_coverage_names_scored_rollouts_and_the_decoy_share():
+    from types import SimpleNamespace
+
+    from audit.report import signal_coverage
+
+    run = SimpleNamespace(arm="pmishift", seed=1, facts={
+        "reward": "pmishift", "scorer_calls": 5588, "signal_totals": {"signal/scored": 1397, "signal/skipped": 6283},
+        "decoys": {"decoys/problems": 2000, "decoys/scorable": 1990, "decoys/scorable_share": 0.995}})
+    assert signal_coverage(run) == ("pmishift/seed1: pmishift, 1397 rollouts scored, 6283 skipped, 5588 scorer calls, "
+                                    "decoys scorable for 1990/2000 problems (99.5%)")
+    control = SimpleNamespace(arm="control", seed=0, facts={"reward": "vanilla", "scorer_calls": 0,
+                                                            "signal_totals": {"signal/skipped": 7680},
+                                                            "decoys": None})
+    assert signal_coverage(control) == "control: vanilla, 0 rollouts scored, 7680 skipped, 0 scorer calls"
