@@ -13,12 +13,17 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 
-def _sql(column: str, prefix: str) -> str:
-    return f"{column} LIKE '{prefix}%'"
+class _Role:
+    PREFIX: ClassVar[str]
+
+    @classmethod
+    def sql_like(cls, column: str) -> str:
+        """SQL condition selecting roles of this kind in `column`."""
+        return f"{column} LIKE '{cls.PREFIX}%'"
 
 
 @dataclass(frozen=True, order=True)
-class CheckpointRole:
+class CheckpointRole(_Role):
     """A checkpoint an evaluation reads: its arm, seed and RL step (0 = the SFT start)."""
 
     arm: str
@@ -37,14 +42,9 @@ class CheckpointRole:
         arm, seed, step = role[len(cls.PREFIX):].rsplit(":", 2)
         return cls(arm, int(seed), int(step))
 
-    @classmethod
-    def sql_like(cls, column: str) -> str:
-        """SQL condition selecting roles of this kind in `column`."""
-        return _sql(column, cls.PREFIX)
-
 
 @dataclass(frozen=True, order=True)
-class SuiteRole:
+class SuiteRole(_Role):
     """A held-out suite by name (e.g. 'gsm8k', 'arith')."""
 
     name: str
@@ -58,14 +58,9 @@ class SuiteRole:
         """The suite of a role, or None when `role` is not a suite role."""
         return cls(role[len(cls.PREFIX):]) if role.startswith(cls.PREFIX) else None
 
-    @classmethod
-    def sql_like(cls, column: str) -> str:
-        """SQL condition selecting roles of this kind in `column`."""
-        return _sql(column, cls.PREFIX)
-
 
 @dataclass(frozen=True, order=True)
-class StepRole:
+class StepRole(_Role):
     """A checkpoint the RL stage saved at `step`."""
 
     step: int
@@ -79,7 +74,4 @@ class StepRole:
         """The step of a role, or None when `role` is not a step role."""
         return cls(int(role[len(cls.PREFIX):])) if role.startswith(cls.PREFIX) else None
 
-    @classmethod
-    def sql_like(cls, column: str) -> str:
-        """SQL condition selecting roles of this kind in `column`."""
-        return _sql(column, cls.PREFIX)
+
