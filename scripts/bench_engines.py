@@ -171,7 +171,7 @@ def heldout_both(home: Path, ablation: str, engines: list[str]) -> list[dict]:
             out.append({"engine": name, "checkpoints": len(job), "samples": len(got), "seconds": round(seconds, 1),
                         "samples_per_s": round(len(got) / seconds, 1),
                         "accuracy": {k: round(sum(v) / len(v), 4) for k, v in sorted(acc.items())},
-                        "versions": {k: facts.get(k) for k in ("vllm", "torch", "transformers") if facts.get(k)}})
+                        "engine_facts": facts})
     return out
 
 
