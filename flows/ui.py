@@ -158,7 +158,9 @@ def _terminate_as_interrupt(signum: int, frame: Any) -> None:
 
 
 def run_ui(prefect_port: int, mlflow_port: int, spec: str, deployments: bool, console: Any) -> int:
-    previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)  # SIGTERM stops the children like Ctrl-C
+    # SIGTERM stops the children like Ctrl-C; SIGINT is set explicitly too, since a process started with SIGINT
+    # ignored (a background job of a non-interactive shell) would otherwise never see Ctrl-C
+    previous = {sig: signal.signal(sig, _terminate_as_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     procs: list[subprocess.Popen] = []
     try:
         procs, env = start_servers(prefect_port, mlflow_port)
@@ -180,4 +182,5 @@ def run_ui(prefect_port: int, mlflow_port: int, spec: str, deployments: bool, co
         return 0
     finally:
         stop(procs)
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
