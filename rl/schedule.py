@@ -14,12 +14,9 @@ Each one is verl's own code or verl's own formula, so the local executor (rl/grp
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from infra.spec import RLSpec
-
-if TYPE_CHECKING:
-    import torch
 
 KL_LOSS_TYPE = "low_var_kl"  # verl's kl_loss_type (k3, Schulman 2020); the translation sets the same
 

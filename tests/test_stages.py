@@ -155,6 +155,7 @@ def test_every_leaf_of_the_demo_spec_acts_or_is_declared():
     arms = resolved_arms(spec)
     base = next(iter(arms.values())).model_dump(mode="json")
     inert, outcome = [], {}
+    before = {s.name: s.config(BaseSpec.model_validate(base)) for s in COMPUTING.values()}
     for key, value in sorted(flatten(base).items()):
         if _covered_by(key, PLACEMENT_KEYS):
             assert not any(_covered_by(key, s.config_keys) for s in COMPUTING.values()), key
@@ -169,7 +170,6 @@ def test_every_leaf_of_the_demo_spec_acts_or_is_declared():
             except ValidationError:
                 outcome[key] = "refused"
                 continue
-            before = {s.name: s.config(BaseSpec.model_validate(base)) for s in COMPUTING.values()}
             changed = [s.name for s in COMPUTING.values() if s.config(mutated) != before[s.name]]
             outcome[key] = changed or None
             break
@@ -204,13 +204,6 @@ def test_every_stage_config_key_is_read_by_a_stage_that_declares_it():
         if not any(parts[depth] in names[n] for n in declaring):
             unread.append(f"{leaf_key} (declared by {', '.join(declaring)})")
     assert not unread, f"declared but never read: {unread}"
-
-
-def _leaf(data: dict, key: str) -> typing.Any:
-    node: typing.Any = data
-    for part in key.split("."):
-        node = node[part]
-    return node
 
 
 def test_flow_and_report_keys_are_read_where_declared():
