@@ -95,8 +95,9 @@ signal-cases: setup ## Ctrl-C / SIGTERM on `twinarm run` and `twinarm ui`, serve
 mutation-resume: setup ## break the optimizer-state / RNG restore on a copy and run the SIGKILL-resume test
 	$(BIN)/python scripts/mutation_resume.py
 
-screenshots: setup ## docs/prefect-ablation-form.png: the Prefect UI's ablation form, via headless Chromium
+screenshots: setup ## Prefect UI screenshots via headless Chromium: the ablation form; with RUN_HOME=<home>, its last run
 	$(BIN)/python scripts/screenshot_ui.py docs/prefect-ablation-form.png
+	$(if $(RUN_HOME),$(BIN)/python scripts/screenshot_ui.py --flow-run $(RUN_HOME) --out docs)
 
 clean-home: ## delete .twinarm/ (all runs, lineage, MLflow store)
 	rm -rf .twinarm

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import shutil
 import sys
 import traceback
@@ -153,12 +154,20 @@ def interruptible() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def quiet_prefect_failures() -> None:
-    """A failing flow is reported once, as one line, by _guard; Prefect would also log its traceback."""
-    import logging
+def _not_a_run_failure(record: logging.LogRecord) -> bool:
+    return not (record.levelno >= 40 and record.name.startswith(("prefect.flow_runs", "prefect.task_runs")))
 
-    for name in ("prefect.flow_runs", "prefect.task_runs"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+def quiet_prefect_failures() -> None:
+    """A failing flow is reported once on the terminal, as one line, by _guard; Prefect's console handler would
+    also print the run's traceback. Drop run errors from the console handlers only: the run's logs (the Prefect
+    UI, `prefect flow-run logs`) keep every record, progress lines and the failure included. Call after prefect
+    is imported (its logging is configured then)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers + logging.getLogger("prefect").handlers:
+        if isinstance(handler, PrefectConsoleHandler) and _not_a_run_failure not in handler.filters:
+            handler.addFilter(_not_a_run_failure)
 
 
 def print_summary(result: dict) -> None:

@@ -35,3 +35,41 @@ def test_lineage_without_store_and_bad_sql(tmp_path):
     assert res.returncode == 1 and "lineage query failed" in res.stderr
     res = twinarm("lineage", "SELECT count(*) AS n FROM runs", "--format", "csv", home=tmp_path / "h")
     assert res.returncode == 0 and res.stdout.splitlines() == ["n", "0"]
+
+
+def test_run_logs_reach_prefect_and_only_run_failures_leave_the_console():
+    """`twinarm run` keeps a failing run's traceback off the terminal (one line is printed instead), but the run's
+    logs (the Prefect UI, `prefect flow-run logs`) must keep every record: progress lines and the failure."""
+    import logging
+
+    from infra.home import configure_environment
+
+    configure_environment()
+    from prefect import flow  # noqa: F401  (configures Prefect's logging)
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    from flows.cli import quiet_prefect_failures
+
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):  # stands for Prefect's API handler on the run loggers
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    quiet_prefect_failures()
+    quiet_prefect_failures()  # idempotent: one filter per handler
+    consoles = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
+    assert consoles and all(len(h.filters) == 1 for h in consoles)
+    run_logger = logging.getLogger("prefect.flow_runs")
+    keep = Keep()
+    run_logger.addHandler(keep)
+    try:
+        run_logger.info("[rl/control/seed0] GRPO steps 3/60")
+        run_logger.error("Finished in state Failed('boom')")
+    finally:
+        run_logger.removeHandler(keep)
+    assert [r.levelname for r in seen] == ["INFO", "ERROR"]
+    console = consoles[0]
+    assert console.filter(seen[0]) and not console.filter(seen[1])
+    other = logging.LogRecord("prefect.server", logging.ERROR, __file__, 1, "server error", None, None)
+    assert console.filter(other)  # errors that are not the run's own failure still reach the terminal
