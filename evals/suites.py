@@ -133,10 +133,30 @@ class SuiteSpec(SuiteRows):
         return value
 
 
+class ManifestProtocol(_Strict):
+    """The sampling protocol a suite set's published numbers were measured under (e.g. a paper's table): the spec's
+    eval.* keys remain the one protocol every arm is measured with; `protocol_differences` lists where they depart
+    from this one. `pass_at` are the pass@k the publication reports (pass@1 = the mean over the n samples)."""
+
+    temperature: float = Field(ge=0)
+    top_p: float = Field(gt=0, le=1)
+    n: int = Field(ge=1, description="samples per problem, every suite")
+    pass_at: list[int] = Field(min_length=1, description="the pass@k reported, each 1 <= k <= n")
+    reference: str = Field(min_length=1, description="where the protocol is published")
+
+    @model_validator(mode="after")
+    def _ks(self) -> "ManifestProtocol":
+        bad = [k for k in self.pass_at if not 1 <= k <= self.n]
+        if bad:
+            raise ValueError(f"pass_at {bad}: each k must lie in 1..n ({self.n})")
+        return self
+
+
 class HeldoutManifest(_Strict):
     name: str
     total: int = Field(ge=1, description="sum of the suites' rows")
     suites: dict[str, SuiteSpec] = Field(min_length=1)
+    protocol: ManifestProtocol | None = Field(None, description="the published protocol of these suites, if any")
 
     @model_validator(mode="after")
     def _total(self) -> "HeldoutManifest":
@@ -165,6 +185,32 @@ def load_manifest(path: str | Path) -> HeldoutManifest:
     except ValidationError as exc:
         problems = format_validation_errors(exc, str(path), yaml_key_lines(text), model=HeldoutManifest)
         raise DataError("invalid held-out manifest:\n  " + "\n  ".join(problems)) from None
+
+
+def protocol_differences(manifest: HeldoutManifest, temperature: float, top_p: float, n: int,
+                         n_per_suite: dict[str, int]) -> list[str]:
+    """Where an eval protocol (the spec's eval.temperature, eval.top_p, eval.n, eval.n_per_suite) departs from the
+    manifest's published protocol, one line each; [] when it matches or the manifest declares none. The held-out
+    job reports pass@1 and pass@n per suite (tasks/heldout.py), so a published pass@k is reproduced only when
+    k is 1 or the suite's n."""
+    p = manifest.protocol
+    if p is None:
+        return []
+    out = []
+    if temperature != p.temperature:
+        out.append(f"eval.temperature is {temperature}, the published protocol's is {p.temperature}")
+    if top_p != p.top_p:
+        out.append(f"eval.top_p is {top_p}, the published protocol's is {p.top_p}")
+    for suite in manifest.suites:
+        got = n_per_suite.get(suite, n)
+        key = f"eval.n_per_suite.{suite}" if suite in n_per_suite else "eval.n"
+        if got != p.n:
+            out.append(f"suite '{suite}': {key} is {got}, the published protocol samples {p.n} per problem")
+        missing = [k for k in p.pass_at if k not in (1, got)]
+        if missing:
+            out.append(f"suite '{suite}': pass@{','.join(map(str, missing))} is published but not reported "
+                       f"(the held-out job reports pass@1 and pass@{got})")
+    return out
 
 
 # ---------------------------------------------------------------- validation report and suite data

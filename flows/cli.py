@@ -73,6 +73,25 @@ def _csv_list(value: Optional[str], cast: type = str) -> Optional[list]:
     return [cast(v.strip()) for v in value.split(",") if v.strip()] if value else None
 
 
+def _print_protocol_differences(arms: dict) -> None:
+    """`twinarm validate`: where each arm's eval.* protocol departs from its held-out manifest's published one."""
+    from evals.suites import load_manifest, protocol_differences
+    from infra.code import REPO_ROOT
+
+    for name, cfg in arms.items():
+        ev = cfg.eval
+        if ev.heldout == "arith":
+            continue
+        path = Path(ev.heldout)
+        manifest = load_manifest(path if path.is_file() or path.is_absolute() else REPO_ROOT / path)
+        if manifest.protocol is None:
+            continue
+        diffs = protocol_differences(manifest, ev.temperature, ev.top_p, ev.n, ev.n_per_suite)
+        out.print(f"arm {name}: held-out protocol " + ("[green]matches[/] " if not diffs else "[yellow]departs from[/] ")
+                  + f"{ev.heldout}'s published protocol ({manifest.protocol.reference})"
+                  + "".join(f"\n  {d}" for d in diffs))
+
+
 @app.command()
 def validate(spec: Path = typer.Argument(..., help="ablation spec (YAML)")) -> None:
     """Check a spec; print the resolved arms and the declared differences between them."""
@@ -89,6 +108,7 @@ def validate(spec: Path = typer.Argument(..., help="ablation spec (YAML)")) -> N
             overrides = ", ".join(f"{k}={json.dumps(v)}" for k, v in s.arms[name].overrides.items())
             table.add_row(name, config_hash(cfg), overrides)
         out.print(table)
+        _print_protocol_differences(arms)
         for c_name, c in s.contrasts.items():
             diff = config_diff(arms[c.treatment], arms[c.control])
             declared = declared_keys(s, c.treatment) | declared_keys(s, c.control)

@@ -276,6 +276,25 @@ class HeadsSpec(Strict):
         return self
 
 
+class FilterGroupsSpec(Strict):
+    """DAPO dynamic sampling (verl `algorithm.filter_groups`): a prompt whose rollouts all have the same accuracy
+    (all correct or all wrong: zero variance, no learning signal) is dropped and more prompts are generated until
+    the step has batch_size informative groups, at most max_num_gen_batches generation rounds (0 = no cap)."""
+
+    enable: bool = False
+    max_num_gen_batches: int = Field(10, ge=0, description="generation rounds per step at most; 0 = no cap")
+
+
+class OverlongBufferSpec(Strict):
+    """DAPO soft overlong punishment (verl's DAPO reward manager, `overlong_buffer_cfg`): a response longer than
+    max_response_length − len tokens gets min(−(length − (max_response_length − len)) / len · penalty_factor, 0)
+    added to its correctness reward."""
+
+    enable: bool = False
+    len: int = Field(1024, ge=1, description="the buffer, in tokens, before max_response_length")
+    penalty_factor: float = Field(1.0, ge=0, description="the penalty at max_response_length")
+
+
 class RLSpec(Strict):
     """The GRPO stage: data, reward signal and heads, optimiser, rollouts (n samples per prompt), PPO ratio clip
     [1 − clip_low, 1 + clip_high], lengths in tokens, frequencies in steps. batch_size must be a multiple of
@@ -316,6 +335,8 @@ class RLSpec(Strict):
     test_freq: int = Field(10, ge=1)
     val_temperature: float = Field(0.0, ge=0, description="0 = greedy validation")
     val_n: int = Field(1, ge=1)
+    filter_groups: FilterGroupsSpec = FilterGroupsSpec()
+    overlong_buffer: OverlongBufferSpec = OverlongBufferSpec()
 
     @model_validator(mode="after")
     def _batches(self) -> "RLSpec":
@@ -324,6 +345,13 @@ class RLSpec(Strict):
                              f"{self.mini_batch_size}")
         if self.top_k == 0:
             raise ValueError("top_k: 0 is not a top-k; use -1 for no top-k filtering")
+        if not self.filter_groups.enable and self.filter_groups != FilterGroupsSpec():
+            raise ValueError("filter_groups.max_num_gen_batches is read only with filter_groups.enable: true")
+        if not self.overlong_buffer.enable and self.overlong_buffer != OverlongBufferSpec():
+            raise ValueError("overlong_buffer.len and .penalty_factor are read only with overlong_buffer.enable: true")
+        if self.overlong_buffer.enable and self.overlong_buffer.len > self.max_response_length:
+            raise ValueError(f"overlong_buffer.len {self.overlong_buffer.len} exceeds max_response_length "
+                             f"{self.max_response_length}")
         if self.kl_coef > 0 and not self.kl_loss:
             raise ValueError(f"kl_coef {self.kl_coef} without kl_loss: true (KL acts only as a loss term; "
                              f"in-reward KL is not supported)")
@@ -456,6 +484,8 @@ _MECHANISMS = [
     ("rl.reward", "meta_reward"),
     ("rl.signal", "meta_reward"),
     ("rl.heads", "meta_reward"),
+    ("rl.filter_groups", "dynamic_sampling"),
+    ("rl.overlong_buffer", "overlong_punishment"),
 ]
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from infra.errors import DataError
 from meta.grammar import last_boxed
 
-SOURCES = ("gsm8k", "math500", "aime24", "amc23", "minerva_math", "olympiadbench", "arith")
+SOURCES = ("gsm8k", "math500", "aime24", "aime25", "amc23", "minerva_math", "olympiadbench", "arith")
 
 _ID_FIELDS = ("id", "unique_id", "idx")
 _GSM8K_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -71,11 +71,19 @@ def _math500(row: dict, index: int | None) -> str:
     return gold
 
 
-def _aime24(row: dict, index: int | None) -> str:
-    value = _field("aime24", row, index, "answer")
+def _aime(source: str, row: dict, index: int | None) -> str:
+    value = _field(source, row, index, "answer")
     if isinstance(value, bool) or not isinstance(value, (int, str)) or not re.fullmatch(r"\s*-?\d+\s*", str(value)):
-        raise _fail("aime24", row, index, "answer", f"expected an integer, got {value!r}")
+        raise _fail(source, row, index, "answer", f"expected an integer, got {value!r}")
     return str(int(value))  # "025" -> "25"
+
+
+def _aime24(row: dict, index: int | None) -> str:
+    return _aime("aime24", row, index)
+
+
+def _aime25(row: dict, index: int | None) -> str:
+    return _aime("aime25", row, index)
 
 
 def _amc23(row: dict, index: int | None) -> str:
@@ -126,6 +134,7 @@ _RULES = {
     "gsm8k": _gsm8k,
     "math500": _math500,
     "aime24": _aime24,
+    "aime25": _aime25,
     "amc23": _amc23,
     "minerva_math": _minerva,
     "olympiadbench": _olympiad,

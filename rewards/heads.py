@@ -4,7 +4,8 @@ Shared by BOTH executors: the local executor calls it through rewards.pipeline, 
 rewards.verl_adapter, and both reach `centre_heads` and `token_advantages` here.
 
 Heads per rollout (None = no value: the row is left out of that head's group mean and gets 0 advantage on it):
-- correctness: +1 correct, −1 otherwise (a grader timeout is incorrect);
+- correctness: +1 correct, −1 otherwise (a grader timeout is incorrect); with DAPO's soft overlong punishment
+  (rl.overlong_buffer) plus `overlong_penalty` of the response length;
 - meta: the reward signal's value (None where the signal skipped);
 - calibration: −(confidence − 1[correct])² with meta.grammar.stated_confidence (the LAST closed block that states
   one: the latest belief before the answer, the same definition evaluation uses); None without one;
@@ -55,6 +56,17 @@ def rollout_heads(r: Rollout, meta: float | None, meta_open: str = META_OPEN, me
         "format": FORMAT_VALUES[r.format_class],
         "emission": 1.0 if blocks else 0.0,
     }
+
+
+def overlong_penalty(n_tokens: int, max_response_length: int, buffer_len: int, penalty_factor: float) -> float:
+    """DAPO's soft overlong punishment (arXiv 2503.14476 eq. 13; verl's DAPORewardManager): with L_max the
+    response limit and L_cache the buffer, min(−(|y| − (L_max − L_cache)) / L_cache · penalty_factor, 0): 0 up to
+    L_max − L_cache tokens, then linear down to −penalty_factor at L_max. Lengths in tokens; raises ValueError
+    for a buffer that is not in 1..max_response_length."""
+    if not 1 <= buffer_len <= max_response_length:
+        raise ValueError(f"overlong buffer {buffer_len} must lie in 1..max_response_length {max_response_length}")
+    exceed = n_tokens - (max_response_length - buffer_len)
+    return min(-exceed / buffer_len * penalty_factor, 0.0)
 
 
 def head_weights(heads: HeadsSpec, step: int) -> dict[str, float]:

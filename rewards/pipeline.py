@@ -1,6 +1,6 @@
 """One RL batch from rollouts to token advantages; the glue BOTH executors call (DESIGN §5).
 
-grade (the correctness head, every arm alike) → decoys (one per problem, only for signals that need one) →
+grade (the correctness head, every arm alike; plus DAPO's soft overlong punishment with rl.overlong_buffer) → decoys (one per problem, only for signals that need one) →
 signal per group → heads → per-head group centring → token advantages by region.
 
 Returns one record per rollout (for the rollout parquet) and a flat dict of facts (for lineage/tracking/audit):
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
 
 from infra.spec import HEADS, REGIONS, RLSpec
-from rewards.heads import centre_heads, gain_matrix, head_weights, rollout_heads, token_advantages, \
-    token_offsets, token_regions
+from rewards.heads import centre_heads, gain_matrix, head_weights, overlong_penalty, rollout_heads, \
+    token_advantages, token_offsets, token_regions
 from rewards.scorer import Scorer
 from rewards.signals import Rollout, SignalContext, get_signal, score_group
 from meta.grammar import META_CLOSE, META_OPEN, find_blocks, format_class
@@ -48,6 +48,22 @@ def _grader_decoys(grader: Any, tokenizer: Any) -> Callable[[list[str]], list[st
     from rewards.decoys import make_decoys
 
     return lambda golds: make_decoys(golds, grader, tokenizer)  # a decoy of the gold's token length first
+
+
+def _apply_overlong_penalty(values: list[dict[str, float | None]], rollouts: Sequence[Rollout], rl: RLSpec
+                            ) -> dict[str, Any]:
+    """DAPO's soft overlong punishment added to each solution rollout's correctness head, in place, when
+    rl.overlong_buffer.enable; returns the facts (rollouts penalised, mean penalty over the solutions)."""
+    ob = rl.overlong_buffer
+    if not ob.enable:
+        return {}
+    penalties = [overlong_penalty(r.n_tokens, rl.max_response_length, ob.len, ob.penalty_factor)
+                 for r in rollouts if r.role == "solution"]
+    solutions = [v for v, r in zip(values, rollouts) if r.role == "solution"]
+    for v, p in zip(solutions, penalties):
+        v["correctness"] += p
+    return {"overlong/penalised": sum(p < 0 for p in penalties),
+            "overlong/penalty_mean": sum(penalties) / len(penalties) if penalties else None}
 
 
 def score_batch(groups: Sequence[Sequence[Sample]], *, rl: RLSpec, step: int, grader: Any, tokenizer: Any,
@@ -96,6 +112,7 @@ def score_batch(groups: Sequence[Sequence[Sample]], *, rl: RLSpec, step: int, gr
     t_score = time.perf_counter() - t0
 
     values = [rollout_heads(r, res.value, meta_open, meta_close) for r, res in zip(rollouts, results)]
+    overlong = _apply_overlong_penalty(values, rollouts, rl)
     adv, adv_facts = centre_heads(values, [g for g, _ in flat], rl.adv_norm_std)
     weights = head_weights(rl.heads, step)
     gain = gain_matrix(weights, rl.heads.routing)
@@ -139,7 +156,7 @@ def score_batch(groups: Sequence[Sequence[Sample]], *, rl: RLSpec, step: int, gr
         "signal/derail": sum(bool(res.extras.get("derail")) for res in scored),
         "signal/mean": sum(res.value for res in scored) / len(scored) if scored else None,
         **{f"head_weight/{h}": weights[h] for h in HEADS},
-        **adv_facts,
+        **adv_facts, **overlong,
         "time/grading_s": t_grade, "time/scoring_s": t_score,
     }
     return BatchResult(records, token_adv, regions, facts)

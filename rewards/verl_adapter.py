@@ -5,7 +5,10 @@ Reward manager (verl's reward-loop interface, one rollout per `run_single`): gra
 grader and returns the per-rollout heads of rewards.heads.rollout_heads as reward_extra_info
 `twinarm_head_<head>` (NaN where the head has no value) and the correctness head as verl's reward score. The meta
 head is a group signal; on verl only the vanilla signal (no meta value) is built — a signal that needs the
-frozen-reference scorer is refused when the manager starts (issue 18 item 3).
+frozen-reference scorer is refused when the manager starts (issue 18 item 3). DAPO on verl: the manager adds the
+soft overlong punishment to the correctness head when `reward.reward_kwargs.overlong_buffer_cfg.enable` (read
+where verl's own DAPO reward manager reads it), and returns the grader's accuracy as reward_extra_info `acc`, the
+metric verl's ReplayBuffer filters zero-variance groups on (`algorithm.filter_groups`).
 
 The estimator reads per-row fields (per row, so they survive verl's reordering, balancing and chunking):
 - non_tensor_batch["twinarm_head_<head>"]: float (bs,), NaN where the head has no value (None) — the shape a verl
@@ -35,8 +38,8 @@ from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase
 from verl.trainer.ppo.core_algos import register_adv_est
 
 from infra.spec import HEADS, REGIONS, GraderSpec, HeadsSpec
-from rewards.heads import centre_heads, gain_matrix, head_weights, rollout_heads, token_advantages, \
-    token_offsets, token_regions
+from rewards.heads import centre_heads, gain_matrix, head_weights, overlong_penalty, rollout_heads, \
+    token_advantages, token_offsets, token_regions
 from rewards.signals import Rollout, get_signal
 from meta.grammar import META_CLOSE, META_OPEN, format_class
 
@@ -45,6 +48,7 @@ TWINARM_SECTION = "twinarm"  # the verl config's top-level section of our keys (
 HEAD_KEY = "twinarm_head_{}"
 REGION_KEY = "twinarm_region_ids"
 GAIN_KEY = "twinarm_gain"
+FILTER_METRIC = "acc"  # reward_extra_info field of the accuracy (algorithm.filter_groups.metric, rl/verl_config.py)
 
 
 def attach(data: DataProto, head_values: Sequence[Mapping[str, float | None]], region_ids: Sequence[Sequence[int]],
@@ -183,13 +187,24 @@ class TwinarmRewardManager(RewardManagerBase):
         self.reward = reward
         self.grader = get_grader(GraderSpec.model_validate(section["grader"]))
         self.max_response_length = int(config.data.max_response_length)
+        kwargs = config.reward.get("reward_kwargs", None) or {}
+        overlong = kwargs.get("overlong_buffer_cfg", None)
+        self.overlong = overlong if overlong is not None and overlong.get("enable", False) else None
+        if self.overlong is not None and kwargs.get("max_resp_len", None) != self.max_response_length:
+            raise ValueError(f"reward.reward_kwargs.max_resp_len {kwargs.get('max_resp_len', None)} is not "
+                             f"data.max_response_length {self.max_response_length}")
 
     def heads_of(self, response: str, gold: str, truncated: bool, n_tokens: int) -> dict[str, float | None]:
-        """The per-rollout heads, as rewards.pipeline builds them for the local executor."""
+        """The per-rollout heads, as rewards.pipeline builds them for the local executor (with the soft overlong
+        punishment on the correctness head when configured), plus `acc` (1.0 correct, 0.0 not)."""
         grade = self.grader.grade([response], [gold])[0]
         rollout = Rollout(prompt="", response=response, gold=gold, correct=grade.correct, truncated=truncated,
                           format_class=format_class(response, truncated, 1), n_tokens=n_tokens)
-        return rollout_heads(rollout, None)
+        values = rollout_heads(rollout, None)
+        if self.overlong is not None:
+            values["correctness"] += overlong_penalty(n_tokens, self.max_response_length, int(self.overlong["len"]),
+                                                      float(self.overlong["penalty_factor"]))
+        return {**values, "acc": float(grade.correct)}
 
     async def run_single(self, data: DataProto) -> dict:
         item = data[-1]
@@ -201,4 +216,5 @@ class TwinarmRewardManager(RewardManagerBase):
         values = await self.loop.run_in_executor(
             None, lambda: self.heads_of(text, gold, valid >= self.max_response_length, valid))
         extra = {HEAD_KEY.format(h): (np.nan if values[h] is None else float(values[h])) for h in HEADS}
+        extra[FILTER_METRIC] = values["acc"]
         return {"reward_score": float(values["correctness"]), "reward_extra_info": extra}

@@ -18,6 +18,10 @@ Facts record `kl.applied`; the metric `actor/kl_loss` is the mean KL of each ste
 Schedule and the other actor terms are verl's own (rl/schedule.py): lr_at (constant or cosine with warm-up and
 a min-lr floor), entropy bonus entropy_coeff · agg(entropy), rollout top-k (`rl.top_k`, −1 = off).
 
+DAPO (docs/method-cards.md): with `rl.filter_groups.enable` a step's groups come from rl.dapo.dynamic_sampling
+(zero-variance groups dropped, more prompts generated up to a cap; counts recorded per step and as the fact
+`dynamic_sampling`); `rl.overlong_buffer` is applied by the reward pipeline (rewards.pipeline).
+
 Prompt length: a prompt (rl prompts or val) whose rendered chat template is longer than `rl.max_prompt_length`
 tokens is REFUSED before training starts, with a DataError naming the set, the prompt id and its length (verl's
 `data.truncation: error`). Nothing is truncated: a cut prompt would be a different problem with the same gold.
@@ -310,6 +314,36 @@ def validate(engine: Any, tokenizer: "PreTrainedTokenizerFast", grader: Any, val
     return val_metrics(rows)
 
 
+def _dynamic_batch(sample: Callable[[list[dict[str, Any]], int], list[list["Sample"]]], prompts: list[dict[str, Any]],
+                   rl: RLSpec, seed: int, state: dict[str, Any], grader: Any
+                   ) -> tuple[list[dict[str, Any]], list[list["Sample"]], dict[str, int]]:
+    """One step's groups under DAPO dynamic sampling (rl.dapo.dynamic_sampling): round r generates the prompts of
+    generation batch state["gen_batches"] + r + 1 (the same seeded epoch permutation as `prompt_indices`, a cursor
+    that the checkpointed state carries), filtered on the grader's accuracy. Advances state["gen_batches"]."""
+    from rl.dapo import dynamic_sampling
+
+    done = state.get("gen_batches", 0)
+
+    def prompts_of_round(r: int) -> list[dict[str, Any]]:
+        return [prompts[i] for i in prompt_indices(done + r + 1, len(prompts), rl.batch_size, seed)]
+
+    def accuracy(groups: list[list["Sample"]]) -> list[list[float]]:
+        flat = [s for g in groups for s in g]
+        grades = iter(grader.grade([s.response for s in flat], [s.gold for s in flat]))
+        return [[float(next(grades).correct) for _ in g] for g in groups]
+
+    ds = dynamic_sampling(prompts_of_round, sample, accuracy, rl.batch_size, rl.filter_groups.max_num_gen_batches)
+    state["gen_batches"] = done + ds.facts["dynamic_sampling/rounds"]
+    return ds.rows, ds.groups, ds.facts
+
+
+def _dapo_facts(rl: RLSpec, totals: Counter) -> dict[str, Any]:
+    """The run facts of DAPO's dynamic sampling and soft overlong punishment: settings and totals over steps."""
+    ds = {k.split("/", 1)[1]: totals[k] for k in sorted(totals) if k.startswith("dynamic_sampling/")}
+    return {"dynamic_sampling": {**rl.filter_groups.model_dump(), **ds},
+            "overlong_buffer": {**rl.overlong_buffer.model_dump(), "penalised": totals["overlong/penalised"]}}
+
+
 def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str, Any]], rl: RLSpec,
                grader_spec: GraderSpec, compute: ComputeSpec, seed: int, out_dir: Path,
                on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
@@ -380,15 +414,24 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
         lr = lr_at(step, rl)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        rows = [prompts[i] for i in prompt_indices(step, len(prompts), rl.batch_size, seed)]
-        rendered = [render_prompt(tokenizer, r["prompt"]) for r in rows]
+
+        def sample(rows: list[dict[str, Any]], round_: int) -> list[list[Sample]]:
+            rendered = [render_prompt(tokenizer, r["prompt"]) for r in rows]
+            gens = engine.generate(rendered, n=rl.n, temperature=rl.temperature, top_p=rl.top_p, top_k=hf_top_k(rl),
+                                   max_new_tokens=rl.max_response_length,
+                                   seed=derived_seed("rollout", seed, step, *([round_] if round_ else [])))
+            return [[Sample(prompt=rendered[i], response=g.text, response_ids=g.token_ids,
+                            gold=str(rows[i]["answer"]), truncated=g.truncated) for g in gs]
+                    for i, gs in enumerate(gens)]
+
         t0 = time.perf_counter()
-        gens = engine.generate(rendered, n=rl.n, temperature=rl.temperature, top_p=rl.top_p, top_k=hf_top_k(rl),
-                               max_new_tokens=rl.max_response_length, seed=derived_seed("rollout", seed, step))
+        if rl.filter_groups.enable:
+            rows, groups, ds_facts = _dynamic_batch(sample, prompts, rl, seed, state, grader)
+        else:
+            rows = [prompts[i] for i in prompt_indices(step, len(prompts), rl.batch_size, seed)]
+            groups, ds_facts = sample(rows, 0), {}
+        rendered = [gs[0].prompt for gs in groups]
         t_sample = time.perf_counter() - t0
-        groups: list[list[Sample]] = [[Sample(prompt=rendered[i], response=g.text, response_ids=g.token_ids,
-                                              gold=str(rows[i]["answer"]), truncated=g.truncated) for g in gs]
-                                      for i, gs in enumerate(gens)]
         batch = score_batch(groups, rl=rl, step=step, grader=grader, tokenizer=tokenizer, scorer=scorer,
                             regenerate=regenerate)
         f = batch.facts
@@ -407,8 +450,8 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
         write_parquet(_rollout_rows(step, rows, batch.records, rl.n), out_dir / "rollouts" / f"step-{step:07d}.parquet")
         recs = batch.records
         for key in ("scorer/calls", "scorer/forwards", "signal/scored", "signal/skipped", "signal/save",
-                    "signal/derail", "grader/timeouts", "signal/regenerations"):
-            totals[key] += f.get(key) or 0
+                    "signal/derail", "grader/timeouts", "signal/regenerations", "overlong/penalised", *ds_facts):
+            totals[key] += f.get(key, ds_facts.get(key)) or 0
         state["lr"].append(lr)
         state["prompt_ids"] += [r["id"] for r in rows]
         values = {
@@ -420,7 +463,9 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
             "train/truncated_rate": _mean([r["truncated"] for r in recs]),
             "train/adv_nonzero_rate": _mean([any(abs(a) > 0 for a in adv) for adv in batch.token_advantages]),
             "time/sample_s": t_sample, "time/grade_s": f["time/grading_s"], "time/score_s": f["time/scoring_s"],
-            "time/update_s": t_update, "scorer/calls": totals["scorer/calls"],
+            "time/update_s": t_update, "scorer/calls": totals["scorer/calls"], **ds_facts,
+            "train/overlong/penalised": f.get("overlong/penalised"),
+            "train/overlong/penalty_mean": f.get("overlong/penalty_mean"),
             **{f"train/format/{c}": _mean([r["format_class"] == c for r in recs])
                for c in ("none", "wellformed", "drift", "truncation", "discard")},
         }
@@ -452,6 +497,7 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
                "reference": None if ref_model is None else "scorer (shared)" if scorer is not None else "loaded"},
         "max_prompt_length": rl.max_prompt_length, "logprob_temperature": rl.temperature,
         "decoys": _decoy_facts(prompts, grader, tokenizer) if "decoy" in signal.needs else None,
+        **_dapo_facts(rl, totals),
     }
     summary = {"val_acc": round(final_val.get("val/accuracy/pure", float("nan")), 3),
                "scorer_calls": totals["scorer/calls"]}

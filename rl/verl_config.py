@@ -29,7 +29,7 @@ from typing import Any
 
 from infra.errors import SpecError
 from infra.spec import BaseSpec, flatten
-from rewards.verl_adapter import ESTIMATOR, TWINARM_SECTION, read_twinarm_section
+from rewards.verl_adapter import ESTIMATOR, FILTER_METRIC, TWINARM_SECTION, read_twinarm_section
 from rl.schedule import KL_LOSS_TYPE
 
 TRAINER_MODE = "twinarm_sync"  # rl.verl_trainer registers it
@@ -50,6 +50,11 @@ class RunPaths:
     val_files: str
     model: str  # the arm's SFT model (HF format)
     checkpoints: str  # trainer.default_local_dir
+
+
+# verl's DAPO reward manager reads the soft overlong punishment here (verl.experimental.reward_loop.reward_manager.
+# dapo); so does ours (rewards.verl_adapter.TwinarmRewardManager). Not in the shipped config: added with '+'.
+OVERLONG = "reward.reward_kwargs.overlong_buffer_cfg."
 
 
 def _rl_sources() -> dict[str, str]:
@@ -77,6 +82,12 @@ def _rl_sources() -> dict[str, str]:
         "trainer.nnodes": "executor.verl.nnodes", "trainer.n_gpus_per_node": "executor.verl.n_gpus_per_node",
         "actor_rollout_ref.actor.fsdp_config.dtype": "executor.compute.precision",
         "data.train_files": "rl.data", "data.val_files": "rl.val", "actor_rollout_ref.model.path": "sft",
+        "algorithm.filter_groups.enable": "rl.filter_groups.enable",
+        "algorithm.filter_groups.metric": "rl.filter_groups.enable",
+        "algorithm.filter_groups.max_num_gen_batches": "rl.filter_groups.max_num_gen_batches",
+        OVERLONG + "enable": "rl.overlong_buffer.enable", OVERLONG + "len": "rl.overlong_buffer.len",
+        OVERLONG + "penalty_factor": "rl.overlong_buffer.penalty_factor",
+        "reward.reward_kwargs.max_resp_len": "rl.max_response_length",
     }
 
 
@@ -100,6 +111,10 @@ def translate(cfg: BaseSpec, *, ablation: str, arm: str, seed: int, paths: RunPa
     if cfg.executor.compute.device == "cpu":
         raise SpecError(f"arm '{arm}': executor.compute.device 'cpu': verl has no CPU training path")
     rl, v = cfg.rl, cfg.executor.verl
+    if rl.filter_groups.enable and rl.filter_groups.max_num_gen_batches > 0:
+        raise SpecError(f"arm '{arm}': rl.filter_groups.max_num_gen_batches {rl.filter_groups.max_num_gen_batches}: "
+                        f"verl {verl_version()}'s v1 ReplayBuffer (the sync trainer twinarm runs) ignores it and "
+                        f"refills without a cap; set it to 0 (no cap) for the verl executor")
     a, r = "actor_rollout_ref.actor.", "actor_rollout_ref.rollout."
     greedy_val = rl.val_temperature == 0
     out: dict[str, Any] = {
@@ -136,6 +151,11 @@ def translate(cfg: BaseSpec, *, ablation: str, arm: str, seed: int, paths: RunPa
         r + "val_kwargs.n": rl.val_n,
         "algorithm.adv_estimator": ESTIMATOR, "algorithm.norm_adv_by_std_in_grpo": rl.adv_norm_std,
         "algorithm.use_kl_in_reward": False,
+        "algorithm.filter_groups.enable": rl.filter_groups.enable, "algorithm.filter_groups.metric": FILTER_METRIC,
+        "algorithm.filter_groups.max_num_gen_batches": rl.filter_groups.max_num_gen_batches,
+        "+" + OVERLONG + "enable": rl.overlong_buffer.enable, "+" + OVERLONG + "len": rl.overlong_buffer.len,
+        "+" + OVERLONG + "penalty_factor": rl.overlong_buffer.penalty_factor, "+" + OVERLONG + "log": True,
+        "+reward.reward_kwargs.max_resp_len": rl.max_response_length,
         "reward.reward_manager.source": "importlib", "reward.reward_manager.name": REWARD_MANAGER[1],
         "reward.reward_manager.module.path": REWARD_MANAGER[0],
         "trainer.v1.trainer_mode": TRAINER_MODE, "trainer.device": "cuda",

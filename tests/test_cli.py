@@ -25,6 +25,18 @@ def test_validate_ok_and_bad_spec_exit_codes(tmp_path):
     assert "base.rl.stepz" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_validate_lists_departures_from_the_manifests_published_protocol(tmp_path):
+    spec = tmp_path / "masa.yaml"
+    spec.write_text("name: m\nbase:\n  eval: {heldout: datasets/masa-suite.yaml}\narms:\n"
+                    "  paper: {overrides: {eval.temperature: 1.0, eval.top_p: 1.0, eval.n: 32, eval.n_per_suite: {}}}\n"
+                    "  cheap: {overrides: {eval.n: 4}}\n")
+    res = twinarm("validate", str(spec), home=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "arm paper: held-out protocol matches datasets/masa-suite.yaml's published protocol" in res.stdout
+    assert "arm cheap: held-out protocol departs from" in res.stdout
+    assert "suite 'amc23': eval.n is 4, the published protocol samples 32 per problem" in res.stdout
+
+
 def test_lineage_without_store_and_bad_sql(tmp_path):
     res = twinarm("lineage", "SELECT 1", home=tmp_path / "empty")
     assert res.returncode == 1 and "no lineage yet" in res.stderr and "Traceback" not in res.stderr

@@ -49,6 +49,7 @@ def real_golds(benchmarks_dir) -> list[tuple[str, int, str]]:
     ("math500", {"unique_id": "b", "answer": "\\{1\\}."}, "\\{1\\}"),
     ("aime24", {"id": 1, "answer": "025"}, "25"),
     ("aime24", {"id": 2, "answer": 204}, "204"),
+    ("aime25", {"id": "0", "answer": "070"}, "70"),
     ("amc23", {"id": 0, "answer": 27.0}, "27"),
     ("amc23", {"id": 1, "answer": -1.0}, "-1"),
     ("amc23", {"id": 2, "answer": 0.5}, "0.5"),
@@ -73,6 +74,7 @@ def test_gold_rules(source, row, gold):
     ("math500", {"unique_id": "test/x.json"}, None, r"math500 row unique_id='test/x.json': field 'answer': missing"),
     ("math500", {"answer": "  "}, 12, r"math500 row index 12: field 'answer': expected a non-empty string"),
     ("aime24", {"id": 3, "answer": "3.5"}, None, r"aime24 row id=3: field 'answer': expected an integer"),
+    ("aime25", {"id": "4", "answer": "x"}, None, r"aime25 row id='4': field 'answer': expected an integer"),
     ("amc23", {"id": 4, "answer": "n/a"}, None, r"amc23 row id=4: field 'answer': expected a finite number"),
     ("amc23", {"id": 5, "answer": float("nan")}, None, r"amc23 row id=5: field 'answer'"),
     ("minerva_math", {"idx": 6, "solution": "the answer is 5"}, None,
@@ -90,7 +92,8 @@ def test_gold_errors_name_source_row_and_field(source, row, index, expected):
 
 
 def test_every_source_has_a_rule():
-    assert set(BENCHMARK_FILES) | {"arith"} == set(SOURCES)
+    # aime25 has no file in ../shared/data/benchmarks: tests/data/aime25-hub-fixture.jsonl (test_suites.py)
+    assert set(BENCHMARK_FILES) | {"arith", "aime25"} == set(SOURCES)
 
 
 # ---------------------------------------------------------------- semantics of one item

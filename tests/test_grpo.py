@@ -383,3 +383,91 @@ def test_first_mini_batch_skips_the_old_log_prob_pass(tiny_lm, monkeypatch):
     for p1, p2 in zip(fast.parameters(), slow.parameters()):
         assert torch.equal(p1, p2)  # bit-identical: the grad and no-grad forwards give the same log-probs
     assert fast_stats == slow_stats
+
+
+# ---------------------------------------------------------------- DAPO dynamic sampling, end to end (tiny)
+
+class CoinGrader:
+    """The real grader, with verdicts replaced by a fixed coin per response text (crc32 parity), so an untrained
+    tiny model yields both all-same and mixed groups; facts() and the call path stay the real grader's."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def grade(self, responses, golds):
+        import zlib
+
+        from rewards.grader import Grade
+
+        return [Grade(correct=zlib.crc32(r.encode()) % 2 == 0, extracted=None) for r in responses]
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+@pytest.mark.parametrize("coin", [True, False], ids=["mixed-groups", "all-wrong"])
+def test_train_grpo_dynamic_sampling_records_its_counts(arm_init, tmp_path, monkeypatch, coin):
+    """A real run with rl.filter_groups on: every group trained on has mixed accuracy (read back from the rollout
+    parquet), the step's counts add up, and with an all-wrong model the cap stops each step."""
+    import rewards.grader
+    from infra.artifacts import read_parquet
+
+    if coin:
+        real = rewards.grader.get_grader
+        monkeypatch.setattr(rewards.grader, "get_grader", lambda spec: CoinGrader(real(spec)))
+    out, _ = _run(arm_init, tmp_path, monkeypatch, steps=2, n=3, temperature=1.0,
+                  filter_groups={"enable": True, "max_num_gen_batches": 4})
+    ds = out["facts"]["dynamic_sampling"]
+    per_step = {s: {k.split("/", 1)[1]: v for k, v, st in out["metrics"] if st == s and k.startswith("dynamic_")}
+                for s in (1, 2)}
+    for step, m in per_step.items():
+        rollouts = read_parquet(tmp_path / "run" / "rollouts" / f"step-{step:07d}.parquet")
+        by_prompt = {}
+        for r in rollouts:
+            by_prompt.setdefault(r["prompt_id"], []).append(r["correct"])
+        assert m["generated_groups"] == 2 * m["rounds"]
+        assert m["generated_groups"] >= m["filtered_all_correct"] + m["filtered_all_wrong"] + m["kept_groups"]
+        assert len(by_prompt) == m["train_groups"] and len(rollouts) == 3 * m["train_groups"]
+        if coin:
+            assert m["kept_groups"] == 2 and m["cap_hit"] == 0
+            assert all(0 < sum(c) < 3 for c in by_prompt.values())  # no zero-variance group was trained on
+        else:  # the untrained model never answers: every group filtered, the cap stops the step
+            assert (m["rounds"], m["filtered_all_wrong"], m["kept_groups"], m["cap_hit"], m["unfiltered"]) == \
+                (4, 8, 0, 1, 1)
+            assert all(sum(c) == 0 for c in by_prompt.values())
+    assert ds["enable"] is True and ds["max_num_gen_batches"] == 4
+    assert ds["rounds"] == sum(m["rounds"] for m in per_step.values())
+    assert ds["filtered_all_wrong"] == sum(m["filtered_all_wrong"] for m in per_step.values())
+    assert ds["cap_hit"] == (0 if coin else 2)
+    print(f"dynamic sampling facts ({'coin' if coin else 'real'} grader): {ds}")
+
+
+def test_train_grpo_without_dynamic_sampling_is_unchanged(arm_init, tmp_path, monkeypatch):
+    """Off (the default), the step generates its batch once and records no dynamic-sampling counts."""
+    out, _ = _run(arm_init, tmp_path, monkeypatch)
+    assert not any(k.startswith("dynamic_sampling/") for k, _, _ in out["metrics"])
+    assert out["facts"]["dynamic_sampling"] == {"enable": False, "max_num_gen_batches": 10}
+    assert out["facts"]["overlong_buffer"]["penalised"] == 0
+
+
+def test_dynamic_sampling_resumes_where_it_left_off(arm_init, tmp_path, monkeypatch):
+    """The generation-batch cursor is checkpointed: a run resumed from step 1 generates step 2 exactly as the
+    uninterrupted run did (same prompts, same rollouts, same counts)."""
+    import shutil
+
+    import rewards.grader
+    from infra.artifacts import read_parquet
+    from infra.checkpoints import complete_checkpoints, step_of
+
+    real = rewards.grader.get_grader
+    monkeypatch.setattr(rewards.grader, "get_grader", lambda spec: CoinGrader(real(spec)))
+    kw = dict(steps=2, n=3, temperature=1.0, filter_groups={"enable": True, "max_num_gen_batches": 4})
+    first, _ = _run(arm_init, tmp_path, monkeypatch, **kw)
+    step2 = tmp_path / "run" / "rollouts" / "step-0000002.parquet"
+    before = [(r["prompt_id"], r["response"], r["correct"]) for r in read_parquet(step2)]
+    shutil.rmtree(next(p for p in complete_checkpoints(tmp_path / "run") if step_of(p) == 2))
+    step2.unlink()
+    again, _ = _run(arm_init, tmp_path, monkeypatch, **kw)
+    assert [(r["prompt_id"], r["response"], r["correct"]) for r in read_parquet(step2)] == before
+    assert again["facts"]["dynamic_sampling"] == first["facts"]["dynamic_sampling"]
+    assert first["facts"]["dynamic_sampling"]["rounds"] > 2  # the cursor moved past the plain one-batch-per-step

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from evals.suites import (PROMPT_ROW_SCHEMA, control_char_findings, load_arith_heldout, load_eval_heldout,
-                          load_heldout, load_manifest, load_suite)
+                          load_heldout, load_manifest, load_suite, protocol_differences)
 from infra.errors import DataError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -209,3 +209,127 @@ def test_arith_heldout_parquet(tmp_path):
         load_arith_heldout(path, 5)
     with pytest.raises(DataError, match="arith world's held-out file"):
         load_eval_heldout("arith", None)
+
+
+# ---------------------------------------------------------------- the MASA suite (datasets/masa-suite.yaml)
+
+MASA = REPO / "datasets" / "masa-suite.yaml"
+AIME25_FIXTURE = REPO / "tests" / "data" / "aime25-hub-fixture"  # 3 rows in math-ai/aime25's layout
+ON_DISK = ("aime24", "amc23", "math500", "minerva_math", "olympiadbench")  # ../shared/data/benchmarks has these
+
+
+def masa_spec(name: str, **update):
+    spec = load_manifest(MASA).suites[name]
+    return spec.model_copy(update=update) if update else spec
+
+
+def test_masa_manifest_suites_and_protocol():
+    manifest = load_manifest(MASA)
+    assert list(manifest.suites) == ["aime24", "aime25", "amc23", "math500", "minerva_math", "olympiadbench"]
+    assert manifest.total == 1547 == 30 + 30 + 40 + 500 + 272 + 675
+    p = manifest.protocol
+    assert (p.temperature, p.top_p, p.n, p.pass_at) == (1.0, 1.0, 32, [1, 32])
+    aime25 = manifest.suites["aime25"].hub
+    assert (aime25.id, aime25.config, aime25.split) == ("math-ai/aime25", None, "test")
+    assert len(aime25.revision) == 40  # pinned to a commit
+
+
+@pytest.mark.parametrize("name, rows, first_id, first_gold, domains", [
+    ("aime24", 30, "aime24-60", "204", {"aime"}),
+    ("amc23", 40, "amc23-00", "27", {"amc"}),
+    ("math500", 500, "test/precalculus/807.json", r"\left( 3, \frac{\pi}{2} \right)", None),
+    ("minerva_math", 272, "minerva-000", "1.6", {"minerva"}),
+    ("olympiadbench", 675, "olympiadbench-1606", "2", {"Algebra", "Combinatorics", "Geometry", "Number Theory"}),
+])
+def test_masa_suites_load_from_the_real_files(benchmarks_dir, name, rows, first_id, first_gold, domains):
+    suite = load_suite(name, masa_spec(name), benchmarks_dir)
+    assert suite.report.ok and len(suite.rows) == suite.report.golds_parsed == rows
+    assert suite.rows[0]["id"] == first_id and suite.rows[0]["answer"] == first_gold
+    assert len({r["id"] for r in suite.rows}) == rows
+    if domains is not None:
+        assert {r["domain"] for r in suite.rows} == domains
+    assert suite.table().schema == PROMPT_ROW_SCHEMA
+
+
+def test_masa_amc23_golds_are_the_files_answers(benchmarks_dir):
+    raw = [json.loads(line) for line in open(benchmarks_dir / "amc23.jsonl", encoding="utf-8")]
+    suite = load_suite("amc23", masa_spec("amc23"), benchmarks_dir)
+    assert [float(r["answer"]) for r in suite.rows] == [r["answer"] for r in raw]
+    assert [r["prompt"] for r in suite.rows] == [r["question"] for r in raw]
+
+
+def test_aime25_loader_on_the_hub_layout_fixture():
+    suite = load_suite("aime25", masa_spec("aime25", rows=3), AIME25_FIXTURE)
+    assert [(r["id"], r["answer"], r["domain"], r["source"]) for r in suite.rows] == [
+        ("aime25-0", "70", "aime", "aime25"), ("aime25-1", "16", "aime", "aime25"), ("aime25-2", "117", "aime", "aime25")]
+    # the manifest's row count is the hub's 30: three rows are refused, naming the file
+    with pytest.raises(DataError, match=r"aime25\.jsonl: expected 30 rows, got 3"):
+        load_suite("aime25", masa_spec("aime25"), AIME25_FIXTURE)
+
+
+def test_aime25_hub_path_uses_the_pinned_commit(monkeypatch):
+    calls = []
+    rows = [json.loads(line) for line in open(AIME25_FIXTURE / "aime25.jsonl", encoding="utf-8")]
+
+    def load_dataset(path, name=None, split=None, revision=None):
+        calls.append((path, name, split, revision))
+        return rows
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    suite = load_suite("aime25", masa_spec("aime25", rows=3), None)
+    revision = load_manifest(MASA).suites["aime25"].hub.revision
+    assert calls == [("math-ai/aime25", None, "test", revision)]
+    assert suite.origin == f"math-ai/aime25:test@{revision}" and [r["id"] for r in suite.rows][-1] == "aime25-2"
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"answer": "seventy"}, r"aime25\.jsonl: line 2 \(id aime25-1\): unparseable gold: aime25 row id='1': "
+                            r"field 'answer': expected an integer, got 'seventy'"),
+    ({"problem": None}, r"aime25\.jsonl: line 2: field 'problem': missing"),
+    ({"id": None}, r"aime25\.jsonl: line 2: field 'id': missing"),
+    ({"id": "0"}, r"aime25\.jsonl: line 2: field 'id': duplicate id 'aime25-0' \(first at line 1\)"),
+])
+def test_aime25_bad_rows_are_refused_naming_file_row_and_field(tmp_path, change, expected):
+    rows = [json.loads(line) for line in open(AIME25_FIXTURE / "aime25.jsonl", encoding="utf-8")]
+    rows[1] = {k: v for k, v in {**rows[1], **change}.items() if v is not None}
+    (tmp_path / "aime25.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=expected):
+        load_suite("aime25", masa_spec("aime25", rows=3), tmp_path)
+
+
+def test_masa_suite_loads_whole_from_one_directory(benchmarks_dir, tmp_path):
+    """All six suites through load_heldout (ids unique across suites), aime25 from the fixture."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ON_DISK:
+        (data / f"{name}.jsonl").symlink_to(benchmarks_dir / f"{name}.jsonl")
+    (data / "aime25.jsonl").symlink_to(AIME25_FIXTURE / "aime25.jsonl")
+    raw = yaml.safe_load(MASA.read_text())
+    raw["suites"]["aime25"]["rows"], raw["total"] = 3, 1547 - 27
+    manifest = tmp_path / "masa.yaml"
+    manifest.write_text(yaml.safe_dump(raw, sort_keys=False))
+    suites = load_heldout(manifest, data)
+    assert {s.name: len(s.rows) for s in suites} == {"aime24": 30, "aime25": 3, "amc23": 40, "math500": 500,
+                                                    "minerva_math": 272, "olympiadbench": 675}
+
+
+def test_protocol_differences_against_the_published_protocol():
+    manifest = load_manifest(MASA)
+    assert protocol_differences(manifest, 1.0, 1.0, 32, {}) == []
+    diffs = protocol_differences(manifest, 0.7, 0.95, 8, {"aime24": 32})
+    assert diffs[:2] == ["eval.temperature is 0.7, the published protocol's is 1.0",
+                         "eval.top_p is 0.95, the published protocol's is 1.0"]
+    assert "suite 'amc23': eval.n is 8, the published protocol samples 32 per problem" in diffs
+    assert ("suite 'amc23': pass@32 is published but not reported (the held-out job reports pass@1 and pass@8)"
+            in diffs)
+    assert not any("'aime24'" in d for d in diffs)  # its n_per_suite override matches
+    assert protocol_differences(load_manifest(MANIFEST), 0.7, 0.95, 8, {}) == []  # no published protocol
+
+
+def test_protocol_pass_at_must_fit_n(tmp_path):
+    raw = yaml.safe_load(MASA.read_text())
+    raw["protocol"]["pass_at"] = [1, 64]
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(DataError, match=r"m\.yaml:\d+: protocol: .*pass_at \[64\]: each k must lie in 1\.\.n \(32\)"):
+        load_manifest(path)
