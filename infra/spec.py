@@ -295,6 +295,61 @@ class OverlongBufferSpec(Strict):
     penalty_factor: float = Field(1.0, ge=0, description="the penalty at max_response_length")
 
 
+class MASAExpertSpec(Strict):
+    """MASA's expert SFT (DAgger-style): per prompt the best meta-prediction, with the true pass rate and correct
+    length substituted, enters a buffer; once it holds buffer_size items, bc_updates behaviour-cloning steps of
+    beta · token-mean NLL on them, then those items leave the buffer."""
+
+    enable: bool = False
+    buffer_size: int = Field(32, ge=1, description="N_expert: expert items that trigger behaviour cloning")
+    bc_updates: int = Field(5, ge=1, description="behaviour-cloning optimiser steps per flush (the paper: 5)")
+    beta: float = Field(1.0, gt=0, description="weight of the behaviour-cloning loss")
+
+
+class MASAEfficientSpec(Strict):
+    """MASA-efficient, on steps after start_step: predictive gating (a prompt whose M predicted pass rates agree,
+    std < gate_std, on all-correct or all-wrong gets no solution rollouts) and early cutoff (solution rollouts
+    stop at cutoff_factor × the mean predicted length). audit_prompts prompts per step are also sampled in full,
+    not trained on, to measure the gating and cutoff decisions against the truth."""
+
+    gate: bool = False
+    gate_std: float = Field(0.1, gt=0, description="predicted pass rates (as fractions) must agree within this std")
+    cutoff: bool = False
+    cutoff_factor: float = Field(2.0, gt=0, description="max new tokens = factor × mean predicted length")
+    start_step: int = Field(0, ge=0, description="k: gating and cutoff act on steps after k")
+    audit_prompts: int = Field(0, ge=0, description="prompts per step sampled in full to audit the decisions")
+
+
+class MASASpec(Strict):
+    """MASA (arXiv 2510.03259): each prompt also gets m meta-prediction rollouts (rl/masa.py), rewarded by
+    rewards.masa.meta_reward against the same prompt's solution rollouts, group-centred within the meta group
+    and scaled by meta_weight, in the same PPO update as the solutions; expert SFT and MASA-efficient below."""
+
+    enable: bool = False
+    m: int = Field(8, ge=2, description="meta-prediction rollouts per prompt (a group of one has no baseline)")
+    meta_weight: float = Field(1.0, gt=0, description="scale of the meta rollouts' advantages in the update")
+    max_meta_length: int = Field(256, ge=8, description="max new tokens of a meta-prediction rollout")
+    expert: MASAExpertSpec = MASAExpertSpec()
+    efficient: MASAEfficientSpec = MASAEfficientSpec()
+
+    @model_validator(mode="after")
+    def _acting(self) -> "MASASpec":
+        if not self.enable and self.model_dump() != MASASpec.model_construct().model_dump():  # no re-validation
+            raise ValueError("masa.* keys are read only with masa.enable: true")
+        if not self.expert.enable and self.expert != MASAExpertSpec():
+            raise ValueError("masa.expert.buffer_size, .bc_updates and .beta are read only with masa.expert.enable: "
+                             "true")
+        e = self.efficient
+        if not e.gate and e.gate_std != MASAEfficientSpec().gate_std:
+            raise ValueError("masa.efficient.gate_std is read only with masa.efficient.gate: true")
+        if not e.cutoff and e.cutoff_factor != MASAEfficientSpec().cutoff_factor:
+            raise ValueError("masa.efficient.cutoff_factor is read only with masa.efficient.cutoff: true")
+        if not (e.gate or e.cutoff) and (e.start_step, e.audit_prompts) != (0, 0):
+            raise ValueError("masa.efficient.start_step and .audit_prompts are read only with masa.efficient.gate "
+                             "or .cutoff: true")
+        return self
+
+
 class RLSpec(Strict):
     """The GRPO stage: data, reward signal and heads, optimiser, rollouts (n samples per prompt), PPO ratio clip
     [1 − clip_low, 1 + clip_high], lengths in tokens, frequencies in steps. batch_size must be a multiple of
@@ -337,6 +392,7 @@ class RLSpec(Strict):
     val_n: int = Field(1, ge=1)
     filter_groups: FilterGroupsSpec = FilterGroupsSpec()
     overlong_buffer: OverlongBufferSpec = OverlongBufferSpec()
+    masa: MASASpec = MASASpec()
 
     @model_validator(mode="after")
     def _batches(self) -> "RLSpec":
@@ -352,6 +408,9 @@ class RLSpec(Strict):
         if self.overlong_buffer.enable and self.overlong_buffer.len > self.max_response_length:
             raise ValueError(f"overlong_buffer.len {self.overlong_buffer.len} exceeds max_response_length "
                              f"{self.max_response_length}")
+        if (self.masa.efficient.gate or self.masa.efficient.cutoff) and self.filter_groups.enable:
+            raise ValueError("masa.efficient (gate/cutoff) with filter_groups.enable is not implemented: dynamic "
+                             "sampling picks a step's prompts after their solution rollouts, gating before them")
         if self.kl_coef > 0 and not self.kl_loss:
             raise ValueError(f"kl_coef {self.kl_coef} without kl_loss: true (KL acts only as a loss term; "
                              f"in-reward KL is not supported)")
@@ -486,6 +545,13 @@ _MECHANISMS = [
     ("rl.heads", "meta_reward"),
     ("rl.filter_groups", "dynamic_sampling"),
     ("rl.overlong_buffer", "overlong_punishment"),
+    ("rl.masa.expert", "masa_expert_sft"),
+    ("rl.masa.efficient.gate", "masa_gating"),
+    ("rl.masa.efficient.gate_std", "masa_gating"),
+    ("rl.masa.efficient.cutoff", "masa_cutoff"),
+    ("rl.masa.efficient.cutoff_factor", "masa_cutoff"),
+    ("rl.masa.efficient", "masa_efficient_schedule"),  # start_step, audit_prompts: when and how they are measured
+    ("rl.masa", "masa_meta_rollouts"),
 ]
 
 

@@ -11,7 +11,8 @@ prediction with the true statistics of the same prompt's solution rollouts:
 - the meta reward is the mean of the three.
 MASA-efficient uses the predictions before solving: `gate` skips prompts the M predictions agree are all-right or
 all-wrong, `cutoff_length` stops solution rollouts at factor × the predicted length. The DAgger-style expert SFT
-(best meta trajectories with the true statistics substituted) is a training stage, not a reward, and is not here.
+(best meta trajectories with the true statistics substituted, `substitute_prediction`) is a training step, in
+rl/masa.py with the rollouts and the gating.
 """
 from __future__ import annotations
 
@@ -56,17 +57,36 @@ def _validate(obj: Any) -> MetaPrediction | None:
     return MetaPrediction(tuple(notions), rate, length)
 
 
-def parse_prediction(text: str) -> MetaPrediction | None:
-    """The last valid prediction object in the text (bare JSON, fenced, or embedded in prose); None if none."""
+def prediction_span(text: str) -> tuple[int, int, MetaPrediction] | None:
+    """The last valid prediction object in the text (bare JSON, fenced, or embedded in prose) and its character
+    span [start, end); None if none."""
     decoder = json.JSONDecoder()
     found = None
     for m in re.finditer(r"\{", text):
         try:
-            obj, _ = decoder.raw_decode(text, m.start())
+            obj, end = decoder.raw_decode(text, m.start())
         except json.JSONDecodeError:
             continue
-        found = _validate(obj) or found
+        if (pred := _validate(obj)) is not None:
+            found = (m.start(), end, pred)
     return found
+
+
+def parse_prediction(text: str) -> MetaPrediction | None:
+    """The last valid prediction object in the text (bare JSON, fenced, or embedded in prose); None if none."""
+    found = prediction_span(text)
+    return found[2] if found else None
+
+
+def substitute_prediction(text: str, pred: MetaPrediction) -> str:
+    """The text with its last valid prediction object replaced by `pred` as JSON (MASA's expert trajectory: the
+    model's own reasoning with the true statistics substituted). Raises ValueError when the text has none."""
+    found = prediction_span(text)
+    if found is None:
+        raise ValueError("no valid prediction object in the text to substitute")
+    start, end, _ = found
+    obj = {"notions": list(pred.notions), "pass_rate": pred.pass_rate, "solution_length": pred.solution_length}
+    return text[:start] + json.dumps(obj) + text[end:]
 
 
 def normalise(text: str) -> str:

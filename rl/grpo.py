@@ -48,6 +48,7 @@ from infra.hashing import hash_json
 from infra.progress import Progress
 from infra.spec import ComputeSpec, GraderSpec, RLSpec
 from meta.grammar import META_OPEN
+from rl.masa import masa_facts
 from rl.schedule import KL_LOSS_TYPE, hf_top_k, lr_at
 
 if TYPE_CHECKING:
@@ -344,6 +345,23 @@ def _dapo_facts(rl: RLSpec, totals: Counter) -> dict[str, Any]:
             "overlong_buffer": {**rl.overlong_buffer.model_dump(), "penalised": totals["overlong/penalised"]}}
 
 
+def _masa_runner(rl: RLSpec, engine: Any, tokenizer: "PreTrainedTokenizerFast", grader: Any, seed: int,
+                 prompts: list[dict[str, Any]], device: str, precision: str) -> Any:
+    """rl.masa's runner (rl/masa.py), its meta-prediction prompts refused like any prompt over max_prompt_length;
+    None with MASA off (the matched control: no meta rollout is generated, and zero is recorded)."""
+    if not rl.masa.enable:
+        return None
+    from rl.masa import MASARunner
+
+    def bc_logprobs(model: "PreTrainedModel", rows: list[tuple[list[int], list[int]]]) -> tuple[Any, Any]:
+        batch = _collate([(p, r, [0.0] * len(r)) for p, r in rows], tokenizer.pad_token_id, device)
+        return response_logprobs(model, batch, device, precision, 1.0), batch["resp_mask"]
+
+    runner = MASARunner(rl, engine, tokenizer, grader, lambda *parts: derived_seed(*parts, seed), bc_logprobs)
+    check_prompt_lengths(tokenizer, {"meta-prediction prompts": runner.prompts(prompts)}, rl.max_prompt_length)
+    return runner
+
+
 def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str, Any]], rl: RLSpec,
                grader_spec: GraderSpec, compute: ComputeSpec, seed: int, out_dir: Path,
                on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
@@ -381,6 +399,7 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
     actor_cfg = _actor_config(rl)
     meta_open_id = tokenizer.convert_tokens_to_ids(META_OPEN)
     check_prompt_lengths(tokenizer, {"rl prompts": prompts, "val": val}, rl.max_prompt_length)
+    masa = _masa_runner(rl, engine, tokenizer, grader, seed, prompts, device, precision)
     fingerprint = hash_json({"rl": rl.model_dump(mode="json"), "seed": seed, "prompts": [r["id"] for r in prompts],
                              "val": [r["id"] for r in val]})
 
@@ -393,6 +412,8 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
         state = saved
     totals: Counter = Counter(state["totals"])
     metrics: MetricRows = [tuple(m) for m in state["metrics"]]
+    if masa is not None:
+        masa.bind(state)
 
     def record(step: int, values: dict[str, float]) -> None:
         clean = {k: float(v) for k, v in values.items() if v is not None and not math.isnan(float(v))}
@@ -415,10 +436,10 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        def sample(rows: list[dict[str, Any]], round_: int) -> list[list[Sample]]:
+        def sample(rows: list[dict[str, Any]], round_: int, max_new_tokens: int | None = None) -> list[list[Sample]]:
             rendered = [render_prompt(tokenizer, r["prompt"]) for r in rows]
             gens = engine.generate(rendered, n=rl.n, temperature=rl.temperature, top_p=rl.top_p, top_k=hf_top_k(rl),
-                                   max_new_tokens=rl.max_response_length,
+                                   max_new_tokens=max_new_tokens or rl.max_response_length,
                                    seed=derived_seed("rollout", seed, step, *([round_] if round_ else [])))
             return [[Sample(prompt=rendered[i], response=g.text, response_ids=g.token_ids,
                             gold=str(rows[i]["answer"]), truncated=g.truncated) for g in gs]
@@ -429,7 +450,8 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
             rows, groups, ds_facts = _dynamic_batch(sample, prompts, rl, seed, state, grader)
         else:
             rows = [prompts[i] for i in prompt_indices(step, len(prompts), rl.batch_size, seed)]
-            groups, ds_facts = sample(rows, 0), {}
+            rows, groups = masa.sample(rows, sample, step) if masa is not None else (rows, sample(rows, 0))
+            ds_facts = {}
         rendered = [gs[0].prompt for gs in groups]
         t_sample = time.perf_counter() - t0
         batch = score_batch(groups, rl=rl, step=step, grader=grader, tokenizer=tokenizer, scorer=scorer,
@@ -443,8 +465,12 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
         update_rows = [(prompt_ids[g], list(s.response_ids), adv)
                        for (g, s), adv in zip([(g, s) for g, gs in enumerate(groups) for s in gs],
                                               batch.token_advantages)]
+        if masa is not None:  # the meta rollouts join the same update of the one policy
+            update_rows += masa.update_rows(rows, batch.records, step)
         update = ppo_update(model, optimizer, update_rows, rl, actor_cfg, tokenizer.pad_token_id, device, precision,
                             ref_model)
+        if masa is not None:
+            masa.expert_step(model, optimizer)
         t_update = time.perf_counter() - t0
 
         write_parquet(_rollout_rows(step, rows, batch.records, rl.n), out_dir / "rollouts" / f"step-{step:07d}.parquet")
@@ -468,6 +494,7 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
             "train/overlong/penalty_mean": f.get("overlong/penalty_mean"),
             **{f"train/format/{c}": _mean([r["format_class"] == c for r in recs])
                for c in ("none", "wellformed", "drift", "truncation", "discard")},
+            **(masa.step_metrics() if masa is not None else {}),
         }
         if step % rl.test_freq == 0 or step == rl.steps:
             values.update(validate(engine, tokenizer, grader, val, rl, seed, step, out_dir))
@@ -497,7 +524,7 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
                "reference": None if ref_model is None else "scorer (shared)" if scorer is not None else "loaded"},
         "max_prompt_length": rl.max_prompt_length, "logprob_temperature": rl.temperature,
         "decoys": _decoy_facts(prompts, grader, tokenizer) if "decoy" in signal.needs else None,
-        **_dapo_facts(rl, totals),
+        **_dapo_facts(rl, totals), "masa": masa_facts(rl, state.get("masa")),
     }
     summary = {"val_acc": round(final_val.get("val/accuracy/pure", float("nan")), 3),
                "scorer_calls": totals["scorer/calls"]}

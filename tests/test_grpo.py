@@ -471,3 +471,29 @@ def test_dynamic_sampling_resumes_where_it_left_off(arm_init, tmp_path, monkeypa
     assert [(r["prompt_id"], r["response"], r["correct"]) for r in read_parquet(step2)] == before
     assert again["facts"]["dynamic_sampling"] == first["facts"]["dynamic_sampling"]
     assert first["facts"]["dynamic_sampling"]["rounds"] > 2  # the cursor moved past the plain one-batch-per-step
+
+
+# ---------------------------------------------------------------- MASA, end to end (tiny)
+
+def test_train_grpo_masa_records_meta_rollouts_and_grpo_records_none(arm_init, tmp_path, monkeypatch):
+    """A 2-step GRPO+MASA run generates m meta rollouts per prompt per step, counts every unparsable one as
+    malformed (the untrained tiny model writes no JSON), trains on them in the same update (meta_trained), fills
+    the expert buffer only from valid predictions; the vanilla run records zero meta rollouts."""
+    out, _ = _run(arm_init, tmp_path / "masa", monkeypatch, steps=2, n=2, max_response_length=8,
+                  masa={"enable": True, "m": 3, "max_meta_length": 8, "expert": {"enable": True, "buffer_size": 2}})
+    m = out["facts"]["masa"]
+    per_step = {s: {k: v for k, v, st in out["metrics"] if st == s and k.startswith("masa/")} for s in (1, 2)}
+    for s in (1, 2):
+        assert per_step[s]["masa/meta_rollouts"] == 2 * 3  # batch_size 2 × m 3
+        assert per_step[s]["masa/meta_trained"] == 6
+        assert per_step[s]["masa/malformed"] + per_step[s]["masa/expert_items"] <= 6
+        assert per_step[s]["masa/gated_prompts"] == 0  # no efficiency configured
+    assert m["enable"] is True and m["m"] == 3
+    assert m["meta_rollouts"] == 12 and m["meta_trained"] == 12
+    assert m["malformed"] == sum(per_step[s]["masa/malformed"] for s in (1, 2))
+    assert m["decision_prompts"] == 4  # shadow decisions on every prompt (all solved at full length)
+    assert len(m["buffer_size_per_step"]) == 2
+    base, _ = _run(arm_init, tmp_path / "grpo", monkeypatch, steps=2, n=2, max_response_length=8)
+    assert base["facts"]["masa"]["enable"] is False and base["facts"]["masa"]["meta_rollouts"] == 0
+    assert not any(k.startswith("masa/") for k, _, _ in base["metrics"])
+    print(f"masa facts: {m}")

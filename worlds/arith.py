@@ -707,6 +707,86 @@ def _sign_slip(a: int, op: str, b: int) -> int | None:
     return apply(a, op, -b) if b < 0 else None
 
 
+# ---------------------------------------------------------------- notions (MASA's meta-predictions)
+
+# The arith world's notions: what a worked solution needs, as MASA's meta-prediction names it. Operator kinds and
+# brackets are visible in the problem; carries, borrows, negatives and two-digit numbers often appear only on
+# the way (7-3*(2-5) has no negative operand but a -3 and a -9 on the way). Names are single tokens of lower-case
+# text with hyphens, so rewards.masa's whole-word match finds them in `notion_text`.
+NOTIONS: dict[str, str] = {
+    "addition": "a step adds (a+b)",
+    "subtraction": "a step subtracts (a-b)",
+    "multiplication": "a step multiplies (a*b)",
+    "division": "a step divides (a/b)",
+    "brackets": "the expression holds a bracket group",
+    "negative": "a step has a negative operand or value",
+    "two-digit": "a step has an operand or value of two digits",
+    "carry": "an addition of sizes carries a ten (units digits sum to 10 or more: 17+5)",
+    "borrow": "a subtraction of sizes borrows a ten (a smaller units digit minus a larger one: 22-5)",
+}
+
+
+def step_notions(a: int, op: str, b: int, value: int) -> set[str]:
+    """The notions one reduction a op b = value uses. Carries and borrows are those of the sizes the step really
+    adds or subtracts after signs are taken out (7--9 adds 7+9: a carry; -5+12 subtracts 12-5: a borrow)."""
+    out = {{"+": "addition", "-": "subtraction", "*": "multiplication", "/": "division"}[op]}
+    if min(a, b, value) < 0:
+        out.add("negative")
+    if max(abs(a), abs(b), abs(value)) > 9:
+        out.add("two-digit")
+    if op in "+-":
+        c = b if op == "+" else -b  # a op b = a + c
+        x, y = abs(a), abs(c)
+        if (a >= 0) == (c >= 0):
+            out |= {"carry"} if x % 10 + y % 10 >= 10 else set()
+        else:
+            big, small = max(x, y), min(x, y)
+            out |= {"borrow"} if big % 10 < small % 10 else set()
+    return out
+
+
+def problem_notions(expr: str) -> set[str]:
+    """The notions visible in the problem's expression itself: its operator kinds, brackets, negative and
+    two-digit literals. Raises ValueError for text that is not an expression."""
+    toks = parse(expr)
+    names = {"+": "addition", "-": "subtraction", "*": "multiplication", "/": "division"}
+    out = {names[t] for t in toks if isinstance(t, str) and t in names}
+    if "(" in toks:
+        out.add("brackets")
+    nums = [t for t in toks if isinstance(t, int)]
+    if any(t < 0 for t in nums):
+        out.add("negative")
+    if any(abs(t) > 9 for t in nums):
+        out.add("two-digit")
+    return out
+
+
+def solution_notions(text: str) -> set[str]:
+    """The notions a solution text shows: those of each step line it writes ('a op b=v|rest', meta blocks and
+    other lines ignored, a wrong value counted as written), plus brackets when any line holds one."""
+    out: set[str] = set()
+    for line in text.splitlines():
+        parsed = _parse_line(line.strip())
+        if parsed is None:
+            continue
+        (a, op, b), v, after = parsed
+        out |= step_notions(a, op, b, v)
+        if "(" in line:
+            out.add("brackets")
+    return out
+
+
+def notions(problem: Problem) -> set[str]:
+    """The notions of a problem's worked solution (the reference steps), a subset of NOTIONS; brackets when the
+    expression has a group (a reduced group loses its brackets, so the step lines may not show one)."""
+    return solution_notions(problem.response()) | ({"brackets"} if "(" in problem.expr else set())
+
+
+def notion_text(names: Iterable[str]) -> str:
+    """Notion names as the text rewards.masa.r_notion searches (sorted, space separated)."""
+    return " ".join(sorted(names))
+
+
 # ---------------------------------------------------------------- the world's splits
 
 SPLITS = ("base", "sft1", "sft2", "rl", "val", "heldout")
