@@ -173,7 +173,7 @@ def behaviour_cloning(model: Any, optimizer: Any, items: list[dict[str, list[int
             lp, mask = logprobs(model, chunk)
             loss = -beta * (lp * mask).sum() / total
             loss.backward()
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         losses.append(loss_sum)

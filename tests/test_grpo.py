@@ -497,3 +497,70 @@ def test_train_grpo_masa_records_meta_rollouts_and_grpo_records_none(arm_init, t
     assert base["facts"]["masa"]["enable"] is False and base["facts"]["masa"]["meta_rollouts"] == 0
     assert not any(k.startswith("masa/") for k, _, _ in base["metrics"])
     print(f"masa facts: {m}")
+
+
+class ScriptedMeta:
+    """The real engine, except that meta-prediction prompts get fixed JSON predictions: the first prompt of each
+    call predicts all-wrong (pass_rate 0, so every M agree and it is gated after start_step), the others 4 of 8
+    with solution_length 2 (cutoff 2 × 2 = 4 tokens). Records max_new_tokens of every solution call."""
+
+    def __init__(self, real):
+        self.real, self.solution_limits = real, []
+
+    def generate(self, prompts, n=1, max_new_tokens=128, **kw):
+        from evals.engine import Generation
+
+        if "Do not solve this problem yet" not in prompts[0]:
+            self.solution_limits.append((len(prompts), max_new_tokens))
+            return self.real.generate(prompts, n=n, max_new_tokens=max_new_tokens, **kw)
+        tok = self.real.tokenizer
+        out = []
+        for i, _ in enumerate(prompts):
+            text = ('<|meta|>plan</|meta|> {"notions": ["carry"], "pass_rate": 0, "solution_length": 3}' if i == 0
+                    else '{"notions": ["borrow", "two-digit"], "pass_rate": 4, "solution_length": 2}')
+            ids = tuple(tok(text, add_special_tokens=False)["input_ids"]) + (tok.eos_token_id,)
+            out.append([Generation(text=text, token_ids=ids, truncated=False) for _ in range(n)])
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_train_grpo_masa_efficient_gates_cuts_audits_and_clones(arm_init, tmp_path, monkeypatch):
+    """MASA-efficient with k = 1 on scripted predictions over the real tiny model (which never answers right, so
+    every prompt is truly zero-variance and every rollout truly incorrect): step 1 gates nothing and records
+    shadow decisions on both prompts; step 2 gates prompt 0 (its rollouts skipped, its meta rollouts untrained),
+    solves prompt 1 with max_new_tokens 4, audits both prompts at full length; the expert buffer (size 2) flushes
+    after step 1 with 2 BC steps and holds 1 item after step 2."""
+    import evals.engine
+    from infra.artifacts import read_parquet
+
+    engines, real = [], evals.engine.HFEngine
+    monkeypatch.setattr(evals.engine, "HFEngine", lambda *a, **k: engines.append(ScriptedMeta(real(*a, **k)))
+                        or engines[-1])
+    out, _ = _run(arm_init, tmp_path, monkeypatch, steps=2, n=2, max_response_length=8, temperature=1.0,
+                  masa={"enable": True, "m": 2,
+                        "expert": {"enable": True, "buffer_size": 2, "bc_updates": 2},
+                        "efficient": {"gate": True, "cutoff": True, "start_step": 1, "audit_prompts": 2}})
+    step = {s: {k: v for k, v, st in out["metrics"] if st == s and k.startswith("masa/")} for s in (1, 2)}
+    one, two = step[1], step[2]
+    assert (one["masa/gated_prompts"], one["masa/cut_prompts"], one["masa/meta_trained"]) == (0, 0, 4)
+    assert (one["masa/gate/tp"], one["masa/gate/fn"], one["masa/cutoff/tp"], one["masa/cutoff/fp"]) == (1, 1, 4, 0)
+    assert one["masa/gate/precision"] == 1.0 and one["masa/gate/f1"] == pytest.approx(2 / 3)
+    assert one["masa/expert_items"] == 2 and one["masa/expert/flush"] == 1 and one["masa/expert/buffer"] == 0
+    assert one["masa/meta_reward/mean"] == pytest.approx((1 / 3 + 0.01 ** 0.5 / 3) / 2)
+    assert (two["masa/gated_prompts"], two["masa/skipped_rollouts"], two["masa/cut_prompts"]) == (1, 2, 1)
+    assert two["masa/meta_trained"] == 2 and two["masa/token_budget_saved"] == 2 * 8 + 2 * (8 - 4)
+    assert (two["masa/audit_prompts"], two["masa/gate/tp"], two["masa/gate/fn"], two["masa/cutoff/tp"]) == \
+        (2, 1, 1, 4)
+    assert two["masa/expert/buffer"] == 1 and "masa/expert/flush" not in two
+    limits = engines[-1].solution_limits
+    assert (1, 4) in limits and (2, 8) in limits  # the cut prompt alone at 4 tokens; the audit at full length
+    rollouts = read_parquet(tmp_path / "run" / "rollouts" / "step-0000002.parquet")
+    assert len({r["prompt_id"] for r in rollouts}) == 1 and all(r["n_tokens"] <= 4 for r in rollouts)
+    assert two["masa/cut_rollouts"] == sum(r["n_tokens"] == 4 and r["truncated"] for r in rollouts)
+    facts = out["facts"]["masa"]
+    assert facts["bc_updates"] == 2 and len(facts["bc_loss_per_flush"]) == 1 and facts["buffer_left"] == 1
+    assert facts["gated_prompts"] == 1 and facts["gate/tp"] == 2 and facts["audit_prompts"] == 2
+    print(f"masa-efficient step 2 metrics: {two}")
+
