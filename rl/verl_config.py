@@ -115,6 +115,9 @@ def translate(cfg: BaseSpec, *, ablation: str, arm: str, seed: int, paths: RunPa
         raise SpecError(f"arm '{arm}': rl.filter_groups.max_num_gen_batches {rl.filter_groups.max_num_gen_batches}: "
                         f"verl {verl_version()}'s v1 ReplayBuffer (the sync trainer twinarm runs) ignores it and "
                         f"refills without a cap; set it to 0 (no cap) for the verl executor")
+    if rl.masa.enable:
+        raise SpecError(f"arm '{arm}': rl.masa.enable: MASA (meta-prediction rollouts, expert SFT, gating, cutoff) "
+                        f"runs on the local executor only (rl/masa.py); the verl executor does not implement it")
     a, r = "actor_rollout_ref.actor.", "actor_rollout_ref.rollout."
     greedy_val = rl.val_temperature == 0
     out: dict[str, Any] = {

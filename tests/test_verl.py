@@ -94,6 +94,8 @@ def test_translation_refuses_what_verl_cannot_run():
     cpu = BaseSpec.model_validate({"executor": {"kind": "verl", "compute": {"device": "cpu"}}})
     with pytest.raises(SpecError, match="no CPU training path"):
         translate(cpu, ablation="x", arm="a", seed=0, paths=paths())
+    with pytest.raises(SpecError, match="rl.masa.enable: MASA .* local executor only"):
+        translate(verl_cfg(masa={"enable": True}), ablation="x", arm="a", seed=0, paths=paths())
 
 
 def test_spec_refuses_keys_that_would_not_act():
