@@ -111,7 +111,47 @@ def test_config_hash_is_stable_under_key_order_and_reserialisation(tmp_path):
     assert config_hash(data) != h
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "qwen3-8b.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "qwen3-8b.yaml", "masa.yaml"])
 def test_shipped_specs_validate(name):
     spec = load_spec(REPO / "configs" / name)
     assert len(resolved_arms(spec)) >= 2
+
+
+def test_masa_spec_arms_and_mechanisms():
+    """configs/masa.yaml: the five arms, MASA on exactly where declared, and each contrast's differing keys map
+    onto the mechanisms it declares."""
+    from infra.spec import config_diff, mechanism_of
+
+    spec = load_spec(REPO / "configs" / "masa.yaml")
+    arms = resolved_arms(spec)
+    assert sorted(arms) == ["dapo", "dapo_masa", "grpo", "grpo_masa", "masa_efficient"]
+    assert {a: cfg.rl.masa.enable for a, cfg in arms.items()} == {
+        "grpo": False, "grpo_masa": True, "masa_efficient": True, "dapo": False, "dapo_masa": True}
+    assert arms["masa_efficient"].rl.masa.efficient.gate and arms["masa_efficient"].rl.masa.efficient.cutoff
+    for name, c in spec.contrasts.items():
+        diff = config_diff(arms[c.treatment], arms[c.control])
+        assert {mechanism_of(k) for k in diff} == set(c.mechanisms), name
+
+
+@pytest.mark.parametrize("masa,match", [
+    ({"m": 4}, "read only with masa.enable"),
+    ({"enable": True, "m": 1}, "greater than or equal to 2"),
+    ({"enable": True, "expert": {"beta": 0.5}}, "read only with masa.expert.enable"),
+    ({"enable": True, "efficient": {"gate_std": 0.2}}, "gate_std is read only with masa.efficient.gate"),
+    ({"enable": True, "efficient": {"cutoff_factor": 3.0}}, "cutoff_factor is read only with masa.efficient.cutoff"),
+    ({"enable": True, "efficient": {"start_step": 5}}, "start_step and .audit_prompts are read only"),
+    ({"enable": True, "efficient": {"audit_prompts": 1}}, "start_step and .audit_prompts are read only"),
+])
+def test_masa_keys_that_would_not_act_are_refused(masa, match):
+    from infra.spec import RLSpec
+
+    with pytest.raises(ValueError, match=match):
+        RLSpec(masa=masa)
+
+
+def test_masa_efficient_with_dynamic_sampling_is_refused():
+    from infra.spec import RLSpec
+
+    with pytest.raises(ValueError, match="with filter_groups.enable is not implemented"):
+        RLSpec(masa={"enable": True, "efficient": {"gate": True}}, filter_groups={"enable": True})
+    assert RLSpec(masa={"enable": True}, filter_groups={"enable": True}).masa.enable  # dapo+masa is fine
