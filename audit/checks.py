@@ -623,6 +623,34 @@ def control_zero_scorer_calls(scope: Scope) -> Check:
     return Check(name, PASS, _listed(free), [ev])
 
 
+def control_zero_meta_rollouts(scope: Scope) -> Check:
+    """An arm with MASA off (rl.masa.enable false, the run fact masa.enable) generated no meta-prediction
+    rollout: the matched GRPO/DAPO control runs the identical code path with the MASA heads off."""
+    name = "MASA-off arms made zero meta rollouts"
+    ev = scope.facts(("rl",), ("masa",))
+    runs, missing = _per_arm(scope, ev, "rl", ("masa",))
+    off, made = [], []
+    for key, facts in runs.items():
+        masa = facts.get("masa")
+        if masa is None:  # _per_arm listed it as missing
+            continue
+        if not isinstance(masa, dict) or "enable" not in masa or masa.get("meta_rollouts") is None:
+            missing.append(f"{key}: rl fact masa.enable / masa.meta_rollouts")
+            continue
+        if masa["enable"]:
+            continue
+        off.append(f"{key}: {masa['meta_rollouts']} meta rollouts")
+        if masa["meta_rollouts"]:
+            made.append(off[-1])
+    if made:
+        return Check(name, FAIL, "an arm with MASA off generated meta-prediction rollouts: " + _listed(made), [ev])
+    if missing:
+        return _open(name, missing, [ev])
+    if not off:
+        return Check(name, OPEN, "every arm runs MASA: there is no MASA-off control to check", [ev])
+    return Check(name, PASS, _listed(off), [ev])
+
+
 def sft_twins(scope: Scope) -> Check:
     """The twins stage's own verdict (token-level masks) and a re-verification of the files the arms' SFT read."""
     from meta.grammar import META_CLOSE, META_OPEN
@@ -806,6 +834,6 @@ def same_code_version(scope: Scope) -> Check:
 
 CHECKS: list[Callable[[Scope], Check]] = [
     second_law, same_grader, first_law, package_effects, advantage_normalisation,
-    schedules, control_zero_scorer_calls, sft_twins, corpus_sizes, regrade_flips, heldout_disjoint, seeds_per_arm,
+    schedules, control_zero_scorer_calls, control_zero_meta_rollouts, sft_twins, corpus_sizes, regrade_flips, heldout_disjoint, seeds_per_arm,
     same_code_version,
 ]

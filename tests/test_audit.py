@@ -198,6 +198,9 @@ CONFOUNDS: dict[str, tuple[str, Plant, tuple[str, ...]]] = {
                     ("sft lr_per_step", "from step 4")),
     "scorer in control": ("control arm made zero scorer calls", set_fact("rl", "control", "scorer_calls", lambda v: 7),
                           ("control/seed0 (vanilla): 7 calls",)),
+    "meta rollouts in control": ("MASA-off arms made zero meta rollouts",
+                                 set_fact("rl", "control", "masa", lambda v: {**v, "meta_rollouts": 5}),
+                                 ("control/seed0: 5 meta rollouts",)),
     "tag leak": ("SFT twins 1:1", edited_artifact("sft", "control", "sft1", "in", leak_tag),
                  ("sft1 no_tag_leakage", "arith-sft1-")),
     "unequal SFT rows": ("corpus sizes equal", set_fact("sft", "control", "rows_seen", lambda v: v - 60),
@@ -250,7 +253,8 @@ def test_planted_confound_fails_its_own_check(clean, flow_home, tmp_path, confou
 def test_missing_facts_leave_checks_open_never_verified(clean, flow_home, tmp_path):
     ledger = ledger_of(planted(flow_home, tmp_path, sql("DELETE FROM facts")))
     needs_facts = ["same grader", "advantage normalisation applied alike", "save_freq and LR schedule per step",
-                   "control arm made zero scorer calls", "SFT twins 1:1", "corpus sizes equal",
+                   "control arm made zero scorer calls", "MASA-off arms made zero meta rollouts", "SFT twins 1:1",
+                   "corpus sizes equal",
                    "meta-strip regrade flips 0"]
     assert {n: ledger.check(n).status for n in needs_facts} == dict.fromkeys(needs_facts, "☐")
     assert all("missing" in ledger.check(n).summary for n in needs_facts)
