@@ -834,6 +834,6 @@ def same_code_version(scope: Scope) -> Check:
 
 CHECKS: list[Callable[[Scope], Check]] = [
     second_law, same_grader, first_law, package_effects, advantage_normalisation,
-    schedules, control_zero_scorer_calls, control_zero_meta_rollouts, sft_twins, corpus_sizes, regrade_flips, heldout_disjoint, seeds_per_arm,
-    same_code_version,
+    schedules, control_zero_scorer_calls, control_zero_meta_rollouts, sft_twins, corpus_sizes, regrade_flips,
+    heldout_disjoint, seeds_per_arm, same_code_version,
 ]

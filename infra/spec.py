@@ -308,15 +308,17 @@ class MASAExpertSpec(Strict):
 
 class MASAEfficientSpec(Strict):
     """MASA-efficient, on steps after start_step: predictive gating (a prompt whose M predicted pass rates agree,
-    std < gate_std, on all-correct or all-wrong gets no solution rollouts) and early cutoff (solution rollouts
-    stop at cutoff_factor × the mean predicted length). audit_prompts prompts per step are also sampled in full,
+    std < gate_std, on all-correct or all-wrong gets no solution rollouts), early cutoff (solution rollouts
+    stop at cutoff_factor × the mean predicted length) and notion hints (the notions at least half the valid
+    predictions name, appended to the solution prompt). audit_prompts prompts per step are also sampled in full,
     not trained on, to measure the gating and cutoff decisions against the truth."""
 
     gate: bool = False
     gate_std: float = Field(0.1, gt=0, description="predicted pass rates (as fractions) must agree within this std")
     cutoff: bool = False
     cutoff_factor: float = Field(2.0, gt=0, description="max new tokens = factor × mean predicted length")
-    start_step: int = Field(0, ge=0, description="k: gating and cutoff act on steps after k")
+    hints: bool = Field(False, description="add the notions most predictions name to the solution prompt")
+    start_step: int = Field(0, ge=0, description="k: gating, cutoff and hints act on steps after k")
     audit_prompts: int = Field(0, ge=0, description="prompts per step sampled in full to audit the decisions")
 
 
@@ -344,9 +346,9 @@ class MASASpec(Strict):
             raise ValueError("masa.efficient.gate_std is read only with masa.efficient.gate: true")
         if not e.cutoff and e.cutoff_factor != MASAEfficientSpec().cutoff_factor:
             raise ValueError("masa.efficient.cutoff_factor is read only with masa.efficient.cutoff: true")
-        if not (e.gate or e.cutoff) and (e.start_step, e.audit_prompts) != (0, 0):
-            raise ValueError("masa.efficient.start_step and .audit_prompts are read only with masa.efficient.gate "
-                             "or .cutoff: true")
+        if not (e.gate or e.cutoff or e.hints) and (e.start_step, e.audit_prompts) != (0, 0):
+            raise ValueError("masa.efficient.start_step and .audit_prompts are read only with masa.efficient.gate, "
+                             ".cutoff or .hints: true")
         return self
 
 
@@ -408,9 +410,11 @@ class RLSpec(Strict):
         if self.overlong_buffer.enable and self.overlong_buffer.len > self.max_response_length:
             raise ValueError(f"overlong_buffer.len {self.overlong_buffer.len} exceeds max_response_length "
                              f"{self.max_response_length}")
-        if (self.masa.efficient.gate or self.masa.efficient.cutoff) and self.filter_groups.enable:
-            raise ValueError("masa.efficient (gate/cutoff) with filter_groups.enable is not implemented: dynamic "
-                             "sampling picks a step's prompts after their solution rollouts, gating before them")
+        e = self.masa.efficient
+        if (e.gate or e.cutoff or e.hints) and self.filter_groups.enable:
+            raise ValueError("masa.efficient (gate/cutoff/hints) with filter_groups.enable is not implemented: "
+                             "dynamic sampling picks a step's prompts after their solution rollouts, MASA-efficient "
+                             "decides before them")
         if self.kl_coef > 0 and not self.kl_loss:
             raise ValueError(f"kl_coef {self.kl_coef} without kl_loss: true (KL acts only as a loss term; "
                              f"in-reward KL is not supported)")
@@ -550,6 +554,7 @@ _MECHANISMS = [
     ("rl.masa.efficient.gate_std", "masa_gating"),
     ("rl.masa.efficient.cutoff", "masa_cutoff"),
     ("rl.masa.efficient.cutoff_factor", "masa_cutoff"),
+    ("rl.masa.efficient.hints", "masa_hints"),
     ("rl.masa.efficient", "masa_efficient_schedule"),  # start_step, audit_prompts: when and how they are measured
     ("rl.masa", "masa_meta_rollouts"),
 ]

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from infra.spec import MASAEfficientSpec, RLSpec
 from meta.grammar import META_CLOSE, META_OPEN
-from rewards.masa import PASS_MAX, MetaPrediction, cutoff_length, gate, meta_reward, parse_prediction, \
+from rewards.masa import PASS_MAX, MetaPrediction, cutoff_length, gate, meta_reward, normalise, parse_prediction, \
     substitute_prediction
 
 if TYPE_CHECKING:
@@ -74,21 +74,32 @@ def notion_views(row: dict[str, Any], solutions: Sequence[str]) -> tuple[str, li
 
 @dataclass(frozen=True)
 class Plan:
-    """MASA-efficient's decisions for a step's prompts: gated (no solution rollouts) and the max new tokens of
-    each prompt's solution rollouts (None = rl.max_response_length)."""
+    """MASA-efficient's decisions for a step's prompts: gated (no solution rollouts), the max new tokens of
+    each prompt's solution rollouts (None = rl.max_response_length) and the hint added to its prompt (or None)."""
 
     gated: list[bool]
     cutoffs: list[int | None]
+    hints: list[str | None]
+
+
+def notion_hint(preds: Sequence[MetaPrediction | None]) -> str | None:
+    """The notion hint for a prompt: the notions (normalised) that at least half of the valid predictions name,
+    in order of first mention, as a sentence to append to the problem; None when there is none."""
+    valid = [p for p in preds if p is not None]
+    counts = Counter(n for p in valid for n in dict.fromkeys(normalise(x) for x in p.notions) if n)
+    keep = [n for n, c in counts.items() if 2 * c >= len(valid)]
+    return f"\n\nHint: a solution may use {', '.join(keep)}." if keep else None
 
 
 def plan(preds: Sequence[Sequence[MetaPrediction | None]], efficient: MASAEfficientSpec, step: int,
          max_response_length: int) -> Plan:
-    """Gate and cutoff per prompt from its M predictions; nothing is gated or cut on steps ≤ start_step or with
-    the switch off. Cutoffs never exceed max_response_length (tokens)."""
+    """Gate, cutoff and hint per prompt from its M predictions; none of them on steps ≤ start_step or with its
+    switch off. Cutoffs never exceed max_response_length (tokens)."""
     active = step > efficient.start_step
     return Plan([active and efficient.gate and gate(p, efficient.gate_std) for p in preds],
                 [cutoff_length(p, efficient.cutoff_factor, max_response_length) if active and efficient.cutoff
-                 else None for p in preds])
+                 else None for p in preds],
+                [notion_hint(p) if active and efficient.hints else None for p in preds])
 
 
 def decision_counts(preds: Sequence[Sequence[MetaPrediction | None]], correct: Sequence[Sequence[bool]],
@@ -180,8 +191,9 @@ def behaviour_cloning(model: Any, optimizer: Any, items: list[dict[str, list[int
     return losses
 
 
-FACT_TOTALS = ("meta_rollouts", "malformed", "meta_trained", "decision_prompts", "gated_prompts", "skipped_rollouts", "cut_rollouts", "cut_prompts",
-               "token_budget_saved", "audit_prompts", "audit_tokens", "expert_items", "bc_updates",
+FACT_TOTALS = ("meta_rollouts", "malformed", "meta_trained", "decision_prompts", "gated_prompts",
+               "skipped_rollouts", "cut_rollouts", "cut_prompts", "token_budget_saved", "audit_prompts",
+               "audit_tokens", "hinted_prompts", "hints_dropped", "expert_items", "bc_updates",
                *(f"{d}/{c}" for d in ("gate", "cutoff") for c in ("tp", "fp", "fn", "tn")))
 
 
@@ -246,8 +258,8 @@ class MASARunner:
         eff = self.rl.masa.efficient
         p = plan(self.meta["preds"], eff, step, self.rl.max_response_length)
         keep = [i for i, g in enumerate(p.gated) if not g]
-        groups = sample_with_cutoffs(sample, [rows[i] for i in keep], [p.cutoffs[i] for i in keep], 0) \
-            if keep else []
+        groups = sample_with_cutoffs(sample, [self._hinted(rows[i], p.hints[i]) for i in keep],
+                                     [p.cutoffs[i] for i in keep], 0) if keep else []
         n, limit = self.rl.n, self.rl.max_response_length
         cut = [c for i, c in enumerate(p.cutoffs) if not p.gated[i] and c is not None and c < limit]
         self.counts.update({
@@ -256,7 +268,7 @@ class MASARunner:
                                 for i, g in zip(keep, groups) for s in g
                                 if p.cutoffs[i] is not None and p.cutoffs[i] < limit),
             "token_budget_saved": n * limit * sum(p.gated) + n * sum(limit - c for c in cut)})
-        active = step > eff.start_step and (eff.gate or eff.cutoff)
+        active = step > eff.start_step and (eff.gate or eff.cutoff or eff.hints)
         if active and eff.audit_prompts:
             t0 = time.perf_counter()
             audit = list(range(min(eff.audit_prompts, len(rows))))
@@ -267,6 +279,21 @@ class MASARunner:
                                                                                   for g in full for s in g)})
         self.meta.update(kept=keep, active=active)
         return [rows[i] for i in keep], groups
+
+    def _hinted(self, row: dict[str, Any], hint: str | None) -> dict[str, Any]:
+        """The row with the hint appended to its prompt; unchanged (and counted as hints_dropped) when the hinted
+        prompt would exceed rl.max_prompt_length, which is never truncated."""
+        from evals.engine import render_prompt
+
+        if hint is None:
+            return row
+        text = row["prompt"] + hint
+        if len(self.tokenizer(render_prompt(self.tokenizer, text), add_special_tokens=False)["input_ids"]) > \
+                self.rl.max_prompt_length:
+            self.counts["hints_dropped"] += 1
+            return row
+        self.counts["hinted_prompts"] += 1
+        return {**row, "prompt": text}
 
     def _decisions(self, preds: list[list[MetaPrediction | None]], groups: list[list["Sample"]]) -> None:
         """Decision counts on full-length rollouts, graded with the run's grader."""

@@ -505,13 +505,14 @@ class ScriptedMeta:
     with solution_length 2 (cutoff 2 × 2 = 4 tokens). Records max_new_tokens of every solution call."""
 
     def __init__(self, real):
-        self.real, self.solution_limits = real, []
+        self.real, self.solution_limits, self.solution_prompts = real, [], []
 
     def generate(self, prompts, n=1, max_new_tokens=128, **kw):
         from evals.engine import Generation
 
         if "Do not solve this problem yet" not in prompts[0]:
             self.solution_limits.append((len(prompts), max_new_tokens))
+            self.solution_prompts += prompts
             return self.real.generate(prompts, n=n, max_new_tokens=max_new_tokens, **kw)
         tok = self.real.tokenizer
         out = []
@@ -530,7 +531,7 @@ def test_train_grpo_masa_efficient_gates_cuts_audits_and_clones(arm_init, tmp_pa
     """MASA-efficient with k = 1 on scripted predictions over the real tiny model (which never answers right, so
     every prompt is truly zero-variance and every rollout truly incorrect): step 1 gates nothing and records
     shadow decisions on both prompts; step 2 gates prompt 0 (its rollouts skipped, its meta rollouts untrained),
-    solves prompt 1 with max_new_tokens 4, audits both prompts at full length; the expert buffer (size 2) flushes
+    solves prompt 1 with max_new_tokens 4 and the notion hint, audits both prompts at full length; the expert buffer (size 2) flushes
     after step 1 with 2 BC steps and holds 1 item after step 2."""
     import evals.engine
     from infra.artifacts import read_parquet
@@ -541,7 +542,8 @@ def test_train_grpo_masa_efficient_gates_cuts_audits_and_clones(arm_init, tmp_pa
     out, _ = _run(arm_init, tmp_path, monkeypatch, steps=2, n=2, max_response_length=8, temperature=1.0,
                   masa={"enable": True, "m": 2,
                         "expert": {"enable": True, "buffer_size": 2, "bc_updates": 2},
-                        "efficient": {"gate": True, "cutoff": True, "start_step": 1, "audit_prompts": 2}})
+                        "efficient": {"gate": True, "cutoff": True, "hints": True, "start_step": 1,
+                                      "audit_prompts": 2}})
     step = {s: {k: v for k, v, st in out["metrics"] if st == s and k.startswith("masa/")} for s in (1, 2)}
     one, two = step[1], step[2]
     assert (one["masa/gated_prompts"], one["masa/cut_prompts"], one["masa/meta_trained"]) == (0, 0, 4)
@@ -554,6 +556,9 @@ def test_train_grpo_masa_efficient_gates_cuts_audits_and_clones(arm_init, tmp_pa
     assert (two["masa/audit_prompts"], two["masa/gate/tp"], two["masa/gate/fn"], two["masa/cutoff/tp"]) == \
         (2, 1, 1, 4)
     assert two["masa/expert/buffer"] == 1 and "masa/expert/flush" not in two
+    assert "masa/hinted_prompts" not in one and two["masa/hinted_prompts"] == 1  # the solved prompt, after k
+    hinted = [p for p in engines[-1].solution_prompts if "Hint: a solution may use borrow, two-digit." in p]
+    assert len(hinted) == 1  # one call of one prompt (the audit samples the plain prompts)
     limits = engines[-1].solution_limits
     assert (1, 4) in limits and (2, 8) in limits  # the cut prompt alone at 4 tokens; the audit at full length
     rollouts = read_parquet(tmp_path / "run" / "rollouts" / "step-0000002.parquet")

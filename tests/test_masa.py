@@ -8,7 +8,7 @@ import pytest
 
 from infra.spec import MASAEfficientSpec
 from rewards.masa import MetaPrediction, parse_prediction, prediction_span, substitute_prediction
-from rl.masa import decision_counts, expert_prediction, meta_prompt, meta_scores, notion_views, plan, \
+from rl.masa import decision_counts, expert_prediction, meta_prompt, meta_scores, notion_hint, notion_views, plan, \
     precision_f1, sample_with_cutoffs
 from worlds import arith
 
@@ -107,6 +107,20 @@ def test_plan_gates_and_cuts_only_after_the_start_step():
     assert after.gated == [True, True, False, False] and after.cutoffs == [20, 64, 20, 8]
     gate_only = plan(preds, MASAEfficientSpec(gate=True), 1, 64)
     assert gate_only.gated == [True, True, False, False] and gate_only.cutoffs == [None] * 4
+
+
+def test_notion_hints_name_what_at_least_half_the_valid_predictions_name():
+    preds = [MetaPrediction(("Carry", "borrow"), 4, 9), MetaPrediction(("carry ", "negative"), 4, 9),
+             MetaPrediction(("brackets",), 4, 9), None]
+    # carry: 2 of 3 valid; borrow, negative, brackets: 1 of 3 each (below half)
+    assert notion_hint(preds) == "\n\nHint: a solution may use carry."
+    assert notion_hint([MetaPrediction(("a", "b"), 1, 1), MetaPrediction(("b", "a"), 1, 1)]) == \
+        "\n\nHint: a solution may use a, b."
+    assert notion_hint([None, None]) is None and notion_hint([MetaPrediction((), 1, 1)]) is None
+    eff = MASAEfficientSpec(hints=True, start_step=1)
+    assert plan([preds], eff, 1, 64).hints == [None]
+    assert plan([preds], eff, 2, 64).hints == ["\n\nHint: a solution may use carry."]
+    assert plan([preds], eff, 2, 64).gated == [False] and plan([preds], eff, 2, 64).cutoffs == [None]
 
 
 def test_decision_counts_against_the_truth():
