@@ -22,6 +22,11 @@ DAPO (docs/method-cards.md): with `rl.filter_groups.enable` a step's groups come
 (zero-variance groups dropped, more prompts generated up to a cap; counts recorded per step and as the fact
 `dynamic_sampling`); `rl.overlong_buffer` is applied by the reward pipeline (rewards.pipeline).
 
+MASA (docs/method-cards.md, "MASA as arms"): with `rl.masa.enable` a step also generates meta-prediction rollouts
+(rl.masa.MASARunner: before the solutions, which MASA-efficient may gate, cut short or hint), rewards them against
+the same prompts' solution rollouts, adds them to the same PPO update, runs the expert SFT buffer after the update,
+and writes them to meta_rollouts/. With it off nothing of MASA runs; the run fact `masa` records zero meta rollouts.
+
 Prompt length: a prompt (rl prompts or val) whose rendered chat template is longer than `rl.max_prompt_length`
 tokens is REFUSED before training starts, with a DataError naming the set, the prompt id and its length (verl's
 `data.truncation: error`). Nothing is truncated: a cut prompt would be a different problem with the same gold.
@@ -474,6 +479,8 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
         t_update = time.perf_counter() - t0
 
         write_parquet(_rollout_rows(step, rows, batch.records, rl.n), out_dir / "rollouts" / f"step-{step:07d}.parquet")
+        if masa is not None:
+            write_parquet(masa.rollout_rows(step), out_dir / "meta_rollouts" / f"step-{step:07d}.parquet")
         recs = batch.records
         for key in ("scorer/calls", "scorer/forwards", "signal/scored", "signal/skipped", "signal/save",
                     "signal/derail", "grader/timeouts", "signal/regenerations", "overlong/penalised", *ds_facts):

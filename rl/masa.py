@@ -356,7 +356,26 @@ class MASARunner:
             "masa/pred_length/mean": _mean([p.solution_length for p in all_preds if p is not None]),
         })
         self.s["buffer"] += items
+        self.meta["scored"] = {(i, k): (part, a["meta"] * w)
+                               for (i, k), part, a in zip(((i, k) for i in kept for k in range(self.rl.masa.m)),
+                                                          parts_all, adv)}
         return [(p, r, [a["meta"] * w] * len(r)) for (p, r), a in zip(out_rows, adv)]
+
+    def rollout_rows(self, step: int) -> list[dict[str, Any]]:
+        """This step's meta rollouts for the parquet (one row per rollout, gated prompts' included, untrained):
+        the prediction as parsed (None fields when malformed), its reward parts and advantage when trained."""
+        out = []
+        for i, (row, gens, preds) in enumerate(zip(self.meta["rows"], self.meta["gens"], self.meta["preds"])):
+            for k, (gen, pred) in enumerate(zip(gens, preds)):
+                part, adv = self.meta.get("scored", {}).get((i, k), ({}, None))
+                out.append({"step": step, "prompt_id": row.get("id"), "sample": k, "response": gen.text,
+                            "n_tokens": len(gen.token_ids), "valid": pred is not None,
+                            "notions": list(pred.notions) if pred else None,
+                            "pass_rate": pred.pass_rate if pred else None,
+                            "solution_length": pred.solution_length if pred else None,
+                            "trained": adv is not None, "advantage": adv,
+                            **{key: part.get(key) for key in ("reward", "r_length", "r_difficulty", "r_notion")}})
+        return out
 
     def _expert_item(self, prompt_ids: list[int], gen: Any, pred: MetaPrediction, correct: list[bool],
                      lengths: list[int]) -> dict[str, list[int]]:

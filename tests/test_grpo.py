@@ -564,6 +564,10 @@ def test_train_grpo_masa_efficient_gates_cuts_audits_and_clones(arm_init, tmp_pa
     rollouts = read_parquet(tmp_path / "run" / "rollouts" / "step-0000002.parquet")
     assert len({r["prompt_id"] for r in rollouts}) == 1 and all(r["n_tokens"] <= 4 for r in rollouts)
     assert two["masa/cut_rollouts"] == sum(r["n_tokens"] == 4 and r["truncated"] for r in rollouts)
+    meta = read_parquet(tmp_path / "run" / "meta_rollouts" / "step-0000002.parquet")
+    assert len(meta) == 4 and all(r["valid"] for r in meta)  # 2 prompts × m 2, the gated prompt's included
+    assert sorted(r["trained"] for r in meta) == [False, False, True, True]
+    assert all(r["reward"] == pytest.approx(0.01 ** 0.5 / 3) and r["advantage"] == 0 for r in meta if r["trained"])
     facts = out["facts"]["masa"]
     assert facts["bc_updates"] == 2 and len(facts["bc_loss_per_flush"]) == 1 and facts["buffer_left"] == 1
     assert facts["gated_prompts"] == 1 and facts["gate/tp"] == 2 and facts["audit_prompts"] == 2
