@@ -107,8 +107,8 @@ def _mutations(key: str, value: typing.Any) -> list[typing.Any]:
     literals = [a for a in typing.get_args(_field(key.split("."))) if isinstance(a, str)]
     if isinstance(value, bool):
         return [not value]
-    if isinstance(value, int):
-        return [value + 1, value * 2, max(value - 1, 0)]
+    if isinstance(value, int):  # other values only: 0 · 2 and max(0 − 1, 0) are 0 again
+        return [v for v in dict.fromkeys([value + 1, value * 2, max(value - 1, 0)]) if v != value]
     if isinstance(value, float):
         return [value * 0.5, value + 0.1, value * 2, 0.0] if value else [0.1, 1.0]
     if isinstance(value, str):
