@@ -573,3 +573,30 @@ def test_train_grpo_masa_efficient_gates_cuts_audits_and_clones(arm_init, tmp_pa
     assert facts["gated_prompts"] == 1 and facts["gate/tp"] == 2 and facts["audit_prompts"] == 2
     print(f"masa-efficient step 2 metrics: {two}")
 
+
+
+class AllGated(ScriptedMeta):
+    """Every prompt's predictions agree on all-wrong: after start_step every prompt is gated."""
+
+    def generate(self, prompts, n=1, max_new_tokens=128, **kw):
+        out = super().generate(prompts, n=n, max_new_tokens=max_new_tokens, **kw)
+        if "Do not solve this problem yet" in prompts[0]:
+            out = [out[0] for _ in prompts]
+        return out
+
+
+def test_train_grpo_masa_step_with_every_prompt_gated(arm_init, tmp_path, monkeypatch):
+    """A step whose prompts are all gated generates no solution rollout, trains on nothing (no update, no meta row:
+    nothing to score against) and still records the step: counts, an empty rollout file, the checkpoint."""
+    import evals.engine
+    from infra.artifacts import read_parquet
+
+    real = evals.engine.HFEngine
+    monkeypatch.setattr(evals.engine, "HFEngine", lambda *a, **k: AllGated(real(*a, **k)))
+    out, _ = _run(arm_init, tmp_path, monkeypatch, steps=2, n=2, max_response_length=8,
+                  masa={"enable": True, "m": 2, "efficient": {"gate": True, "start_step": 1}})
+    two = {k: v for k, v, st in out["metrics"] if st == 2}
+    assert (two["masa/gated_prompts"], two["masa/skipped_rollouts"], two["masa/meta_trained"]) == (2, 4, 0)
+    assert two["masa/meta_rollouts"] == 4 and "actor/pg_loss" not in two
+    assert read_parquet(tmp_path / "run" / "rollouts" / "step-0000002.parquet") == []
+    assert out["facts"]["masa"]["gated_prompts"] == 2 and out["facts"]["steps"] == 2
