@@ -600,3 +600,24 @@ def test_train_grpo_masa_step_with_every_prompt_gated(arm_init, tmp_path, monkey
     assert two["masa/meta_rollouts"] == 4 and "actor/pg_loss" not in two
     assert read_parquet(tmp_path / "run" / "rollouts" / "step-0000002.parquet") == []
     assert out["facts"]["masa"]["gated_prompts"] == 2 and out["facts"]["steps"] == 2
+
+
+def test_masa_expert_buffer_and_counters_resume_with_the_checkpoint(arm_init, tmp_path, monkeypatch):
+    """The expert buffer and MASA's totals are in the checkpointed state: resumed after step 1 (2 items waiting,
+    buffer_size 3), step 2 adds 2, flushes 3 with the same BC losses and leaves 1, as the uninterrupted run did."""
+    import shutil
+
+    import evals.engine
+    from infra.checkpoints import complete_checkpoints, step_of
+
+    real = evals.engine.HFEngine
+    monkeypatch.setattr(evals.engine, "HFEngine", lambda *a, **k: ScriptedMeta(real(*a, **k)))
+    kw = dict(steps=2, n=2, max_response_length=8,
+              masa={"enable": True, "m": 2, "expert": {"enable": True, "buffer_size": 3, "bc_updates": 2}})
+    first, _ = _run(arm_init, tmp_path, monkeypatch, **kw)
+    shutil.rmtree(next(p for p in complete_checkpoints(tmp_path / "run") if step_of(p) == 2))
+    again, _ = _run(arm_init, tmp_path, monkeypatch, **kw)
+    a, b = first["facts"]["masa"], again["facts"]["masa"]
+    assert a["buffer_size_per_step"] == b["buffer_size_per_step"] == [2, 1]
+    assert len(a["bc_loss_per_flush"]) == 1 and b["bc_loss_per_flush"] == pytest.approx(a["bc_loss_per_flush"])
+    assert a["meta_rollouts"] == b["meta_rollouts"] == 8 and a["expert_items"] == b["expert_items"] == 4
