@@ -227,7 +227,7 @@ class MASARunner:
                                            "buffer_size_per_step": []})
 
     def _reset(self) -> None:
-        self.meta: dict[str, list[Any]] = {}
+        self.meta: dict[str, Any] = {}
         self.values: dict[str, float] = {}
         self.counts: Counter = Counter()
 
