@@ -28,6 +28,9 @@ Meta blocks, one per response at most:
 - redirect: after a slipped step (a real wrong prefix, loss-masked), check it ('…, so 44-7=37, not 36, redo'),
   restate the expression it came from and redo the step, so every line follows from the line above it;
 - SFT-2 blocks add 'confidence: X, decision: verify|redirect'.
+- tool form (`tool_form`, the positive control of issue 14): a check's recomputation is replaced by a call of the
+  environment's calculator, 'check 44-7<|calc|>=37<|/calc|>, not 36, redo'; the environment writes '=37<|/calc|>'
+  (`arith_check`), the model writes the rest.
 A block starts a line and the next line follows its close tag directly, so `strip_meta` leaves a clean
 solution with the same boxed answer. Blocks never hold the boxed answer.
 """
@@ -40,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from infra.errors import DataError
-from meta.grammar import META_CLOSE, META_OPEN
+from meta.grammar import CALC_CLOSE, CALC_OPEN, META_CLOSE, META_OPEN, find_blocks
 
 if TYPE_CHECKING:
     from infra.spec import ArithWorldSpec
@@ -611,6 +614,84 @@ def meta_response(problem: Problem, k: int, slip: Slip | None, confidence: bool,
     prefix = "".join(line + "\n" for line in written)
     content = _check_content(problem.steps[k], slip, problem.level, confidence, decision)
     return prefix + block(content) + problem.response(after), prefix
+
+
+# ---------------------------------------------------------------- the environment's calculator (tool form)
+
+_TOOL_CALL = re.compile(r"check (?P<expr>[^\s:,]+)\Z")
+
+
+def arith_check(context: str) -> str | None:
+    """The arith world's calculator, the `arith_check` tool of evals.tools: `context` is the open block's text
+    before the tool marker, ending on 'check <expression>'; returns '=<exact value>' ('check 44-7' → '=37',
+    'check 7-3*-3' → '=16', with this world's reduction order and exact division), or None when the context does not
+    end on a check of an expression this world can evaluate (unparsable, inexact division, beyond ±LIMIT)."""
+    m = _TOOL_CALL.search(context)
+    if m is None:
+        return None
+    try:
+        tokens = parse(m["expr"])
+    except ValueError:
+        return None
+    if not well_formed(tokens) or any(isinstance(t, int) and abs(t) > LIMIT for t in tokens):
+        return None
+    value = evaluate(tokens)
+    return None if value is None else f"={value}"
+
+
+def _tool_content(content: str) -> str | None:
+    """A block's content in tool form, or None when it is not a recomputing check (precedence and dropped-term
+    checks, which no calculator answers, stay as written)."""
+    m = re.match(r"check (?P<lhs>[^:\s]+): ", content)
+    if m is None:
+        return None
+    try:
+        lhs = parse(m["lhs"])
+    except ValueError:
+        return None
+    if len(lhs) != 3 or not well_formed(lhs):
+        return None
+    a, op, b = lhs
+    if apply(a, op, b) is None:
+        return None
+    recomputed = m.group() + recompute(a, op, b)
+    if not content.startswith(recomputed):
+        return None
+    value = arith_check(f"check {m['lhs']}")
+    return f"check {m['lhs']}{CALC_OPEN}{value}{CALC_CLOSE}{content[len(recomputed):]}"
+
+
+def tool_form(text: str) -> tuple[str, int]:
+    """(text with every recomputing check block in tool form, blocks converted): 'check 44-7: 14-7=7, 4-1=3, so
+    44-7=37, not 36, redo' → 'check 44-7<|calc|>=37<|/calc|>, not 36, redo'; the verdict and anything after it
+    are kept, as is every character outside the blocks, so strip_meta gives the same text before and after."""
+    out, last, converted = [], 0, 0
+    for b in find_blocks(text):
+        new = _tool_content(b.content)
+        if new is None:
+            continue
+        out += [text[last:b.content_start], new]
+        last = b.content_end
+        converted += 1
+    out.append(text[last:])
+    return "".join(out), converted
+
+
+def tool_form_rows(rows: list[dict[str, Any]], where: str = "rows") -> tuple[list[dict[str, Any]], int]:
+    """(SFT rows of this world with their assistant responses in tool form, blocks converted). The wrong prefix
+    precedes its block, so it stays an exact prefix. Raises DataError for a row this world did not write (its
+    `source` is not 'arith'): its checks are not this world's, so no calculator form is defined for them."""
+    out, converted = [], 0
+    for i, row in enumerate(rows):
+        if row.get("source") != SOURCE:
+            raise DataError(f"{where}: row {i} (id {row.get('id')!r}): sft.meta_blocks 'tool' rewrites checks of "
+                            f"the arith world only; this row's source is {row.get('source')!r}, expected "
+                            f"{SOURCE!r} (use sft.meta_blocks: as_written for other data)")
+        messages = [dict(m) for m in row["messages"]]
+        messages[-1]["content"], n = tool_form(messages[-1]["content"])
+        converted += n
+        out.append({**row, "messages": messages})
+    return out, converted
 
 
 # ---------------------------------------------------------------- auditing written solutions
