@@ -3,9 +3,10 @@ the sft stage; the no-meta twin has no blocks, so a form never changes it (the s
 `as_written` with `sft.strip_meta`).
 
 Each form is one entry of META_BLOCK_FORMS: rows -> (rows, facts). `as_written` leaves the rows as the data source
-wrote them; `tool` rewrites each recomputing check into a call of the environment's calculator (worlds.arith.
-tool_form_rows: 'check 44-7<|calc|>=37<|/calc|>, not 36, redo'; the loss mask leaves the environment's value
-untrained), the positive control of issue 14; it needs `tool: arith_check` at generation time.
+wrote them; `tool` rewrites each recomputing check into a call of the environment's calculator and checks every
+step line with one (worlds.arith.tool_form_rows: 'check 44-7<|calc|>=37<|/calc|>, not 36, redo'; the loss mask
+leaves the environment's values untrained), the positive control of issue 14; it needs `tool: arith_check` at
+generation time.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ def _as_written(rows: Rows, where: str) -> tuple[Rows, dict[str, Any]]:
 def _tool(rows: Rows, where: str) -> tuple[Rows, dict[str, Any]]:
     from worlds.arith import tool_form_rows
 
-    out, converted = tool_form_rows(rows, where)
-    return out, {"tool_blocks": converted}
+    out, calls = tool_form_rows(rows, where)
+    return out, {"tool_calls_written": calls}
 
 
 META_BLOCK_FORMS: dict[str, Callable[[Rows, str], tuple[Rows, dict[str, Any]]]] = {

@@ -220,26 +220,36 @@ def test_tool_loop_on_a_real_model(hf_engine, tokenizer):
 def test_tool_form_of_real_rows(world, tokenizer):
     from sft.meta_blocks import meta_block_form
     from sft.twins import strip_row
-    from worlds.arith import parse, evaluate
+    from worlds.arith import evaluate, parse
 
     rows = world["sft1"] + world["sft2"]
     tooled, facts = meta_block_form(rows, "tool")
-    assert facts["meta_blocks"] == "tool" and facts["tool_blocks"] > 0.8 * sum(META_OPEN in r["messages"][-1]["content"]
-                                                                             for r in rows)
+    assert facts["meta_blocks"] == "tool"
+    assert facts["tool_calls_written"] == sum(r["messages"][-1]["content"].count(CALC_OPEN) for r in tooled)
+    call = re.compile(r"check ([^ :]+)" + re.escape(CALC_OPEN) + "(.*?)" + re.escape(CALC_CLOSE))
+    redirects = 0
     for old, new in zip(rows, tooled):
         before, after = old["messages"][-1]["content"], new["messages"][-1]["content"]
         assert strip_row(new) == strip_row(old)  # the stripped twins are equal: blocks removed entirely
         assert new["wrong_prefix"] == old["wrong_prefix"] and after.startswith(new["wrong_prefix"] or "")
-        calls = re.findall(r"check ([^ :]+)" + re.escape(CALC_OPEN) + "(.*?)" + re.escape(CALC_CLOSE), after)
-        assert len(calls) == after.count(CALC_OPEN)
+        calls = call.findall(after)
+        assert len(calls) == after.count(CALC_OPEN) and calls
         assert all(value == f"={evaluate(parse(expr))}" for expr, value in calls)  # the exact values
-        if "redo" in before and CALC_OPEN in after:  # a redirect keeps its verdict
-            assert after.split(CALC_CLOSE)[1].startswith(", not ") and "redo" in after
-        if CALC_OPEN not in after and META_OPEN in after:
-            assert after == before  # precedence and dropped-term checks stay as written
-    example = next(r["messages"][-1]["content"] for r in tooled if r["kind"] == "redirect" and CALC_OPEN in
-                   r["messages"][-1]["content"])
-    assert ", not " in example.split(CALC_CLOSE)[1]
+        # every step line after the wrong prefix follows a block whose last call checks that very step
+        trained = after[len(new["wrong_prefix"] or ""):]
+        for line in trained.split("\n"):
+            step = line.rsplit(META_CLOSE, 1)[-1]
+            if re.fullmatch(r"-?\d+[-+*/]-?\d+=-?\d+\|.+", step):
+                assert line != step and call.findall(line)[-1][0] == step.split("=")[0], line
+        assert CALC_OPEN not in (new["wrong_prefix"] or "")  # the masked prefix is never rewritten
+        first = before[len(old["wrong_prefix"] or ""):].split(META_CLOSE)[0]
+        if old["kind"] == "redirect" and ", not " in first and ": " in first and "first" not in first \
+                and "rest" not in first:  # a caught arithmetic slip: the call replaces the recomputation
+            redirects += 1
+            head = after[len(old["wrong_prefix"]):].split(META_CLOSE)[0]
+            assert re.fullmatch(re.escape(META_OPEN) + r"check \S+" + re.escape(CALC_OPEN) + r"=-?\d+"
+                                + re.escape(CALC_CLOSE) + r", not -?\d+, redo(\. confidence: [\d.]+)?", head), head
+    assert redirects > 5
 
 
 def test_tool_form_refuses_other_sources(world):
@@ -371,3 +381,37 @@ def test_spec_refuses_a_tool_form_without_the_tool(tmp_path):
     spec.write_text("name: s\nbase:\n  tool: arith_check\narms:\n  positive:\n    overrides: {sft.meta_blocks: tool}\n"
                     "  control:\n    overrides: {sft.strip_meta: true}\n")
     assert load_spec(spec).base.tool == "arith_check"
+
+
+def test_reward_pipeline_scores_tool_form_blocks():
+    """PMI-shift and the regions see a tool call as block content: the markers and the value are 'meta' tokens,
+    the first block is the one scored, and a response with a block per step is scored, not refused."""
+    from types import SimpleNamespace
+
+    from infra.spec import REGIONS, RLSpec
+    from meta.grammar import char_regions, find_blocks
+    from rewards.pipeline import Sample, score_batch
+    from rewards.scorer import PieceTokenizer, TableScorer
+
+    tok = PieceTokenizer(pieces=(META_OPEN, META_CLOSE, CALC_OPEN, CALC_CLOSE, "\\boxed{"))
+
+    class Grader:
+        def grade(self, responses, golds):
+            return [SimpleNamespace(correct=r.endswith("{37}"), extracted=None, timed_out=False) for r in responses]
+
+    first = f"{META_OPEN}check 44-7{CALC_OPEN}=37{CALC_CLOSE}, not 36, redo{META_CLOSE}"
+    texts = [f"44-7=36|36\n{first}44-7\n{META_OPEN}check 44-7{CALC_OPEN}=37{CALC_CLOSE}{META_CLOSE}44-7=37|37\n"
+             f"\\boxed{{37}}", "44-7=36|36\n\\boxed{36}"]
+    blocks = find_blocks(texts[0])
+    assert len(blocks) == 2 and blocks[0].content == f"check 44-7{CALC_OPEN}=37{CALC_CLOSE}, not 36, redo"
+    calc_at = texts[0].index(CALC_OPEN)
+    assert next(r for s, e, r in char_regions(texts[0]) if s <= calc_at < e) == "meta"
+    assert strip_meta(texts[0]) == "44-7=36|36\n44-7\n44-7=37|37\n\\boxed{37}"
+    out = score_batch([[Sample("Q: ", t, tok.encode(t), "37") for t in texts]], rl=RLSpec(reward="pmishift"), step=0,
+                      grader=Grader(), tokenizer=tok, scorer=TableScorer(tok, {}),
+                      make_decoys=lambda golds: ["38"] * len(golds))
+    rec = out.records[0]
+    assert rec["signal_value"] is not None and rec["format_class"] == "discard"  # two blocks: a one-block format
+    assert rec["blocks"][0]["end"] == len("44-7=36|36\n" + first)
+    k = tok.tokens(texts[0]).index(CALC_OPEN)
+    assert REGIONS[out.region_ids[0][k]] == "meta"
