@@ -384,8 +384,8 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
 
     def regenerate(contexts: list[str]) -> list[str]:  # cf / asym_cf: continue x∘p with the meta token banned
         gens = plain.generate(contexts, n=1, temperature=rl.temperature, top_p=rl.top_p,
-                               max_new_tokens=rl.max_response_length,
-                               seed=derived_seed("cf", seed, state["step"]), banned_tokens=[meta_open_id])
+                              max_new_tokens=rl.max_response_length,
+                              seed=derived_seed("cf", seed, state["step"]), banned_tokens=[meta_open_id])
         return [g[0].text for g in gens]
 
     if state["step"] == 0:
@@ -422,7 +422,8 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
                             ref_model)
         t_update = time.perf_counter() - t0
 
-        write_parquet(_rollout_rows(step, rows, batch.records, rl.n, flat_gens), out_dir / "rollouts" / f"step-{step:07d}.parquet")
+        write_parquet(_rollout_rows(step, rows, batch.records, rl.n, flat_gens),
+                      out_dir / "rollouts" / f"step-{step:07d}.parquet")
         recs = batch.records
         for key in ("scorer/calls", "scorer/forwards", "signal/scored", "signal/skipped", "signal/save",
                     "signal/derail", "grader/timeouts", "signal/regenerations"):

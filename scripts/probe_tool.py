@@ -4,7 +4,8 @@ sample the val mix with the environment's tool on for every arm (tool: arith_che
 report greedy and sampled accuracy, block and tool-call rates, accuracy with vs without a block, slips corrected
 by a block, and for rollouts with a block the same prefixes continued with the meta tag banned.
 
-    .venv/bin/python scripts/probe_tool.py --base <base model dir> [--spec configs/demo.yaml] [--out .twinarm/probe-tool]
+    .venv/bin/python scripts/probe_tool.py --base <base model dir> [--spec configs/demo.yaml] \
+        [--out .twinarm/probe-tool] [--sft-epochs N] [--max-new-tokens N]
 
 `--base` reuses a trained base model (e.g. a demo home's runs/base_model/<id>/model); a tokenizer from before the
 tool markers gets them added (embeddings resized), as a base model trained now has them. SFT checkpoints found in

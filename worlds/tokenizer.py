@@ -2,8 +2,8 @@
 
 Qwen's pre-tokenizer split regex (digits are split one by one, so every digit stays a single token) and NFC
 normaliser; a byte-level alphabet so any text is encodable; specials `<|im_start|>`, `<|im_end|>` (eos) and
-`<|endoftext|>` (pad); the meta tags and the tool markers (meta.grammar) as ordinary added tokens (decoding with skip_special_tokens keeps them);
-a Qwen-style chat template. Saved as a plain `PreTrainedTokenizerFast` (tokenizer.json as is). `load_tokenizer`
+`<|endoftext|>` (pad); the meta tags and the tool markers (meta.grammar) as ordinary added tokens (decoding
+with skip_special_tokens keeps them); a Qwen-style chat template. Saved as a plain `PreTrainedTokenizerFast` (tokenizer.json as is). `load_tokenizer`
 reloads exactly that: next to a qwen2 config.json, `AutoTokenizer` would pick Qwen2Tokenizer, which rebuilds
 the pre-tokenizer (trim_offsets=True) and so shifts the character offsets the loss mask is cut by.
 """
