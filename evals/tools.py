@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from evals.engine import Generation, GenerationEngine
 
 ERROR_TEXT = "=?"  # what the environment appends when the tool cannot evaluate the check
-MAX_CALLS = 4  # tool calls per generation; a marker after the last one ends the generation (truncated)
+MAX_CALLS = 16  # tool calls per generation (a world problem has at most 7 steps, each checked, plus a redirect);
+# a marker after the last one ends the generation (truncated)
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,7 @@ def test_tool_loop_budget_error_and_max_calls(tokenizer):
     assert g.text.startswith(first + ERROR_TEXT + CALC_CLOSE)
     # a model that calls again and again stops after MAX_CALLS, truncated on its marker
     (g,), = ToolEngine(Scripted(tokenizer, first, f"{META_OPEN}check 1+1{CALC_OPEN}"), tool).generate(
-        ["p"], max_new_tokens=200)
+        ["p"], max_new_tokens=400)
     assert g.tool_calls == MAX_CALLS and g.truncated and g.token_ids[-1] == tokenizer.convert_tokens_to_ids(CALC_OPEN)
     assert g.text.count(f"=2{CALC_CLOSE}") == MAX_CALLS - 1
 
