@@ -7,6 +7,8 @@ response's `text` keeps the meta tags (ordinary added tokens) and drops special 
 generation stops there, as Qwen's does on <|endoftext|>), so the ids always decode to the text. With
 `logprobs=True`, `logprobs[i]` is the natural-log probability of `token_ids[i]` under the model's raw
 distribution (log-softmax of the logits, before temperature, top-p and banning), as vLLM reports it.
+`stop_tokens` adds ordinary token ids that end a generation like a special token does (kept as its last id): the
+environment's tool loop (evals/tools.py) stops at its marker this way.
 """
 from __future__ import annotations
 
@@ -26,6 +28,11 @@ class Generation:
     token_ids: tuple[int, ...]
     truncated: bool  # reached max_new_tokens without a stop token
     logprobs: tuple[float, ...] | None = None  # one per token id, when asked for
+    # through a tool loop (evals/tools.py): True for each token id the environment appended (tool output, never
+    # trained nor in a log-prob ratio); None when no environment ran. Tool calls made and those that failed.
+    env_mask: tuple[bool, ...] | None = None
+    tool_calls: int = 0
+    tool_errors: int = 0
 
 
 class GenerationEngine(Protocol):
@@ -33,9 +40,10 @@ class GenerationEngine(Protocol):
 
     def generate(self, prompts: list[str], n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, max_new_tokens: int = 128, seed: int = 0, banned_tokens: list[int] | None = None,
-                 logprobs: bool = False) -> list[list[Generation]]:
+                 logprobs: bool = False, stop_tokens: list[int] | None = None) -> list[list[Generation]]:
         """n generations per rendered prompt; temperature 0 = greedy; top_k 0 = no top-k filtering (top_p and
-        top_k apply only when sampling); banned token ids are never sampled."""
+        top_k apply only when sampling); banned token ids are never sampled; a generation also ends on (and keeps)
+        any id of `stop_tokens`."""
         ...
 
     def facts(self) -> dict[str, Any]:
@@ -88,14 +96,14 @@ class HFEngine:
 
     def generate(self, prompts: list[str], n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, max_new_tokens: int = 128, seed: int = 0, banned_tokens: list[int] | None = None,
-                 logprobs: bool = False) -> list[list[Generation]]:
+                 logprobs: bool = False, stop_tokens: list[int] | None = None) -> list[list[Generation]]:
         import torch
 
         from worlds.model import autocast, seeded
 
         tok = self.tokenizer
         pad = tok.pad_token_id
-        stop = stop_ids(tok)
+        stop = sorted(set(stop_ids(tok)) | set(stop_tokens or ()))
         flat = [p for p in prompts for _ in range(n)]
         out: list[Generation] = []
         was_training = self.model.training

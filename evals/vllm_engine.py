@@ -202,14 +202,14 @@ class VLLMEngine:
 
     def generate(self, prompts: list[str], n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, max_new_tokens: int = 128, seed: int = 0, banned_tokens: list[int] | None = None,
-                 logprobs: bool = False) -> list[list["Generation"]]:
+                 logprobs: bool = False, stop_tokens: list[int] | None = None) -> list[list["Generation"]]:
         """n generations per rendered prompt (see GenerationEngine); raises EngineError if the engine dies,
         stalls or refuses the request."""
         from evals.engine import finished, seed_for, stop_ids
 
         if self.proc.poll() is not None:
             raise self._fail(f"process is not running (exit code {self.proc.returncode})")
-        stop = stop_ids(self.tokenizer)
+        stop = sorted(set(stop_ids(self.tokenizer)) | set(stop_tokens or ()))
         ids = self.tokenizer(prompts, add_special_tokens=False).input_ids
         self._send({"op": "generate", "prompts": ids, "n": n, "temperature": temperature, "top_p": top_p,
                     "top_k": top_k, "max_new_tokens": max_new_tokens, "seeds": [seed_for(seed, i) for i in range(len(prompts))],

@@ -162,6 +162,9 @@ class SFTSpec(Strict):
     sft1: DataSourceSpec = DataSourceSpec()
     sft2: DataSourceSpec | None = DataSourceSpec()
     strip_meta: bool = Field(False, description="train on the no-meta twin (control arms)")
+    meta_blocks: Literal["as_written", "tool"] = Field(
+        "as_written", description="form of the meta side's blocks (sft/meta_blocks.py): as_written, or tool (checks "
+                                  "call the environment's calculator; needs tool: arith_check)")
     epochs: int = Field(2, ge=1)
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(32, ge=1)
@@ -169,6 +172,13 @@ class SFTSpec(Strict):
     grad_clip: float = Field(1.0, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     max_length: int = Field(256, ge=16)
+
+    @model_validator(mode="after")
+    def _blocks_to_form(self) -> "SFTSpec":
+        if self.strip_meta and self.meta_blocks != "as_written":
+            raise ValueError(f"meta_blocks '{self.meta_blocks}' reshapes meta blocks, but strip_meta trains on the "
+                             f"no-meta twin, which has none: remove one of them")
+        return self
 
 
 # ---------------------------------------------------------------- RL
@@ -475,6 +485,10 @@ class BaseSpec(Strict):
     when no data source is 'arith', eval.data_dir when eval.heldout is 'arith'."""
 
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    tool: Literal["none", "arith_check"] = Field(
+        "none", description="the environment's tool (evals/tools.py) in every generation of RL, sweeps and held-out: "
+                            "none, or arith_check (a check inside a meta block gets its exact value appended). Part "
+                            "of the environment, like the grader: the same for every arm")
     executor: ExecutorSpec = ExecutorSpec()
     world: ArithWorldSpec = ArithWorldSpec()
     model: ModelSpec = ModelSpec()
@@ -493,6 +507,12 @@ class BaseSpec(Strict):
                              "the world")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: each seed once (got {self.seeds})")
+        if self.sft.meta_blocks == "tool" and self.tool == "none":
+            raise ValueError("sft.meta_blocks 'tool' teaches checks that call the environment's calculator, but tool "
+                             "is 'none' (no environment answers them): set tool: arith_check")
+        if self.tool != "none" and self.executor.kind == "verl":
+            raise ValueError(f"tool '{self.tool}': the verl executor's rollouts have no tool loop yet (the local "
+                             f"executor's have); use executor.kind: local or tool: none")
         return self
 
 
@@ -542,6 +562,7 @@ class AblationSpec(Strict):
 # Which mechanism a dotted key belongs to; the audit names package effects by these.
 _MECHANISMS = [
     ("sft.strip_meta", "meta_sft"),
+    ("sft.meta_blocks", "meta_sft"),
     ("sft.sft1", "sft_data"),
     ("sft.sft2", "sft_data"),
     ("rl.reward", "meta_reward"),
@@ -665,6 +686,9 @@ def format_validation_errors(exc: ValidationError, file: str, lines: dict[tuple,
     return problems
 
 
+ENVIRONMENT_KEYS = {"tool"}  # what every arm is generated and measured in: base only, never an arm's override
+
+
 def load_spec(path: str | Path) -> AblationSpec:
     """Load, validate and check an ablation spec; every arm is resolved once so bad overrides fail here."""
     path = Path(path)
@@ -690,6 +714,12 @@ def load_spec(path: str | Path) -> AblationSpec:
         if not arm.overrides:
             problems.append(f"{_where(file, lines, ('arms', arm_name))}: arms.{arm_name}: an arm must declare at "
                             f"least one override of base (an arm identical to base measures nothing)")
+            continue
+        if ENVIRONMENT_KEYS & set(arm.overrides):
+            problems.append(f"{_where(file, lines, ('arms', arm_name, 'overrides'))}: arms.{arm_name}.overrides: "
+                            f"{', '.join(sorted(ENVIRONMENT_KEYS & set(arm.overrides)))} is the environment, the "
+                            f"same for every arm (an arm without a tool would differ in what it is measured on); "
+                            f"set it in base")
             continue
         try:
             resolve_arm(spec, arm_name)

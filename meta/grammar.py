@@ -12,6 +12,12 @@ from typing import Literal, Sequence
 
 META_OPEN = "<|meta|>"
 META_CLOSE = "<|/meta|>"
+# The environment's tool markers (evals/tools.py): inside a block the model writes a check and CALC_OPEN, generation
+# pauses, the environment appends the exact value and CALC_CLOSE, the model goes on. Everything after CALC_OPEN up to
+# and including CALC_CLOSE is environment output (never trained, never in a log-prob ratio). Ordinary added tokens
+# like the meta tags, in every arm's tokenizer; to find_blocks they are block content.
+CALC_OPEN = "<|calc|>"
+CALC_CLOSE = "<|/calc|>"
 
 FormatClass = Literal["none", "wellformed", "drift", "truncation", "discard"]
 
@@ -149,6 +155,21 @@ def _remove_tags(text: str, tags: tuple[str, ...]) -> str:
                     del buf[-len(t):]
                     break
     return "".join(buf)
+
+
+def env_char_spans(text: str, open_marker: str = CALC_OPEN, close_marker: str = CALC_CLOSE
+                   ) -> list[tuple[int, int]]:
+    """[start, end) character spans of environment output in a text: after each `open_marker` (which the model
+    writes) up to and including the next `close_marker` (which the environment writes), or to the end of the text
+    when it never closes. 'check 44-7<|calc|>=37<|/calc|>, same' → the span of '=37<|/calc|>'."""
+    spans, at = [], 0
+    while (o := text.find(open_marker, at)) >= 0:
+        start = o + len(open_marker)
+        c = text.find(close_marker, start)
+        end = len(text) if c < 0 else c + len(close_marker)
+        spans.append((start, end))
+        at = end
+    return spans
 
 
 def has_tags(text: str, open_tag: str = META_OPEN, close_tag: str = META_CLOSE) -> bool:

@@ -34,6 +34,9 @@ class Sample:
     gold: str
     truncated: bool = False
     role: Literal["solution", "meta_prediction"] = "solution"
+    env_mask: Sequence[bool] | None = None  # per response token: appended by the environment's tool (evals/tools.py)
+    tool_calls: int = 0
+    tool_errors: int = 0
 
 
 @dataclass

@@ -27,6 +27,11 @@ MASA (docs/method-cards.md, "MASA as arms"): with `rl.masa.enable` a step also g
 the same prompts' solution rollouts, adds them to the same PPO update, runs the expert SFT buffer after the update,
 and writes them to meta_rollouts/. With it off nothing of MASA runs; the run fact `masa` records zero meta rollouts.
 
+Tool (`tool`, evals/tools.py): with an environment tool, rollouts and validation go through the tool loop; the
+tokens the environment appended get mask 0 in the update (verl's response_mask on tool output), so they are in
+no log-prob ratio, KL or entropy term and not in the token-mean denominator. The rollout parquet records each
+rollout's tool calls, errors and environment token spans.
+
 Prompt length: a prompt (rl prompts or val) whose rendered chat template is longer than `rl.max_prompt_length`
 tokens is REFUSED before training starts, with a DataError naming the set, the prompt id and its length (verl's
 `data.truncation: error`). Nothing is truncated: a cut prompt would be a different problem with the same gold.
@@ -94,22 +99,23 @@ def _actor_config(rl: RLSpec) -> Any:
                        kl_loss_coef=rl.kl_coef, kl_loss_type=KL_LOSS_TYPE, entropy_coeff=rl.entropy_coeff)
 
 
-def _collate(rows: list[tuple[list[int], list[int], list[float]]], pad_id: int, device: str
-             ) -> dict[str, "torch.Tensor"]:
-    """Left-pad prompts and right-pad responses so every response starts at the same column."""
+def _collate(rows: list[tuple], pad_id: int, device: str) -> dict[str, "torch.Tensor"]:
+    """Left-pad prompts and right-pad responses so every response starts at the same column. A row is (prompt ids,
+    response ids, token advantages) or, with a fourth element, also the response's per-token mask (1 = a policy
+    token, 0 = environment output): `resp_mask` is 0 on padding and on environment tokens."""
     import torch
 
-    p_len = max(len(p) for p, _, _ in rows)
-    r_len = max(len(r) for _, r, _ in rows)
+    p_len = max(len(row[0]) for row in rows)
+    r_len = max(len(row[1]) for row in rows)
     ids = torch.full((len(rows), p_len + r_len), pad_id, dtype=torch.long)
     attn = torch.zeros_like(ids)
     resp_mask = torch.zeros((len(rows), r_len), dtype=torch.float32)
     adv = torch.zeros((len(rows), r_len), dtype=torch.float32)
-    for i, (p, r, a) in enumerate(rows):
+    for i, (p, r, a, *m) in enumerate(rows):
         ids[i, p_len - len(p):p_len] = torch.tensor(p)
         ids[i, p_len:p_len + len(r)] = torch.tensor(r)
         attn[i, p_len - len(p):p_len + len(r)] = 1
-        resp_mask[i, :len(r)] = 1
+        resp_mask[i, :len(r)] = torch.tensor(m[0], dtype=torch.float32) if m else 1
         adv[i, :len(r)] = torch.tensor(a)
     position_ids = (attn.cumsum(-1) - 1).clamp(min=0)  # what generate() uses under left padding
     return {"ids": ids.to(device), "attn": attn.to(device), "pos": position_ids.to(device),
@@ -224,10 +230,11 @@ def grpo_loss(old_lp: "torch.Tensor", new_lp: "torch.Tensor", adv: "torch.Tensor
     return loss + kl_loss * actor_cfg.kl_loss_coef, metrics
 
 
-def ppo_update(model: "PreTrainedModel", optimizer: "torch.optim.Optimizer", rows: list[tuple[list[int],
-               list[int], list[float]]], rl: RLSpec, actor_cfg: Any, pad_id: int, device: str, precision: str,
+def ppo_update(model: "PreTrainedModel", optimizer: "torch.optim.Optimizer", rows: list[tuple], rl: RLSpec,
+               actor_cfg: Any, pad_id: int, device: str, precision: str,
                ref_model: "PreTrainedModel | None" = None) -> dict[str, float]:
-    """One PPO pass over the batch in mini-batches of mini_batch_size prompts × n samples (verl's layout).
+    """One PPO pass over the batch in mini-batches of mini_batch_size prompts × n samples (verl's layout). Rows as
+    `_collate` takes them (an optional per-token mask leaves environment tokens out of every term).
     `ref_model` (frozen) is run only when the KL loss is on (actor_cfg.use_kl_loss); then it is required."""
     import torch
 
@@ -275,8 +282,12 @@ def check_prompt_lengths(tokenizer: "PreTrainedTokenizerFast", sets: dict[str, l
                             f"({shown}{', …' if len(over) > 5 else ''}); raise rl.max_prompt_length or drop them")
 
 
-def _rollout_rows(step: int, rows: list[dict[str, Any]], records: list[dict[str, Any]], n: int
-                  ) -> list[dict[str, Any]]:
+def _rollout_rows(step: int, rows: list[dict[str, Any]], records: list[dict[str, Any]], n: int,
+                  gens: list[Any] | None = None) -> list[dict[str, Any]]:
+    """One row per rollout; with `gens` (the Samples or Generations, in rollout order) also its tool calls, tool
+    errors and environment token spans ([start, end) token indices, JSON)."""
+    from evals.tools import env_spans
+
     out = []
     for k, rec in enumerate(records):
         prompt = rows[rec["group"]]
@@ -292,6 +303,8 @@ def _rollout_rows(step: int, rows: list[dict[str, Any]], records: list[dict[str,
             "signal": rec["signal"], "signal_value": rec["signal_value"],
             "signal_extras": json.dumps(rec["signal_extras"], sort_keys=True, default=str),
             "heads": json.dumps(rec["heads"], sort_keys=True), "adv": json.dumps(rec["adv"], sort_keys=True),
+            "tool_calls": gens[k].tool_calls if gens else 0, "tool_errors": gens[k].tool_errors if gens else 0,
+            "env_spans": json.dumps(env_spans(gens[k]) if gens else []),
         })
     return out
 
@@ -369,14 +382,16 @@ def _masa_runner(rl: RLSpec, engine: Any, tokenizer: "PreTrainedTokenizerFast", 
 
 def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str, Any]], rl: RLSpec,
                grader_spec: GraderSpec, compute: ComputeSpec, seed: int, out_dir: Path,
-               on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
-    """Train one arm from `init_dir` (its SFT result, also the frozen scorer); resumable on `out_dir`.
+               on_step: Callable[[int, dict[str, float]], None] | None = None, tool: str = "none") -> dict[str, Any]:
+    """Train one arm from `init_dir` (its SFT result, also the frozen scorer); resumable on `out_dir`. `tool`: the
+    environment's tool (evals.tools) rollouts and validation run in.
 
     Returns {checkpoints: [(step, path)], metrics: [(key, value, step)], facts, summary}.
     """
     import torch
 
     from evals.engine import HFEngine, render_prompt
+    from evals.tools import with_tool
     from rewards.grader import get_grader
     from rewards.pipeline import Sample, score_batch
     from rewards.scorer import HFScorer
@@ -400,13 +415,14 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
     ref_model = None if not rl.kl_loss else scorer.model if scorer is not None else \
         load_model(init_dir, device).eval().requires_grad_(False)
     grader = get_grader(grader_spec)
-    engine = HFEngine(model, tokenizer, device=device, precision=precision)
+    plain = HFEngine(model, tokenizer, device=device, precision=precision)
+    engine = with_tool(plain, tool)
     actor_cfg = _actor_config(rl)
     meta_open_id = tokenizer.convert_tokens_to_ids(META_OPEN)
     check_prompt_lengths(tokenizer, {"rl prompts": prompts, "val": val}, rl.max_prompt_length)
     masa = _masa_runner(rl, engine, tokenizer, grader, seed, prompts, device, precision)
     fingerprint = hash_json({"rl": rl.model_dump(mode="json"), "seed": seed, "prompts": [r["id"] for r in prompts],
-                             "val": [r["id"] for r in val]})
+                             "val": [r["id"] for r in val], **({"tool": tool} if tool != "none" else {})})
 
     state: dict[str, Any] = {"step": 0, "fingerprint": fingerprint, "metrics": [], "lr": [],
                              "prompt_ids": [], "totals": {}, "adv_norm_std_applied": None}
@@ -427,9 +443,9 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
             on_step(step, clean)
 
     def regenerate(contexts: list[str]) -> list[str]:  # cf / asym_cf: continue x∘p with the meta token banned
-        gens = engine.generate(contexts, n=1, temperature=rl.temperature, top_p=rl.top_p,
-                               max_new_tokens=rl.max_response_length,
-                               seed=derived_seed("cf", seed, state["step"]), banned_tokens=[meta_open_id])
+        gens = plain.generate(contexts, n=1, temperature=rl.temperature, top_p=rl.top_p,
+                              max_new_tokens=rl.max_response_length,
+                              seed=derived_seed("cf", seed, state["step"]), banned_tokens=[meta_open_id])
         return [g[0].text for g in gens]
 
     if state["step"] == 0:
@@ -447,7 +463,8 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
                                    max_new_tokens=max_new_tokens or rl.max_response_length,
                                    seed=derived_seed("rollout", seed, step, *([round_] if round_ else [])))
             return [[Sample(prompt=rendered[i], response=g.text, response_ids=g.token_ids,
-                            gold=str(rows[i]["answer"]), truncated=g.truncated) for g in gs]
+                            gold=str(rows[i]["answer"]), truncated=g.truncated, env_mask=g.env_mask,
+                            tool_calls=g.tool_calls, tool_errors=g.tool_errors) for g in gs]
                     for i, gs in enumerate(gens)]
 
         t0 = time.perf_counter()
@@ -467,7 +484,9 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
         state["adv_norm_std_applied"] = f["adv_norm_std_applied"]
         t0 = time.perf_counter()
         prompt_ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in rendered]
-        update_rows = [(prompt_ids[g], list(s.response_ids), adv)
+        flat = [s for gs in groups for s in gs]
+        update_rows = [(prompt_ids[g], list(s.response_ids), adv,
+                        *([[0.0 if e else 1.0 for e in s.env_mask]] if s.env_mask is not None else []))
                        for (g, s), adv in zip([(g, s) for g, gs in enumerate(groups) for s in gs],
                                               batch.token_advantages)]
         if masa is not None:  # the meta rollouts join the same update of the one policy
@@ -478,7 +497,8 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
             masa.expert_step(model, optimizer)
         t_update = time.perf_counter() - t0
 
-        write_parquet(_rollout_rows(step, rows, batch.records, rl.n), out_dir / "rollouts" / f"step-{step:07d}.parquet")
+        write_parquet(_rollout_rows(step, rows, batch.records, rl.n, flat),
+                      out_dir / "rollouts" / f"step-{step:07d}.parquet")
         if masa is not None:
             write_parquet(masa.rollout_rows(step), out_dir / "meta_rollouts" / f"step-{step:07d}.parquet")
         recs = batch.records
@@ -499,6 +519,8 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
             "time/update_s": t_update, "scorer/calls": totals["scorer/calls"], **ds_facts,
             "train/overlong/penalised": f.get("overlong/penalised"),
             "train/overlong/penalty_mean": f.get("overlong/penalty_mean"),
+            "train/tool/call_rate": _mean([s.tool_calls > 0 for s in flat]),
+            "train/tool/errors": sum(s.tool_errors for s in flat),
             **{f"train/format/{c}": _mean([r["format_class"] == c for r in recs])
                for c in ("none", "wellformed", "drift", "truncation", "discard")},
             **(masa.step_metrics() if masa is not None else {}),
@@ -518,7 +540,7 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
     checkpoints = [(step_of(p), p) for p in complete_checkpoints(out_dir)]
     final_val = {k: v for k, v, s in metrics if s == rl.steps and k.startswith("val/")}
     facts = {
-        "reward": rl.reward, "adv_norm_std_applied": state["adv_norm_std_applied"],
+        "reward": rl.reward, "adv_norm_std_applied": state["adv_norm_std_applied"], "tool": tool,
         "scorer_calls": totals["scorer/calls"], "scorer_forwards": totals["scorer/forwards"],
         "lr_per_step": state["lr"], "save_freq": rl.save_freq, "test_freq": rl.test_freq, "steps": rl.steps,
         "rows_seen": len(set(state["prompt_ids"])), "prompts_sampled": len(state["prompt_ids"]),

@@ -3,7 +3,9 @@
 Render the whole chat with the tokenizer's template as text, tokenise it once with character offsets, and train
 exactly the tokens that lie inside [start of the trained part, end of the final assistant turn's end-of-turn
 token]. The trained part starts after the prompt and after `wrong_prefix` (a slipped or given prefix the model
-must not learn to write). Pieces are never tokenised separately, so the ids are the ids the model sees at
+must not learn to write). Environment output (meta.grammar.env_char_spans: a tool's value after the marker the
+model wrote, up to and including the close marker) is never trained: the model learns to call the tool and to use
+its value, never to write it. Pieces are never tokenised separately, so the ids are the ids the model sees at
 generation time.
 """
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from infra.errors import DataError
+from meta.grammar import env_char_spans
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -36,9 +39,12 @@ def _trained_span(tokenizer: "PreTrainedTokenizerFast", messages: list[dict[str,
     return text, content_at + len(wrong_prefix or ""), end + len(eos)
 
 
-def _labels(ids: list[int], offsets: list[tuple[int, int]], start: int, end: int) -> list[int]:
-    # a token is trained only if all its characters are; one that straddles a boundary is masked
-    return [t if start <= a and b <= end and b > a else IGNORE for t, (a, b) in zip(ids, offsets)]
+def _labels(ids: list[int], offsets: list[tuple[int, int]], start: int, end: int,
+            env: list[tuple[int, int]] = ()) -> list[int]:
+    # a token is trained only if all its characters are; one that straddles a boundary is masked, as is one that
+    # touches environment output
+    return [t if start <= a and b <= end and b > a and not any(a < e and s < b for s, e in env) else IGNORE
+            for t, (a, b) in zip(ids, offsets)]
 
 
 def loss_mask(tokenizer: "PreTrainedTokenizerFast", messages: list[dict[str, str]], wrong_prefix: str | None,
@@ -65,7 +71,7 @@ def encode_rows(tokenizer: "PreTrainedTokenizerFast", rows: list[dict[str, Any]]
         if len(ids) > max_length:
             raise DataError(f"{where}: row {i} (id {row.get('id')!r}): {len(ids)} tokens > max_length "
                             f"{max_length}; raise the max_length or shorten the row")
-        labels = _labels(ids, enc["offset_mapping"][i], start, end)
+        labels = _labels(ids, enc["offset_mapping"][i], start, end, env_char_spans(spans[i][0]))
         if all(t == IGNORE for t in labels):
             raise DataError(f"{where}: row {i} (id {row.get('id')!r}): no token left to train after masking")
         out.append((ids, labels))

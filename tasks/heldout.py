@@ -27,7 +27,8 @@ def heldout_body(call: StageCall) -> StageOutput:
     grader = get_grader(GraderSpec(**cfg["grader"]))
     suites = {ref.name: role for role in sorted(call.inputs) if (ref := SuiteRole.parse(role))}
     ev = ConfigSlice(cfg, "eval")
-    protocol = heldout_protocol(ev, grader, {name: call.inputs[role].artifact_id for name, role in suites.items()})
+    protocol = heldout_protocol(ev, grader, {name: call.inputs[role].artifact_id for name, role in suites.items()},
+                                cfg["tool"])
     todo = checkpoint_entries({r: (a.artifact_id, call.input_path(r)) for r, a in call.inputs.items()})
     rows, done, engine_facts = evaluate_checkpoints(
         todo, {name: read_parquet(call.input_path(role)) for name, role in suites.items()}, protocol,
@@ -57,6 +58,6 @@ def heldout_body(call: StageCall) -> StageOutput:
 PROTOCOL_KEYS = ("eval.temperature", "eval.top_p", "eval.n", "eval.n_per_suite", "eval.seed", "eval.max_new_tokens",
                  "eval.engine")
 
-STAGE = Stage("heldout", heldout_body, config_keys=(*PROTOCOL_KEYS, "grader", "executor.compute"),
+STAGE = Stage("heldout", heldout_body, config_keys=(*PROTOCOL_KEYS, "grader", "executor.compute", "tool"),
               inputs=(SuiteRole.PREFIX + "*", CheckpointRole.PREFIX + "*"), outputs=("heldout",), placed=True,
               result_view="heldout_rows")

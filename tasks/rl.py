@@ -20,7 +20,7 @@ def rl_body(call: StageCall) -> StageOutput:
     result = train_grpo(call.input_path("init"), read_parquet(call.input_path("prompts")),
                         read_parquet(call.input_path("val")), RLSpec(**cfg["rl"]), GraderSpec(**cfg["grader"]),
                         ComputeSpec(**cfg["executor.compute"]), cfg["seed"], call.workdir,
-                        on_step=lambda step, values: log([(k, v, step) for k, v in values.items()]))
+                        on_step=lambda step, values: log([(k, v, step) for k, v in values.items()]), tool=cfg["tool"])
     st = store(call)
     outputs = {str(StepRole(step)): st.describe(path / "model", kind="checkpoint", step=step)
                for step, path in result["checkpoints"]}
@@ -30,6 +30,6 @@ def rl_body(call: StageCall) -> StageOutput:
     return StageOutput(outputs=outputs, facts=result["facts"], metrics=result["metrics"], summary=result["summary"])
 
 
-STAGE = Stage("rl", rl_body, config_keys=("rl", "grader", "executor.compute", "seed"),
+STAGE = Stage("rl", rl_body, config_keys=("rl", "grader", "executor.compute", "seed", "tool"),
               inputs=("init", "prompts", "val"), outputs=(StepRole.PREFIX + "*", "final", "rollouts", "val"),
               per_arm=True, placed=True, trains=True)

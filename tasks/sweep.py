@@ -24,7 +24,8 @@ def sweep_body(call: StageCall) -> StageOutput:
     device = resolve_device(compute)
     grader = get_grader(GraderSpec(**cfg["grader"]))
     rl = ConfigSlice(cfg, "rl")
-    protocol = val_protocol(rl, cfg["eval.seed"], grader, call.inputs["val"].artifact_id, cfg["eval.engine"])
+    protocol = val_protocol(rl, cfg["eval.seed"], grader, call.inputs["val"].artifact_id, cfg["eval.engine"],
+                            cfg["tool"])
     todo = checkpoint_entries({r: (a.artifact_id, call.input_path(r)) for r, a in call.inputs.items()})
     rows, done, engine_facts = evaluate_checkpoints(todo, {"val": read_parquet(call.input_path("val"))}, protocol,
                                                     Path(call.home) / "results" / "sweep", grader, device,
@@ -46,6 +47,6 @@ def sweep_body(call: StageCall) -> StageOutput:
 
 STAGE = Stage("sweep", sweep_body,
               config_keys=("rl.val_temperature", "rl.top_p", "rl.val_n", "rl.max_response_length", "grader",
-                           "eval.seed", "eval.engine", "executor.compute"),
+                           "eval.seed", "eval.engine", "executor.compute", "tool"),
               inputs=("val", CheckpointRole.PREFIX + "*"), outputs=("sweep",), per_arm=True, placed=True,
               result_view="sweep_rows")

@@ -28,6 +28,10 @@ Meta blocks, one per response at most:
 - redirect: after a slipped step (a real wrong prefix, loss-masked), check it ('…, so 44-7=37, not 36, redo'),
   restate the expression it came from and redo the step, so every line follows from the line above it;
 - SFT-2 blocks add 'confidence: X, decision: verify|redirect'.
+- tool form (`tool_form`, the positive control of issue 14): a check's recomputation is replaced by a call of the
+  environment's calculator, 'check 44-7<|calc|>=37<|/calc|>, not 36, redo', and every step line gets a pre-check
+  of its own; the environment writes '=37<|/calc|>' (`arith_check`), the model writes the rest. Responses in tool
+  form hold several blocks (format class 'discard' for a one-block format head).
 A block starts a line and the next line follows its close tag directly, so `strip_meta` leaves a clean
 solution with the same boxed answer. Blocks never hold the boxed answer.
 """
@@ -40,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from infra.errors import DataError
-from meta.grammar import META_CLOSE, META_OPEN
+from meta.grammar import CALC_CLOSE, CALC_OPEN, META_CLOSE, META_OPEN, find_blocks
 
 if TYPE_CHECKING:
     from infra.spec import ArithWorldSpec
@@ -611,6 +615,101 @@ def meta_response(problem: Problem, k: int, slip: Slip | None, confidence: bool,
     prefix = "".join(line + "\n" for line in written)
     content = _check_content(problem.steps[k], slip, problem.level, confidence, decision)
     return prefix + block(content) + problem.response(after), prefix
+
+
+# ---------------------------------------------------------------- the environment's calculator (tool form)
+
+_TOOL_CALL = re.compile(r"check (?P<expr>[^\s:,]+)\Z")
+
+
+def arith_check(context: str) -> str | None:
+    """The arith world's calculator, the `arith_check` tool of evals.tools: `context` is the open block's text
+    before the tool marker, ending on 'check <expression>'; returns '=<exact value>' ('check 44-7' → '=37',
+    'check 7-3*-3' → '=16', with this world's reduction order and exact division), or None when the context does not
+    end on a check of an expression this world can evaluate (unparsable, inexact division, beyond ±LIMIT)."""
+    m = _TOOL_CALL.search(context)
+    if m is None:
+        return None
+    try:
+        tokens = parse(m["expr"])
+    except ValueError:
+        return None
+    if not well_formed(tokens) or any(isinstance(t, int) and abs(t) > LIMIT for t in tokens):
+        return None
+    value = evaluate(tokens)
+    return None if value is None else f"={value}"
+
+
+def _tool_content(content: str) -> str | None:
+    """A block's content in tool form, or None when it is not a recomputing check (precedence and dropped-term
+    checks, which no calculator answers, stay as written)."""
+    m = re.match(r"check (?P<lhs>[^:\s]+): ", content)
+    if m is None:
+        return None
+    try:
+        lhs = parse(m["lhs"])
+    except ValueError:
+        return None
+    if len(lhs) != 3 or not well_formed(lhs):
+        return None
+    a, op, b = lhs
+    if apply(a, op, b) is None:
+        return None
+    recomputed = m.group() + recompute(a, op, b)
+    if not content.startswith(recomputed):
+        return None
+    value = arith_check(f"check {m['lhs']}")
+    return f"check {m['lhs']}{CALC_OPEN}{value}{CALC_CLOSE}{content[len(recomputed):]}"
+
+
+def tool_form(text: str, start: int = 0) -> tuple[str, int]:
+    """(text with every step checked by the environment's calculator, tool calls written). Each recomputing check
+    block becomes a call ('check 44-7: 14-7=7, 4-1=3, so 44-7=37, not 36, redo' → 'check 44-7<|calc|>=37<|/calc|>,
+    not 36, redo'; verdicts and confidences kept; precedence and dropped-term checks stay as written), and every
+    step line from `start` on (a wrong prefix before it is left alone) not already right after a block gets a
+    pre-check of its own: '<|meta|>check 9*5<|calc|>=45<|/calc|><|/meta|>9*5=45|8+45'. A check before every step
+    is what makes the calculator useful to a model whose slips are spread over all steps (scripts/probe_tool.py:
+    one check per response, at the riskiest step, did not lift accuracy above the stripped twin). Only blocks
+    change, so strip_meta gives the same text before and after."""
+    out, last, calls = [], 0, 0
+    for b in find_blocks(text):
+        new = _tool_content(b.content)
+        if new is None:
+            continue
+        out += [text[last:b.content_start], new]
+        last = b.content_end
+        calls += 1
+    out.append(text[last:])
+    text = "".join(out)
+    lines = text.split("\n")
+    at = 0
+    for k, line in enumerate(lines):
+        bare = line.rsplit(META_CLOSE, 1)[-1]  # a line may start with a block: the step follows its close tag
+        if at >= start and bare == line and (parsed := _parse_line(line)) is not None:
+            (a, op, b), _, _ = parsed
+            value = arith_check(f"check {a}{op}{b}")
+            if value is not None:
+                lines[k] = block(f"check {a}{op}{b}{CALC_OPEN}{value}{CALC_CLOSE}") + line
+                calls += 1
+        at += len(line) + 1
+    return "\n".join(lines), calls
+
+
+def tool_form_rows(rows: list[dict[str, Any]], where: str = "rows") -> tuple[list[dict[str, Any]], int]:
+    """(SFT rows of this world with their assistant responses in tool form, tool calls written). The wrong prefix
+    precedes its block, so it stays an exact prefix. Raises DataError for a row this world did not write (its
+    `source` is not 'arith'): its checks are not this world's, so no calculator form is defined for them."""
+    out, converted = [], 0
+    for i, row in enumerate(rows):
+        if row.get("source") != SOURCE:
+            raise DataError(f"{where}: row {i} (id {row.get('id')!r}): sft.meta_blocks 'tool' rewrites checks of "
+                            f"the arith world only; this row's source is {row.get('source')!r}, expected "
+                            f"{SOURCE!r} (use sft.meta_blocks: as_written for other data)")
+        messages = [dict(m) for m in row["messages"]]
+        messages[-1]["content"], n = tool_form(messages[-1]["content"], len(row.get("wrong_prefix") or ""))
+        converted += n
+        out.append({**row, "messages": messages})
+    return out, converted
 
 
 # ---------------------------------------------------------------- auditing written solutions

@@ -2,8 +2,8 @@
 
 Qwen's pre-tokenizer split regex (digits are split one by one, so every digit stays a single token) and NFC
 normaliser; a byte-level alphabet so any text is encodable; specials `<|im_start|>`, `<|im_end|>` (eos) and
-`<|endoftext|>` (pad); the meta tags as ordinary added tokens (decoding with skip_special_tokens keeps them);
-a Qwen-style chat template. Saved as a plain `PreTrainedTokenizerFast` (tokenizer.json as is). `load_tokenizer`
+`<|endoftext|>` (pad); the meta tags and the tool markers (meta.grammar) as ordinary added tokens (decoding
+with skip_special_tokens keeps them); a Qwen-style chat template. Saved as a plain `PreTrainedTokenizerFast` (tokenizer.json as is). `load_tokenizer`
 reloads exactly that: next to a qwen2 config.json, `AutoTokenizer` would pick Qwen2Tokenizer, which rebuilds
 the pre-tokenizer (trim_offsets=True) and so shifts the character offsets the loss mask is cut by.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-from meta.grammar import META_CLOSE, META_OPEN
+from meta.grammar import CALC_CLOSE, CALC_OPEN, META_CLOSE, META_OPEN
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -31,7 +31,8 @@ CHAT_TEMPLATE = (
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 512,
-                    meta_tokens: tuple[str, str] = (META_OPEN, META_CLOSE)) -> "PreTrainedTokenizerFast":
+                    meta_tokens: tuple[str, ...] = (META_OPEN, META_CLOSE, CALC_OPEN, CALC_CLOSE)
+                    ) -> "PreTrainedTokenizerFast":
     """Train on `texts` (deterministic for the same texts in the same order). Merges stop early when the
     alphabet of the world allows no more; the vocabulary may end below vocab_size."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, \
