@@ -389,17 +389,22 @@ def test_first_mini_batch_skips_the_old_log_prob_pass(tiny_lm, monkeypatch):
 
 class CoinGrader:
     """The real grader, with verdicts replaced by a fixed coin per response text (crc32 parity), so an untrained
-    tiny model yields both all-same and mixed groups; facts() and the call path stay the real grader's."""
+    tiny model yields both all-same and mixed groups; facts() and the call path stay the real grader's. With
+    `wrong_odd_golds`, every response to a prompt whose gold has odd crc32 parity is wrong: those groups are
+    zero-variance whatever the model writes, so dynamic sampling must generate extra rounds (a property of the
+    data, not of the tiny model's outputs)."""
 
-    def __init__(self, real):
-        self.real = real
+    def __init__(self, real, wrong_odd_golds: bool = False):
+        self.real, self.wrong_odd_golds = real, wrong_odd_golds
 
     def grade(self, responses, golds):
         import zlib
 
         from rewards.grader import Grade
 
-        return [Grade(correct=zlib.crc32(r.encode()) % 2 == 0, extracted=None) for r in responses]
+        return [Grade(correct=zlib.crc32(r.encode()) % 2 == 0
+                      and not (self.wrong_odd_golds and zlib.crc32(str(g).encode()) % 2), extracted=None)
+                for r, g in zip(responses, golds)]
 
     def __getattr__(self, name):
         return getattr(self.real, name)
@@ -460,7 +465,7 @@ def test_dynamic_sampling_resumes_where_it_left_off(arm_init, tmp_path, monkeypa
     from infra.checkpoints import complete_checkpoints, step_of
 
     real = rewards.grader.get_grader
-    monkeypatch.setattr(rewards.grader, "get_grader", lambda spec: CoinGrader(real(spec)))
+    monkeypatch.setattr(rewards.grader, "get_grader", lambda spec: CoinGrader(real(spec), wrong_odd_golds=True))
     kw = dict(steps=2, n=3, temperature=1.0, filter_groups={"enable": True, "max_num_gen_batches": 4})
     first, _ = _run(arm_init, tmp_path, monkeypatch, **kw)
     step2 = tmp_path / "run" / "rollouts" / "step-0000002.parquet"
