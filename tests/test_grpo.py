@@ -507,7 +507,9 @@ def test_train_grpo_masa_records_meta_rollouts_and_grpo_records_none(arm_init, t
 class ScriptedMeta:
     """The real engine, except that meta-prediction prompts get fixed JSON predictions: the first prompt of each
     call predicts all-wrong (pass_rate 0, so every M agree and it is gated after start_step), the others 4 of 8
-    with solution_length 2 (cutoff 2 × 2 = 4 tokens). Records max_new_tokens of every solution call."""
+    with solution_length 2 (cutoff 2 × 2 = 4 tokens). A solution the tiny model ends early is replaced by a
+    filler of digits ('1' × max_new_tokens, truncated, never correct), so every rollout runs to its max_new_tokens
+    whatever the model writes. Records max_new_tokens of every solution call."""
 
     def __init__(self, real):
         self.real, self.solution_limits, self.solution_prompts = real, [], []
@@ -518,7 +520,11 @@ class ScriptedMeta:
         if "Do not solve this problem yet" not in prompts[0]:
             self.solution_limits.append((len(prompts), max_new_tokens))
             self.solution_prompts += prompts
-            return self.real.generate(prompts, n=n, max_new_tokens=max_new_tokens, **kw)
+            filler = "1" * max_new_tokens  # digits are single tokens
+            ids = tuple(self.real.tokenizer(filler, add_special_tokens=False)["input_ids"])
+            assert len(ids) == max_new_tokens
+            return [[g if g.truncated else Generation(text=filler, token_ids=ids, truncated=True) for g in gs]
+                    for gs in self.real.generate(prompts, n=n, max_new_tokens=max_new_tokens, **kw)]
         tok = self.real.tokenizer
         out = []
         for i, _ in enumerate(prompts):
