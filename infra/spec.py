@@ -402,6 +402,10 @@ class RLSpec(Strict):
     test_freq: int = Field(10, ge=1)
     val_temperature: float = Field(0.0, ge=0, description="0 = greedy validation")
     val_n: int = Field(1, ge=1)
+    rollout_engine: Literal["hf", "vllm"] = Field(
+        "hf", description="the local executor's rollout engine: hf (in process) or vllm (its own process, "
+                          "`make setup-vllm`; the policy's weights reloaded into it after every update). The "
+                          "verl executor's rollouts are executor.verl.rollout_engine")
     filter_groups: FilterGroupsSpec = FilterGroupsSpec()
     overlong_buffer: OverlongBufferSpec = OverlongBufferSpec()
     masa: MASASpec = MASASpec()
@@ -510,6 +514,9 @@ class BaseSpec(Strict):
         if self.sft.meta_blocks == "tool" and self.tool == "none":
             raise ValueError("sft.meta_blocks 'tool' teaches checks that call the environment's calculator, but tool "
                              "is 'none' (no environment answers them): set tool: arith_check")
+        if self.rl.rollout_engine != "hf" and self.executor.kind == "verl":
+            raise ValueError("rl.rollout_engine is read only by the local executor; verl's rollouts are "
+                             "executor.verl.rollout_engine")
         if self.tool != "none" and self.executor.kind == "verl":
             raise ValueError(f"tool '{self.tool}': the verl executor's rollouts have no tool loop yet (the local "
                              f"executor's have); use executor.kind: local or tool: none")

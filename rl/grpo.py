@@ -32,6 +32,12 @@ tokens the environment appended get mask 0 in the update (verl's response_mask o
 no log-prob ratio, KL or entropy term and not in the token-mean denominator. The rollout parquet records each
 rollout's tool calls, errors and environment token spans.
 
+Rollout engine (`rl.rollout_engine`): hf samples in process with the policy itself; vllm samples in a vLLM engine
+process (evals/vllm_engine.py) started on the SFT checkpoint, whose weights are reloaded from the policy after
+every update (and after a resume), so every rollout is on-policy up to the engines' numerics; log-probs for the
+update are always recomputed by the policy (verl's recompute of old log-probs). Validation and cf regeneration
+stay on the in-process engine. The run fact `rollout` records the engine, its versions and the weight-sync time.
+
 Prompt length: a prompt (rl prompts or val) whose rendered chat template is longer than `rl.max_prompt_length`
 tokens is REFUSED before training starts, with a DataError naming the set, the prompt id and its length (verl's
 `data.truncation: error`). Nothing is truncated: a cut prompt would be a different problem with the same gold.
@@ -380,6 +386,18 @@ def _masa_runner(rl: RLSpec, engine: Any, tokenizer: "PreTrainedTokenizerFast", 
     return runner
 
 
+def _rollout_vllm(rl: RLSpec, init_dir: Path, tokenizer: "PreTrainedTokenizerFast", device: str, precision: str
+                  ) -> Any:
+    """The vLLM rollout engine when rl.rollout_engine is 'vllm' (started on the SFT checkpoint, the policy's
+    starting weights), else None. Raises evals.vllm_engine.EngineError when the engine environment is missing or
+    the engine cannot start. The engine process is killed with its group if this process dies (its watchdog)."""
+    if rl.rollout_engine != "vllm":
+        return None
+    from evals.vllm_engine import VLLMEngine
+
+    return VLLMEngine(init_dir, tokenizer, device=device, precision=precision)
+
+
 def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str, Any]], rl: RLSpec,
                grader_spec: GraderSpec, compute: ComputeSpec, seed: int, out_dir: Path,
                on_step: Callable[[int, dict[str, float]], None] | None = None, tool: str = "none") -> dict[str, Any]:
@@ -417,10 +435,13 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
     grader = get_grader(grader_spec)
     plain = HFEngine(model, tokenizer, device=device, precision=precision)
     engine = with_tool(plain, tool)
+    # rollouts: this engine, or a vLLM engine process serving the policy (weights reloaded after every update)
+    vllm = _rollout_vllm(rl, init_dir, tokenizer, device, precision)
+    rollout = engine if vllm is None else with_tool(vllm, tool)
     actor_cfg = _actor_config(rl)
     meta_open_id = tokenizer.convert_tokens_to_ids(META_OPEN)
     check_prompt_lengths(tokenizer, {"rl prompts": prompts, "val": val}, rl.max_prompt_length)
-    masa = _masa_runner(rl, engine, tokenizer, grader, seed, prompts, device, precision)
+    masa = _masa_runner(rl, rollout, tokenizer, grader, seed, prompts, device, precision)
     fingerprint = hash_json({"rl": rl.model_dump(mode="json"), "seed": seed, "prompts": [r["id"] for r in prompts],
                              "val": [r["id"] for r in val], **({"tool": tool} if tool != "none" else {})})
 
@@ -435,6 +456,9 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
     metrics: MetricRows = [tuple(m) for m in state["metrics"]]
     if masa is not None:
         masa.bind(state)
+    sync_s = 0.0
+    if vllm is not None and state["step"]:  # resumed: the engine serves the checkpoint's policy, not the SFT start
+        vllm.load_weights(model)
 
     def record(step: int, values: dict[str, float]) -> None:
         clean = {k: float(v) for k, v in values.items() if v is not None and not math.isnan(float(v))}
@@ -459,7 +483,7 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
 
         def sample(rows: list[dict[str, Any]], round_: int, max_new_tokens: int | None = None) -> list[list[Sample]]:
             rendered = [render_prompt(tokenizer, r["prompt"]) for r in rows]
-            gens = engine.generate(rendered, n=rl.n, temperature=rl.temperature, top_p=rl.top_p, top_k=hf_top_k(rl),
+            gens = rollout.generate(rendered, n=rl.n, temperature=rl.temperature, top_p=rl.top_p, top_k=hf_top_k(rl),
                                    max_new_tokens=max_new_tokens or rl.max_response_length,
                                    seed=derived_seed("rollout", seed, step, *([round_] if round_ else [])))
             return [[Sample(prompt=rendered[i], response=g.text, response_ids=g.token_ids,
@@ -496,6 +520,12 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
         if masa is not None:
             masa.expert_step(model, optimizer)
         t_update = time.perf_counter() - t0
+        t_sync = None
+        if vllm is not None:  # the next rollouts sample the policy just updated
+            t0 = time.perf_counter()
+            vllm.load_weights(model)
+            t_sync = time.perf_counter() - t0
+            sync_s += t_sync
 
         write_parquet(_rollout_rows(step, rows, batch.records, rl.n, flat),
                       out_dir / "rollouts" / f"step-{step:07d}.parquet")
@@ -519,6 +549,7 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
             "time/update_s": t_update, "scorer/calls": totals["scorer/calls"], **ds_facts,
             "train/overlong/penalised": f.get("overlong/penalised"),
             "train/overlong/penalty_mean": f.get("overlong/penalty_mean"),
+            "time/weight_sync_s": t_sync,
             "train/tool/call_rate": _mean([s.tool_calls > 0 for s in flat]),
             "train/tool/errors": sum(s.tool_errors for s in flat),
             **{f"train/format/{c}": _mean([r["format_class"] == c for r in recs])
@@ -537,6 +568,10 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
             save_checkpoint(out_dir, step, model, optimizer, state, tokenizer=tokenizer)
 
     bar.close()
+    rollout_facts = {"name": rl.rollout_engine, **(vllm.facts() if vllm is not None else plain.facts()),
+                     "weight_sync_s": round(sync_s, 2)}
+    if vllm is not None:
+        vllm.close()
     checkpoints = [(step_of(p), p) for p in complete_checkpoints(out_dir)]
     final_val = {k: v for k, v, s in metrics if s == rl.steps and k.startswith("val/")}
     facts = {
@@ -551,7 +586,7 @@ def train_grpo(init_dir: Path, prompts: list[dict[str, Any]], val: list[dict[str
         "kl": {"applied": actor_cfg.use_kl_loss, "coef": rl.kl_coef,
                "loss_type": KL_LOSS_TYPE if actor_cfg.use_kl_loss else None,
                "reference": None if ref_model is None else "scorer (shared)" if scorer is not None else "loaded"},
-        "max_prompt_length": rl.max_prompt_length, "logprob_temperature": rl.temperature,
+        "max_prompt_length": rl.max_prompt_length, "logprob_temperature": rl.temperature, "rollout": rollout_facts,
         "decoys": _decoy_facts(prompts, grader, tokenizer) if "decoy" in signal.needs else None,
         **_dapo_facts(rl, totals), "masa": masa_facts(rl, state.get("masa")),
     }

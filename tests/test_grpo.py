@@ -632,3 +632,61 @@ def test_masa_expert_buffer_and_counters_resume_with_the_checkpoint(arm_init, tm
     assert a["buffer_size_per_step"] == b["buffer_size_per_step"] == [2, 1]
     assert len(a["bc_loss_per_flush"]) == 1 and b["bc_loss_per_flush"] == pytest.approx(a["bc_loss_per_flush"])
     assert a["meta_rollouts"] == b["meta_rollouts"] == 8 and a["expert_items"] == b["expert_items"] == 4
+
+
+def _vllm_env_present() -> bool:
+    from evals.vllm_engine import engine_python
+
+    return engine_python().exists()
+
+
+@pytest.fixture(scope="module")
+def vllm_arm_init(arm_init, tmp_path_factory):
+    """arm_init's tokenizer and prompts with a toy model vLLM's CPU attention serves (head size 32, not 16)."""
+    from infra.spec import ToyModelSpec
+    from worlds.model import toy_model
+    from worlds.tokenizer import load_tokenizer
+
+    init, prompts, val = arm_init
+    tok = load_tokenizer(init)
+    model = toy_model(ToyModelSpec(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
+                                   max_position=256), tok, seed=0)
+    path = tmp_path_factory.mktemp("vllm-init")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path, prompts, val
+
+
+@pytest.mark.skipif(not _vllm_env_present(), reason="vLLM engine environment absent (.venv-vllm or "
+                                                     "$TWINARM_VLLM_VENV): run `make setup-vllm`")
+def test_train_grpo_vllm_rollouts_sample_the_updated_policy(vllm_arm_init, tmp_path, monkeypatch):
+    """rl.rollout_engine: vllm — after every update the engine serves exactly the policy's new weights: its greedy
+    generations equal the in-process HF engine's on the updated model (fp32), step by step; the weight-sync time is
+    a per-step metric and the run fact names the engine; the engine process is gone after the run."""
+    import evals.vllm_engine
+    from evals.engine import HFEngine, render_prompt
+
+    checks, procs = [], []
+    real_load = evals.vllm_engine.VLLMEngine.load_weights
+
+    def load_and_compare(self, model):
+        seconds = real_load(self, model)
+        procs.append(self.proc)
+        prompts = [render_prompt(self.tokenizer, r["prompt"]) for r in vllm_arm_init[1][:3]]
+        served = self.generate(prompts, max_new_tokens=8)
+        local = HFEngine(model, self.tokenizer, precision="fp32").generate(prompts, max_new_tokens=8)
+        checks.append([s[0].token_ids == h[0].token_ids for s, h in zip(served, local)])
+        return seconds
+
+    monkeypatch.setattr(evals.vllm_engine.VLLMEngine, "load_weights", load_and_compare)
+    out, _ = _run(vllm_arm_init, tmp_path, monkeypatch, steps=2, n=2, temperature=1.0, lr=1e-2,
+                  rollout_engine="vllm")
+    assert checks == [[True] * 3, [True] * 3]  # one sync per update, each serving the updated policy exactly
+    sync = {step: v for k, v, step in out["metrics"] if k == "time/weight_sync_s"}
+    assert sorted(sync) == [1, 2] and all(v > 0 for v in sync.values())
+    facts = out["facts"]["rollout"]
+    assert facts["name"] == "vllm" and facts["engine"] == "vllm" and facts["weight_sync_s"] > 0
+    assert procs and all(p.poll() is not None for p in procs)  # closed at the end of the run
+    hf, _ = _run(vllm_arm_init, tmp_path / "hf", monkeypatch, steps=1)
+    assert hf["facts"]["rollout"]["name"] == "hf" and hf["facts"]["rollout"]["weight_sync_s"] == 0
+    assert not any(k == "time/weight_sync_s" for k, _, _ in hf["metrics"])
