@@ -218,7 +218,8 @@ def ppo_update(model: "PreTrainedModel", optimizer: "torch.optim.Optimizer", row
                list[int], list[float]]], rl: RLSpec, actor_cfg: Any, pad_id: int, device: str, precision: str,
                ref_model: "PreTrainedModel | None" = None) -> dict[str, float]:
     """One PPO pass over the batch in mini-batches of mini_batch_size prompts × n samples (verl's layout).
-    `ref_model` (frozen) is run only when the KL loss is on (actor_cfg.use_kl_loss); then it is required."""
+    `ref_model` (frozen) is run only when the KL loss is on (actor_cfg.use_kl_loss); then it is required.
+    Returns each metric's mean over the mini-batches, and actor/param_norm_change over the whole pass (_param_norm)."""
     import torch
 
     if actor_cfg.use_kl_loss and ref_model is None:
