@@ -92,7 +92,7 @@ faults: setup ## SIGKILL each stage at random points, rerun, compare with an uni
 signal-cases: setup ## Ctrl-C / SIGTERM on `twinarm run` and `twinarm ui`, serve beside ui: exit codes, leftovers
 	$(BIN)/python scripts/signal_cases.py
 
-mutation-resume: setup ## break the optimizer-state / RNG restore on a copy and run the SIGKILL-resume test
+mutation-resume: setup ## break the optimizer / weights / step restore on a copy: the SIGKILL-resume test must fail
 	$(BIN)/python scripts/mutation_resume.py
 
 screenshots: setup ## Prefect UI screenshots via headless Chromium: the ablation form; with RUN_HOME=<home>, its last run

@@ -241,7 +241,8 @@ def ppo_update(model: "PreTrainedModel", optimizer: "torch.optim.Optimizer", row
                ref_model: "PreTrainedModel | None" = None) -> dict[str, float]:
     """One PPO pass over the batch in mini-batches of mini_batch_size prompts × n samples (verl's layout). Rows as
     `_collate` takes them (an optional per-token mask leaves environment tokens out of every term).
-    `ref_model` (frozen) is run only when the KL loss is on (actor_cfg.use_kl_loss); then it is required."""
+    `ref_model` (frozen) is run only when the KL loss is on (actor_cfg.use_kl_loss); then it is required.
+    Returns each metric's mean over the mini-batches, and actor/param_norm_change over the whole pass (_param_norm)."""
     import torch
 
     if actor_cfg.use_kl_loss and ref_model is None:
@@ -255,6 +256,7 @@ def ppo_update(model: "PreTrainedModel", optimizer: "torch.optim.Optimizer", row
         refs = [response_logprobs(ref_model, mb, device, precision, rl.temperature) if actor_cfg.use_kl_loss
                 else None for mb in minis]
     stats: dict[str, list[float]] = defaultdict(list)
+    norm_before = _param_norm(model)
     for mb, old_lp, ref_lp in zip(minis, old, refs):
         new_lp, ent = response_logprobs(model, mb, device, precision, rl.temperature, with_entropy=True) \
             if actor_cfg.entropy_coeff > 0 else (response_logprobs(model, mb, device, precision, rl.temperature), None)
@@ -267,7 +269,18 @@ def ppo_update(model: "PreTrainedModel", optimizer: "torch.optim.Optimizer", row
         stats["actor/grad_norm"].append(float(grad_norm))
         for key, value in metrics.items():
             stats[key].append(float(value))
-    return {k: sum(v) / len(v) for k, v in stats.items()}
+    return {**{k: sum(v) / len(v) for k, v in stats.items()},
+            "actor/param_norm_change": _param_norm(model) - norm_before}
+
+
+def _param_norm(model: "PreTrainedModel") -> float:
+    """‖θ‖₂ over every parameter (tied ones once), accumulated in fp64. Its change over an update bounds the
+    update from below, |‖θ'‖ − ‖θ‖| ≤ ‖θ' − θ‖ (triangle inequality), so a non-zero `actor/param_norm_change`
+    proves the step moved the weights, without keeping a copy of them; unchanged weights give exactly 0."""
+    import torch
+
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach(), dtype=torch.float64)
+                                                       for p in model.parameters()])))
 
 
 def check_prompt_lengths(tokenizer: "PreTrainedTokenizerFast", sets: dict[str, list[dict[str, Any]]],

@@ -67,8 +67,14 @@ def tiny_spec_dict(name: str = "tiny") -> dict:
                      "base_training": {"max_steps": 60, "eval_every": 30, "batch_size": 32,
                                        "target_val_accuracy": 0.99}}
     base["sft"].update(epochs=1, batch_size=32)
+    # entropy_coeff > 0: a model this small gets no RL sample right (train/accuracy/pure 0 at every step of both
+    # arms), so every GRPO advantage is 0 and the policy loss has no gradient. The entropy bonus (verl's actor term,
+    # in both arms) gives every step a gradient, so the weights move at every step of both arms (tests/test_e2e.py
+    # checks actor/param_norm_change) and the SIGKILL-resume test compares states that a lost optimizer state,
+    # lost weights or a lost step counter would change (scripts/mutation_resume.py). configs/qwen3-8b.yaml uses
+    # the same 1e-3; the demo keeps 0.
     base["rl"].update(steps=6, save_freq=2, test_freq=2, batch_size=4, mini_batch_size=2, n=4,
-                      max_response_length=96)
+                      max_response_length=96, entropy_coeff=1e-3)
     base["executor"]["use_ray"] = False
     return spec
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from infra.lineage import Lineage
 from infra.tracking import Tracker
@@ -48,6 +49,11 @@ def test_every_stage_ran_and_lineage_connects_twins_to_rl_checkpoints(tiny_run, 
     for run in runs:
         history = tracker.client.get_metric_history(run.info.run_id, "val/accuracy/pure")
         assert [m.step for m in history] == [0, 2, 4, 6]
+        # every RL step of both arms moved the weights (so the SIGKILL-resume test compares states that differ)
+        moved = sorted(tracker.client.get_metric_history(run.info.run_id, "actor/param_norm_change"),
+                       key=lambda m: m.step)
+        assert [m.step for m in moved] == [1, 2, 3, 4, 5, 6]
+        assert all(m.value != 0 for m in moved), [(m.step, m.value) for m in moved]
 
 
 def test_second_run_is_cached_and_adds_no_rows(tiny_run, flow_home, tiny_spec):
@@ -61,8 +67,12 @@ def test_second_run_is_cached_and_adds_no_rows(tiny_run, flow_home, tiny_spec):
     assert (lineage.counts(), tracker.counts()) == before
 
 
-def _checkpoints(home: Path) -> list[Path]:
-    return sorted(home.glob("runs/rl/*/checkpoints/step-*"))
+def _checkpoints(home: Path) -> dict[str, list[str]]:
+    """The complete RL checkpoints under a home, by arm run directory."""
+    found: dict[str, list[str]] = {}
+    for path in sorted(home.glob("runs/rl/*/checkpoints/step-*")):
+        found.setdefault(path.parent.parent.name, []).append(path.name)
+    return found
 
 
 def _twinarm(home: Path, spec: Path) -> subprocess.Popen:
@@ -72,15 +82,23 @@ def _twinarm(home: Path, spec: Path) -> subprocess.Popen:
 
 
 def test_sigkill_mid_rl_resumes_to_the_uninterrupted_result(tiny_run, flow_home, tiny_spec, tmp_path):
+    """Each arm's RL is SIGKILLed once, as soon as its first checkpoint is complete (the arms run one at a time
+    inline), so both arms resume from a checkpoint; the rerun must end exactly where the uninterrupted run did."""
     home = tmp_path / "home"
-    proc = _twinarm(home, tiny_spec)
-    deadline = time.monotonic() + 600
-    while not _checkpoints(home) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert proc.poll() is None, f"finished before any RL checkpoint appeared:\n{proc.stdout.read()}"
-    os.killpg(proc.pid, signal.SIGKILL)  # mid-RL: at least one checkpoint is complete, the run is not
-    proc.wait()
-    killed_at = [p.name for p in _checkpoints(home)]
+    killed_at: dict[str, list[str]] = {}
+    while len(killed_at) < 2:
+        proc = _twinarm(home, tiny_spec)
+        deadline = time.monotonic() + 600
+        while not (new := _checkpoints(home).keys() - killed_at.keys()) and proc.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, f"finished before each arm had an RL checkpoint:\n{proc.stdout.read()}"
+        os.killpg(proc.pid, signal.SIGKILL)  # mid-RL: at least one checkpoint is complete, the run is not
+        proc.wait()
+        assert new, f"no new RL checkpoint within 600 s (killed so far: {killed_at})"
+        killed_at |= {arm: steps for arm, steps in _checkpoints(home).items() if arm in new}
+    final = f"step-{yaml.safe_load(tiny_spec.read_text())['base']['rl']['steps']:07d}"
+    assert all(final not in names for names in killed_at.values()), killed_at  # neither arm had finished
 
     rerun = _twinarm(home, tiny_spec)
     out, _ = rerun.communicate(timeout=900)

@@ -3,6 +3,8 @@ fixed batch as verl 0.9.1's core_algos (policy loss with clip-higher and dual-cl
 GRPO outcome advantage with and without std normalisation, low_var_kl KL loss)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -208,6 +210,35 @@ def test_ppo_update_kl_reference(tiny_lm):
         grpo.grpo_loss = real
     assert kls[0] == pytest.approx(0.0, abs=1e-7) and kls[1] > 1e-6
     assert stats["actor/kl_loss"] == pytest.approx(sum(kls) / 2) and stats["actor/kl_coef"] == 0.5
+
+
+
+def test_param_norm_change_is_exactly_zero_without_a_gradient_and_bounds_the_update(tiny_lm):
+    """All advantages 0 and no entropy bonus: no gradient, AdamW (no weight decay) leaves every weight as it was and
+    actor/param_norm_change is exactly 0. With rl.entropy_coeff > 0 the same batch moves the weights, and the
+    metric is ‖θ'‖ − ‖θ‖, a non-zero lower bound of ‖θ' − θ‖."""
+    import copy
+
+    import torch
+
+    from rl.grpo import _actor_config, ppo_update
+
+    rows = [(p, r, [0.0] * len(r)) for p, r in _rows(4)]
+    for coeff in (0.0, 1e-3):
+        rl = RLSpec(batch_size=2, mini_batch_size=1, n=2, temperature=0.7, lr=1e-2, entropy_coeff=coeff)
+        model = copy.deepcopy(tiny_lm).train()
+        start = [p.detach().clone() for p in model.parameters()]
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+        change = ppo_update(model, opt, rows, rl, _actor_config(rl), 0, "cpu", "fp32")["actor/param_norm_change"]
+        delta = math.sqrt(sum(float((p.detach().double() - s.double()).pow(2).sum())
+                              for p, s in zip(model.parameters(), start)))
+        norms = [math.sqrt(sum(float(x.detach().double().pow(2).sum()) for x in ps))
+                 for ps in (start, model.parameters())]
+        if coeff == 0:
+            assert change == 0.0 and delta == 0.0
+        else:
+            assert change != 0 and change == pytest.approx(norms[1] - norms[0], rel=1e-6)
+            assert 0 < abs(change) <= delta
 
 
 # ---------------------------------------------------------------- the local executor end to end (tiny)
