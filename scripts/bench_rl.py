@@ -3,6 +3,8 @@ ablation's wall time with arms sequential vs parallel on local Ray (plus the cac
 
     # step: one arm's SFT model from a completed ablation, K GRPO steps per reward from the same start
     .venv/bin/python scripts/bench_rl.py step [--home .twinarm] [--ablation demo] [--spec configs/demo.yaml]
+    # the same, rollouts from the in-process HF engine vs the vLLM engine process (`make setup-vllm`)
+    .venv/bin/python scripts/bench_rl.py step --rollout-engines [--arm control]
     # step without an ablation: any SFT model directory and rl_prompts / val parquet files
     .venv/bin/python scripts/bench_rl.py step --init DIR --prompts rl_prompts.parquet --val val.parquet
     # demo: the whole ablation in fresh homes, arms sequential then on Ray, then the cached rerun
@@ -33,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-PHASES = ("time/sample_s", "time/grade_s", "time/score_s", "time/update_s")
+PHASES = ("time/sample_s", "time/grade_s", "time/score_s", "time/update_s", "time/weight_sync_s")  # sync: vLLM only
 
 
 def _artifact_path(lineage, ablation: str, stage: str, arm: str, role: str) -> Path:
@@ -48,8 +50,9 @@ def _artifact_path(lineage, ablation: str, stage: str, arm: str, role: str) -> P
 
 
 def bench_step(home: Path, ablation: str, spec_file: str, arm: str | None, steps: int, val_rows: int,
-               repeats: int, files: dict[str, Path | None] | None = None) -> dict:
-    """`files` (init, prompts, val) replace the ablation's artifacts where given."""
+               repeats: int, files: dict[str, Path | None] | None = None, engines: bool = False) -> dict:
+    """`files` (init, prompts, val) replace the ablation's artifacts where given. With `engines`, the two variants
+    are the rollout engines (rl.rollout_engine hf vs vllm, the arm's own reward) instead of the two rewards."""
     from infra.artifacts import read_parquet
     from infra.spec import load_spec, resolved_arms
     from rl.grpo import train_grpo
@@ -80,9 +83,9 @@ def bench_step(home: Path, ablation: str, spec_file: str, arm: str | None, steps
                  "batch": f"{cfg.rl.batch_size} prompts x {cfg.rl.n} samples, max {cfg.rl.max_response_length} tokens",
                  "rewards": {}}
 
-    def measure(reward: str, n_steps: int) -> dict:
-        rl = cfg.rl.model_copy(update={"reward": reward, "steps": n_steps, "save_freq": n_steps,
-                                       "test_freq": n_steps})
+    def measure(variant: str, n_steps: int) -> dict:
+        rl = cfg.rl.model_copy(update={("rollout_engine" if engines else "reward"): variant, "steps": n_steps,
+                                       "save_freq": n_steps, "test_freq": n_steps})
         with tempfile.TemporaryDirectory() as tmp:
             result = train_grpo(init, prompts, val, rl, cfg.grader, cfg.executor.compute, cfg.seeds[0], Path(tmp))
         by_step: dict[int, dict[str, float]] = {}
@@ -90,22 +93,25 @@ def bench_step(home: Path, ablation: str, spec_file: str, arm: str | None, steps
             by_step.setdefault(step, {})[key] = value
         return {"by_step": by_step, "scorer_calls": result["facts"]["scorer_calls"]}
 
-    measure("vanilla", 1)  # warm-up: first-call costs (allocator, grader worker start) would land on one reward
-    runs: dict[str, list[dict]] = {"vanilla": [], cfg.rl.reward: []}
+    base, treated = ("hf", "vllm") if engines else ("vanilla", cfg.rl.reward)
+    measure(base, 1)  # warm-up: first-call costs (allocator, grader worker start) would land on one variant
+    runs: dict[str, list[dict]] = {base: [], treated: []}
     for _ in range(repeats):  # alternate, so drift in machine load hits both rewards alike
         for reward in runs:
             runs[reward].append(measure(reward, steps))
-    for reward, results in runs.items():
-        # step 1 is the identical batch for both rewards: same weights, prompts and sampling seed
-        step1 = [{p: r["by_step"][1][p] for p in PHASES} for r in results]
+    for variant, results in runs.items():
+        # step 1 is the identical batch for both rewards: same weights, prompts and sampling seed (for the engines,
+        # the same weights and prompts; the samples differ, vLLM's RNG is not HF's)
+        step1 = [{p: r["by_step"][1].get(p, 0.0) for p in PHASES} for r in results]
         later = [r["by_step"][s] for r in results for s in range(1, steps)]  # step `steps` also validates
-        out["rewards"][reward] = {
+        out["rewards"][variant] = {
             "step1_s": round(min(sum(x.values()) for x in step1), 3),
             "step1_phases_s": {p: round(min(x[p] for x in step1), 3) for p in PHASES},
-            "median_step_s": round(statistics.median(sum(m[p] for p in PHASES) for m in later), 3),
+            "median_step_s": round(statistics.median(sum(m.get(p, 0.0) for p in PHASES) for m in later), 3),
             "response_tokens_mean": round(statistics.mean(m["train/response_length/mean"] for m in later), 1),
+            "median_sample_s": round(statistics.median(m["time/sample_s"] for m in later), 3),
             "scorer_calls": results[0]["scorer_calls"]}
-    v, t = out["rewards"]["vanilla"], out["rewards"][cfg.rl.reward]
+    v, t = out["rewards"][base], out["rewards"][treated]
     out["ratio_step1"] = round(t["step1_s"] / v["step1_s"], 3)
     # the reward's own cost on the identical batch: its scoring seconds as a share of the vanilla step (aim ≤ 0.15)
     out["scoring_share_of_vanilla_step1"] = round(t["step1_phases_s"]["time/score_s"] / v["step1_s"], 3)
@@ -202,6 +208,8 @@ def main() -> None:
     step.add_argument("--init", type=Path, default=None, help="an SFT model directory (instead of the ablation's)")
     step.add_argument("--prompts", type=Path, default=None, help="an rl_prompts parquet (instead of the ablation's)")
     step.add_argument("--val", type=Path, default=None, help="a val parquet (instead of the ablation's)")
+    step.add_argument("--rollout-engines", action="store_true",
+                      help="compare rl.rollout_engine hf vs vllm (the arm's reward) instead of the two rewards")
     demo = sub.add_parser("demo", help="demo wall time, arms sequential vs on Ray, and the cached rerun")
     demo.add_argument("--spec", default="configs/demo.yaml")
     demo.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "twinarm-bench")
@@ -209,7 +217,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.mode == "step":
         result = bench_step(args.home.resolve(), args.ablation, args.spec, args.arm, args.steps, args.val_rows,
-                            args.repeats, {"init": args.init, "prompts": args.prompts, "val": args.val})
+                            args.repeats, {"init": args.init, "prompts": args.prompts, "val": args.val},
+                            engines=args.rollout_engines)
     else:
         result = bench_demo(args.spec, args.work.resolve())
     text = json.dumps(result, indent=1)
