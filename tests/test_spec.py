@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from infra.errors import SpecError
-from infra.spec import (config_diff, config_hash, declared_keys, load_spec, mechanism_of, resolve_arm,
-                        resolved_arms)
+from infra.spec import (ContrastSpec, config_diff, config_hash, contrast_mechanisms, declared_keys, load_spec,
+                        mechanisms_of, resolve_arm, resolved_arms)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,7 +51,7 @@ def test_good_spec_resolves_arms_with_declared_differences(tmp_path):
     assert set(diff) == {"sft.strip_meta", "rl.reward"}
     assert diff["rl.reward"] == ("pmishift", "vanilla")
     assert declared_keys(spec, "control") == {"sft.strip_meta", "rl.reward"}
-    assert {mechanism_of(k) for k in diff} == {"meta_sft", "meta_reward"}
+    assert {m for k, v in diff.items() for m in mechanisms_of(k, v)} == {"meta_sft", "meta_reward"}
 
 
 def test_unknown_key_names_file_line_and_key(tmp_path):
@@ -115,3 +115,34 @@ def test_config_hash_is_stable_under_key_order_and_reserialisation(tmp_path):
 def test_shipped_specs_validate(name):
     spec = load_spec(REPO / "configs" / name)
     assert len(resolved_arms(spec)) >= 2
+
+
+def test_mechanism_of_a_value_keyed_key_comes_from_its_values():
+    assert mechanisms_of("sft.meta_blocks", ("fixed", "as_written")) == ("placebo_blocks",)
+    assert mechanisms_of("sft.meta_blocks", ("shuffled", "fixed")) == ("placebo_blocks",)
+    assert mechanisms_of("sft.meta_blocks") == ("meta_blocks",)
+    assert mechanisms_of("rl.signal.pmishift.kappa", (1.0, 2.0)) == ("meta_reward",)
+    assert mechanisms_of("rl.lr", (1e-5, 2e-5)) == ("rl.lr",)
+
+
+@pytest.mark.parametrize("declared,diff,problems", [
+    (["meta_sft", "placebo_blocks"], {"sft.strip_meta": (False, True), "sft.meta_blocks": ("fixed", "as_written")},
+     []),
+    ([], {"rl.reward": ("pmishift", "vanilla")}, []),
+    ([], {"sft.strip_meta": (False, True), "rl.reward": ("pmishift", "vanilla")},
+     ["changes 2 mechanisms (meta_reward, meta_sft) without naming them in contrasts.c.mechanisms"]),
+    (["meta_reward"], {"sft.strip_meta": (False, True), "rl.reward": ("pmishift", "vanilla")},
+     ["changes mechanism meta_sft (sft.strip_meta), not declared in contrasts.c.mechanisms ['meta_reward']"]),
+    (["meta_reward", "tool_use"], {"rl.reward": ("pmishift", "vanilla")},
+     ["declares 'tool_use', which is neither a mechanism (meta_blocks, meta_reward, meta_sft, placebo_blocks, "
+      "sft_data) nor a key the arms differ in"]),
+    (["meta_reward", "meta_sft"], {"rl.reward": ("pmishift", "vanilla")},
+     ["declares mechanism meta_sft, but its arms do not differ in it (they differ in meta_reward)"]),
+    ([], {"rl.lr": (1e-5, 2e-5)}, ["changes hyperparameter rl.lr, which is no mechanism"]),
+    (["rl.lr"], {"rl.lr": (1e-5, 2e-5)}, []),
+])
+def test_declared_mechanisms_must_match_the_arm_diff(declared, diff, problems):
+    c = ContrastSpec(treatment="t", control="k", mechanisms=declared)
+    mechanisms, found = contrast_mechanisms("c", c, diff)
+    assert found == [f"contrast c (t − k) {p}" for p in problems]
+    assert mechanisms == sorted({m for k, v in diff.items() for m in mechanisms_of(k, v) if m != k})
