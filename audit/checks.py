@@ -525,10 +525,10 @@ def first_law(scope: Scope) -> Check:
 
 
 def package_effect_lines(spec: AblationSpec, table: list[dict[str, Any]], arms: list[str]
-                         ) -> dict[str, tuple[bool, str]]:
-    """Per contrast between `arms` (name -> (named rightly, line)): the mechanisms its arms' resolved configs differ
-    in (`table`: the first law's rows), or what is wrong with its declared `mechanisms` (infra.spec.
-    contrast_mechanisms). Only declared keys count: an undeclared difference is the first law's finding."""
+                         ) -> dict[str, tuple[list[str], list[str]]]:
+    """Per contrast between `arms`: (the mechanisms its arms' resolved configs differ in, the problems with its
+    declared `mechanisms`) from infra.spec.contrast_mechanisms on `table` (the first law's rows). Only declared keys
+    count: an undeclared difference is the first law's finding."""
     out = {}
     for c_name, c in spec.contrasts.items():
         if c.treatment not in arms or c.control not in arms:
@@ -536,11 +536,13 @@ def package_effect_lines(spec: AblationSpec, table: list[dict[str, Any]], arms: 
         diff = {row["key"]: (row[c.treatment], row[c.control]) for row in table
                 if _canon(row[c.treatment]) != _canon(row[c.control])
                 and {c.treatment, c.control} & set(row["declared_by"])}
-        mechanisms, problems = contrast_mechanisms(c_name, c, diff)
-        out[c_name] = (False, "; ".join(problems)) if problems else (
-            True, f"contrast {c_name} ({c.treatment} − {c.control}): {', '.join(mechanisms) or 'no mechanism'}"
-                  + (" (declared package effect)" if len(mechanisms) > 1 else ""))
+        out[c_name] = contrast_mechanisms(c_name, c, diff)
     return out
+
+
+def package_effect_text(mechanisms: list[str]) -> str:
+    """The mechanisms a contrast changes as the ledger words them."""
+    return (", ".join(mechanisms) or "no mechanism") + (" (declared package effect)" if len(mechanisms) > 1 else "")
 
 
 def package_effects(scope: Scope) -> Check:
@@ -553,9 +555,11 @@ def package_effects(scope: Scope) -> Check:
     if not lines:
         return Check(name, OPEN, "no contrast between the flow's arms is declared, so no effect can be named",
                      [spec_ev, ev])
-    if problems := [line for ok, line in lines.values() if not ok]:
+    if problems := [p for _, found in lines.values() for p in found]:
         return Check(name, FAIL, _listed(problems), [spec_ev, ev])
-    return Check(name, PASS, "; ".join(line for _, line in lines.values()), [spec_ev, ev])
+    return Check(name, PASS, "; ".join(f"contrast {n} ({spec.contrasts[n].treatment} − {spec.contrasts[n].control}): "
+                                       f"{package_effect_text(mechanisms)}" for n, (mechanisms, _) in lines.items()),
+                 [spec_ev, ev])
 
 
 def _equal_facts(scope: Scope, name: str, stage_facts: tuple[tuple[str, str], ...], what: str) -> Check:
