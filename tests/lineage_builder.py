@@ -99,9 +99,9 @@ def result_rows(outcome: Outcome, arm: str, seed: int, step: int, suites: dict[s
             for suite, n in suites.items() for i in range(n) for j in range(samples)]
 
 
-def build(root: Path, seeds: list[int] = [0], outcome: Outcome | None = None, heldout: dict[str, int] | None = None,
-          samples: int = 4, eval_overrides: dict[str, Any] | None = None, stuck: str | None = None,
-          spec_file: Path = REPO / "configs" / "demo.yaml") -> Builder:
+def build(root: Path, seeds: list[int] = [0], outcome: Outcome | None = None,
+          heldout: dict[str, int] | None = None, samples: int = 4, eval_overrides: dict[str, Any] | None = None,
+          stuck: str | None = None, spec_file: Path = REPO / "configs" / "demo.yaml") -> Builder:
     """resolve → data → base_model → twins → sft per arm × seed → rl per arm × seed → sweep → held-out (one job).
     With an outcome, the sweep (steps 3, 6; 12 val problems in 3 domains) and the held-out job (steps 0, 6; the
     suites in `heldout`, default arith: 40 problems) write result tables of `samples` samples per problem.

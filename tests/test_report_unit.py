@@ -261,11 +261,13 @@ def test_report_shows_every_contrast_with_its_verdict_and_package_effect(tmp_pat
     contrasts = {m.group(1): m.group(0) for m in re.finditer(r"^\| (meta|placebo|reward) \| \w+ − \w+ \|.*$", screen,
                                                                re.M)}
     assert "| ✓ meta_reward, meta_sft (declared package effect) |" in contrasts["meta"]
-    assert "| meta_sft, placebo_blocks | ✓ meta_sft, placebo_blocks (declared package effect) |" in contrasts["placebo"]
+    assert "| meta_sft, placebo_blocks | ✓ meta_sft, placebo_blocks (declared package effect) |" \
+        in contrasts["placebo"]
     # pmishift − placebo changes the reward AND the blocks, but declares only the reward: the ledger's ✗, named
-    assert "| ✗ contrast reward (pmishift − placebo) changes mechanism placebo_blocks (sft.meta_blocks), not declared " \
-           "in contrasts.reward.mechanisms ['meta_reward'] |" in contrasts["reward"]
-    assert all(re.search(r"\| \\\|Δ\\\| ≥ \d+\.\d pp \|$", line) for line in contrasts.values())  # Markdown escapes |
+    assert "| ✗ contrast reward (pmishift − placebo) changes mechanism placebo_blocks (sft.meta_blocks), not " \
+           "declared in contrasts.reward.mechanisms ['meta_reward'] |" in contrasts["reward"]
+    # Markdown escapes the | of |Δ|
+    assert all(re.search(r"\| \\\|Δ\\\| ≥ \d+\.\d pp \|$", line) for line in contrasts.values())
     assert "Power (placebo)" in md and "Power (" not in screen  # the power lines in full follow the held-out tables
 
 
@@ -281,5 +283,6 @@ def test_report_of_one_contrast_has_its_verdict_and_package_effect(tmp_path):
     screen = md[:md.index("## Validation accuracy by step")]
     assert re.findall(r"^\| (\w+) \| arith \|", screen, re.M) == ["meta"]
     assert re.search(r"^\| meta \| pmishift − control \| does the meta mechanism .* \| meta_sft, meta_reward \| "
-                     r"✓ meta_reward, meta_sft \(declared package effect\) \| \\\|Δ\\\| ≥ \d+\.\d pp \|$", screen, re.M)
+                     r"✓ meta_reward, meta_sft \(declared package effect\) \| \\\|Δ\\\| ≥ \d+\.\d pp \|$",
+                     screen, re.M)
     assert "treatment better (CI above 0)" in re.search(r"^\| meta \| arith \|.*$", screen, re.M).group(0)
