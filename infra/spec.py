@@ -155,11 +155,6 @@ class ModelSpec(Strict):
 
 # ---------------------------------------------------------------- SFT
 
-# What the meta side's block contents are (sft.meta_blocks.META_BLOCKS applies them; a test keeps the two equal):
-# as_written, or a placebo (fixed: one neutral content; shuffled: another row's content).
-MetaBlocks = Literal["as_written", "fixed", "shuffled"]
-
-
 class SFTSpec(Strict):
     """The SFT stage: SFT-1 and optional SFT-2 data (None: no SFT-2), strip_meta (train on the no-meta twin),
     meta_blocks (what the meta side's block contents are: sft/meta_blocks.py), and the optimiser (warmup_ratio:
@@ -169,8 +164,9 @@ class SFTSpec(Strict):
     sft1: DataSourceSpec = DataSourceSpec()
     sft2: DataSourceSpec | None = DataSourceSpec()
     strip_meta: bool = Field(False, description="train on the no-meta twin (control arms)")
-    meta_blocks: MetaBlocks = Field("as_written", description="the meta side's block contents: as_written, or a "
-                                    "placebo: fixed (one neutral content) or shuffled (another row's content)")
+    meta_blocks: Literal["as_written", "fixed", "shuffled"] = Field(
+        "as_written", description="form of the meta side's blocks (sft/meta_blocks.py): as_written, or a placebo: "
+                                  "fixed (one neutral content) or shuffled (another row's content)")
     epochs: int = Field(2, ge=1)
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(32, ge=1)
@@ -180,10 +176,10 @@ class SFTSpec(Strict):
     max_length: int = Field(256, ge=16)
 
     @model_validator(mode="after")
-    def _blocks_to_change(self) -> "SFTSpec":
+    def _blocks_to_form(self) -> "SFTSpec":
         if self.strip_meta and self.meta_blocks != "as_written":
-            raise ValueError(f"meta_blocks '{self.meta_blocks}' changes the meta side's blocks, and strip_meta "
-                             f"trains on the no-meta twin, which has none: drop one of them")
+            raise ValueError(f"meta_blocks '{self.meta_blocks}' reshapes meta blocks, but strip_meta trains on the "
+                             f"no-meta twin, which has none: remove one of them")
         return self
 
 
@@ -475,7 +471,7 @@ _MECHANISMS = [
     ("rl.heads", "meta_reward"),
 ]
 # Keys whose mechanism depends on the value: value -> mechanism (None: the value changes no mechanism). Every value
-# of the key's Literal is listed (a test keeps them equal).
+# of the key's Literal is listed (tests/test_meta_blocks.py keeps them equal).
 _VALUE_MECHANISMS: dict[str, dict[str, str | None]] = {
     "sft.meta_blocks": {"as_written": None, "fixed": "placebo_blocks", "shuffled": "placebo_blocks"},
 }

@@ -45,7 +45,7 @@ def main() -> None:
     from evals.evaluate import sample_and_grade
     from rewards.grader import get_grader
     from sft.base import val_accuracy
-    from sft.meta_blocks import apply_meta_blocks
+    from sft.meta_blocks import meta_block_form
     from sft.train import TrainConfig, train_lm
     from worlds.model import load_model, resolve_device, resolve_precision, set_threads
     from worlds.tokenizer import load_tokenizer
@@ -64,9 +64,8 @@ def main() -> None:
         for kind in args.kinds.split(","):
             t0 = time.perf_counter()
             side = "nometa" if kind == "stripped" else "meta"
-            rows = [r for role in ("sft1", "sft2") for r in apply_meta_blocks(
-                "as_written" if kind == "stripped" else kind, read_parquet(twins / role / f"{side}.parquet"), seed,
-                where=role)]
+            rows = [r for role in ("sft1", "sft2") for r in read_parquet(twins / role / f"{side}.parquet")]
+            rows = meta_block_form(rows, "as_written" if kind == "stripped" else kind, seed=seed)[0]  # as the stage
             tokenizer, model = load_tokenizer(init), load_model(init)
             run = train_lm(model, tokenizer, rows, TrainConfig.from_sft(base.sft, len(rows), checkpoint_every=10**9),
                            args.out / f"{kind}-{seed}", seed, compute)

@@ -1,8 +1,10 @@
-"""What the meta side's block contents are (`sft.meta_blocks`), applied by the SFT stage to the meta twin's rows
-before training. The tags and positions of every block stay; only the text between the tags may change, so the
-stripped twin of a transformed row is the stripped twin of the original row (the control arm is unchanged).
+"""The form of the meta blocks an SFT arm trains on (`sft.meta_blocks`), applied to the META side of the twins in
+the sft stage; the no-meta twin has no blocks, so a form never changes it (the spec refuses a form other than
+`as_written` with `sft.strip_meta`). The placebo forms keep the tags and positions of every block and change only
+the text between the tags, so the stripped twin of a placebo row is the stripped twin of the original row.
 
-- `as_written`: the rows as the data stage wrote them (the default).
+Each form is one entry of META_BLOCK_FORMS: (rows, where, seed) -> (rows, facts).
+- `as_written`: the rows as the data source wrote them (the default).
 - `fixed` (placebo): every block's content is one constant, NEUTRAL_CONTENT: no digit, no cue word of
   meta.grammar.CUES, no confidence, no decision, about the mean token length of the arith world's block contents
   (32 tokens under the demo tokenizer; SFT-1 blocks average 32.3, SFT-2 37.1). It carries no information about
@@ -15,7 +17,8 @@ Only the final message (the trained response) and its `wrong_prefix` are changed
 context the model reads and stay as written. Placebo content is trained like any block content (sft.masks): the
 point is a model that writes blocks that carry nothing.
 
-Adding a value is one line in META_BLOCKS here and one in infra.spec.MetaBlocks (a test keeps them equal).
+Adding a form is one entry here, one value in the Literal of infra.spec.SFTSpec.meta_blocks and one in
+infra.spec._VALUE_MECHANISMS (tests/test_meta_blocks.py keeps the three equal).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from infra.errors import DataError
 from meta.grammar import META_CLOSE, META_OPEN, find_blocks
 
 Row = dict[str, Any]
+Rows = list[Row]
 NEUTRAL_CONTENT = "nothing to note at this point, carrying on as planned"
 
 
@@ -53,24 +57,24 @@ def _with_contents(row: Row, contents: list[str], where: str) -> Row:
     return {**row, "messages": [*row["messages"][:-1], {**row["messages"][-1], "content": new}], "wrong_prefix": wp}
 
 
-def as_written(rows: list[Row], rng: random.Random, where: str) -> list[Row]:
-    """The rows unchanged."""
-    return rows
+def _as_written(rows: Rows, where: str, seed: int) -> tuple[Rows, dict[str, Any]]:
+    return rows, {}
 
 
-def fixed(rows: list[Row], rng: random.Random, where: str) -> list[Row]:
+def _fixed(rows: Rows, where: str, seed: int) -> tuple[Rows, dict[str, Any]]:
     """Every block of every response holds NEUTRAL_CONTENT."""
-    return [_with_contents(r, [NEUTRAL_CONTENT] * len(find_blocks(r["messages"][-1]["content"])), where)
-            for r in rows]
+    out = [_with_contents(r, [NEUTRAL_CONTENT] * len(find_blocks(r["messages"][-1]["content"])), where)
+           for r in rows]
+    return out, {"placebo_blocks": sum(len(find_blocks(r["messages"][-1]["content"])) for r in rows)}
 
 
-def shuffled(rows: list[Row], rng: random.Random, where: str) -> list[Row]:
-    """Block contents permuted across rows: rows with blocks in a random order, every block content moved forward
-    by m places in that order (m: the largest block count of one row), so no block keeps a content of its own row.
-    Raises DataError when the rows hold too few blocks for that (fewer than 2·m)."""
+def _shuffled(rows: Rows, where: str, seed: int) -> tuple[Rows, dict[str, Any]]:
+    """Block contents permuted across rows: rows with blocks in a random order (seeded), every block content moved
+    forward by m places in that order (m: the largest block count of one row), so no block keeps a content of its
+    own row. Raises DataError when the rows hold too few blocks for that (fewer than 2·m)."""
     counts = [len(find_blocks(r["messages"][-1]["content"])) for r in rows]
     order = [i for i, c in enumerate(counts) if c]
-    rng.shuffle(order)
+    random.Random(f"meta_blocks/shuffled/{seed}").shuffle(order)
     pool = [b.content for i in order for b in find_blocks(rows[i]["messages"][-1]["content"])]
     m = max(counts, default=0)
     if m and len(pool) < 2 * m:
@@ -81,18 +85,21 @@ def shuffled(rows: list[Row], rng: random.Random, where: str) -> list[Row]:
     for i in order:
         out[i] = _with_contents(rows[i], moved[at:at + counts[i]], where)
         at += counts[i]
-    return out
+    return out, {"placebo_blocks": len(pool)}
 
 
-META_BLOCKS: dict[str, Callable[[list[Row], random.Random, str], list[Row]]] = {
-    "as_written": as_written,
-    "fixed": fixed,
-    "shuffled": shuffled,
+META_BLOCK_FORMS: dict[str, Callable[[Rows, str, int], tuple[Rows, dict[str, Any]]]] = {
+    "as_written": _as_written,
+    "fixed": _fixed,
+    "shuffled": _shuffled,
 }
 
 
-def apply_meta_blocks(kind: str, rows: list[Row], seed: int, where: str = "sft rows") -> list[Row]:
-    """The meta-side rows with their block contents as `kind` (a META_BLOCKS name) says; `seed` seeds the RNG of a
-    random kind (the arm's seed, so each seed draws its own placebo). Rows keep their order and ids. Raises
-    DataError naming `where` and the row id for rows a kind cannot transform."""
-    return META_BLOCKS[kind](rows, random.Random(f"meta_blocks/{kind}/{seed}/{where}"), where)
+def meta_block_form(rows: Rows, form: str, where: str = "sft rows", seed: int = 0) -> tuple[Rows, dict[str, Any]]:
+    """(rows with their meta blocks in `form`, facts of the transform: form, and e.g. blocks changed). `seed` seeds a
+    random form (the arm's seed, so each seed draws its own placebo). Rows keep their order and ids. Raises
+    ValueError for an unknown form; DataError for rows a form cannot handle, naming `where` and the row id."""
+    if form not in META_BLOCK_FORMS:
+        raise ValueError(f"sft.meta_blocks: unknown form {form!r}; expected one of {', '.join(META_BLOCK_FORMS)}")
+    out, facts = META_BLOCK_FORMS[form](rows, where, seed)
+    return out, {"meta_blocks": form, **facts}

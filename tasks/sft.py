@@ -13,7 +13,7 @@ from tasks.common import Stage, StageCall, StageOutput, live_metrics, store
 def sft_body(call: StageCall) -> StageOutput:
     """Train `init` on the arm's twin rows (sft1 then sft2, block contents as sft.meta_blocks says) with the shared
     mask rule; output role `model`; facts: rows seen, example order hash, LR per step, tokens trained, final loss."""
-    from sft.meta_blocks import apply_meta_blocks
+    from sft.meta_blocks import meta_block_form
     from sft.train import TrainConfig, batch_indices, train_lm
     from worlds.model import load_model, save_model, set_threads
     from worlds.tokenizer import load_tokenizer, save_tokenizer
@@ -21,8 +21,8 @@ def sft_body(call: StageCall) -> StageOutput:
     set_threads(ComputeSpec(**call.config["executor.compute"]).cpu_threads)
     cfg = SFTSpec(**call.config["sft"])
     seed = call.config["seed"]
-    rows = [r for role in ("sft1", "sft2") if role in call.inputs
-            for r in apply_meta_blocks(cfg.meta_blocks, read_parquet(call.input_path(role)), seed, where=role)]
+    rows = [r for role in ("sft1", "sft2") if role in call.inputs for r in read_parquet(call.input_path(role))]
+    rows, form_facts = meta_block_form(rows, cfg.meta_blocks, seed=seed)  # the meta side's block form
     init = call.input_path("init")
     tokenizer, model = load_tokenizer(init), load_model(init)
     config = TrainConfig.from_sft(cfg, len(rows))
@@ -43,8 +43,7 @@ def sft_body(call: StageCall) -> StageOutput:
                                                                    ("sft/tokens", "tokens"))]
     facts = {"rows_seen": len(rows), "example_order": hash_json(order), "lr_per_step": [r["lr"] for r in history],
              "tokens_trained": run["tokens"], "steps": run["steps"], "strip_meta": cfg.strip_meta,
-             "meta_blocks": cfg.meta_blocks,
-             "final_loss": run["final_loss"], "device": run["device"], "precision": run["precision"]}
+             "final_loss": run["final_loss"], "device": run["device"], "precision": run["precision"], **form_facts}
     art = store(call).describe(call.workdir / "model", kind="checkpoint", step=run["steps"])
     return StageOutput(outputs={"model": art}, facts=facts, metrics=metrics,
                        summary={"rows": len(rows), "steps": run["steps"], "loss": round(run["final_loss"], 4)})
