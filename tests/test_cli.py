@@ -54,7 +54,8 @@ LADDER = {"RQ1": ("B2 − B0", "meta_sft", "meta_sft", ["sft.strip_meta"]),
           "RQ2": ("B3 − B2", "meta_reward", "meta_reward", ["rl.reward"]),
           "placebo": ("placebo − B0", "meta_sft, placebo_blocks", "meta_sft, placebo_blocks",
                       ["sft.meta_blocks", "sft.strip_meta"]),
-          "positive": ("positive − B0", "meta_sft, tool", "meta_sft, tool", ["sft.meta_blocks", "sft.strip_meta"])}
+          "positive": ("positive − B0", "meta_sft, tool", "meta_sft, tool", ["sft.meta_blocks", "sft.strip_meta"]),
+          "content": ("B2 − placebo", "placebo_blocks", "placebo_blocks", ["sft.meta_blocks"])}
 
 
 def _assert_contrasts_printed(stdout: str, names: list[str]) -> None:
@@ -70,13 +71,13 @@ def _assert_contrasts_printed(stdout: str, names: list[str]) -> None:
 def test_validate_ladder_prints_each_contrast_with_its_mechanisms_and_arm_diff(tmp_path):
     res = twinarm("validate", str(_ladder_without_tool(tmp_path)), home=tmp_path)
     assert res.returncode == 0, res.stderr
-    _assert_contrasts_printed(res.stdout, ["RQ1", "RQ2", "placebo"])
+    _assert_contrasts_printed(res.stdout, ["RQ1", "RQ2", "placebo", "content"])
     full = twinarm("validate", "configs/ladder.yaml", home=tmp_path)
     if "base.tool: unknown key" in full.stderr:
         pytest.skip("configs/ladder.yaml needs the tool key (base.tool, sft.meta_blocks: tool) of the positive "
                     "control, not on this branch yet; the rest of the ladder validated above")
     assert full.returncode == 0, full.stderr
-    _assert_contrasts_printed(full.stdout, ["RQ1", "RQ2", "positive", "placebo"])
+    _assert_contrasts_printed(full.stdout, ["RQ1", "RQ2", "positive", "placebo", "content"])
 
 
 def test_validate_refuses_mechanisms_that_do_not_match_the_arm_diff(tmp_path):

@@ -87,7 +87,8 @@ def test_verdicts_and_table_of_a_synthetic_sensitivity_run(tmp_path, gain, posit
     line = next(x for x in text.splitlines() if x.startswith("| placebo |"))
     p = by["placebo"]
     assert line.startswith(f"| placebo | placebo {100 * p['acc_t']:.1f}% | control {100 * p['acc_c']:.1f}% | "
-                           f"{100 * p['delta']:+.1f} pp | [{100 * p['lo']:.1f}, {100 * p['hi']:.1f}] | 200 × 3 | "), line
+                           f"{100 * p['delta']:+.1f} pp | [{100 * p['lo']:.1f}, {100 * p['hi']:.1f}] | "
+                           f"200 × 3 | "), line
     assert "equivalence margin: ±5 pp (eval.equivalence_margin)" in text
 
 
