@@ -43,7 +43,7 @@ def form(kind: str, rows: list[dict], seed: int = 0, where: str = "sft rows") ->
     return out
 
 
-@pytest.mark.parametrize("kind", list(META_BLOCK_FORMS))
+@pytest.mark.parametrize("kind", ["as_written", "fixed", "shuffled"])
 def test_stripped_twin_of_a_placebo_row_is_the_stripped_twin_of_the_row(kind):
     out = form(kind, ROWS, seed=3)
     assert [r["id"] for r in out] == [r["id"] for r in ROWS]

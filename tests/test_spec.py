@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from infra.errors import SpecError
-from infra.spec import (ContrastSpec, config_diff, config_hash, contrast_mechanisms, declared_keys, load_spec,
+from infra.spec import (MECHANISMS, ContrastSpec, config_diff, config_hash, contrast_mechanisms, declared_keys, load_spec,
                         mechanisms_of, resolve_arm, resolved_arms)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -118,6 +118,7 @@ def test_shipped_specs_validate(name):
 
 
 def test_mechanism_of_a_value_keyed_key_comes_from_its_values():
+    assert MECHANISMS >= {"meta_sft", "meta_blocks", "placebo_blocks", "sft_data", "meta_reward"}
     assert mechanisms_of("sft.meta_blocks", ("fixed", "as_written")) == ("placebo_blocks",)
     assert mechanisms_of("sft.meta_blocks", ("shuffled", "fixed")) == ("placebo_blocks",)
     assert mechanisms_of("sft.meta_blocks") == ("meta_blocks",)
@@ -134,8 +135,8 @@ def test_mechanism_of_a_value_keyed_key_comes_from_its_values():
     (["meta_reward"], {"sft.strip_meta": (False, True), "rl.reward": ("pmishift", "vanilla")},
      ["changes mechanism meta_sft (sft.strip_meta), not declared in contrasts.c.mechanisms ['meta_reward']"]),
     (["meta_reward", "tool_use"], {"rl.reward": ("pmishift", "vanilla")},
-     ["declares 'tool_use', which is neither a mechanism (meta_blocks, meta_reward, meta_sft, placebo_blocks, "
-      "sft_data) nor a key the arms differ in"]),
+     [f"declares 'tool_use', which is neither a mechanism ({', '.join(sorted(MECHANISMS))}) nor a key the arms "
+      "differ in"]),
     (["meta_reward", "meta_sft"], {"rl.reward": ("pmishift", "vanilla")},
      ["declares mechanism meta_sft, but its arms do not differ in it (they differ in meta_reward)"]),
     ([], {"rl.lr": (1e-5, 2e-5)}, ["changes hyperparameter rl.lr, which is no mechanism"]),
