@@ -479,18 +479,22 @@ MECHANISMS = frozenset({name for _, name in _MECHANISMS}
                        | {m for table in _VALUE_MECHANISMS.values() for m in table.values() if m})
 
 
+def mechanism_of(key: str) -> str:
+    """The mechanism a differing key belongs to: a named mechanism, else the key itself (a hyperparameter)."""
+    for prefix, name in _MECHANISMS:
+        if key == prefix or key.startswith(prefix + "."):
+            return name
+    return key
+
+
 def mechanisms_of(key: str, values: tuple[Any, ...] = ()) -> tuple[str, ...]:
-    """The mechanisms a differing key belongs to (sorted): a named mechanism, else the key itself (a
-    hyperparameter). For a key whose mechanism depends on its value (sft.meta_blocks), `values` are the values that
-    differ (e.g. the two arms'): the mechanisms those values name (fixed, shuffled → placebo_blocks); without values,
-    the key's generic mechanism (meta_blocks)."""
+    """The mechanisms a differing key belongs to, given the values that differ (e.g. the two arms'), sorted: for a
+    key whose mechanism depends on its value (sft.meta_blocks), the mechanisms those values name (fixed, shuffled
+    → placebo_blocks); otherwise, or without values, (mechanism_of(key),)."""
     if key in _VALUE_MECHANISMS and values:
         table = _VALUE_MECHANISMS[key]
         return tuple(sorted({table[v] for v in values if table.get(v)}))
-    for prefix, name in _MECHANISMS:
-        if key == prefix or key.startswith(prefix + "."):
-            return (name,)
-    return (key,)
+    return (mechanism_of(key),)
 
 
 def contrast_mechanisms(name: str, contrast: "ContrastSpec", diff: dict[str, tuple[Any, Any]]
