@@ -16,7 +16,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONDONTWRITEBYTECODE := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-vllm demo test test-fast ui bench-grader grader-differential bench-decoys bench-rl bench-peer bench-engines faults signal-cases mutation-resume screenshots clean-home
+.PHONY: help setup setup-vllm demo test test-fast ui bench-grader grader-differential bench-decoys bench-rl bench-peer bench-engines faults signal-cases mutation-resume screenshots clean-home sensitivity
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-20s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -85,6 +85,9 @@ bench-engines: setup setup-vllm ## held-out generation, HF vs vLLM on the same w
 bench-peer: setup ## twinarm's GRPO step vs TRL's GRPOTrainer on identical work (needs `make demo` first; installs the bench extra)
 	$(BIN)/python -m pip install -q --no-build-isolation -e '.[bench]'
 	$(BIN)/python scripts/bench_peer.py
+
+sensitivity: setup ## positive and placebo controls vs the twin control, 3 seeds (configs/sensitivity.yaml): verdicts, CIs, wall time (~25 min)
+	$(BIN)/python scripts/sensitivity.py
 
 faults: setup ## SIGKILL each stage at random points, rerun, compare with an uninterrupted run
 	$(BIN)/python scripts/fault_inject.py

@@ -19,7 +19,7 @@ from infra.artifacts import read_parquet, uri_path
 from infra.errors import TwinarmError
 from infra.lineage import Lineage, sql_literal
 from infra.roles import CheckpointRole, SuiteRole
-from infra.spec import AblationSpec, config_diff, declared_keys, load_spec, mechanism_of
+from infra.spec import AblationSpec, config_diff, contrast_mechanisms, declared_keys, load_spec, mechanisms_of
 
 Status = Literal["✓", "✗", "☐"]
 PASS: Status = "✓"
@@ -137,7 +137,8 @@ class Scope:
         table = [{"key": key, **{arm: values[key].get(arm) for arm in self.arms},
                   "declared_by": [] if spec is None else [a for a in self.arms if a in spec.arms and
                                                           _declares(spec.arms[a].overrides, key)],
-                  "mechanism": mechanism_of(key)} for key in sorted(values)]
+                  "mechanism": ", ".join(mechanisms_of(key, tuple(v for v in values[key].values() if v is not None)))}
+                 for key in sorted(values)]
         return table, ev
 
 
@@ -523,38 +524,42 @@ def first_law(scope: Scope) -> Check:
                              + (", ".join(row["key"] for row in table) or "none"), [spec_ev, ev])
 
 
+def package_effect_lines(spec: AblationSpec, table: list[dict[str, Any]], arms: list[str]
+                         ) -> dict[str, tuple[list[str], list[str]]]:
+    """Per contrast between `arms`: (the mechanisms its arms' resolved configs differ in, the problems with its
+    declared `mechanisms`) from infra.spec.contrast_mechanisms on `table` (the first law's rows). Only declared keys
+    count: an undeclared difference is the first law's finding."""
+    out = {}
+    for c_name, c in spec.contrasts.items():
+        if c.treatment not in arms or c.control not in arms:
+            continue
+        diff = {row["key"]: (row[c.treatment], row[c.control]) for row in table
+                if _canon(row[c.treatment]) != _canon(row[c.control])
+                and {c.treatment, c.control} & set(row["declared_by"])}
+        out[c_name] = contrast_mechanisms(c_name, c, diff)
+    return out
+
+
+def package_effect_text(mechanisms: list[str]) -> str:
+    """The mechanisms a contrast changes as the ledger words them."""
+    return (", ".join(mechanisms) or "no mechanism") + (" (declared package effect)" if len(mechanisms) > 1 else "")
+
+
 def package_effects(scope: Scope) -> Check:
     name = "package effects named"
     spec, why, spec_ev = scope.spec
     table, ev = scope.config_diff
     if spec is None:
         return Check(name, OPEN, f"contrasts unknown: {why}", [spec_ev])
-    contrasts = {n: c for n, c in spec.contrasts.items() if c.treatment in scope.arms and c.control in scope.arms}
-    if not contrasts:
+    lines = package_effect_lines(spec, table, scope.arms)
+    if not lines:
         return Check(name, OPEN, "no contrast between the flow's arms is declared, so no effect can be named",
                      [spec_ev, ev])
-    problems, named = [], []
-    for c_name, c in contrasts.items():
-        # declared keys that differ: an undeclared difference is the first law's finding, not a mechanism
-        keys = [row["key"] for row in table if _canon(row[c.treatment]) != _canon(row[c.control])
-                and {c.treatment, c.control} & set(row["declared_by"])]
-        mechanisms = sorted({mechanism_of(k) for k in keys if mechanism_of(k) != k})
-        where = f"contrast {c_name} ({c.treatment} − {c.control})"
-        for key in keys:
-            if mechanism_of(key) == key and key not in c.mechanisms:
-                problems.append(f"{where} changes hyperparameter {key}, which is no mechanism")
-        if c.mechanisms:
-            problems += [f"{where} changes mechanism {m} ({', '.join(k for k in keys if mechanism_of(k) == m)}), not "
-                         f"declared in contrasts.{c_name}.mechanisms {c.mechanisms}"
-                         for m in mechanisms if m not in c.mechanisms]
-        elif len(mechanisms) > 1:
-            problems.append(f"{where} changes {len(mechanisms)} mechanisms ({', '.join(mechanisms)}) without naming "
-                            f"them in contrasts.{c_name}.mechanisms")
-        named.append(f"{where}: {', '.join(mechanisms) or 'no mechanism'}"
-                     + (" (declared package effect)" if len(mechanisms) > 1 else ""))
-    if problems:
+    if problems := [p for _, found in lines.values() for p in found]:
         return Check(name, FAIL, _listed(problems), [spec_ev, ev])
-    return Check(name, PASS, "; ".join(named), [spec_ev, ev])
+    return Check(name, PASS, "; ".join(f"contrast {n} ({spec.contrasts[n].treatment} − {spec.contrasts[n].control}): "
+                                       f"{package_effect_text(mechanisms)}" for n, (mechanisms, _) in lines.items()),
+                 [spec_ev, ev])
 
 
 def _equal_facts(scope: Scope, name: str, stage_facts: tuple[tuple[str, str], ...], what: str) -> Check:

@@ -5,8 +5,10 @@ ablation's MLflow parent run, under report/) is the caller's: the flow's Session
 Every number is read back from what the flow recorded (lineage runs, facts and the result tables its stages
 wrote) and computed by audit.stats (formulas and their sources in evals.metrics); nothing is recomputed from
 training. Accuracy is always the pure correctness metric, never shaped reward. The first screen holds the
-question, the verdict (held-out Δ with a CI over seeds and problems, read as better, worse, equivalent within the
-declared margin, or inconclusive), the Simpson check, the power of the design and the audit ledger's status.
+question; every contrast of the spec with its declared mechanisms, the ledger's package-effect line and the power
+of its design in brief; the verdict of every contrast (held-out Δ with a CI over seeds and problems, read as
+better, worse, equivalent within the declared margin, or inconclusive); the Simpson checks and the audit ledger's
+status. The power lines in full follow the held-out tables.
 Figures are audit.figures', rendering audit.render's.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from audit.figures import plot_domains, plot_reliability, plot_val
+from audit.checks import package_effect_lines, package_effect_text
 from audit.flowrun import FlowRun, latest_flow
 from audit.ledger import Ledger, run_ledger
 from audit.render import Block, Code, Details, Figure, Heading, Para, Table, ci, num, pct, pp, render, value_text, \
@@ -173,15 +176,36 @@ def _step_label(step: int, final: dict[str, int], arm: str) -> str:
     return f"{step} (SFT start)" if step == 0 else f"{step} (final)" if final.get(arm) == step else str(step)
 
 
+def power_cell(p: Row | None) -> str:
+    """The power of a contrast's design in one cell: the smallest |Δ| it detects at 80 % power (power_text has how)."""
+    return "—" if p is None or "error" in p else f"|Δ| ≥ {100 * p['mde']:.1f} pp"
+
+
+def effect_cell(effect: tuple[list[str], list[str]] | None) -> str:
+    """A contrast's package-effect line (audit.checks.package_effect_lines): ✓ and the mechanisms it changes, or ✗
+    and what is wrong with its declared mechanisms; "—" for a contrast the ledger did not compare."""
+    if effect is None:
+        return "—"
+    mechanisms, problems = effect
+    return f"✗ {'; '.join(problems)}" if problems else f"✓ {package_effect_text(mechanisms)}"
+
+
 def first_screen(inp: Inputs, ledger: Ledger, found: Findings) -> list[Block]:
-    """Question, verdict table with readings, Simpson and power lines, and the ledger's counts."""
+    """Question; every contrast with its declared mechanisms, the ledger's package-effect line and the power of its
+    design; the verdict table (every contrast x suite, with CI and reading); Simpson lines; the ledger's counts."""
     spec, flow, margin = inp.spec, inp.flow, inp.eval.equivalence_margin
     blocks: list[Block] = [Heading("Question")]
     if spec.description:
         blocks.append(Para(spec.description.strip()))
-    for name, c in inp.contrasts.items():
-        mech = f" — declared mechanisms: {', '.join(c.mechanisms)}" if c.mechanisms else ""
-        blocks.append(Para(f"{name}: {c.treatment} − {c.control}" + (f": {c.question}" if c.question else "") + mech))
+    effects = package_effect_lines(spec, ledger.config_diff, flow.arms)
+    if inp.contrasts:
+        blocks.append(Table(
+            ["contrast", "compares", "question", "declared mechanisms", "package effect (ledger)", "detects"],
+            [[name, f"{c.treatment} − {c.control}", c.question, ", ".join(c.mechanisms) or "—",
+              effect_cell(effects.get(name)), power_cell(found.power.get(name))] for name, c in inp.contrasts.items()],
+            caption="package effect: the mechanisms the arms' resolved configs differ in, checked against the declared "
+                    "ones (ledger check 'package effects named'); detects: the smallest |Δ| the design detects at "
+                    "80 % power (the power lines under the held-out section)"))
     rows = []
     for v in found.verdicts:
         d, c = v.delta, v.spec
@@ -200,7 +224,6 @@ def first_screen(inp: Inputs, ledger: Ledger, found: Findings) -> list[Block]:
     if not found.verdicts:
         blocks.append(Para("no held-out job in this flow run, or no contrast whose arms both ran", "bad"))
     blocks += [simpson_text(name, s) for name, s in found.simpsons.items()]
-    blocks += [power_text(name, p) for name, p in found.power.items()]
     counts = {s: sum(c.status == s for c in ledger.checks) for s in STATUS_WORDS}
     blocks += [Heading("Audit ledger"),
                Para(" · ".join(f"{counts[s]} {s} {w}" for s, w in STATUS_WORDS.items()),
@@ -304,7 +327,8 @@ def heldout_section(inp: Inputs, found: Findings, out: Path) -> list[Block]:
         Heading("Held-out evaluation"),
         Table(["suite", "arm", "step", "problems", "k", "avg@k [95% CI]", "pass@1 [95% CI]", "pass@k [95% CI]"], body,
               caption="one job, one protocol for every arm; k = samples per problem over all seeds; CIs: bootstrap "
-                      "over problems"), *seeds_section(found)]
+                      "over problems"), *seeds_section(found),
+        *(power_text(name, p) for name, p in found.power.items())]
 
     final_rows = at_steps(rows, final)
     quart = quartile_table(final_rows)

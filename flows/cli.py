@@ -97,7 +97,8 @@ def validate(spec: Path = typer.Argument(..., help="ablation spec (YAML)")) -> N
     """Check a spec; print the resolved arms and the declared differences between them."""
 
     def body() -> int:
-        from infra.spec import config_diff, config_hash, declared_keys, mechanism_of, resolved_arms
+        from infra.spec import config_diff, config_hash, contrast_mechanisms, declared_keys, mechanisms_of, \
+            resolved_arms
         from tasks.stages import load_checked_spec
 
         s = load_checked_spec(spec)
@@ -116,15 +117,13 @@ def validate(spec: Path = typer.Argument(..., help="ablation spec (YAML)")) -> N
                       title=f"contrast {c_name}: {c.treatment} − {c.control}" + (f" ({c.question})" if c.question
                                                                                  else ""))
             for key, (a, b) in diff.items():
-                t.add_row(key, mechanism_of(key), json.dumps(a), json.dumps(b),
+                t.add_row(key, ", ".join(mechanisms_of(key, (a, b))), json.dumps(a), json.dumps(b),
                           "yes" if key in declared else "[red]NO[/]")
             out.print(t)
-            mechanisms = sorted({mechanism_of(k) for k in diff})
-            if len(mechanisms) > 1:
-                named = set(c.mechanisms) >= set(mechanisms)
-                out.print(f"  package effect: {len(mechanisms)} mechanisms ({', '.join(mechanisms)}) — "
-                          + ("declared in contrasts." + c_name + ".mechanisms" if named
-                             else "[red]not declared[/] (list them in contrasts." + c_name + ".mechanisms)"))
+            changed, _ = contrast_mechanisms(c_name, c, diff)  # load_checked_spec refused any problem
+            out.print(f"  declared mechanisms: {', '.join(c.mechanisms) or 'none'} · the arm diff changes: "
+                      f"{', '.join(changed) or 'no mechanism'}"
+                      + (f" (package effect of {len(changed)} mechanisms)" if len(changed) > 1 else ""))
         return 0
 
     _guard(body)

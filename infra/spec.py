@@ -156,15 +156,17 @@ class ModelSpec(Strict):
 # ---------------------------------------------------------------- SFT
 
 class SFTSpec(Strict):
-    """The SFT stage: SFT-1 and optional SFT-2 data (None: no SFT-2), strip_meta (train on the no-meta twin), and
-    the optimiser (warmup_ratio: share of the steps; max_length in tokens)."""
+    """The SFT stage: SFT-1 and optional SFT-2 data (None: no SFT-2), strip_meta (train on the no-meta twin),
+    meta_blocks (what the meta side's block contents are: sft/meta_blocks.py), and the optimiser (warmup_ratio:
+    share of the steps; max_length in tokens). meta_blocks other than as_written is refused with strip_meta (no
+    block is left to change)."""
 
     sft1: DataSourceSpec = DataSourceSpec()
     sft2: DataSourceSpec | None = DataSourceSpec()
     strip_meta: bool = Field(False, description="train on the no-meta twin (control arms)")
-    meta_blocks: Literal["as_written", "tool"] = Field(
-        "as_written", description="form of the meta side's blocks (sft/meta_blocks.py): as_written, or tool (checks "
-                                  "call the environment's calculator; needs tool: arith_check)")
+    meta_blocks: Literal["as_written", "fixed", "shuffled", "tool"] = Field(
+        "as_written", description="form of the meta side's blocks (sft/meta_blocks.py): as_written, or a placebo: "
+                                  "fixed (one neutral content) or shuffled (another row's content)")
     epochs: int = Field(2, ge=1)
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(32, ge=1)
@@ -569,7 +571,7 @@ class AblationSpec(Strict):
 # Which mechanism a dotted key belongs to; the audit names package effects by these.
 _MECHANISMS = [
     ("sft.strip_meta", "meta_sft"),
-    ("sft.meta_blocks", "meta_sft"),
+    ("sft.meta_blocks", "meta_blocks"),
     ("sft.sft1", "sft_data"),
     ("sft.sft2", "sft_data"),
     ("rl.reward", "meta_reward"),
@@ -586,6 +588,13 @@ _MECHANISMS = [
     ("rl.masa.efficient", "masa_efficient_schedule"),  # start_step, audit_prompts: when and how they are measured
     ("rl.masa", "masa_meta_rollouts"),
 ]
+# Keys whose mechanism depends on the value: value -> mechanism (None: the value changes no mechanism). Every value
+# of the key's Literal is listed (tests/test_meta_blocks.py keeps them equal).
+_VALUE_MECHANISMS: dict[str, dict[str, str | None]] = {
+    "sft.meta_blocks": {"as_written": None, "fixed": "placebo_blocks", "shuffled": "placebo_blocks", "tool": "tool"},
+}
+MECHANISMS = frozenset({name for _, name in _MECHANISMS}
+                       | {m for table in _VALUE_MECHANISMS.values() for m in table.values() if m})
 
 
 def mechanism_of(key: str) -> str:
@@ -594,6 +603,47 @@ def mechanism_of(key: str) -> str:
         if key == prefix or key.startswith(prefix + "."):
             return name
     return key
+
+
+def mechanisms_of(key: str, values: tuple[Any, ...] = ()) -> tuple[str, ...]:
+    """The mechanisms a differing key belongs to, given the values that differ (e.g. the two arms'), sorted: for a
+    key whose mechanism depends on its value (sft.meta_blocks), the mechanisms those values name (fixed, shuffled
+    → placebo_blocks); otherwise, or without values, (mechanism_of(key),)."""
+    if key in _VALUE_MECHANISMS and values:
+        table = _VALUE_MECHANISMS[key]
+        return tuple(sorted({table[v] for v in values if table.get(v)}))
+    return (mechanism_of(key),)
+
+
+def contrast_mechanisms(name: str, contrast: "ContrastSpec", diff: dict[str, tuple[Any, Any]]
+                        ) -> tuple[list[str], list[str]]:
+    """(the mechanisms the arm diff changes, sorted; the problems with the contrast's declaration) for a contrast
+    and the keys that differ between its arms (key -> (treatment value, control value)). Problems: a
+    hyperparameter that differs without being named in `mechanisms`; a changed mechanism not declared, when
+    `mechanisms` is given, or two or more changed mechanisms with none declared (a package effect must be named);
+    a declared name that is neither a known mechanism (MECHANISMS) nor a differing key, or that the diff does not
+    change."""
+    where = f"contrast {name} ({contrast.treatment} − {contrast.control})"
+    changed = {k: mechanisms_of(k, v) for k, v in diff.items()}
+    mechanisms = sorted({m for k, ms in changed.items() for m in ms if m != k})
+    problems = [f"{where} changes hyperparameter {k}, which is no mechanism" for k, ms in changed.items()
+                if ms == (k,) and k not in contrast.mechanisms]
+    declared = contrast.mechanisms
+    if declared:
+        problems += [f"{where} changes mechanism {m} ({', '.join(k for k, ms in changed.items() if m in ms)}), not "
+                     f"declared in contrasts.{name}.mechanisms {declared}" for m in mechanisms if m not in declared]
+        for m in declared:
+            if m not in MECHANISMS and m not in diff:
+                problems.append(f"{where} declares '{m}', which is neither a mechanism "
+                                f"({', '.join(sorted(MECHANISMS))}) nor a key the arms differ in")
+            elif m not in mechanisms and m not in diff:
+                differ = mechanisms + [k for k, ms in changed.items() if ms == (k,)]
+                problems.append(f"{where} declares mechanism {m}, but its arms do not differ in it (they differ in "
+                                f"{', '.join(differ) or 'nothing'})")
+    elif len(mechanisms) > 1:
+        problems.append(f"{where} changes {len(mechanisms)} mechanisms ({', '.join(mechanisms)}) without naming "
+                        f"them in contrasts.{name}.mechanisms")
+    return mechanisms, problems
 
 
 # ---------------------------------------------------------------- loading and errors

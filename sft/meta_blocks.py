@@ -1,41 +1,113 @@
 """The form of the meta blocks an SFT arm trains on (`sft.meta_blocks`), applied to the META side of the twins in
 the sft stage; the no-meta twin has no blocks, so a form never changes it (the spec refuses a form other than
-`as_written` with `sft.strip_meta`).
+`as_written` with `sft.strip_meta`). The placebo forms keep the tags and positions of every block and change only
+the text between the tags, so the stripped twin of a placebo row is the stripped twin of the original row.
 
-Each form is one entry of META_BLOCK_FORMS: rows -> (rows, facts). `as_written` leaves the rows as the data source
-wrote them; `tool` rewrites each recomputing check into a call of the environment's calculator and checks every
-step line with one (worlds.arith.tool_form_rows: 'check 44-7<|calc|>=37<|/calc|>, not 36, redo'; the loss mask
-leaves the environment's values untrained), the positive control of issue 14; it needs `tool: arith_check` at
-generation time.
+Each form is one entry of META_BLOCK_FORMS: (rows, where, seed) -> (rows, facts).
+- `as_written`: the rows as the data source wrote them (the default).
+- `fixed` (placebo): every block's content is one constant, NEUTRAL_CONTENT: no digit, no cue word of
+  meta.grammar.CUES, no confidence, no decision, about the mean token length of the arith world's block contents
+  (32 tokens under the demo tokenizer; SFT-1 blocks average 32.3, SFT-2 37.1). It carries no information about
+  the problem by construction, and keeps the positions and the length the model spends on a block.
+- `shuffled` (placebo): block contents permuted across rows with a seeded RNG, each block receiving the content of
+  a block of ANOTHER row (row order shuffled, then contents rotated by the largest per-row block count). Same
+  content distribution as written, no information about the row it sits in.
+
+Only the final message (the trained response) and its `wrong_prefix` are changed; blocks elsewhere in a row are
+context the model reads and stay as written. Placebo content is trained like any block content (sft.masks): the
+point is a model that writes blocks that carry nothing.
+
+Adding a form is one entry here, one value in the Literal of infra.spec.SFTSpec.meta_blocks and one in
+infra.spec._VALUE_MECHANISMS (tests/test_meta_blocks.py keeps the three equal).
 """
 from __future__ import annotations
 
+import random
 from typing import Any, Callable
 
-Rows = list[dict[str, Any]]
+from infra.errors import DataError
+from meta.grammar import META_CLOSE, META_OPEN, find_blocks
+
+Row = dict[str, Any]
+Rows = list[Row]
+NEUTRAL_CONTENT = "nothing to note at this point, carrying on as planned"
 
 
-def _as_written(rows: Rows, where: str) -> tuple[Rows, dict[str, Any]]:
+def _replace_contents(text: str, contents: list[str]) -> str:
+    """`text` with the content of its closed blocks replaced, in order, by `contents` (one per block)."""
+    out, last = [], 0
+    for block, content in zip(find_blocks(text, META_OPEN, META_CLOSE), contents):
+        out += [text[last:block.content_start], content]
+        last = block.content_end
+    return "".join(out) + text[last:]
+
+
+def _with_contents(row: Row, contents: list[str], where: str) -> Row:
+    """The row with its response's block contents replaced; the wrong prefix (a prefix of the response) gets the
+    same contents for the blocks it holds. Raises DataError for a block that straddles the wrong prefix's end."""
+    response = row["messages"][-1]["content"]
+    new = _replace_contents(response, contents)
+    wp = row.get("wrong_prefix")
+    if wp:
+        blocks = find_blocks(response, META_OPEN, META_CLOSE)
+        if any(b.start < len(wp) < b.end for b in blocks):
+            raise DataError(f"{where}: row id {row.get('id')!r}: a meta block straddles the end of wrong_prefix; "
+                            f"a block must lie wholly inside or after the wrong prefix")
+        wp = _replace_contents(wp, contents[:sum(b.end <= len(wp) for b in blocks)])
+    return {**row, "messages": [*row["messages"][:-1], {**row["messages"][-1], "content": new}], "wrong_prefix": wp}
+
+
+def _as_written(rows: Rows, where: str, seed: int) -> tuple[Rows, dict[str, Any]]:
     return rows, {}
 
 
-def _tool(rows: Rows, where: str) -> tuple[Rows, dict[str, Any]]:
+def _fixed(rows: Rows, where: str, seed: int) -> tuple[Rows, dict[str, Any]]:
+    """Every block of every response holds NEUTRAL_CONTENT."""
+    out = [_with_contents(r, [NEUTRAL_CONTENT] * len(find_blocks(r["messages"][-1]["content"])), where)
+           for r in rows]
+    return out, {"placebo_blocks": sum(len(find_blocks(r["messages"][-1]["content"])) for r in rows)}
+
+
+def _shuffled(rows: Rows, where: str, seed: int) -> tuple[Rows, dict[str, Any]]:
+    """Block contents permuted across rows: rows with blocks in a random order (seeded), every block content moved
+    forward by m places in that order (m: the largest block count of one row), so no block keeps a content of its
+    own row. Raises DataError when the rows hold too few blocks for that (fewer than 2·m)."""
+    counts = [len(find_blocks(r["messages"][-1]["content"])) for r in rows]
+    order = [i for i, c in enumerate(counts) if c]
+    random.Random(f"meta_blocks/shuffled/{seed}").shuffle(order)
+    pool = [b.content for i in order for b in find_blocks(rows[i]["messages"][-1]["content"])]
+    m = max(counts, default=0)
+    if m and len(pool) < 2 * m:
+        raise DataError(f"{where}: sft.meta_blocks 'shuffled' needs at least {2 * m} blocks across rows to give "
+                        f"every block another row's content (found {len(pool)})")
+    moved = pool[m:] + pool[:m]
+    out, at = list(rows), 0
+    for i in order:
+        out[i] = _with_contents(rows[i], moved[at:at + counts[i]], where)
+        at += counts[i]
+    return out, {"placebo_blocks": len(pool)}
+
+
+def _tool(rows: Rows, where: str, seed: int) -> tuple[Rows, dict[str, Any]]:
     from worlds.arith import tool_form_rows
 
     out, calls = tool_form_rows(rows, where)
     return out, {"tool_calls_written": calls}
 
 
-META_BLOCK_FORMS: dict[str, Callable[[Rows, str], tuple[Rows, dict[str, Any]]]] = {
+META_BLOCK_FORMS: dict[str, Callable[[Rows, str, int], tuple[Rows, dict[str, Any]]]] = {
     "as_written": _as_written,
+    "fixed": _fixed,
+    "shuffled": _shuffled,
     "tool": _tool,
 }
 
 
-def meta_block_form(rows: Rows, form: str, where: str = "sft rows") -> tuple[Rows, dict[str, Any]]:
-    """(rows with their meta blocks in `form`, facts of the transform: form, and e.g. blocks converted). Raises
-    ValueError for an unknown form; DataError (from the form) for rows it cannot handle, naming the row."""
+def meta_block_form(rows: Rows, form: str, where: str = "sft rows", seed: int = 0) -> tuple[Rows, dict[str, Any]]:
+    """(rows with their meta blocks in `form`, facts of the transform: form, and e.g. blocks changed). `seed` seeds a
+    random form (the arm's seed, so each seed draws its own placebo). Rows keep their order and ids. Raises
+    ValueError for an unknown form; DataError for rows a form cannot handle, naming `where` and the row id."""
     if form not in META_BLOCK_FORMS:
         raise ValueError(f"sft.meta_blocks: unknown form {form!r}; expected one of {', '.join(META_BLOCK_FORMS)}")
-    out, facts = META_BLOCK_FORMS[form](rows, where)
+    out, facts = META_BLOCK_FORMS[form](rows, where, seed)
     return out, {"meta_blocks": form, **facts}

@@ -11,8 +11,8 @@ from tasks.common import Stage, StageCall, StageOutput, live_metrics, store
 
 
 def sft_body(call: StageCall) -> StageOutput:
-    """Train `init` on the arm's twin rows (sft1 then sft2) with the shared mask rule; output role `model`; facts:
-    rows seen, example order hash, LR per step, tokens trained, final loss."""
+    """Train `init` on the arm's twin rows (sft1 then sft2, block contents as sft.meta_blocks says) with the shared
+    mask rule; output role `model`; facts: rows seen, example order hash, LR per step, tokens trained, final loss."""
     from sft.meta_blocks import meta_block_form
     from sft.train import TrainConfig, batch_indices, train_lm
     from worlds.model import load_model, save_model, set_threads
@@ -22,7 +22,7 @@ def sft_body(call: StageCall) -> StageOutput:
     cfg = SFTSpec(**call.config["sft"])
     seed = call.config["seed"]
     rows = [r for role in ("sft1", "sft2") if role in call.inputs for r in read_parquet(call.input_path(role))]
-    rows, form_facts = meta_block_form(rows, cfg.meta_blocks)  # the meta side's block form (as_written: as given)
+    rows, form_facts = meta_block_form(rows, cfg.meta_blocks, seed=seed)  # the meta side's block form
     init = call.input_path("init")
     tokenizer, model = load_tokenizer(init), load_model(init)
     config = TrainConfig.from_sft(cfg, len(rows))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from infra.errors import SpecError
-from infra.spec import AblationSpec, load_spec, resolved_arms, yaml_key_lines
+from infra.spec import AblationSpec, config_diff, contrast_mechanisms, load_spec, resolved_arms, yaml_key_lines
 from tasks import base_model, data, heldout, resolve, rl, sft, sweep, twins
 from tasks.common import Stage
 
@@ -24,19 +24,25 @@ REPORT_KEYS = {"eval.bootstrap_resamples": "paired bootstrap resamples of every 
 
 def load_checked_spec(path: str | Path) -> AblationSpec:
     """infra.spec.load_spec, then the checks against the domain registries: every arm's `rl.reward` must be a
-    registered reward signal. Raises SpecError naming the file, line and key."""
+    registered reward signal; and every contrast's declared `mechanisms` must match what its arms' resolved configs
+    differ in (infra.spec.contrast_mechanisms). Raises SpecError naming the file, line and key."""
     from rewards.signals import SIGNALS
 
     spec = load_spec(path)
     lines = yaml_key_lines(Path(path).read_text())
     problems = []
-    for arm, cfg in resolved_arms(spec).items():
+    arms = resolved_arms(spec)
+    for arm, cfg in arms.items():
         if cfg.rl.reward not in SIGNALS:
             declared = ("arms", arm, "overrides") if "rl.reward" in spec.arms[arm].overrides else ("base", "rl",
                                                                                                     "reward")
             line = next((lines[declared[:n]] for n in range(len(declared), 0, -1) if declared[:n] in lines), None)
             problems.append(f"{path}{f':{line}' if line else ''}: arm {arm}: rl.reward '{cfg.rl.reward}' is not a "
                             f"registered reward signal (known: {', '.join(sorted(SIGNALS))})")
+    for name, c in spec.contrasts.items():
+        at = next((lines[k] for k in (("contrasts", name, "mechanisms"), ("contrasts", name)) if k in lines), None)
+        problems += [f"{path}{f':{at}' if at else ''}: {p}" for p in
+                     contrast_mechanisms(name, c, config_diff(arms[c.treatment], arms[c.control]))[1]]
     if problems:
         raise SpecError("invalid spec:\n  " + "\n  ".join(problems))
     return spec

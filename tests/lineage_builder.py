@@ -28,11 +28,12 @@ T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 class Builder:
     """Records stage runs the way the flow does: stage slices of the resolved arm configs as run configs."""
 
-    def __init__(self, root: Path, seeds: list[int], eval_overrides: dict[str, Any] | None = None):
+    def __init__(self, root: Path, seeds: list[int], eval_overrides: dict[str, Any] | None = None,
+                 spec_file: Path = REPO / "configs" / "demo.yaml"):
         self.root = root
         self.spec_path = root / "spec.yaml"
         root.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(REPO / "configs" / "demo.yaml", self.spec_path)
+        shutil.copyfile(spec_file, self.spec_path)
         self.spec = load_spec(self.spec_path)
         self.spec.base.seeds = seeds
         self.spec.base.eval = self.spec.base.eval.model_copy(update=eval_overrides or {})
@@ -98,17 +99,20 @@ def result_rows(outcome: Outcome, arm: str, seed: int, step: int, suites: dict[s
             for suite, n in suites.items() for i in range(n) for j in range(samples)]
 
 
-def build(root: Path, seeds: list[int] = [0], outcome: Outcome | None = None, heldout: dict[str, int] | None = None,
-          samples: int = 4, eval_overrides: dict[str, Any] | None = None, stuck: str | None = None) -> Builder:
+def build(root: Path, seeds: list[int] = [0], outcome: Outcome | None = None,
+          heldout: dict[str, int] | None = None, samples: int = 4, eval_overrides: dict[str, Any] | None = None,
+          stuck: str | None = None, spec_file: Path = REPO / "configs" / "demo.yaml") -> Builder:
     """resolve → data → base_model → twins → sft per arm × seed → rl per arm × seed → sweep → held-out (one job).
     With an outcome, the sweep (steps 3, 6; 12 val problems in 3 domains) and the held-out job (steps 0, 6; the
     suites in `heldout`, default arith: 40 problems) write result tables of `samples` samples per problem.
     eval_overrides change base.eval before the arms are resolved (as the flow's resolve runs record them). The
-    `stuck` arm's RL never changes its weights: every saved step is one artifact (one run, several output roles)."""
+    `stuck` arm's RL never changes its weights: every saved step is one artifact (one run, several output roles).
+    `spec_file` (default the demo's) gives the arms (every arm of the spec runs) and the contrasts."""
     heldout = heldout or {"arith": 40}
-    b = Builder(root, seeds, eval_overrides)
+    b = Builder(root, seeds, eval_overrides, spec_file)
+    arms = list(b.spec.arms)
     spec_art = b.store.put(b.spec_path, kind="spec")
-    for arm in ARMS:
+    for arm in arms:
         b.record("resolve", arm, None, b.arms[arm].model_dump(mode="json"), {"spec": spec_art}, {})
     prompts = b.dataset("rl_prompts", [{"id": f"rl-{i}", "prompt": f"compute {i}*2", "gold": str(2 * i)}
                                        for i in range(12)])
@@ -124,7 +128,7 @@ def build(root: Path, seeds: list[int] = [0], outcome: Outcome | None = None, he
     twins = {"sft1_meta": b.dataset("sft1_meta", meta), "sft1_nometa": b.dataset("sft1_nometa", nometa)}
     b.record("twins", "*", None, b.config("control", "twins"), {"base_model": base, "sft1": sft1}, twins)
     finals = {}
-    for arm in ARMS:
+    for arm in arms:
         for seed in seeds:
             side = twin_side(b.arms[arm].sft.strip_meta)
             sft = b.model(f"sft-{arm}-{seed}", f"sft {arm} {seed}")
@@ -144,7 +148,7 @@ def build(root: Path, seeds: list[int] = [0], outcome: Outcome | None = None, he
             finals[f"checkpoint:{arm}:{seed}:6"] = steps[6]
     heldout_out, facts = {}, {}
     if outcome is not None:
-        heldout_out["heldout"] = b.table("heldout", [r for arm in ARMS for seed in seeds for step in (0, 6)
+        heldout_out["heldout"] = b.table("heldout", [r for arm in arms for seed in seeds for step in (0, 6)
                                                       for r in result_rows(outcome, arm, seed, step, heldout, samples)])
         facts = {"protocol": {"n": dict.fromkeys(heldout, samples)}}
     b.record("heldout", "*", None, b.config("control", "heldout"), {"heldout:arith": suite, **finals}, heldout_out,

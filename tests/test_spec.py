@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from infra.errors import SpecError
-from infra.spec import (config_diff, config_hash, declared_keys, load_spec, mechanism_of, resolve_arm,
-                        resolved_arms)
+from infra.spec import (MECHANISMS, ContrastSpec, config_diff, config_hash, contrast_mechanisms, declared_keys,
+                        load_spec, mechanism_of, mechanisms_of, resolve_arm, resolved_arms)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -155,3 +155,33 @@ def test_masa_efficient_with_dynamic_sampling_is_refused():
     with pytest.raises(ValueError, match="with filter_groups.enable is not implemented"):
         RLSpec(masa={"enable": True, "efficient": {"gate": True}}, filter_groups={"enable": True})
     assert RLSpec(masa={"enable": True}, filter_groups={"enable": True}).masa.enable  # dapo+masa is fine
+def test_mechanism_of_a_value_keyed_key_comes_from_its_values():
+    assert MECHANISMS >= {"meta_sft", "meta_blocks", "placebo_blocks", "sft_data", "meta_reward"}
+    assert mechanisms_of("sft.meta_blocks", ("fixed", "as_written")) == ("placebo_blocks",)
+    assert mechanisms_of("sft.meta_blocks", ("shuffled", "fixed")) == ("placebo_blocks",)
+    assert mechanisms_of("sft.meta_blocks") == ("meta_blocks",)
+    assert mechanisms_of("rl.signal.pmishift.kappa", (1.0, 2.0)) == ("meta_reward",)
+    assert mechanisms_of("rl.lr", (1e-5, 2e-5)) == ("rl.lr",)
+
+
+@pytest.mark.parametrize("declared,diff,problems", [
+    (["meta_sft", "placebo_blocks"], {"sft.strip_meta": (False, True), "sft.meta_blocks": ("fixed", "as_written")},
+     []),
+    ([], {"rl.reward": ("pmishift", "vanilla")}, []),
+    ([], {"sft.strip_meta": (False, True), "rl.reward": ("pmishift", "vanilla")},
+     ["changes 2 mechanisms (meta_reward, meta_sft) without naming them in contrasts.c.mechanisms"]),
+    (["meta_reward"], {"sft.strip_meta": (False, True), "rl.reward": ("pmishift", "vanilla")},
+     ["changes mechanism meta_sft (sft.strip_meta), not declared in contrasts.c.mechanisms ['meta_reward']"]),
+    (["meta_reward", "tool_use"], {"rl.reward": ("pmishift", "vanilla")},
+     [f"declares 'tool_use', which is neither a mechanism ({', '.join(sorted(MECHANISMS))}) nor a key the arms "
+      "differ in"]),
+    (["meta_reward", "meta_sft"], {"rl.reward": ("pmishift", "vanilla")},
+     ["declares mechanism meta_sft, but its arms do not differ in it (they differ in meta_reward)"]),
+    ([], {"rl.lr": (1e-5, 2e-5)}, ["changes hyperparameter rl.lr, which is no mechanism"]),
+    (["rl.lr"], {"rl.lr": (1e-5, 2e-5)}, []),
+])
+def test_declared_mechanisms_must_match_the_arm_diff(declared, diff, problems):
+    c = ContrastSpec(treatment="t", control="k", mechanisms=declared)
+    mechanisms, found = contrast_mechanisms("c", c, diff)
+    assert found == [f"contrast c (t − k) {p}" for p in problems]
+    assert mechanisms == sorted({m for k, v in diff.items() for m in mechanisms_of(k, v) if m != k})

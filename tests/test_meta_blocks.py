@@ -1,0 +1,100 @@
+"""sft.meta_blocks: placebo block contents (fixed, shuffled) change only the text between the tags, so the stripped
+twin of a placebo row is the stripped twin of the original row."""
+from __future__ import annotations
+
+import typing
+
+import pytest
+
+from infra.errors import DataError
+from infra.spec import _VALUE_MECHANISMS, SFTSpec
+from meta.grammar import find_blocks, stated_confidence
+from sft.meta_blocks import META_BLOCK_FORMS, NEUTRAL_CONTENT, meta_block_form
+from sft.twins import strip_row
+
+
+def row(i: int, blocks: list[str], prefix_blocks: int = 0) -> dict:
+    """A response with a block after each step; the first `prefix_blocks` blocks lie in the wrong prefix."""
+    parts = [f"{i}+{k}={i + k}|\n<|meta|>{b}<|/meta|>" for k, b in enumerate(blocks)]
+    response = "".join(parts) + f"\\boxed{{{i}}}"
+    return {"id": f"r{i}", "domain": "addsub", "answer": str(i),
+            "messages": [{"role": "user", "content": f"<|meta|>context {i}<|/meta|> compute {i}"},
+                         {"role": "assistant", "content": response}],
+            "wrong_prefix": "".join(parts[:prefix_blocks]) or None}
+
+
+ROWS = [row(0, ["check 0+0: 0. confidence: 0.9"], prefix_blocks=1), row(1, []),
+        row(2, ["check 2+0: 2, not 3, redo", "check 2+1: 3"]), row(3, ["check 3+0: 3. confidence: 0.7"]),
+        row(4, ["check 4+0: 4"])]
+
+
+def contents(r: dict) -> list[str]:
+    return [b.content for b in find_blocks(r["messages"][-1]["content"])]
+
+
+def test_every_value_of_the_key_has_a_form_and_a_mechanism_entry():
+    values = set(typing.get_args(SFTSpec.model_fields["meta_blocks"].annotation))
+    assert values == set(META_BLOCK_FORMS) == set(_VALUE_MECHANISMS["sft.meta_blocks"])
+
+
+def form(kind: str, rows: list[dict], seed: int = 0, where: str = "sft rows") -> list[dict]:
+    out, facts = meta_block_form(rows, kind, where, seed)
+    assert facts["meta_blocks"] == kind
+    return out
+
+
+@pytest.mark.parametrize("kind", ["as_written", "fixed", "shuffled"])
+def test_stripped_twin_of_a_placebo_row_is_the_stripped_twin_of_the_row(kind):
+    out = form(kind, ROWS, seed=3)
+    assert [r["id"] for r in out] == [r["id"] for r in ROWS]
+    assert [strip_row(r) for r in out] == [strip_row(r) for r in ROWS]
+    for before, after in zip(ROWS, out):
+        assert len(contents(after)) == len(contents(before))  # positions kept: one block for one block
+        assert after["messages"][0] == before["messages"][0]  # the prompt's block is context, left as written
+        wp = after["wrong_prefix"]
+        assert wp is None or after["messages"][-1]["content"].startswith(wp)
+
+
+def test_fixed_puts_one_neutral_content_in_every_block():
+    out, facts = meta_block_form(ROWS, "fixed")
+    assert facts == {"meta_blocks": "fixed", "placebo_blocks": 5}
+    assert [contents(r) for r in out] == [[NEUTRAL_CONTENT], [], [NEUTRAL_CONTENT] * 2, [NEUTRAL_CONTENT],
+                                          [NEUTRAL_CONTENT]]
+    assert out[0]["wrong_prefix"] == f"0+0=0|\n<|meta|>{NEUTRAL_CONTENT}<|/meta|>"
+    # neutral: no cue word (meta.grammar.CUES), no digit, no confidence, no decision
+    block = find_blocks(out[3]["messages"][-1]["content"])
+    assert not block[0].categories and not any(ch.isdigit() for ch in NEUTRAL_CONTENT)
+    assert stated_confidence(block) is None and block[0].decision is None
+
+
+def test_shuffled_permutes_contents_across_rows_never_within_one():
+    before = {c: r["id"] for r in ROWS for c in contents(r)}
+    for seed in range(6):
+        out = form("shuffled", ROWS, seed=seed)
+        moved = [c for r in out for c in contents(r)]
+        assert sorted(moved) == sorted(before)  # a permutation of the contents as written
+        assert all(before[c] != r["id"] for r in out for c in contents(r))  # each from another row
+        assert out[0]["messages"][-1]["content"].startswith(out[0]["wrong_prefix"])
+    assert form("shuffled", ROWS, 5) == form("shuffled", ROWS, 5)  # seeded
+    assert len({tuple(c for r in form("shuffled", ROWS, s) for c in contents(r)) for s in range(6)}) > 1
+
+
+def test_shuffled_refuses_rows_with_too_few_blocks_to_move():
+    with pytest.raises(DataError, match=r"sft2: sft.meta_blocks 'shuffled' needs at least 4 blocks .*found 3"):
+        form("shuffled", [ROWS[2], ROWS[3]], where="sft2")
+
+
+def test_a_block_straddling_the_wrong_prefix_is_a_data_error():
+    bad = {**ROWS[3], "wrong_prefix": "3+0=3|\n<|meta|>check"}
+    with pytest.raises(DataError, match=r"sft1: row id 'r3': a meta block straddles the end of wrong_prefix"):
+        form("fixed", [bad], where="sft1")
+
+
+def test_a_placebo_with_strip_meta_is_refused():
+    assert SFTSpec(meta_blocks="fixed").meta_blocks == "fixed"
+    with pytest.raises(ValueError, match="meta_blocks 'shuffled' reshapes meta blocks, but strip_meta trains on"):
+        SFTSpec(strip_meta=True, meta_blocks="shuffled")
+    with pytest.raises(ValueError, match="Input should be 'as_written', 'fixed'"):
+        SFTSpec(meta_blocks="random")
+    with pytest.raises(ValueError, match="sft.meta_blocks: unknown form 'random'; expected one of as_written, fixed"):
+        meta_block_form(ROWS, "random")
