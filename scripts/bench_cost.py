@@ -7,20 +7,23 @@ and against response length, and held-out time against suite size, each with a f
 Needs a completed ablation (`make demo`): the arm's SFT model is the policy (as RL starts from it), its final RL
 checkpoint is the held-out model, and the data stage's rl_prompts / val / held-out suite are the inputs.
 
-- GRPO step: `rl.grpo.train_grpo` for 3 steps at each grid point (validation only at step 3, on 8 val rows);
-  the step time is the median over steps 1–2 of the loop's own phases (time/sample_s + grade + score + update,
-  as `scripts/bench_rl.py step`), after one warm-up run. Batch grid: prompts × n at the spec's max response
-  length; length grid: `rl.max_response_length` at the spec's batch, plotted against the measured mean response
-  tokens (the model stops by itself before the cap at the top of the grid). Threads: executor.compute.cpu_threads
-  (the RL stage's). The arm's own reward (vanilla for control; PMI-shift adds its scoring, `bench_rl.py step`).
+- GRPO step: `rl.grpo.train_grpo` for 4 steps at each grid point (validation only at step 4, on 8 val rows),
+  after one warm-up run. Per point: the CPU seconds of this process between the ends of steps 1→2 and 2→3, and
+  the loop's own wall time of steps 1–3 (time/sample_s + grade + score + update, as `scripts/bench_rl.py step`),
+  each the smallest over `--repeats` runs. Batch grid: prompts × n at the spec's max response length; length
+  grid: `rl.max_response_length` caps at the spec's batch, plotted against the measured mean response tokens.
+  Threads: executor.compute.cpu_threads (the RL stage's) unless --threads. The arm's own reward (vanilla for
+  control; PMI-shift adds its scoring, `bench_rl.py step`).
 - Held-out: `evals.evaluate.evaluate_model` of one checkpoint on the first k problems of the suite under the
-  spec's held-out protocol (eval.n samples each, eval.max_new_tokens), engine load and grading included, at the
-  held-out stage's thread count (shared_cpu_threads, else cpu_threads). The demo's job is 4 checkpoints × 270.
+  spec's held-out protocol (eval.n samples each, eval.max_new_tokens), engine load included, at the held-out
+  stage's thread count (shared_cpu_threads, else cpu_threads) unless --threads; CPU and wall seconds, smallest
+  of `--repeats`. The demo's job is 4 checkpoints × 270 problems.
 
-Each panel gets a least-squares line seconds = a + b·x (numpy.polyfit), written into the figure and, with every
-point, into the JSON beside the PNG (`--out` with .json). Timings are wall-clock seconds on this machine: on a
-shared box (the 2-core dev box had 4 other jobs when docs/cost-growth.png was made) they are upper bounds and
-the points scatter; rerun it on the machine you want to predict.
+On one thread the figure plots CPU seconds: what the work costs on an idle core, little moved by other jobs on a
+shared machine (wall time there is an upper bound that scatters; both are in the JSON). With more threads it
+plots wall seconds. Each panel gets a least-squares line y = a + b·x (numpy.polyfit), written into the figure
+and, with every point, into the JSON beside the PNG (`--out` with .json). Rerun it on the machine you want to
+predict.
 """
 from __future__ import annotations
 
@@ -39,27 +42,35 @@ sys.path.insert(0, str(REPO))
 PHASES = ("time/sample_s", "time/grade_s", "time/score_s", "time/update_s")
 
 
-def grpo_point(init: Path, prompts: list, val: list, cfg, prompts_per_step: int, n: int, max_len: int) -> dict:
-    """Median step seconds over steps 1–2 of a 3-step run, the mean response tokens, the batch's samples."""
+def grpo_point(init: Path, prompts: list, val: list, cfg, prompts_per_step: int, n: int, max_len: int,
+               repeats: int) -> dict:
+    """Seconds of one GRPO step at this batch and length cap: `cpu_s`, this process's CPU time between the ends
+    of steps 1→2 and 2→3 of a 4-step run (validation only at step 4), and `step_s`, the loop's own wall time of
+    steps 1–3 (sample + grade + score + update); the smallest over `repeats` runs. Also the mean response tokens."""
     from rl.grpo import train_grpo
 
     rl = cfg.rl.model_copy(update={"batch_size": prompts_per_step, "n": n, "max_response_length": max_len,
                                    "mini_batch_size": min(cfg.rl.mini_batch_size, prompts_per_step),
-                                   "steps": 3, "save_freq": 3, "test_freq": 3})
-    with tempfile.TemporaryDirectory() as tmp:
-        result = train_grpo(init, prompts, val, rl, cfg.grader, cfg.executor.compute, cfg.seeds[0], Path(tmp))
-    by_step: dict[int, dict[str, float]] = {}
-    for key, value, step in result["metrics"]:
-        by_step.setdefault(step, {})[key] = value
-    steps = [by_step[s] for s in (1, 2)]
+                                   "steps": 4, "save_freq": 4, "test_freq": 4})
+    steps, cpu = [], []
+    for _ in range(repeats):
+        ends: dict[int, float] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            result = train_grpo(init, prompts, val, rl, cfg.grader, cfg.executor.compute, cfg.seeds[0], Path(tmp),
+                                on_step=lambda step, values: ends.setdefault(step, time.process_time()))
+        by_step: dict[int, dict[str, float]] = {}
+        for key, value, step in result["metrics"]:
+            by_step.setdefault(step, {})[key] = value
+        steps += [by_step[s] for s in (1, 2, 3)]
+        cpu += [ends[s] - ends[s - 1] for s in (2, 3)]
     return {"prompts": prompts_per_step, "n": n, "samples": prompts_per_step * n, "max_response_length": max_len,
-            "step_s": round(statistics.median(sum(m[p] for p in PHASES) for m in steps), 3),
-            "sample_s": round(statistics.median(m["time/sample_s"] for m in steps), 3),
+            "cpu_s": round(min(cpu), 3), "step_s": round(min(sum(m[p] for p in PHASES) for m in steps), 3),
             "response_tokens_mean": round(statistics.mean(m["train/response_length/mean"] for m in steps), 1)}
 
 
-def heldout_point(model_dir: Path, suite: list, k: int, cfg) -> dict:
-    """Seconds to evaluate one checkpoint on the first k suite problems under the spec's held-out protocol."""
+def heldout_point(model_dir: Path, suite: list, k: int, cfg, repeats: int) -> dict:
+    """Seconds to evaluate one checkpoint on the first k suite problems under the spec's held-out protocol
+    (the fastest of `repeats`)."""
     from evals.evaluate import evaluate_model, heldout_protocol
     from rewards.grader import get_grader
     from worlds.model import resolve_device, resolve_precision
@@ -67,10 +78,14 @@ def heldout_point(model_dir: Path, suite: list, k: int, cfg) -> dict:
     grader = get_grader(cfg.grader)
     protocol = heldout_protocol(cfg.eval, grader, {"arith": f"first-{k}"})
     device = resolve_device(cfg.executor.compute)
-    t = time.perf_counter()
-    rows, _ = evaluate_model(model_dir, {"arith": suite[:k]}, protocol, grader, device,
-                             resolve_precision(cfg.executor.compute, device))
-    return {"problems": k, "samples": len(rows), "seconds": round(time.perf_counter() - t, 3)}
+    seconds, cpu = [], []
+    for _ in range(repeats):
+        t, c = time.perf_counter(), time.process_time()
+        rows, _ = evaluate_model(model_dir, {"arith": suite[:k]}, protocol, grader, device,
+                                 resolve_precision(cfg.executor.compute, device))
+        seconds.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return {"problems": k, "samples": len(rows), "seconds": round(min(seconds), 3), "cpu_s": round(min(cpu), 3)}
 
 
 def fit(xs: list[float], ys: list[float]) -> dict:
@@ -88,12 +103,13 @@ def plot(result: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    panels = [("batch", "samples", "step_s", "GRPO step vs batch size", "samples per step (prompts × n)",
-               "s per step", "sample"),
-              ("length", "response_tokens_mean", "step_s", "GRPO step vs response length",
-               "mean response tokens", "s per step", "token"),
-              ("heldout", "samples", "seconds", "held-out vs suite size", "samples (problems × n)",
-               "s per checkpoint", "sample")]
+    clock = "CPU s" if result["clock"] == "cpu" else "s"
+    panels = [("batch", "samples", result["y"]["batch"], "GRPO step vs batch size",
+               "samples per step (prompts × n)", f"{clock} per step", "sample"),
+              ("length", "response_tokens_mean", result["y"]["length"], "GRPO step vs response length",
+               "mean response tokens", f"{clock} per step", "token"),
+              ("heldout", "samples", result["y"]["heldout"], "held-out vs suite size", "samples (problems × n)",
+               f"{clock} per checkpoint", "sample")]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
     for ax, (name, x, y, title, xlabel, ylabel, unit) in zip(axes, panels):
         pts = result[name]["points"]
@@ -122,9 +138,11 @@ def main() -> None:
     ap.add_argument("--spec", default=str(REPO / "configs" / "demo.yaml"))
     ap.add_argument("--arm", default="control")
     ap.add_argument("--batches", default="4x8,8x8,16x8,16x16", help="prompts x n per step")
-    ap.add_argument("--lengths", default="24,48,96,160", help="rl.max_response_length values")
+    ap.add_argument("--lengths", default="12,24,36,160", help="rl.max_response_length values (the demo's "
+                    "model stops by itself at ~38 tokens)")
     ap.add_argument("--suite-sizes", default="34,68,135,270", help="held-out problems per point")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "cost-growth.png")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per point; the fastest is kept")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads of every point (default: the spec's, per stage as the demo runs them)")
     ap.add_argument("--note", default="", help="appended to the caption (e.g. how busy the machine was)")
@@ -152,36 +170,45 @@ def main() -> None:
     heldout_threads = args.threads or stage_compute(compute, shared=True)["cpu_threads"]
 
     set_threads(rl_threads)
-    grpo_point(init, prompts, val, cfg, 4, 4, 32)  # warm-up: first-call costs (grader workers, allocator)
+    grpo_point(init, prompts, val, cfg, 4, 4, 32, 1)  # warm-up: first-call costs (grader workers, allocator)
     batch = []
     for item in args.batches.split(","):
         p, n = (int(v) for v in item.split("x"))
-        batch.append(grpo_point(init, prompts, val, cfg, p, n, cfg.rl.max_response_length))
+        batch.append(grpo_point(init, prompts, val, cfg, p, n, cfg.rl.max_response_length, args.repeats))
         print(json.dumps({"batch": batch[-1]}), flush=True)
     length = []
     for cap in (int(v) for v in args.lengths.split(",")):
-        length.append(grpo_point(init, prompts, val, cfg, cfg.rl.batch_size, cfg.rl.n, cap))
+        length.append(grpo_point(init, prompts, val, cfg, cfg.rl.batch_size, cfg.rl.n, cap, args.repeats))
         print(json.dumps({"length": length[-1]}), flush=True)
     set_threads(heldout_threads)
     heldout = []
     for k in (int(v) for v in args.suite_sizes.split(",")):
-        heldout.append(heldout_point(final, suite, min(k, len(suite)), cfg))
+        heldout.append(heldout_point(final, suite, min(k, len(suite)), cfg, args.repeats))
         print(json.dumps({"heldout": heldout[-1]}), flush=True)
 
     load = os.getloadavg()
-    result = {
+    # one thread: CPU time is what the work costs on an idle core, little moved by other jobs; more: wall time
+    clock = "cpu" if max(rl_threads, heldout_threads) == 1 else "wall"
+    y = ({"batch": "cpu_s", "length": "cpu_s", "heldout": "cpu_s"} if clock == "cpu"
+         else {"batch": "step_s", "length": "step_s", "heldout": "seconds"})
+    result = {"clock": clock, "y": y,
         "spec": args.spec, "arm": args.arm, "reward": cfg.rl.reward, "cpus": os.cpu_count(),
         "rl_threads": rl_threads, "heldout_threads": heldout_threads, "loadavg_at_end": [round(v, 2) for v in load],
-        "batch": {"points": batch, "fit": fit([p["samples"] for p in batch], [p["step_s"] for p in batch])},
+        "batch": {"points": batch, "fit": fit([p["samples"] for p in batch], [p[y["batch"]] for p in batch])},
         "length": {"points": length, "fit": fit([p["response_tokens_mean"] for p in length],
-                                                [p["step_s"] for p in length])},
-        "heldout": {"points": heldout, "fit": fit([p["samples"] for p in heldout], [p["seconds"] for p in heldout])},
+                                                [p[y["length"]] for p in length])},
+        "heldout": {"points": heldout, "fit": fit([p["samples"] for p in heldout],
+                                                  [p[y["heldout"]] for p in heldout])},
     }
+    measure = ("this process's CPU seconds on 1 thread (≈ wall time on an idle core; grading workers not counted)"
+               if clock == "cpu" else "wall seconds")
     result["caption"] = (
-        f"{Path(args.spec).name} ({args.arm} arm, {cfg.rl.reward} reward): GRPO steps on {rl_threads} torch thread(s) "
-        f"(batch panel at ≤{cfg.rl.max_response_length} tokens, length panel at {cfg.rl.batch_size}×{cfg.rl.n}); "
-        f"held-out of one checkpoint on {heldout_threads} thread(s), {cfg.eval.n} samples per problem, engine load "
-        f"and grading included. {os.cpu_count()} CPUs, load average {load[0]:.1f} at the end. {args.note}").strip()
+        f"{Path(args.spec).name}, {args.arm} arm ({cfg.rl.reward} reward): {measure}, smallest of {args.repeats} "
+        f"run(s) per point. GRPO on {rl_threads} thread(s): batch panel at ≤{cfg.rl.max_response_length} tokens, "
+        f"length panel at {cfg.rl.batch_size}×{cfg.rl.n} under length caps (the model stops by itself at "
+        f"~{max(p['response_tokens_mean'] for p in length):.0f} tokens). Held-out: one checkpoint, "
+        f"{heldout_threads} thread(s), {cfg.eval.n} samples per problem, engine load included. {os.cpu_count()} "
+        f"CPUs, load average {load[0]:.1f} at the end. {args.note}").strip()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot(result, args.out)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
