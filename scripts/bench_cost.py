@@ -110,7 +110,7 @@ def plot(result: dict, out: Path) -> None:
                "mean response tokens", f"{clock} per step", "token"),
               ("heldout", "samples", result["y"]["heldout"], "held-out vs suite size", "samples (problems × n)",
                f"{clock} per checkpoint", "sample")]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.8))
     for ax, (name, x, y, title, xlabel, ylabel, unit) in zip(axes, panels):
         pts = result[name]["points"]
         xs, ys = [p[x] for p in pts], [p[y] for p in pts]
@@ -127,7 +127,7 @@ def plot(result: dict, out: Path) -> None:
         ax.set(title=title, xlabel=xlabel, ylabel=ylabel, xlim=(0, None), ylim=(0, None))
         ax.legend(loc="upper left", fontsize=8)
     fig.suptitle(result["caption"], fontsize=8.5, y=0.02, va="bottom", wrap=True)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
     fig.savefig(out, dpi=110)
 
 
