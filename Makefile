@@ -16,7 +16,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONDONTWRITEBYTECODE := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-vllm demo test test-fast ui bench-grader grader-differential bench-decoys bench-rl bench-peer bench-engines faults signal-cases mutation-resume screenshots clean-home sensitivity
+.PHONY: help setup setup-vllm demo test test-fast ui bench-grader grader-differential bench-decoys bench-rl bench-cost bench-peer bench-engines faults signal-cases mutation-resume screenshots clean-home sensitivity
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-20s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -78,6 +78,9 @@ bench-decoys: setup ## share of the demo's RL problems PMI-shift can score (gold
 bench-rl: setup ## GRPO step time vanilla vs PMI-shift (needs `make demo` first), then demo wall time sequential vs Ray
 	$(BIN)/python scripts/bench_rl.py step
 	$(BIN)/python scripts/bench_rl.py demo
+
+bench-cost: setup ## cost growth on the demo's model (needs `make demo` first): GRPO step vs batch and length, held-out vs suite size -> docs/cost-growth.png
+	$(BIN)/python scripts/bench_cost.py --home $${TWINARM_HOME:-.twinarm}
 
 bench-engines: setup setup-vllm ## held-out generation, HF vs vLLM on the same work: start-up and samples/s
 	$(BIN)/python scripts/bench_engines.py

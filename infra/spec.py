@@ -44,8 +44,13 @@ class ComputeSpec(Strict):
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    cpu_threads: int = Field(1, ge=1, description="torch intra-op threads on CPU. A numerics key, not placement: "
+    cpu_threads: int = Field(1, ge=1, description="torch intra-op threads on CPU of the per-arm stages (SFT, RL, "
+                                                   "sweeps), which run side by side. A numerics key, not placement: "
                                                    "bf16 matmuls on 1 and 2 threads give different weights")
+    shared_cpu_threads: int | None = Field(
+        None, ge=1, description="torch threads of the stages run once for every arm (base model, held-out), which "
+                                "run alone, so they may use every core; None = cpu_threads. A numerics key too: "
+                                "each stage's compute key holds the one count it runs with (stage_compute)")
 
 
 class ExecutorSpec(Strict):
@@ -878,14 +883,30 @@ def leaf(data: dict[str, Any], key: str) -> Any:
     return node
 
 
-def stage_config(resolved: BaseSpec, keys: tuple[str, ...], seed: int | None = None) -> dict[str, Any]:
+def stage_config(resolved: BaseSpec, keys: tuple[str, ...], seed: int | None = None,
+                 shared: bool = False) -> dict[str, Any]:
     """The slice of a resolved arm config a stage reads: {dotted key: value} for each declared key (a key may name
     a whole section), plus "seed" (the arm's seed, default its first) when declared. A stage body receives only
-    this dict, so its compute key covers everything that can change its output. Raises KeyError for a key the
-    config does not have."""
+    this dict, so its compute key covers everything that can change its output. `shared`: the stage runs once for
+    every arm (alone on the machine), which decides its thread count (stage_compute). Raises KeyError for a key
+    the config does not have."""
     data = resolved.model_dump(mode="json")
     data["seed"] = seed if seed is not None else resolved.seeds[0]
-    return {key: leaf(data, key) for key in keys}
+    out = {key: leaf(data, key) for key in keys}
+    if "executor.compute" in out:
+        out["executor.compute"] = stage_compute(out["executor.compute"], shared)
+    return out
+
+
+def stage_compute(compute: dict[str, Any], shared: bool) -> dict[str, Any]:
+    """The executor.compute section as one stage sees it: `cpu_threads` is the count that stage runs with
+    (shared_cpu_threads for a shared stage when set, else cpu_threads) and shared_cpu_threads is dropped, so a
+    stage's compute key holds exactly its own thread count: the base model's changes with shared_cpu_threads, the
+    per-arm stages' do not."""
+    out = {k: v for k, v in compute.items() if k != "shared_cpu_threads"}
+    if shared and compute.get("shared_cpu_threads") is not None:
+        out["cpu_threads"] = compute["shared_cpu_threads"]
+    return out
 
 
 class ConfigSlice:

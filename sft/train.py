@@ -29,6 +29,12 @@ if TYPE_CHECKING:
     from infra.spec import ComputeSpec, SFTSpec
 
 KEEP_CHECKPOINTS = 2  # a resumable one and the one being superseded
+# A batch runs as length-sorted micro-batches of this many rows, their losses weighted by trained tokens so the
+# gradient is the batch's token-mean as one pass gives it (up to bf16 rounding): one padded pass pads every row
+# to the batch's longest (demo base rows: 63 tokens mean, ~107 longest in a batch of 64); measured on the demo's
+# base model, 1 thread, 2-core box with other jobs: 16 rows cut forward+backward CPU time by 31 % (0.62 -> 0.43 s)
+# and a whole training step by ~26 % (0.58-0.62 -> 0.44 s wall); 8 rows were no better, 32 saved less.
+MICRO_BATCH_ROWS = 16
 
 
 # ---------------------------------------------------------------- training
@@ -87,6 +93,14 @@ def _collate(encoded: list[tuple[list[int], list[int]]], pad_id: int) -> tuple["
         labels[r, :len(y)] = torch.tensor(y)
         mask[r, :len(x)] = 1
     return ids, labels, mask
+
+
+def micro_batches(encoded: list[tuple[list[int], list[int]]], rows: int = MICRO_BATCH_ROWS
+                  ) -> list[list[tuple[list[int], list[int]]]]:
+    """A batch of encoded (ids, labels) rows sorted by length (stable) and cut into chunks of at most `rows`
+    rows, so each chunk pads only to its own longest row."""
+    ordered = sorted(encoded, key=lambda e: len(e[0]))
+    return [ordered[i:i + rows] for i in range(0, len(ordered), rows)]
 
 
 def lm_loss(model: "PreTrainedModel", ids: "torch.Tensor", labels: "torch.Tensor", mask: "torch.Tensor"
@@ -164,16 +178,20 @@ def train_lm(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerFast", row
         lr = lr_at(step, config)
         for group in opt.param_groups:
             group["lr"] = lr
-        ids, labels, mask = _collate([encoded[i] for i in batch_indices(step, len(rows), config.batch_size,
-                                                                        seed)], pad)
-        with autocast(device, precision):
-            loss, n_tokens = lm_loss(model, ids.to(device), labels.to(device), mask.to(device))
+        batch = [encoded[i] for i in batch_indices(step, len(rows), config.batch_size, seed)]
+        n_tokens = sum(sum(t != IGNORE for t in labels[1:]) for _, labels in batch)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_sum = 0.0
+        for part in micro_batches(batch):  # token-weighted: the gradient of the batch's token-mean loss
+            ids, labels, mask = _collate(part, pad)
+            with autocast(device, precision):
+                loss, n = lm_loss(model, ids.to(device), labels.to(device), mask.to(device))
+            (loss * (n / max(n_tokens, 1))).backward()
+            loss_sum += loss.item() * n
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         opt.step()
         state["seconds"] += time.perf_counter() - t0
-        record = {"step": step + 1, "lr": lr, "tokens": n_tokens, "loss": loss.item(),
+        record = {"step": step + 1, "lr": lr, "tokens": n_tokens, "loss": loss_sum / max(n_tokens, 1),
                   "seconds": round(state["seconds"], 4)}
         state["history"].append(record)
         state["step"] = step + 1

@@ -152,7 +152,7 @@ class Stage:
 
     def config(self, resolved: BaseSpec, seed: int | None = None) -> dict[str, Any]:
         """The declared slice of a resolved arm config (infra.spec.stage_config)."""
-        return stage_config(resolved, self.config_keys, seed)
+        return stage_config(resolved, self.config_keys, seed, shared=not self.per_arm)
 
     def file_hashes(self, config: dict[str, Any]) -> dict[str, str]:
         """{path: content hash} of the local files the config names (missing files are left to the body, which

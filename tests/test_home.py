@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 PROBE = ("import json, os; from infra.home import configure_environment; configure_environment(); "
-         "print(json.dumps({k: os.environ[k] for k in ('MLFLOW_TRACKING_URI', 'PREFECT_HOME')}))")
+         "print(json.dumps({k: os.environ[k] for k in ('MLFLOW_TRACKING_URI', 'PREFECT_HOME', 'OMP_WAIT_POLICY')}))")
 
 
 def _child_env(env: dict[str, str]) -> dict[str, str]:
@@ -27,3 +27,10 @@ def test_a_users_own_setting_is_kept(home, tmp_path):
                         "MLFLOW_TRACKING_URI": "http://127.0.0.1:5999"})
     assert child["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5999"
     assert child["PREFECT_HOME"] == str(tmp_path / "other" / "prefect")
+
+
+def test_idle_openmp_threads_sleep_unless_the_user_says_otherwise(home, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    assert _child_env({**env, "TWINARM_HOME": str(tmp_path / "a")})["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert _child_env({**env, "TWINARM_HOME": str(tmp_path / "b"),
+                       "OMP_WAIT_POLICY": "ACTIVE"})["OMP_WAIT_POLICY"] == "ACTIVE"

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ValidationError
 from infra.code import REPO_ROOT, closure_hash, import_closure, project_packages
 from infra.errors import SpecError
 from infra.spec import PLACEMENT_KEYS, BaseSpec, flatten, load_spec, resolve_arm, resolved_arms
-from tasks.common import CONTRACT_MODULE
+from infra.spec import ComputeSpec
+from tasks.common import CONTRACT_MODULE, StageCall
 from tasks.stages import FLOW_KEYS, REPORT_KEYS, STAGES, load_checked_spec
 
 DEMO = REPO_ROOT / "configs" / "demo.yaml"
@@ -36,6 +37,33 @@ def test_stage_config_is_the_declared_slice():
     assert STAGES["sft"].config(control) != STAGES["sft"].config(pmishift)
     assert STAGES["rl"].config(control) != STAGES["rl"].config(pmishift)
     assert STAGES["sft"].config(control, seed=1)["seed"] == 1
+
+
+def _key(stage: str, resolved: BaseSpec) -> str:
+    return StageCall(home="h", ablation="a", arm="*", seed=None, stage=stage, config=STAGES[stage].config(resolved),
+                     inputs={}, code="c").key
+
+
+@pytest.mark.parametrize("shared_threads, base_threads", [(None, 1), (2, 2), (3, 3)])
+def test_shared_stages_key_holds_its_own_thread_count(shared_threads, base_threads):
+    """The base model and held-out (run alone) get shared_cpu_threads; the per-arm stages (side by side) keep
+    cpu_threads: the base model's key changes with its thread count, RL's does not."""
+    spec = load_spec(DEMO)
+    one = resolve_arm(spec, "control").model_copy(deep=True)
+    one.executor.compute.cpu_threads, one.executor.compute.shared_cpu_threads = 1, None
+    other = one.model_copy(deep=True)
+    other.executor.compute.shared_cpu_threads = shared_threads
+    for shared in ("base_model", "heldout"):
+        compute = ComputeSpec(**STAGES[shared].config(other)["executor.compute"])
+        assert (compute.cpu_threads, compute.shared_cpu_threads) == (base_threads, None)  # the count its body sets
+        assert (_key(shared, one) == _key(shared, other)) == (base_threads == 1)
+    for per_arm in ("sft", "rl", "sweep"):
+        assert STAGES[per_arm].config(other)["executor.compute"]["cpu_threads"] == 1
+        assert _key(per_arm, one) == _key(per_arm, other)
+    more = other.model_copy(deep=True)
+    more.executor.compute.cpu_threads = 2  # the per-arm count moves the per-arm keys, not a set shared count
+    assert _key("rl", more) != _key("rl", other)
+    assert (_key("base_model", more) == _key("base_model", other)) == (shared_threads is not None)
 
 
 def test_closures_hold_the_modules_that_decide_numbers():
@@ -146,6 +174,12 @@ def _names_read(stage_modules: list[str]) -> set[str]:
     return names
 
 
+# keys Stage.config folds into another before a body sees them (infra.spec.stage_compute: a shared stage's
+# cpu_threads); that they act is test_every_leaf_of_the_demo_spec_acts_or_is_declared's and
+# test_shared_stages_key_holds_its_own_thread_count's
+PROJECTED = {"executor.compute.shared_cpu_threads"}
+
+
 def _covered_by(key: str, declared: tuple[str, ...]) -> bool:
     return any(key == d or key.startswith(d + ".") for d in declared)
 
@@ -182,6 +216,9 @@ def test_every_leaf_of_the_demo_spec_acts_or_is_declared():
     assert set(outcome["grader.timeout_s"]) >= {"base_model", "rl", "sweep", "heldout"}
     assert outcome["world.n_rl"] == ["data"] and outcome["executor.use_ray"] == "placement"
     assert outcome["model.revision"] == "refused"
+    # each stage's key holds the thread count it runs with: shared stages run alone, per-arm ones side by side
+    assert sorted(outcome["executor.compute.shared_cpu_threads"]) == ["base_model", "heldout"]
+    assert sorted(outcome["executor.compute.cpu_threads"]) == ["rl", "sft", "sweep"]
 
 
 def test_every_stage_config_key_is_read_by_a_stage_that_declares_it():
@@ -193,6 +230,8 @@ def test_every_stage_config_key_is_read_by_a_stage_that_declares_it():
     names = {name: _names_read([stage.body.__module__]) for name, stage in COMPUTING.items()}
     unread = []
     for leaf_key in sorted(flatten(base)):
+        if leaf_key in PROJECTED:
+            continue
         declaring = [n for n, s in COMPUTING.items() if _covered_by(leaf_key, s.config_keys)]
         if not declaring:
             continue  # placement, flow and report keys: test_every_leaf_of_the_demo_spec_acts_or_is_declared

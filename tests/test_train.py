@@ -114,6 +114,43 @@ def test_training_is_deterministic_and_logged(world, tokenizer, tmp_path):
     assert sorted(epoch) == list(range(40)) and epoch != [i for s in range(5) for i in batch_indices(s, 40, 8, 1)]
 
 
+def test_micro_batches_give_the_one_pass_token_mean_gradient(world, tokenizer):
+    """A batch trained as length-sorted micro-batches (sft.train.MICRO_BATCH_ROWS) has the gradient and loss of
+    one padded pass over the whole batch (fp32: equal up to float rounding), and pads less."""
+    import torch
+
+    from sft.masks import encode_rows
+    from sft.train import _collate, lm_loss, micro_batches
+    from worlds.model import toy_model
+
+    batch = encode_rows(tokenizer, world["sft1"][:40], 256, "sft1")
+    parts = micro_batches(batch, rows=16)
+    assert [len(p) for p in parts] == [16, 16, 8] and sorted(map(id, batch)) == sorted(id(e) for p in parts for e in p)
+    lengths = [len(ids) for p in parts for ids, _ in p]
+    assert lengths == sorted(lengths) and len(set(lengths)) > 1
+    assert sum(len(p) * max(len(i) for i, _ in p) for p in parts) < len(batch) * max(lengths)  # less padding
+    pad = tokenizer.pad_token_id
+
+    def grads(chunks):
+        model = toy_model(TINY, tokenizer, seed=0)
+        total = sum(sum(t != -100 for t in labels[1:]) for _, labels in batch)
+        loss_sum = 0.0
+        for chunk in chunks:
+            loss, n = lm_loss(model, *_collate(chunk, pad))
+            (loss * (n / total)).backward()
+            loss_sum += loss.item() * n
+        return torch.cat([p.grad.flatten() for p in model.parameters()]), loss_sum / total
+
+    (g_one, l_one), (g_micro, l_micro) = grads([batch]), grads(parts)
+    assert torch.allclose(g_one, g_micro, rtol=1e-4, atol=1e-6) and l_micro == pytest.approx(l_one, rel=1e-5)
+    # weighting each micro-batch's mean loss equally instead (the mistake this guards) moves the gradient
+    wrong = toy_model(TINY, tokenizer, seed=0)
+    for chunk in parts:
+        (lm_loss(wrong, *_collate(chunk, pad))[0] / len(parts)).backward()
+    g_wrong = torch.cat([p.grad.flatten() for p in wrong.parameters()])
+    assert not torch.allclose(g_one, g_wrong, rtol=1e-3, atol=1e-5)
+
+
 def test_resume_is_identical_to_an_uninterrupted_run(world, tokenizer, tmp_path):
     straight, r_straight = _train(world, tokenizer, tmp_path, "straight", steps=8, checkpoint_every=4)
 
