@@ -15,7 +15,7 @@ from tasks.common import Stage, StageCall, StageOutput, live_metrics, store
 def heldout_body(call: StageCall) -> StageOutput:
     """Evaluate every checkpoint input on every suite input under the held-out protocol; output role `heldout`,
     one row per checkpoint × problem × sample; facts: protocol, samples per checkpoint, meta-strip regrade flips."""
-    from evals.evaluate import checkpoint_entries, evaluate_checkpoints, heldout_protocol
+    from evals.evaluate import checkpoint_entries, compute_identity, evaluate_checkpoints, heldout_protocol
     from evals.metrics import aggregate
     from rewards.grader import get_grader
     from worlds.model import resolve_device, resolve_precision, set_threads
@@ -24,15 +24,16 @@ def heldout_body(call: StageCall) -> StageOutput:
     compute = ComputeSpec(**cfg["executor.compute"])
     set_threads(compute.cpu_threads)
     device = resolve_device(compute)
+    precision = resolve_precision(compute, device)
     grader = get_grader(GraderSpec(**cfg["grader"]))
     suites = {ref.name: role for role in sorted(call.inputs) if (ref := SuiteRole.parse(role))}
     ev = ConfigSlice(cfg, "eval")
     protocol = heldout_protocol(ev, grader, {name: call.inputs[role].artifact_id for name, role in suites.items()},
-                                cfg["tool"])
+                                cfg["tool"], compute_identity(device, precision, compute.cpu_threads))
     todo = checkpoint_entries({r: (a.artifact_id, call.input_path(r)) for r, a in call.inputs.items()})
     rows, done, engine_facts = evaluate_checkpoints(
         todo, {name: read_parquet(call.input_path(role)) for name, role in suites.items()}, protocol,
-        Path(call.home) / "results" / "heldout", grader, device, resolve_precision(compute, device))
+        Path(call.home) / "results" / "heldout", grader, device, precision)
     write_parquet(rows, call.workdir / "heldout.parquet")
     ks = sorted({1, *protocol.n.values()})
     table = aggregate(rows, by=("suite",), ks=ks)

@@ -14,7 +14,7 @@ from tasks.common import Stage, StageCall, StageOutput, store
 def sweep_body(call: StageCall) -> StageOutput:
     """Evaluate every checkpoint input on the val mix under the val protocol; output role `sweep` (one row per
     checkpoint × problem × sample) and step-indexed sweep/accuracy metrics."""
-    from evals.evaluate import checkpoint_entries, evaluate_checkpoints, val_metrics, val_protocol
+    from evals.evaluate import checkpoint_entries, compute_identity, evaluate_checkpoints, val_metrics, val_protocol
     from rewards.grader import get_grader
     from worlds.model import resolve_device, resolve_precision, set_threads
 
@@ -22,14 +22,15 @@ def sweep_body(call: StageCall) -> StageOutput:
     compute = ComputeSpec(**cfg["executor.compute"])
     set_threads(compute.cpu_threads)
     device = resolve_device(compute)
+    precision = resolve_precision(compute, device)
     grader = get_grader(GraderSpec(**cfg["grader"]))
     rl = ConfigSlice(cfg, "rl")
     protocol = val_protocol(rl, cfg["eval.seed"], grader, call.inputs["val"].artifact_id, cfg["eval.engine"],
-                            cfg["tool"])
+                            cfg["tool"], compute_identity(device, precision, compute.cpu_threads))
     todo = checkpoint_entries({r: (a.artifact_id, call.input_path(r)) for r, a in call.inputs.items()})
     rows, done, engine_facts = evaluate_checkpoints(todo, {"val": read_parquet(call.input_path("val"))}, protocol,
                                                     Path(call.home) / "results" / "sweep", grader, device,
-                                                    resolve_precision(compute, device))
+                                                    precision)
     write_parquet(rows, call.workdir / "sweep.parquet")
     metrics = []
     for e in todo:

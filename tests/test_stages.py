@@ -66,6 +66,45 @@ def test_shared_stages_key_holds_its_own_thread_count(shared_threads, base_threa
     assert (_key("base_model", more) == _key("base_model", other)) == (shared_threads is not None)
 
 
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stage", ["sweep", "heldout"])
+def test_result_store_key_holds_the_compute_the_stage_ran_with(stage, monkeypatch):
+    """The sweep and held-out stages keep per-checkpoint results in a store keyed by the protocol: a result computed
+    on 1 thread must never answer for 2 threads (bf16 numerics differ), so the protocol holds the stage's
+    resolved device, precision and CPU threads."""
+    import evals.evaluate
+    from rewards import grader as grader_module
+
+    seen = []
+
+    def capture(todo, suites, protocol, *args, **kwargs):
+        seen.append(protocol)
+        raise _Stop
+
+    monkeypatch.setattr(evals.evaluate, "evaluate_checkpoints", capture)
+    monkeypatch.setattr(evals.evaluate, "checkpoint_entries", lambda refs: [])
+    monkeypatch.setattr(grader_module, "get_grader", lambda spec: type("G", (), {"facts": lambda self: {
+        "grader_version": "v", "config": {}, "call_path": "p"}})())
+    monkeypatch.setitem(STAGES[stage].body.__globals__, "read_parquet", lambda path: [])
+    spec = load_spec(DEMO)
+    for threads in (1, 2):
+        resolved = resolve_arm(spec, "control").model_copy(deep=True)
+        resolved.executor.compute.cpu_threads = resolved.executor.compute.shared_cpu_threads = threads
+        val = type("A", (), {"artifact_id": "val-id"})()
+        call = StageCall(home="h", ablation="a", arm="*", seed=None, stage=stage,
+                         config=STAGES[stage].config(resolved), inputs={"val": val}, code="c")
+        monkeypatch.setattr(StageCall, "input_path", lambda self, role: Path("/nonexistent"))
+        with pytest.raises(_Stop):
+            STAGES[stage].body(call)
+    one, two = seen
+    assert one.compute["cpu_threads"] == 1 and two.compute["cpu_threads"] == 2
+    assert one.compute["device"] == "cpu" and one.compute["precision"] in ("bf16", "fp32")
+    assert one.key != two.key
+
+
 def test_closures_hold_the_modules_that_decide_numbers():
     for stage in ("sft", "rl"):  # resume restores optimizer state and RNG from infra.checkpoints
         assert "infra/checkpoints.py" in closure(stage)
