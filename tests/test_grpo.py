@@ -693,9 +693,11 @@ def vllm_arm_init(arm_init, tmp_path_factory):
 def test_train_grpo_vllm_rollouts_sample_the_updated_policy(vllm_arm_init, tmp_path, monkeypatch):
     """rl.rollout_engine: vllm — after every update the engine serves exactly the policy's new weights: its greedy
     generations equal the in-process HF engine's on the updated model (fp32), step by step; the weight-sync time is
-    a per-step metric and the run fact names the engine; the engine process is gone after the run."""
+    a per-step metric and the run fact names the engine; the engine process is gone after the run; the same run
+    again gives the same rollouts (the seeds-to-samples contract)."""
     import evals.vllm_engine
     from evals.engine import HFEngine, render_prompt
+    from infra.artifacts import read_parquet
 
     checks, procs = [], []
     real_load = evals.vllm_engine.VLLMEngine.load_weights
@@ -713,11 +715,19 @@ def test_train_grpo_vllm_rollouts_sample_the_updated_policy(vllm_arm_init, tmp_p
     out, _ = _run(vllm_arm_init, tmp_path, monkeypatch, steps=2, n=2, temperature=1.0, lr=1e-2,
                   rollout_engine="vllm")
     assert checks == [[True] * 3, [True] * 3]  # one sync per update, each serving the updated policy exactly
+    checks.clear()
     sync = {step: v for k, v, step in out["metrics"] if k == "time/weight_sync_s"}
     assert sorted(sync) == [1, 2] and all(v > 0 for v in sync.values())
     facts = out["facts"]["rollout"]
     assert facts["name"] == "vllm" and facts["engine"] == "vllm" and facts["weight_sync_s"] > 0
     assert procs and all(p.poll() is not None for p in procs)  # closed at the end of the run
+    # the seeds-to-samples contract: the same run again gives the same rollouts (per-request seeds in vLLM)
+    again, _ = _run(vllm_arm_init, tmp_path / "again", monkeypatch, steps=2, n=2, temperature=1.0, lr=1e-2,
+                    rollout_engine="vllm")
+    for step in (1, 2):
+        name = f"rollouts/step-{step:07d}.parquet"
+        first = [(r["prompt_id"], r["response"]) for r in read_parquet(tmp_path / "run" / name)]
+        assert first == [(r["prompt_id"], r["response"]) for r in read_parquet(tmp_path / "again" / "run" / name)]
     hf, _ = _run(vllm_arm_init, tmp_path / "hf", monkeypatch, steps=1)
     assert hf["facts"]["rollout"]["name"] == "hf" and hf["facts"]["rollout"]["weight_sync_s"] == 0
     assert not any(k == "time/weight_sync_s" for k, _, _ in hf["metrics"])
