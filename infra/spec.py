@@ -634,6 +634,8 @@ def contrast_mechanisms(name: str, contrast: "ContrastSpec", diff: dict[str, tup
     problems = [f"{where} changes hyperparameter {k}, which is no mechanism" for k, ms in changed.items()
                 if ms == (k,) and k not in contrast.mechanisms]
     declared = contrast.mechanisms
+    problems += [f"{where} declares {m} {declared.count(m)} times in contrasts.{name}.mechanisms"
+                 for m in sorted(set(declared)) if declared.count(m) > 1]
     if declared:
         problems += [f"{where} changes mechanism {m} ({', '.join(k for k, ms in changed.items() if m in ms)}), not "
                      f"declared in contrasts.{name}.mechanisms {declared}" for m in mechanisms if m not in declared]
@@ -697,6 +699,8 @@ def _describe(err: dict) -> str:
         return "unknown key"
     if kind == "missing":
         return "required key is missing"
+    if kind == "value_error":  # a validator's own sentence: it names the keys; the input is the whole section
+        return msg.removeprefix("Value error, ")
     got = err.get("input")
     got_s = repr(got) if not isinstance(got, (dict, list)) else type(got).__name__
     return f"{msg} (got {got_s})"
@@ -836,8 +840,8 @@ def resolve_arm(spec: AblationSpec, arm: str) -> BaseSpec:
     try:
         return BaseSpec.model_validate(data)
     except ValidationError as exc:
-        problems = [f"<spec>: arms.{arm}.overrides: {_dotted(tuple(e['loc']))}: {_describe(e)}"
-                    for e in exc.errors()]
+        problems = [f"<spec>: arms.{arm}.overrides: {_dotted(tuple(e['loc'])) + ': ' if e['loc'] else ''}"
+                    f"{_describe(e)}" for e in exc.errors()]
         raise SpecError("\n  ".join(problems)) from None
 
 

@@ -79,6 +79,21 @@ def test_override_with_wrong_type_is_refused(tmp_path):
     assert str(path) in msg and "arms.control.overrides" in msg and "sft.strip_meta" in msg
 
 
+def test_a_cross_key_rule_reads_as_its_own_sentence_without_pydantic_noise(tmp_path):
+    # base-level rule (BaseSpec validator): the section is named, not "Value error, ... (got dict)"
+    msg = error_of(write(tmp_path, GOOD.replace("    reward: pmishift", "    reward: pmishift\n  sft: {meta_blocks: tool}")))
+    assert f"{tmp_path / 'spec.yaml'}:2: base: sft.meta_blocks 'tool' teaches checks" in msg
+    assert "Value error" not in msg and "(got dict)" not in msg
+    # the same rule reached through an arm's override (error at the model's root: no empty dotted key)
+    msg = error_of(write(tmp_path, GOOD.replace("{rl.reward: pmishift}", "{rl.reward: pmishift, sft.meta_blocks: tool}")))
+    assert "arms.pmishift.overrides: sft.meta_blocks 'tool' teaches checks" in msg
+    assert "Value error" not in msg and "(got dict)" not in msg and ": :" not in msg
+    # a section-level rule through an override names the section
+    msg = error_of(write(tmp_path, GOOD.replace("{rl.reward: pmishift}", "{rl.reward: pmishift, rl.masa.m: 4}")))
+    assert "arms.pmishift.overrides: rl.masa: masa.* keys are read only with masa.enable: true" in msg
+    assert msg.count("\n") == 1  # "invalid spec:" and one problem line
+
+
 def test_arm_without_overrides_is_refused(tmp_path):
     path = write(tmp_path, GOOD.replace("    overrides: {rl.reward: pmishift}", "    description: same as base"))
     msg = error_of(path)
@@ -179,6 +194,8 @@ def test_mechanism_of_a_value_keyed_key_comes_from_its_values():
      ["declares mechanism meta_sft, but its arms do not differ in it (they differ in meta_reward)"]),
     ([], {"rl.lr": (1e-5, 2e-5)}, ["changes hyperparameter rl.lr, which is no mechanism"]),
     (["rl.lr"], {"rl.lr": (1e-5, 2e-5)}, []),
+    (["meta_sft", "meta_sft"], {"sft.strip_meta": (False, True)},
+     ["declares meta_sft 2 times in contrasts.c.mechanisms"]),
 ])
 def test_declared_mechanisms_must_match_the_arm_diff(declared, diff, problems):
     c = ContrastSpec(treatment="t", control="k", mechanisms=declared)
