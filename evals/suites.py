@@ -3,7 +3,7 @@
 A manifest (datasets/heldout-1030.yaml) pins each suite by hub id, config, split and revision and says how its
 columns map to the prompt-row schema. `load_suite` reads a suite from a local directory (JSONL or parquet with
 the hub's columns) or, without one, from the hub; either way every row is normalised to a prompt row
-(PROMPT_ROW_FIELDS) and the suite is validated: row count, unique ids, every gold parsed by
+(PROMPT_ROW_FIELDS) and the suite is validated: row count, unique ids and problem texts, every gold parsed by
 `rewards.golds.extract_gold`, and no control characters left by mis-escaped LaTeX. Any failed expectation raises
 one DataError that names the file, the row and the field; rows are never dropped.
 
@@ -252,8 +252,13 @@ class SuiteData:
 
 def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}: line {lineno}: not UTF-8: byte 0x{raw[exc.start]:02x} at column "
+                                f"{exc.start + 1}") from None
             if not line.strip():
                 continue
             try:
@@ -351,6 +356,21 @@ def _duplicate_ids(rows: list[dict], where: list[str], origin: str) -> list[str]
     return problems
 
 
+def _duplicate_problems(rows: list[dict], where: list[str], origin: str, field: str) -> list[str]:
+    """A problem text twice in one suite (compared stripped): a duplicated row, which ids made from the row's
+    position ({index}) cannot catch, would count one problem twice in every metric."""
+    seen: dict[str, str] = {}
+    problems = []
+    for row, loc in zip(rows, where):
+        text = row["prompt"].strip()
+        if text in seen:
+            problems.append(f"{origin}: {loc} (id {row['id']}): field '{field}': the same problem text as "
+                            f"{seen[text]} (a duplicated row?)")
+        else:
+            seen[text] = loc
+    return problems
+
+
 def _map_row(name: str, spec: SuiteRows, index: int, row: dict, at: str) -> tuple[dict | None, list[str]]:
     """One raw row -> (prompt row, []) or (None, problems)."""
     fm = spec.fields
@@ -383,10 +403,11 @@ def _map_row(name: str, spec: SuiteRows, index: int, row: dict, at: str) -> tupl
             "source": spec.source, "suite": name}, []
 
 
-def check_suite(name: str, spec: SuiteRows, raw: list[tuple[str, dict]], origin: str
-                ) -> tuple[list[dict], ValidationReport]:
+def check_suite(name: str, spec: SuiteRows, raw: list[tuple[str, dict]], origin: str,
+                unique_problems: bool = False) -> tuple[list[dict], ValidationReport]:
     """Select and map raw rows (locator, row) in dataset order and list every problem; raises only when the data
-    has fewer rows than `first` selects. The rows are final only when report.ok."""
+    has fewer rows than `first` selects. `unique_problems`: a problem text twice is a problem too (a benchmark
+    suite; RL prompts may repeat). The rows are final only when report.ok."""
     if spec.first is not None:
         if len(raw) < spec.first:
             raise DataError(f"{origin}: suite '{name}' needs the first {spec.first} rows, the data has {len(raw)}")
@@ -409,6 +430,8 @@ def check_suite(name: str, spec: SuiteRows, raw: list[tuple[str, dict]], origin:
             rows.append(mapped)
             where.append(loc)
     problems += refused_all + _duplicate_ids(rows, where, origin)
+    if unique_problems:
+        problems += _duplicate_problems(rows, where, origin, spec.fields.problem)
     if len(raw) != spec.rows:
         problems.append(f"{origin}: expected {spec.rows} rows, got {len(raw)}")
     report = ValidationReport(suite=name, origin=origin, rows=len(raw), expected_rows=spec.rows,
@@ -417,9 +440,10 @@ def check_suite(name: str, spec: SuiteRows, raw: list[tuple[str, dict]], origin:
     return rows, report
 
 
-def normalise_suite(name: str, spec: SuiteRows, raw: list[tuple[str, dict]], origin: str) -> SuiteData:
+def normalise_suite(name: str, spec: SuiteRows, raw: list[tuple[str, dict]], origin: str,
+                    unique_problems: bool = False) -> SuiteData:
     """check_suite, then one DataError listing every problem (file, row, field), or the validated suite."""
-    rows, report = check_suite(name, spec, raw, origin)
+    rows, report = check_suite(name, spec, raw, origin, unique_problems)
     if not report.ok:
         listed = report.problems[:_MAX_LISTED]
         more = len(report.problems) - len(listed)
@@ -435,10 +459,10 @@ def load_suite(name: str, spec: SuiteSpec, data_dir: Path | None) -> SuiteData:
     """One suite from `data_dir` (the manifest's file name, JSONL or parquet) or, when None, from the hub."""
     if data_dir is not None:
         path = _local_file(spec, Path(data_dir))
-        return normalise_suite(name, spec, _read_file(path), str(path))
+        return normalise_suite(name, spec, _read_file(path), str(path), unique_problems=True)
     hub = spec.hub
     origin = f"{hub.id}{'/' + hub.config if hub.config else ''}:{hub.split}@{hub.revision}"
-    return normalise_suite(name, spec, _read_hub(hub), origin)
+    return normalise_suite(name, spec, _read_hub(hub), origin, unique_problems=True)
 
 
 def local_suite_files(manifest_path: str | Path, data_dir: str | Path) -> list[Path]:

@@ -1,7 +1,8 @@
 """Gold answers per benchmark source, normalised to the string the grader compares against (DESIGN §6, §8).
 
 The grader wraps the gold in `\\boxed{}` itself, so a gold here is bare LaTeX/plain text: `18`, `\\frac{1}{2}`,
-`(1,8,19), (2,7,13)`. Beyond each source's field rule, two repairs keep LaTeX golds parseable inside `\\boxed{}`:
+`(1,8,19), (2,7,13)`; a gold that `\\boxed{}` cannot hold (unbalanced braces) is refused. Beyond each source's
+field rule, two repairs keep LaTeX golds parseable inside `\\boxed{}`:
 a sentence-ending period is dropped and olympiadbench's bare `%` is escaped. Every rule refuses a gold it cannot
 read (DataError naming source, row and field) rather than letting an empty or garbled gold grade every response
 as wrong.
@@ -130,6 +131,9 @@ def _arith(row: dict, index: int | None) -> str:
     return str(value)
 
 
+# The field each rule reads the gold from (named when the gold cannot be boxed).
+_GOLD_FIELD = {"minerva_math": "solution", "olympiadbench": "final_answer"}
+
 _RULES = {
     "gsm8k": _gsm8k,
     "math500": _math500,
@@ -148,7 +152,11 @@ def extract_gold(source: str, row: dict, *, index: int | None = None) -> str:
     if rule is None:
         raise DataError(f"unknown gold source '{source}' (row {index if index is not None else '?'}); "
                         f"known: {', '.join(SOURCES)}")
-    return rule(row, index)
+    gold = rule(row, index)
+    if last_boxed(f"\\boxed{{{gold}}}") != gold:  # the grader compares against \boxed{gold}
+        raise _fail(source, row, index, _GOLD_FIELD.get(source, "answer"),
+                    f"gold {gold!r} has unbalanced braces: \\boxed{{}} cannot hold it")
+    return gold
 
 
 def equivalent_renderings(gold: str) -> list[tuple[str, str]]:

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from rewards.golds import extract_gold
 from evals.suites import (PROMPT_ROW_SCHEMA, control_char_findings, load_arith_heldout, load_eval_heldout,
                           load_heldout, load_manifest, load_suite, protocol_differences)
 from infra.errors import DataError
@@ -333,3 +334,52 @@ def test_protocol_pass_at_must_fit_n(tmp_path):
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     with pytest.raises(DataError, match=r"m\.yaml:\d+: protocol: .*pass_at \[64\]: each k must lie in 1\.\.n \(32\)"):
         load_manifest(path)
+
+
+# ---------------------------------------------------------------- bad copies of the MASA suite's real files
+
+def _copy_with(src: Path, dst_dir: Path, name: str, change) -> None:
+    rows = [json.loads(line) for line in open(src / name, encoding="utf-8")]
+    change(rows)
+    (dst_dir / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+@pytest.mark.parametrize("name, index_id, problem_field", [
+    ("amc23", "amc23-39", "question"),           # ids from the row's position ({index}): a copied row gets a new id
+    ("minerva_math", "minerva-271", "problem"),
+])
+def test_a_duplicated_row_is_refused_even_when_ids_come_from_the_position(benchmarks_dir, tmp_path, name,
+                                                                          index_id, problem_field):
+    def duplicate_first_row_at_the_end(rows):
+        rows[-1] = dict(rows[0])
+
+    _copy_with(benchmarks_dir, tmp_path, f"{name}.jsonl", duplicate_first_row_at_the_end)
+    last = len(open(tmp_path / f"{name}.jsonl", encoding="utf-8").readlines())
+    with pytest.raises(DataError) as err:
+        load_suite(name, masa_spec(name), tmp_path)
+    assert (f"{name}.jsonl: line {last} (id {index_id}): field '{problem_field}': the same problem text as "
+            f"line 1 (a duplicated row?)") in str(err.value)
+
+
+def test_a_gold_the_grader_cannot_box_is_refused(benchmarks_dir, tmp_path):
+    def unbalance(rows):
+        rows[3]["answer"] = r"\frac{1}{2"  # what a truncated export leaves
+
+    _copy_with(benchmarks_dir, tmp_path, "math500.jsonl", unbalance)
+    with pytest.raises(DataError) as err:
+        load_suite("math500", masa_spec("math500"), tmp_path)
+    assert (r"math500.jsonl: line 4 (id test/number_theory/572.json): unparseable gold: math500 row "
+            r"unique_id='test/number_theory/572.json': field 'answer': gold '\\frac{1}{2' has unbalanced braces"
+            in str(err.value))
+    for gold in ("}{", "a}", "x\\"):  # a closing brace first, one too many, a trailing backslash escaping the box's "}"
+        with pytest.raises(DataError, match="has unbalanced braces"):
+            extract_gold("math500", {"answer": gold})
+    assert extract_gold("math500", {"answer": r"\{1, 2\}"}) == r"\{1, 2\}"  # escaped braces are text
+
+
+def test_a_line_that_is_not_utf8_is_refused_naming_file_and_line(benchmarks_dir, tmp_path):
+    lines = (benchmarks_dir / "aime24.jsonl").read_bytes().splitlines(keepends=True)
+    lines[6] = lines[6][:10] + b"\xff" + lines[6][10:]
+    (tmp_path / "aime24.jsonl").write_bytes(b"".join(lines))
+    with pytest.raises(DataError, match=r"aime24\.jsonl: line 7: not UTF-8: byte 0xff at column 11$"):
+        load_suite("aime24", masa_spec("aime24"), tmp_path)
