@@ -39,6 +39,13 @@ def tokenizer(world):
     ("check 4+", None), ("check 4+(2", None), ("check 4x2", None),  # unparsable or not well formed
     ("check 99+1", None), ("check 120-1", None),  # beyond the world's ±99
     ("44-7", None), ("check 44-7, same", None),  # no check of an expression at the end
+    # brackets around a lone number: next_op cannot see past them, the value was '(' or a wrong number
+    ("check (5)*2", "=10"), ("check 2*(5)", "=10"), ("check (1+2)*(3)", "=9"), ("check ((1+2))*3", "=9"),
+    ("check (5)", "=5"), ("check ((-5))", "=-5"), ("check " + "(" * 500 + "7" + ")" * 500, "=7"),
+    ("check 5/0", None), ("check 0/0", None), ("check " + "9" * 400 + "*9", None),  # division by 0, huge
+    ("check ٣+٤", None), ("check ³+1", None),  # digits are ASCII: str.isdigit() takes these
+    ("check  44-7", None), ("check 44 - 7", None), ("check\t44-7", None), ("check 44-7 ", None),  # whitespace
+    ("", None), ("check", None), ("check ", None),  # nothing to evaluate
 ])
 def test_arith_check_values(context, value):
     from worlds.arith import arith_check
@@ -54,6 +61,15 @@ def test_tool_output_counts_errors():
     assert tool_output(tool, f"{META_OPEN}check 4+{CALC_OPEN}") == (f"{ERROR_TEXT}{CALC_CLOSE}", True)
     # a marker outside an open block is an error: the block closed before it
     assert tool_output(tool, f"{META_OPEN}x{META_CLOSE}check 44-7{CALC_OPEN}") == (f"{ERROR_TEXT}{CALC_CLOSE}", True)
+    # a marker with nothing before it, two markers in a row, a marker inside an earlier call's output
+    assert tool_output(tool, CALC_OPEN) == (f"{ERROR_TEXT}{CALC_CLOSE}", True)
+    assert tool_output(tool, f"{META_OPEN}{CALC_OPEN}") == (f"{ERROR_TEXT}{CALC_CLOSE}", True)
+    assert tool_output(tool, f"{META_OPEN}check 2+2{CALC_OPEN}{CALC_OPEN}") == (f"{ERROR_TEXT}{CALC_CLOSE}", True)
+    assert tool_output(tool, f"{META_OPEN}check 3+{CALC_OPEN}4{CALC_OPEN}") == (f"{ERROR_TEXT}{CALC_CLOSE}", True)
+    # nested blocks: the innermost open one is the block; a second check after an answered one is answered
+    assert tool_output(tool, f"{META_OPEN}{META_OPEN}check 3+4{CALC_OPEN}") == (f"=7{CALC_CLOSE}", False)
+    assert tool_output(tool, f"{META_OPEN}check 3+4{CALC_OPEN}=7{CALC_CLOSE} check 2*(2){CALC_OPEN}") == (
+        f"=4{CALC_CLOSE}", False)
     assert get_tool("none") is None
     with pytest.raises(ValueError, match="unknown tool 'calc'.*arith_check"):
         get_tool("calc")

@@ -59,17 +59,20 @@ SOURCE = "arith"
 
 # ---------------------------------------------------------------- expressions
 
+DIGITS = "0123456789"  # ASCII only: str.isdigit() also takes '٣' and '³'
+
+
 def parse(expr: str) -> list[Token]:
     """'7-3*-3' → [7, '-', 3, '*', -3]. A '-' is a sign when it starts the expression or follows an operator
-    or '('. Raises ValueError on anything else."""
+    or '('. Raises ValueError on anything else (also a non-ASCII digit)."""
     out: list[Token] = []
     i = 0
     while i < len(expr):
         ch = expr[i]
         sign_ok = not out or (isinstance(out[-1], str) and out[-1] != ")")
-        if ch.isdigit() or (ch == "-" and sign_ok and i + 1 < len(expr) and expr[i + 1].isdigit()):
+        if ch in DIGITS or (ch == "-" and sign_ok and i + 1 < len(expr) and expr[i + 1] in DIGITS):
             j = i + 1
-            while j < len(expr) and expr[j].isdigit():
+            while j < len(expr) and expr[j] in DIGITS:
                 j += 1
             out.append(int(expr[i:j]))
             i = j
@@ -163,11 +166,12 @@ def next_op(tokens: list[Token]) -> int | None:
 
 
 def reduce_at(tokens: list[Token], i: int, value: int) -> list[Token]:
-    """Replace tokens[i-1:i+2] by value; drop brackets around a lone number."""
+    """Replace tokens[i-1:i+2] by value; drop the brackets around a lone number (every pair: '((1+2))' → 3)."""
     out = tokens[:i - 1] + [value] + tokens[i + 2:]
     j = i - 1
-    if 0 < j < len(out) - 1 and out[j - 1] == "(" and out[j + 1] == ")":
+    while 0 < j < len(out) - 1 and out[j - 1] == "(" and out[j + 1] == ")":
         out = out[:j - 1] + [value] + out[j + 2:]
+        j -= 1
     return out
 
 
@@ -185,11 +189,29 @@ def solve(tokens: list[Token]) -> list[Step] | None:
     return steps
 
 
+def _unwrap(tokens: list[Token]) -> list[Token]:
+    """tokens with the brackets around every lone number dropped ('(5)*2' → 5*2), which next_op cannot reduce past."""
+    out = list(tokens)
+    i = 1
+    while i < len(out) - 1:
+        if out[i - 1] == "(" and isinstance(out[i], int) and out[i + 1] == ")":
+            out[i - 1:i + 2] = [out[i]]
+            i = max(i - 1, 1)
+        else:
+            i += 1
+    return out
+
+
 def evaluate(tokens: list[Token]) -> int | None:
+    """The value of a well-formed expression with this world's reduction order, None when a step is not exact or
+    leaves ±LIMIT."""
+    tokens = _unwrap(tokens)
     steps = solve(tokens)
     if steps is None:
         return None
-    return steps[-1].value if steps else tokens[0]
+    if steps:
+        return steps[-1].value
+    return tokens[0] if len(tokens) == 1 and isinstance(tokens[0], int) else None
 
 
 # ---------------------------------------------------------------- the nine domains
