@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from infra.errors import TwinarmError, UsageError
 
@@ -113,7 +113,10 @@ def validate(spec: Path = typer.Argument(..., help="ablation spec (YAML)")) -> N
         for c_name, c in s.contrasts.items():
             diff = config_diff(arms[c.treatment], arms[c.control])
             declared = declared_keys(s, c.treatment) | declared_keys(s, c.control)
-            t = Table("key", "mechanism", c.treatment, c.control, "declared",
+            # keys and mechanism names are never cut ("rl.masa.efficient.…" names no key); values may fold
+            t = Table(Column("key", no_wrap=True, min_width=max(map(len, diff), default=3)),
+                      Column("mechanism", overflow="fold"), Column(c.treatment, overflow="fold"),
+                      Column(c.control, overflow="fold"), "declared",
                       title=f"contrast {c_name}: {c.treatment} − {c.control}" + (f" ({c.question})" if c.question
                                                                                  else ""))
             for key, (a, b) in diff.items():

@@ -142,3 +142,16 @@ def test_validate_refuses_mechanisms_that_do_not_match_the_arm_diff(tmp_path):
            "contrasts.RQ1.mechanisms ['meta_reward']" in err
     assert "contrast RQ1 (B2 − B0) declares mechanism meta_reward, but its arms do not differ in it" in err
     assert "contrast placebo (placebo − B0) changes mechanism placebo_blocks (sft.meta_blocks), not declared" in err
+
+
+def test_validate_on_an_80_column_terminal_prints_every_differing_key_whole(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "flows.cli", "validate", "configs/masa.yaml"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120,
+                         env={"TWINARM_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "COLUMNS": "80"})
+    assert res.returncode == 0, res.stderr
+    section = res.stdout[res.stdout.index("contrast efficient_vs_grpo"):res.stdout.index("contrast dapo:")]
+    rows = [line.split("│")[1].strip() for line in section.splitlines() if line.startswith("│")]
+    keys = [k for k in rows if k]
+    assert keys == ["rl.masa.efficient.audit_prompts", "rl.masa.efficient.cutoff", "rl.masa.efficient.gate",
+                    "rl.masa.efficient.start_step", "rl.masa.enable", "rl.masa.expert.enable"]
+    assert max(map(len, res.stdout.splitlines())) <= 80
