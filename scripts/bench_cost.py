@@ -132,16 +132,18 @@ def plot(result: dict, out: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--home", type=Path, default=REPO / ".twinarm")
-    ap.add_argument("--ablation", default="demo")
-    ap.add_argument("--spec", default=str(REPO / "configs" / "demo.yaml"))
-    ap.add_argument("--arm", default="control")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--home", type=Path, default=REPO / ".twinarm", help="TWINARM_HOME of a completed ablation "
+                                                                          "(default: %(default)s)")
+    ap.add_argument("--ablation", default="demo", help="its name (default: %(default)s)")
+    ap.add_argument("--spec", default=str(REPO / "configs" / "demo.yaml"), help="its spec (default: configs/demo.yaml)")
+    ap.add_argument("--arm", default="control", help="the arm measured (default: %(default)s)")
     ap.add_argument("--batches", default="4x8,8x8,16x8,16x16", help="prompts x n per step")
     ap.add_argument("--lengths", default="12,24,36,160", help="rl.max_response_length values (the demo's "
                     "model stops by itself at ~38 tokens)")
     ap.add_argument("--suite-sizes", default="34,68,135,270", help="held-out problems per point")
-    ap.add_argument("--out", type=Path, default=REPO / "docs" / "cost-growth.png")
+    ap.add_argument("--out", type=Path, default=REPO / "docs" / "cost-growth.png",
+                    help="the figure; the points go to the same name with .json (default: docs/cost-growth.png)")
     ap.add_argument("--repeats", type=int, default=2, help="runs per point; the fastest is kept")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads of every point (default: the spec's, per stage as the demo runs them)")

@@ -197,22 +197,30 @@ def _outputs(home: Path) -> dict[str, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="mode", required=True)
-    step = sub.add_parser("step", help="GRPO step time, vanilla vs the treatment arm's reward")
-    step.add_argument("--home", type=Path, default=Path(os.environ.get("TWINARM_HOME", ".twinarm")))
-    step.add_argument("--ablation", default="demo")
-    step.add_argument("--spec", default="configs/demo.yaml")
+    step = sub.add_parser("step", help="GRPO step time, vanilla vs the treatment arm's reward",
+                          description="GRPO step time of one arm's SFT model from a completed ablation: K steps "
+                                      "per reward (vanilla vs the arm's) from the same start, or with "
+                                      "--rollout-engines HF vs vLLM rollouts on the arm's reward")
+    step.add_argument("--home", type=Path, default=Path(os.environ.get("TWINARM_HOME", ".twinarm")),
+                      help="TWINARM_HOME of the completed ablation (default: $TWINARM_HOME or .twinarm)")
+    step.add_argument("--ablation", default="demo", help="its name (default: %(default)s)")
+    step.add_argument("--spec", default="configs/demo.yaml", help="its spec (default: %(default)s)")
     step.add_argument("--arm", default=None, help="default: the first arm whose reward is not vanilla")
-    step.add_argument("--steps", type=int, default=6)
-    step.add_argument("--val-rows", type=int, default=16)
+    step.add_argument("--steps", type=int, default=6, help="GRPO steps K per measurement (default: %(default)s)")
+    step.add_argument("--val-rows", type=int, default=16,
+                      help="val rows of the step-K validation (default: %(default)s)")
     step.add_argument("--repeats", type=int, default=2, help="measurements per reward, alternating")
     step.add_argument("--init", type=Path, default=None, help="an SFT model directory (instead of the ablation's)")
     step.add_argument("--prompts", type=Path, default=None, help="an rl_prompts parquet (instead of the ablation's)")
     step.add_argument("--val", type=Path, default=None, help="a val parquet (instead of the ablation's)")
     step.add_argument("--rollout-engines", action="store_true",
                       help="compare rl.rollout_engine hf vs vllm (the arm's reward) instead of the two rewards")
-    demo = sub.add_parser("demo", help="demo wall time, arms sequential vs on Ray, and the cached rerun")
-    demo.add_argument("--spec", default="configs/demo.yaml")
-    demo.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "twinarm-bench")
+    demo = sub.add_parser("demo", help="demo wall time, arms sequential vs on Ray, and the cached rerun",
+                          description="the whole ablation in fresh homes: arms sequential, then on local Ray, then "
+                                      "the cached rerun; wall time and peak memory of each")
+    demo.add_argument("--spec", default="configs/demo.yaml", help="the spec run (default: %(default)s)")
+    demo.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "twinarm-bench",
+                      help="folder of the fresh homes (default: %(default)s)")
     ap.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = ap.parse_args()
     if args.mode == "step":

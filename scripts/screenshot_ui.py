@@ -116,11 +116,12 @@ def flow_run_pages(port: int, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("png", type=Path, nargs="?", default=REPO / "docs" / "prefect-ablation-form.png")
+    ap.add_argument("png", type=Path, nargs="?", default=REPO / "docs" / "prefect-ablation-form.png",
+                    help="where the form's screenshot goes (default: docs/prefect-ablation-form.png)")
     ap.add_argument("--flow-run", type=Path, metavar="HOME", help="screenshot the latest completed run in HOME")
     ap.add_argument("--out", type=Path, default=REPO / "docs", help="folder for the flow-run screenshots")
-    ap.add_argument("--port", type=int, default=4310)
-    ap.add_argument("--mlflow-port", type=int, default=5310)
+    ap.add_argument("--port", type=int, default=4310, help="Prefect UI port on 127.0.0.1 (default: %(default)s)")
+    ap.add_argument("--mlflow-port", type=int, default=5310, help="MLflow UI port on 127.0.0.1 (default: %(default)s)")
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="twinarm-ui-"))
     if args.flow_run is not None:

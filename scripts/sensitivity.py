@@ -99,7 +99,8 @@ def table(rows: list[dict[str, Any]], margin: float | None) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--spec", type=Path, default=REPO / "configs" / "sensitivity.yaml")
+    ap.add_argument("--spec", type=Path, default=REPO / "configs" / "sensitivity.yaml",
+                    help="the spec run (default: configs/sensitivity.yaml)")
     ap.add_argument("--home", type=Path, help="TWINARM_HOME to run in (default: a fresh one under /tmp)")
     ap.add_argument("--verdicts-only", action="store_true", help="print the verdicts of a finished run in --home")
     args = ap.parse_args()

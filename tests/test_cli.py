@@ -155,3 +155,21 @@ def test_validate_on_an_80_column_terminal_prints_every_differing_key_whole(tmp_
     assert keys == ["rl.masa.efficient.audit_prompts", "rl.masa.efficient.cutoff", "rl.masa.efficient.gate",
                     "rl.masa.efficient.start_step", "rl.masa.enable", "rl.masa.expert.enable"]
     assert max(map(len, res.stdout.splitlines())) <= 80
+
+
+@pytest.mark.parametrize("script", [("screenshot_ui.py",), ("sensitivity.py",), ("bench_cost.py",),
+                                    ("bench_rl.py", "step"), ("bench_rl.py", "demo")])
+def test_benchmark_scripts_describe_themselves_and_every_option(tmp_path, script):
+    import re
+
+    res = subprocess.run([sys.executable, f"scripts/{script[0]}", *script[1:], "--help"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120,
+                         env={"TWINARM_HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "COLUMNS": "100"})
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    usage, _, rest = res.stdout.partition("\n\n")
+    assert usage.startswith("usage:") and len(rest.split("options:")[0].split()) >= 8  # a description, not a title
+    lines = res.stdout.split("options:")[1].splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"  -", line):  # an option: its help on the same line or the next (a long signature)
+            same = re.match(r"  -\S+(?: [A-Z_]+)?(?:, -\S+(?: [A-Z_]+)?)*\s{2,}\S", line)
+            assert same or (i + 1 < len(lines) and re.match(r" {10,}\S", lines[i + 1])), f"no help: {line.strip()}"
