@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -170,6 +171,12 @@ def test_masa_efficient_with_dynamic_sampling_is_refused():
     with pytest.raises(ValueError, match="with filter_groups.enable is not implemented"):
         RLSpec(masa={"enable": True, "efficient": {"gate": True}}, filter_groups={"enable": True})
     assert RLSpec(masa={"enable": True}, filter_groups={"enable": True}).masa.enable  # dapo+masa is fine
+def test_readme_lists_the_whole_mechanism_vocabulary():
+    readme = " ".join((REPO / "README.md").read_text().split())
+    listed = readme.split("the vocabulary is `infra.spec.MECHANISMS` (")[1].split(")")[0]
+    assert set(re.findall(r"`(\w+)`", listed)) == set(MECHANISMS)
+
+
 def test_mechanism_of_a_value_keyed_key_comes_from_its_values():
     assert MECHANISMS >= {"meta_sft", "meta_blocks", "placebo_blocks", "sft_data", "meta_reward"}
     assert mechanisms_of("sft.meta_blocks", ("fixed", "as_written")) == ("placebo_blocks",)
