@@ -426,6 +426,10 @@ class RLSpec(Strict):
             raise ValueError("top_k: 0 is not a top-k; use -1 for no top-k filtering")
         if not self.filter_groups.enable and self.filter_groups != FilterGroupsSpec():
             raise ValueError("filter_groups.max_num_gen_batches is read only with filter_groups.enable: true")
+        if self.filter_groups.enable and self.n < 2:
+            raise ValueError(f"filter_groups.enable with n {self.n}: a group of one rollout always has zero "
+                             f"variance, so dynamic sampling would keep no group (and never stop with "
+                             f"max_num_gen_batches 0); set n ≥ 2")
         if not self.overlong_buffer.enable and self.overlong_buffer != OverlongBufferSpec():
             raise ValueError("overlong_buffer.len and .penalty_factor are read only with overlong_buffer.enable: true")
         if self.overlong_buffer.enable and self.overlong_buffer.len > self.max_response_length:

@@ -127,6 +127,11 @@ def test_spec_keys_act_or_are_refused():
         RLSpec(overlong_buffer={"enable": True, "len": 8192})
     with pytest.raises(ValueError, match="extra"):
         RLSpec(filter_groups={"enable": True, "metric": "reward"})
+    # a group of one rollout is always zero-variance: dynamic sampling could keep none (no cap: never stop)
+    with pytest.raises(ValueError, match="filter_groups.enable with n 1: a group of one rollout always has zero "
+                                         "variance"):
+        RLSpec(n=1, batch_size=8, filter_groups={"enable": True, "max_num_gen_batches": 0})
+    assert RLSpec(n=2, filter_groups={"enable": True}).n == 2 and RLSpec(n=1).n == 1  # n 1 alone is allowed
     assert mechanism_of("rl.filter_groups.enable") == "dynamic_sampling"
     assert mechanism_of("rl.overlong_buffer.len") == "overlong_punishment"
 
