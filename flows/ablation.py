@@ -18,7 +18,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 from prefect import flow, runtime  # noqa: E402
-from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field, ValidationError  # noqa: E402
 
 from flows.artifacts import publish_summary  # noqa: E402
 from flows.orphans import crash_orphans  # noqa: E402
@@ -51,10 +51,14 @@ def apply_overrides(spec: AblationSpec, overrides: RunOverrides) -> AblationSpec
         spec.arms = {a: spec.arms[a] for a in overrides.arms}
         spec.contrasts = {n: c for n, c in spec.contrasts.items()
                           if c.treatment in spec.arms and c.control in spec.arms}
-    if overrides.seeds:
-        spec.base.seeds = overrides.seeds
-    if overrides.rl_steps:
-        spec.base.rl.steps = overrides.rl_steps
+    for option, value, section, key in (("--seeds", overrides.seeds, spec.base, "seeds"),
+                                        ("--rl-steps", overrides.rl_steps, spec.base.rl, "steps")):
+        if value:
+            try:  # validated on assignment: a rule of the spec can refuse the new value
+                setattr(section, key, value)
+            except ValidationError as exc:
+                raise SpecError(f"{option} {value}: " + "; ".join(e["msg"].removeprefix("Value error, ")
+                                                                  for e in exc.errors())) from None
     return spec
 
 

@@ -436,6 +436,12 @@ class RLSpec(Strict):
             raise ValueError(f"overlong_buffer.len {self.overlong_buffer.len} exceeds max_response_length "
                              f"{self.max_response_length}")
         e = self.masa.efficient
+        if (e.gate or e.cutoff or e.hints) and e.start_step >= self.steps:
+            raise ValueError(f"masa.efficient.start_step {e.start_step}: gating, cutoff and hints act on steps after "
+                             f"it, and steps is {self.steps} (none would act)")
+        if e.audit_prompts > self.batch_size:
+            raise ValueError(f"masa.efficient.audit_prompts {e.audit_prompts} exceeds batch_size {self.batch_size} "
+                             f"(a step audits its own prompts)")
         if (e.gate or e.cutoff or e.hints) and self.filter_groups.enable:
             raise ValueError("masa.efficient (gate/cutoff/hints) with filter_groups.enable is not implemented: "
                              "dynamic sampling picks a step's prompts after their solution rollouts, MASA-efficient "

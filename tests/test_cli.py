@@ -173,3 +173,26 @@ def test_benchmark_scripts_describe_themselves_and_every_option(tmp_path, script
         if re.match(r"  -", line):  # an option: its help on the same line or the next (a long signature)
             same = re.match(r"  -\S+(?: [A-Z_]+)?(?:, -\S+(?: [A-Z_]+)?)*\s{2,}\S", line)
             assert same or (i + 1 < len(lines) and re.match(r" {10,}\S", lines[i + 1])), f"no help: {line.strip()}"
+
+
+def test_run_options_a_spec_rule_refuses_are_spec_errors_naming_the_option(tmp_path):
+    """--seeds / --rl-steps replace base keys after the spec validated; a rule that refuses the new value is a
+    SpecError naming the option (exit 2), not a pydantic ValidationError (an 'unexpected' error)."""
+    import yaml
+
+    spec = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    spec["base"]["rl"]["masa"] = {"enable": True, "efficient": {"gate": True, "start_step": 10}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    code = ("import sys\nfrom flows.ablation import RunOverrides, apply_overrides\nfrom infra.spec import load_spec\n"
+            "from infra.errors import SpecError\ns = load_spec(sys.argv[1])\n"
+            "for o in (RunOverrides(rl_steps=5), RunOverrides(seeds=[0, 0])):\n"
+            "    try:\n        apply_overrides(s, o)\n    except SpecError as e:\n        print(e)\n"
+            "print(apply_overrides(s, RunOverrides(rl_steps=11, seeds=[1, 2])).base.rl.steps)\n")
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s.yaml")], cwd=REPO, capture_output=True,
+                         text=True, timeout=120, env={"TWINARM_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [
+        "--rl-steps 5: masa.efficient.start_step 10: gating, cutoff and hints act on steps after it, and steps is 5 "
+        "(none would act)",
+        "--seeds [0, 0]: seeds: each seed once (got [0, 0])",
+        "11"]

@@ -165,6 +165,22 @@ def test_masa_keys_that_would_not_act_are_refused(masa, match):
         RLSpec(masa=masa)
 
 
+@pytest.mark.parametrize("rl,match", [
+    ({"steps": 10, "masa": {"enable": True, "efficient": {"gate": True, "start_step": 10}}},
+     "masa.efficient.start_step 10: gating, cutoff and hints act on steps after it, and steps is 10"),
+    ({"batch_size": 8, "masa": {"enable": True, "efficient": {"cutoff": True, "audit_prompts": 9}}},
+     "masa.efficient.audit_prompts 9 exceeds batch_size 8"),
+])
+def test_masa_efficient_values_that_could_not_act_are_refused(rl, match):
+    from infra.spec import RLSpec
+
+    with pytest.raises(ValueError, match=match):
+        RLSpec(**rl)
+    ok = RLSpec(steps=11, batch_size=8, masa={"enable": True, "efficient": {"gate": True, "start_step": 10,
+                                                                            "audit_prompts": 8}})
+    assert (ok.masa.efficient.start_step, ok.masa.efficient.audit_prompts) == (10, 8)
+
+
 def test_masa_efficient_with_dynamic_sampling_is_refused():
     from infra.spec import RLSpec
 
