@@ -620,6 +620,29 @@ def mechanism_of(key: str) -> str:
     return key
 
 
+def model_problems(cfg: "BaseSpec") -> list[str]:
+    """What a resolved arm asks of its model that the model cannot give (checked by tasks.stages.load_checked_spec;
+    not a BaseSpec validator, because the RL defaults are sized for hub models, not the toy one):
+    a toy model must have positions for the longest sequence a stage generates (rl.max_prompt_length plus
+    rl.max_response_length, or plus eval.max_new_tokens); the HF engine would run past the positions the model was
+    built and trained for without a word, vLLM would fail mid-run. `tool` writes marker tokens only twinarm's own
+    tokenizer has (model.source toy). Hub models' positions are read from their config at run time."""
+    out: list[str] = []
+    if cfg.model.source != "toy":
+        if cfg.tool != "none":
+            out.append(f"tool '{cfg.tool}' needs the calculator markers of twinarm's own tokenizer (model.source: "
+                       f"toy); model.source is '{cfg.model.source}'")
+        return out
+    limit = cfg.model.toy.max_position
+    for what, new in (("rl.max_response_length", cfg.rl.max_response_length),
+                      ("eval.max_new_tokens", cfg.eval.max_new_tokens)):
+        if cfg.rl.max_prompt_length + new > limit:
+            out.append(f"rl.max_prompt_length {cfg.rl.max_prompt_length} + {what} {new} = "
+                       f"{cfg.rl.max_prompt_length + new} exceeds model.toy.max_position {limit}: raise "
+                       f"model.toy.max_position or shorten them")
+    return out
+
+
 def mechanisms_of(key: str, values: tuple[Any, ...] = ()) -> tuple[str, ...]:
     """The mechanisms a differing key belongs to, given the values that differ (e.g. the two arms'), sorted: for a
     key whose mechanism depends on its value (sft.meta_blocks), the mechanisms those values name (fixed, shuffled

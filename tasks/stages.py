@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from infra.errors import SpecError
-from infra.spec import AblationSpec, config_diff, contrast_mechanisms, load_spec, resolved_arms, yaml_key_lines
+from infra.spec import (AblationSpec, config_diff, contrast_mechanisms, load_spec, model_problems, resolved_arms,
+                        yaml_key_lines)
 from tasks import base_model, data, heldout, resolve, rl, sft, sweep, twins
 from tasks.common import Stage
 
@@ -23,9 +24,10 @@ REPORT_KEYS = {"eval.bootstrap_resamples": "paired bootstrap resamples of every 
 
 
 def load_checked_spec(path: str | Path) -> AblationSpec:
-    """infra.spec.load_spec, then the checks against the domain registries: every arm's `rl.reward` must be a
-    registered reward signal; and every contrast's declared `mechanisms` must match what its arms' resolved configs
-    differ in (infra.spec.contrast_mechanisms). Raises SpecError naming the file, line and key."""
+    """infra.spec.load_spec, then the checks across sections and against the domain registries: every arm's model
+    can hold what the arm generates (infra.spec.model_problems); every arm's `rl.reward` must be a registered reward
+    signal; and every contrast's declared `mechanisms` must match what its arms' resolved configs differ in
+    (infra.spec.contrast_mechanisms). Raises SpecError naming the file, line and key."""
     from rewards.signals import SIGNALS
 
     spec = load_spec(path)
@@ -33,6 +35,7 @@ def load_checked_spec(path: str | Path) -> AblationSpec:
     problems = []
     arms = resolved_arms(spec)
     for arm, cfg in arms.items():
+        problems += [f"{path}: arm {arm}: {p}" for p in model_problems(cfg)]
         if cfg.rl.reward not in SIGNALS:
             declared = ("arms", arm, "overrides") if "rl.reward" in spec.arms[arm].overrides else ("base", "rl",
                                                                                                     "reward")

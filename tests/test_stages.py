@@ -302,6 +302,36 @@ def test_unknown_reward_is_refused_when_the_spec_loads(tmp_path):
     assert "pmishfit" in msg and "arm pmishift" in msg and f"{path}:" in msg and "pmishift" in msg
 
 
+@pytest.mark.parametrize("changes, words", [
+    ({"rl": {"max_response_length": 300}}, ["rl.max_prompt_length 96 + rl.max_response_length 300 = 396 exceeds "
+                                           "model.toy.max_position 320"]),
+    ({"eval": {"max_new_tokens": 225}}, ["rl.max_prompt_length 96 + eval.max_new_tokens 225 = 321 exceeds "
+                                         "model.toy.max_position 320"]),
+    ({"model": {"source": "Qwen/Qwen3-8B"}, "tool": "arith_check"},
+     ["tool 'arith_check' needs the calculator markers of twinarm's own tokenizer"]),
+    ({"eval": {"max_new_tokens": 224}}, []),  # 96 + 224 = 320: exactly the positions there are
+])
+def test_what_an_arm_generates_must_fit_its_model(tmp_path, changes, words):
+    import yaml
+
+    spec = yaml.safe_load(DEMO.read_text())
+    for section, value in changes.items():
+        if isinstance(value, dict):
+            spec["base"].setdefault(section, {}).update(value)
+        else:
+            spec["base"][section] = value
+    if spec["base"]["model"]["source"] != "toy":
+        spec["base"]["model"] = {"source": spec["base"]["model"]["source"]}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    if not words:
+        load_checked_spec(path)
+        return
+    with pytest.raises(SpecError) as exc:
+        load_checked_spec(path)
+    assert all(f"arm control: {w}" in str(exc.value) for w in words), str(exc.value)
+
+
 @pytest.mark.parametrize("override, words", [
     ("{executor: {verl: {nnodes: 2}}}", "executor.verl is read only when executor.kind is 'verl'"),
     ("{rl: {data: {kind: arith, path: x.jsonl}}}", "does not read path"),
