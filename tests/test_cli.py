@@ -29,7 +29,7 @@ def test_validate_ok_and_bad_spec_exit_codes(tmp_path):
 
 def test_validate_lists_departures_from_the_manifests_published_protocol(tmp_path):
     spec = tmp_path / "masa.yaml"
-    spec.write_text("name: m\nbase:\n  eval: {heldout: datasets/masa-suite.yaml}\narms:\n"
+    spec.write_text("name: m\nbase:\n  model: {source: Qwen/Qwen3-8B}\n  eval: {heldout: datasets/masa-suite.yaml}\narms:\n"
                     "  paper: {overrides: {eval.temperature: 1.0, eval.top_p: 1.0, eval.n: 32, eval.n_per_suite: {}}}\n"
                     "  cheap: {overrides: {eval.n: 4}}\n")
     res = twinarm("validate", str(spec), home=tmp_path)
