@@ -13,7 +13,6 @@ environment's tool loop (evals/tools.py) stops at its marker this way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
 from infra.hashing import hash_json

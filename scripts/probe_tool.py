@@ -24,9 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from infra.artifacts import atomic_path, atomic_write_json  # noqa: E402
-from infra.spec import load_spec  # noqa: E402
 from meta.grammar import CALC_CLOSE, CALC_OPEN, META_OPEN  # noqa: E402
-from probe_world import analyse, counterfactual, stripped_rows  # noqa: E402
+from probe_world import analyse, counterfactual, probe_setup, stripped_rows  # noqa: E402
 
 
 def base_with_markers(src: Path, out: Path, device: str) -> Path:
@@ -63,28 +62,17 @@ def main() -> None:
     ap.add_argument("--arms", default="tool,meta,twin")
     args = ap.parse_args()
 
-    import torch
-
     from evals.engine import HFEngine, render_prompt
     from evals.tools import ToolEngine, get_tool
     from rewards.grader import get_grader
     from sft.meta_blocks import meta_block_form
     from sft.train import TrainConfig, train_lm
     from worlds.arith import generate_world
-    from worlds.model import load_model, resolve_device, resolve_precision, save_model, set_threads
+    from worlds.model import load_model, save_model
     from worlds.tokenizer import load_tokenizer, save_tokenizer
 
-    spec = load_spec(args.spec).base
-    if args.sft_epochs is not None:
-        spec.sft.epochs = args.sft_epochs
-    out = Path(args.out)
-    set_threads(args.threads)
-    torch.manual_seed(0)
-    compute = spec.executor.compute
-    device = resolve_device(compute)
-    precision = resolve_precision(compute, device)
-    report: dict[str, Any] = {"threads": args.threads, "device": device, "precision": precision,
-                              "base": str(args.base), "sft_epochs": spec.sft.epochs}
+    spec, out, device, precision, report = probe_setup(args)
+    report.update(base=str(args.base), sft_epochs=spec.sft.epochs)
     world = generate_world(spec.world)
     base = base_with_markers(Path(args.base), out / "base", device)
     tokenizer = load_tokenizer(base)
@@ -101,7 +89,7 @@ def main() -> None:
         arm_dir = out / f"sft-{arm}"
         model = load_model(base, device)
         config = TrainConfig.from_sft(spec.sft, len(rows), checkpoint_every=10**9)
-        run = train_lm(model, tokenizer, rows, config, arm_dir / "train", spec.seeds[0], compute)
+        run = train_lm(model, tokenizer, rows, config, arm_dir / "train", spec.seeds[0], spec.executor.compute)
         if not (arm_dir / "model").is_dir():
             with atomic_path(arm_dir / "model") as tmp:
                 save_model(model, tmp)

@@ -130,6 +130,23 @@ def analyse(rows: list[dict[str, Any]], gens: list[list[Any]], grades: list[bool
     }
 
 
+def probe_setup(args: argparse.Namespace) -> tuple[Any, Path, str, str, dict[str, Any]]:
+    """What every probe starts from: the spec's base config (sft.epochs overridden by --sft-epochs), the output
+    folder, torch threads and seed set, the resolved device and precision, and the report's first entries."""
+    import torch
+
+    from worlds.model import resolve_device, resolve_precision, set_threads
+
+    spec = load_spec(args.spec).base
+    if args.sft_epochs is not None:
+        spec.sft.epochs = args.sft_epochs
+    set_threads(args.threads)
+    torch.manual_seed(0)
+    device = resolve_device(spec.executor.compute)
+    precision = resolve_precision(spec.executor.compute, device)
+    return spec, Path(args.out), device, precision, {"threads": args.threads, "device": device, "precision": precision}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--spec", default="configs/demo.yaml")
@@ -142,28 +159,17 @@ def main() -> None:
     ap.add_argument("--sft-lr", type=float, help="override the spec's sft.lr")
     args = ap.parse_args()
 
-    import torch
-
     from evals.engine import HFEngine, render_prompt
     from rewards.grader import get_grader
     from sft.base import train_base_model, val_accuracy
     from sft.train import TrainConfig, train_lm
     from worlds.arith import generate_world, world_texts
-    from worlds.model import load_model, resolve_device, resolve_precision, save_model, set_threads
+    from worlds.model import load_model, save_model
     from worlds.tokenizer import load_tokenizer, save_tokenizer
 
-    spec = load_spec(args.spec).base
-    if args.sft_epochs is not None:
-        spec.sft.epochs = args.sft_epochs
+    spec, out, device, precision, report = probe_setup(args)
     if args.sft_lr is not None:
         spec.sft.lr = args.sft_lr
-    out = Path(args.out)
-    set_threads(args.threads)
-    torch.manual_seed(0)
-    compute = spec.executor.compute
-    device = resolve_device(compute)
-    precision = resolve_precision(compute, device)
-    report: dict[str, Any] = {"threads": args.threads, "device": device, "precision": precision}
 
     t = time.perf_counter()
     world = generate_world(spec.world)
@@ -172,7 +178,7 @@ def main() -> None:
                        "sft_kinds": dict(Counter(r["kind"] for r in world["sft1"] + world["sft2"]))}
 
     base = train_base_model(world["base"], world["val"], world_texts(world), spec.model.toy,
-                            spec.model.base_training, compute, spec.grader, out / "base", threads=args.threads,
+                            spec.model.base_training, spec.executor.compute, spec.grader, out / "base", threads=args.threads,
                             max_new_tokens=args.max_new_tokens)
     report["base"] = {k: base[k] for k in ("val_accuracy", "val_accuracy_by_domain", "params", "vocab_size",
                                            "steps", "stopped", "train_seconds", "tokenizer_seconds", "seconds")}
@@ -189,7 +195,7 @@ def main() -> None:
         arm_dir = out / f"sft-{arm}"
         model = load_model(Path(base["model_dir"]), device)
         config = TrainConfig.from_sft(spec.sft, len(rows), checkpoint_every=10**9)
-        run = train_lm(model, tokenizer, rows, config, arm_dir / "train", spec.seeds[0], compute)
+        run = train_lm(model, tokenizer, rows, config, arm_dir / "train", spec.seeds[0], spec.executor.compute)
         if not (arm_dir / "model").is_dir():
             with atomic_path(arm_dir / "model") as tmp:
                 save_model(model, tmp)

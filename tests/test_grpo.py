@@ -102,7 +102,6 @@ def twinarm_advantages(correct, index, mask, norm):
 
 @pytest.mark.parametrize("norm,kl_coef", [(True, 0.0), (False, 0.0), (False, 0.3), (True, 0.3)])
 def test_loss_and_advantage_parity_with_verl(norm, kl_coef):
-    import torch
     from verl.trainer.ppo import core_algos
 
     from rl.grpo import _actor_config, grpo_loss
@@ -347,8 +346,6 @@ def test_sampled_token_logprobs_gradcheck():
 def test_response_logprobs_equal_the_full_logits_path(tiny_lm, precision):
     """logits_to_keep + chunked log-softmax vs the full forward's fp32 log-softmax: values and parameter grads."""
     import copy
-
-    import torch
 
     from rl.grpo import response_logprobs
     from worlds.model import autocast
