@@ -663,9 +663,12 @@ def test_masa_expert_buffer_and_counters_resume_with_the_checkpoint(arm_init, tm
 
 
 def _vllm_env_present() -> bool:
-    from evals.vllm_engine import engine_python
+    from evals.vllm_engine import EngineError, engine_python
 
-    return engine_python().exists()
+    try:
+        return engine_python().exists()
+    except EngineError:  # the engine environment is missing
+        return False
 
 
 @pytest.fixture(scope="module")
