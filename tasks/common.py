@@ -390,6 +390,7 @@ def run_calls(session: Session, task: Any, calls: list[StageCall], **kwargs: Any
     unique: dict[str, StageCall] = {}
     for call in calls:
         unique.setdefault(call.key, call)
+    submitted = utcnow().isoformat()
     futures = {key: task.with_options(refresh_cache=session.fresh, task_run_name=call.label).submit(call=call,
                                                                                                   **kwargs)
                for key, call in unique.items()}
@@ -410,8 +411,11 @@ def run_calls(session: Session, task: Any, calls: list[StageCall], **kwargs: Any
             session.fail(call, exc)
             failure = failure or exc
             continue
-        ran_here = unique[call.key] is call and state.name != "Cached"
-        outputs.append(session.finish(call, state.result(), cached=not ran_here))
+        out = state.result()
+        # computed here: this call's own task ran the body now. A Prefect cache hit, a duplicate call, or an output
+        # reused from its completion marker (the body skipped: run_stage) is cached, whatever Prefect's state says
+        ran_here = unique[call.key] is call and state.name != "Cached" and (out.started_at or "") >= submitted
+        outputs.append(session.finish(call, out, cached=not ran_here))
     if failure is not None:
         raise failure
     return outputs
