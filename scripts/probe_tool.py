@@ -13,7 +13,6 @@ tool markers gets them added (embeddings resized), as a base model trained now h
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from infra.artifacts import atomic_path, atomic_write_json  # noqa: E402
 from meta.grammar import CALC_CLOSE, CALC_OPEN, META_OPEN  # noqa: E402
-from probe_world import analyse, counterfactual, probe_setup, stripped_rows  # noqa: E402
+from probe_world import analyse, counterfactual, probe_arguments, probe_setup, stripped_rows  # noqa: E402
 
 
 def base_with_markers(src: Path, out: Path, device: str) -> Path:
@@ -50,15 +49,8 @@ def base_with_markers(src: Path, out: Path, device: str) -> Path:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = probe_arguments(__doc__, ".twinarm/probe-tool")
     ap.add_argument("--base", required=True, help="a trained base model directory")
-    ap.add_argument("--spec", default="configs/demo.yaml")
-    ap.add_argument("--out", default=".twinarm/probe-tool")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--n", type=int, default=4, help="rollouts per val prompt")
-    ap.add_argument("--temperature", type=float, default=0.7)
-    ap.add_argument("--max-new-tokens", type=int, default=160)
-    ap.add_argument("--sft-epochs", type=int, help="override the spec's sft.epochs")
     ap.add_argument("--arms", default="tool,meta,twin")
     args = ap.parse_args()
 

@@ -130,6 +130,20 @@ def analyse(rows: list[dict[str, Any]], gens: list[list[Any]], grades: list[bool
     }
 
 
+def probe_arguments(doc: str | None, out: str) -> argparse.ArgumentParser:
+    """The options every probe takes: spec, output folder, threads, sampling (n, temperature, max new tokens) and
+    the SFT epochs override."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--spec", default="configs/demo.yaml")
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--n", type=int, default=4, help="rollouts per val prompt")
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--max-new-tokens", type=int, default=160)
+    ap.add_argument("--sft-epochs", type=int, help="override the spec's sft.epochs")
+    return ap
+
+
 def probe_setup(args: argparse.Namespace) -> tuple[Any, Path, str, str, dict[str, Any]]:
     """What every probe starts from: the spec's base config (sft.epochs overridden by --sft-epochs), the output
     folder, torch threads and seed set, the resolved device and precision, and the report's first entries."""
@@ -148,14 +162,7 @@ def probe_setup(args: argparse.Namespace) -> tuple[Any, Path, str, str, dict[str
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--spec", default="configs/demo.yaml")
-    ap.add_argument("--out", default=".twinarm/probe")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--n", type=int, default=4, help="rollouts per val prompt")
-    ap.add_argument("--temperature", type=float, default=0.7)
-    ap.add_argument("--max-new-tokens", type=int, default=160)
-    ap.add_argument("--sft-epochs", type=int, help="override the spec's sft.epochs")
+    ap = probe_arguments(__doc__, ".twinarm/probe")
     ap.add_argument("--sft-lr", type=float, help="override the spec's sft.lr")
     args = ap.parse_args()
 

@@ -28,6 +28,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 from headless_chromium import chromium  # scripts/ is on sys.path when a script runs
 
@@ -45,34 +46,33 @@ def _api(port: int, path: str, body: dict | None = None) -> object:
         return json.loads(resp.read())
 
 
-def find_deployment(port: int, name: str, timeout_s: float) -> dict:
+def _poll(fetch: Callable[[], dict | None], timeout_s: float, missing: str) -> dict:
+    """fetch() every second until it returns a row (API errors count as not yet), else exit with `missing`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            found = [d for d in _api(port, "/deployments/filter", {}) if d["name"] == name]
-            if found:
-                return found[0]
+            if (found := fetch()) is not None:
+                return found
         except OSError:
             pass
         time.sleep(1)
-    sys.exit(f"no deployment named '{name}' appeared on the Prefect API at port {port} within {timeout_s:.0f}s")
+    sys.exit(f"{missing} within {timeout_s:.0f}s")
+
+
+def find_deployment(port: int, name: str, timeout_s: float) -> dict:
+    return _poll(lambda: next((d for d in _api(port, "/deployments/filter", {}) if d["name"] == name), None),
+                 timeout_s, f"no deployment named '{name}' appeared on the Prefect API at port {port}")
 
 
 def latest_completed_run(port: int, timeout_s: float) -> dict:
     """The newest Completed flow run of the ablation flow on the Prefect API at `port`."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            runs = _api(port, "/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}},
-                                                    "sort": "START_TIME_DESC", "limit": 20})
-            flows = {f["id"]: f["name"] for f in _api(port, "/flows/filter", {})}
-            found = [r for r in runs if flows.get(r["flow_id"]) == ABLATION_FLOW]
-            if found:
-                return found[0]
-        except OSError:
-            pass
-        time.sleep(1)
-    sys.exit(f"no Completed '{ABLATION_FLOW}' flow run on the Prefect API at port {port} within {timeout_s:.0f}s")
+    def fetch() -> dict | None:
+        runs = _api(port, "/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}},
+                                                "sort": "START_TIME_DESC", "limit": 20})
+        flows = {f["id"]: f["name"] for f in _api(port, "/flows/filter", {})}
+        return next((r for r in runs if flows.get(r["flow_id"]) == ABLATION_FLOW), None)
+
+    return _poll(fetch, timeout_s, f"no Completed '{ABLATION_FLOW}' flow run on the Prefect API at port {port}")
 
 
 def shoot(url: str, png: Path, expect: list[str]) -> None:

@@ -663,12 +663,9 @@ def test_masa_expert_buffer_and_counters_resume_with_the_checkpoint(arm_init, tm
 
 
 def _vllm_env_present() -> bool:
-    from evals.vllm_engine import EngineError, engine_python
+    from evals.vllm_engine import engine_venv
 
-    try:
-        return engine_python().exists()
-    except EngineError:  # the engine environment is missing
-        return False
+    return (engine_venv() / "bin" / "python").is_file()
 
 
 @pytest.fixture(scope="module")
