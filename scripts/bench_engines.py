@@ -5,6 +5,7 @@ response runs to max_new_tokens: the worst case), the arith world's held-out pro
     python scripts/bench_engines.py --server   # also: start-up of vLLM's OpenAI server vs the engine worker
     python scripts/bench_engines.py --rollout  # GRPO rollouts instead: per step, new weights + 16 prompts × 8
     python scripts/bench_engines.py --home .twinarm --ablation demo  # an ablation's held-out job on both engines
+    python scripts/bench_engines.py --decode DIR  # HFEngine vs HF `generate` on a trained model (no vLLM needed)
 
 Prints one JSON line per measurement: engine, start-up seconds, generation seconds, samples/s (start-up
 included and excluded). Needs `make setup-vllm`. Keep it short on a shared box and say it was contended.
@@ -89,6 +90,63 @@ def rollout(ckpt: Path, prompts: list[str], steps: int, batch: int, n: int, max_
             out.append({"step": step, "samples": batch * n, "hf_s": round(t2 - t1, 2),
                         "vllm_reload_s": round(t3 - t2, 2), "vllm_reload_engine_s": round(reload_engine_s, 2),
                         "vllm_generate_s": round(t4 - t3, 2), "speedup": round((t2 - t1) / (t4 - t2), 2)})
+    return out
+
+
+def decode(init: Path, batch: int, n: int, max_new: int, precision: str, repeats: int) -> list[dict]:
+    """HFEngine (stopped rows leave the batch) vs HF `model.generate` (every row to the end) on one trained
+    checkpoint: the arith world's RL prompts, `batch` prompts × n samples at temperature 0.7, alternating
+    `repeats` times; CPU seconds of this process (what contention on a shared box disturbs least) and wall
+    seconds, mean and longest response; then greedy on the same prompts: how many outputs are identical."""
+    import statistics
+
+    import torch
+
+    from evals.engine import HFEngine, finished, render_prompt, stop_ids
+    from infra.spec import ArithWorldSpec
+    from worlds.arith import generate_world
+    from worlds.model import autocast, load_model
+    from worlds.tokenizer import load_tokenizer
+
+    model, tok = load_model(init).eval(), load_tokenizer(init)
+    world = generate_world(ArithWorldSpec(n_base=10, n_sft1=10, n_sft2=10, n_rl=batch, n_val_per_domain=1,
+                                          n_heldout=10))
+    prompts = [render_prompt(tok, r["prompt"]) for r in world["rl"][:batch]]
+    stop = stop_ids(tok)
+    engine = HFEngine(model, tok, precision=precision)
+
+    def reference(temperature: float, seed: int) -> list[list[int]]:
+        enc = tok([p for p in prompts for _ in range(n)], return_tensors="pt", padding=True, padding_side="left",
+                  add_special_tokens=False)
+        sampling = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature else \
+            dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        torch.manual_seed(seed)
+        with torch.no_grad(), autocast("cpu", precision):
+            seq = model.generate(**enc, max_new_tokens=max_new, eos_token_id=stop, pad_token_id=tok.pad_token_id,
+                                 **sampling)
+        return [list(finished(tok, r, stop).token_ids) for r in seq[:, enc["input_ids"].shape[1]:].tolist()]
+
+    def ours(temperature: float, seed: int) -> list[list[int]]:
+        gens = engine.generate(prompts, n=n, temperature=temperature, max_new_tokens=max_new, seed=seed)
+        return [list(g.token_ids) for gs in gens for g in gs]
+
+    runs: dict[str, list[tuple[float, float, list[list[int]]]]] = {"hf_engine": [], "hf_generate": []}
+    for rep in range(repeats):
+        for name, fn in (("hf_engine", ours), ("hf_generate", reference)):
+            cpu, wall = time.process_time(), time.perf_counter()
+            rows = fn(0.7, rep)
+            runs[name].append((time.process_time() - cpu, time.perf_counter() - wall, rows))
+    out = []
+    for name, rs in runs.items():
+        lengths = [len(r) for _, _, rows in rs for r in rows]
+        out.append({"engine": name, "samples": batch * n, "max_new_tokens": max_new, "precision": precision,
+                     "cpu_s_median": round(statistics.median(r[0] for r in rs), 3),
+                     "wall_s_median": round(statistics.median(r[1] for r in rs), 3),
+                     "response_tokens_mean": round(statistics.mean(lengths), 1),
+                     "response_tokens_max": max(lengths)})
+    greedy_same = sum(a == b for a, b in zip(ours(0.0, 0), reference(0.0, 0)))
+    out.append({"greedy_identical": f"{greedy_same}/{batch * n}",
+                "cpu_ratio_engine_over_generate": round(out[0]["cpu_s_median"] / out[1]["cpu_s_median"], 3)})
     return out
 
 
@@ -188,11 +246,21 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--home", type=Path, help="an ablation's TWINARM_HOME: evaluate its held-out job on each engine")
     ap.add_argument("--ablation", default="demo")
+    ap.add_argument("--decode", type=Path, metavar="DIR",
+                    help="a trained checkpoint dir (e.g. an ablation's SFT model): HFEngine vs HF generate on "
+                         "--batch prompts × --n (default 8) rollouts, --repeats times")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
     from worlds.model import set_threads
 
     set_threads(args.threads)
+    if args.decode:
+        for row in decode(args.decode, args.batch, 8 if args.n == ap.get_default("n") else args.n, args.max_new,
+                          args.precision[0], args.repeats):
+            print(json.dumps({**row, "threads": args.threads}), flush=True)
+        return 0
     if args.home:
         rows = heldout_both(args.home.resolve(), args.ablation, args.engines)
         for row in rows:

@@ -95,6 +95,65 @@ def engine(request):
     return request.getfixturevalue(request.param)
 
 
+# ------------------------------------------------------------------ HF engine vs HF generate
+
+def _reference(model, tokenizer, rendered, n, max_new, **sampling):
+    """HF `model.generate` (every row decoded to the end), cut by the engine contract's `finished` rule."""
+    import torch
+
+    from evals.engine import finished, stop_ids
+
+    stop = stop_ids(tokenizer)
+    enc = tokenizer([p for p in rendered for _ in range(n)], return_tensors="pt", padding=True,
+                    padding_side="left", add_special_tokens=False)
+    with torch.no_grad():
+        res = model.generate(**enc, max_new_tokens=max_new, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
+                             return_dict_in_generate=True, output_logits=True, **sampling)
+    new = res.sequences[:, enc["input_ids"].shape[1]:]
+    lps = torch.log_softmax(torch.stack(res.logits, 1).float(), -1).gather(-1, new[..., None])[..., 0]
+    return [finished(tokenizer, row, stop, lp) for row, lp in zip(new.tolist(), lps.tolist())]
+
+
+def test_hf_engine_greedy_equals_hf_generate(hf, tokenizer, rendered):
+    """Rows that stop leave the engine's batch; the survivors' tokens and log-probs must not change for it:
+    greedy output (stopping at once, mid-way and at max_new_tokens) equals HF generate's, log-probs to 1e-5."""
+    ref = _reference(hf.model, tokenizer, rendered, 2, MAX_NEW, do_sample=False, temperature=None, top_p=None,
+                     top_k=None)
+    got = [g for gs in hf.generate(rendered, n=2, max_new_tokens=MAX_NEW, logprobs=True) for g in gs]
+    assert [(g.text, g.token_ids, g.truncated) for g in got] == [(g.text, g.token_ids, g.truncated) for g in ref]
+    lengths = {len(g.token_ids) for g in got}
+    assert min(lengths) < MAX_NEW and any(g.truncated for g in got)  # both kinds of row were in the batch
+    assert max(abs(a - b) for x, y in zip(got, ref) for a, b in zip(x.logprobs, y.logprobs)) < 1e-5
+
+
+def test_hf_engine_samples_the_warped_distribution(hf, tokenizer, rendered):
+    """The warpers are HF's, in generate's order: top-k 1 sampling is greedy; at temperature 0.7 the first
+    sampled token's mean raw log-probability matches its exact expectation under softmax(logits / 0.7) within
+    4 standard errors (400 draws), on a copy of the model with logits scaled ×8 (the tiny random model's are
+    near-uniform, where a temperature would hardly show)."""
+    import copy
+
+    import torch
+
+    from evals.engine import HFEngine
+
+    greedy = hf.generate(rendered, n=1, max_new_tokens=MAX_NEW)
+    top1 = hf.generate(rendered, n=3, temperature=1.0, top_k=1, max_new_tokens=MAX_NEW, seed=5)
+    assert all(g.token_ids == g1[0].token_ids for gs, g1 in zip(top1, greedy) for g in gs)
+    sharp = copy.deepcopy(hf.model)
+    with torch.no_grad():
+        sharp.model.norm.weight.mul_(8.0)
+    enc = tokenizer(rendered[:1], return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        logp = torch.log_softmax(sharp(**enc).logits[0, -1].float(), -1)
+    q = torch.softmax(logp / 0.7, -1)
+    expected, sd = float((q * logp).sum()), float((q * (logp - (q * logp).sum()) ** 2).sum().sqrt())
+    engine = HFEngine(sharp, tokenizer, precision="fp32")
+    got = engine.generate(rendered[:1], n=400, temperature=0.7, max_new_tokens=1, seed=0, logprobs=True)[0]
+    mean = sum(g.logprobs[0] for g in got) / len(got)
+    assert abs(mean - expected) < 4 * sd / len(got) ** 0.5, (mean, expected, sd)
+
+
 # ------------------------------------------------------------------ across engines
 
 @needs_vllm
