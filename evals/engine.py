@@ -103,6 +103,11 @@ def stop_ids(tokenizer: "PreTrainedTokenizerFast") -> list[int]:
     return sorted(added | set(tokenizer.all_special_ids))
 
 
+# the HF engine's own decoding loop (below): part of the evaluation protocol (evals.engines.engine_identity), so
+# samples it drew never share a stored result with those of another loop (HF generate's, before it)
+HF_DECODE = "hf-engine-decode/2: stopped rows leave the batch"
+
+
 class HFEngine:
     """Batched generation in process with HF transformers (left padding, the model's KV cache, HF's logits
     processors). Sampling is seeded per call: the same call (prompts, n, settings, seed, batch_size) gives the same
@@ -195,7 +200,7 @@ class HFEngine:
         from infra.code import package_versions
 
         return {"engine": "hf", "versions": package_versions(("transformers", "torch")),
-                "precision": self.precision}
+                "precision": self.precision, "decode": HF_DECODE}
 
     def close(self) -> None:
         """Nothing to release: the model belongs to the caller."""

@@ -18,12 +18,15 @@ ENGINES = ("hf", "vllm")
 
 def engine_identity(name: str) -> dict[str, Any]:
     """What the evaluation protocol records of an engine: its name and the version of the generating library
-    (transformers for hf; vLLM of the engine environment for vllm, read from its metadata without starting it).
+    (transformers for hf, with the HF engine's decoding loop; vLLM of the engine environment for vllm, read from
+    its metadata without starting it).
     Raises DataError for an unknown name or a missing engine environment."""
     if name == "hf":
         from importlib.metadata import version
 
-        return {"name": "hf", "version": version("transformers"), "torch": version("torch")}
+        from evals.engine import HF_DECODE
+
+        return {"name": "hf", "version": version("transformers"), "torch": version("torch"), "decode": HF_DECODE}
     if name == "vllm":
         from evals.vllm_engine import env_versions  # EngineError when the engine environment is missing
 
