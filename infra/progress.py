@@ -152,7 +152,8 @@ def _send(target: RunLog, line: str) -> None:
     record = logging.LogRecord("prefect.task_runs" if target.task_run_id else "prefect.flow_runs", logging.INFO,
                                __file__, 0, line, None, None)
     record.flow_run_id, record.task_run_id = target.flow_run_id, target.task_run_id
-    with SettingsContext(profile=current.profile, settings=_api_settings[target.api_url]):  # what temporary_settings does
+    # what prefect.settings.temporary_settings does, without copying the settings at each line
+    with SettingsContext(profile=current.profile, settings=_api_settings[target.api_url]):
         _api_handler.handle(record)
 
 
