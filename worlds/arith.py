@@ -918,7 +918,7 @@ def _rng(seed: int, split: str) -> random.Random:
     return random.Random(f"arith:{seed}:{split}")
 
 
-def _cell(i: int, levels: tuple[int, ...] = LEVELS) -> tuple[str, int]:
+def _cell(i: int, levels: tuple[int, ...]) -> tuple[str, int]:
     """Round-robin domain and level, so every split covers every domain and each of `levels` evenly."""
     return DOMAINS[i % len(DOMAINS)], levels[(i // len(DOMAINS)) % len(levels)]
 
@@ -1032,7 +1032,8 @@ def _sft2(spec: "ArithWorldSpec", rng: random.Random, avoid: set[str]) -> list[d
 def generate_world(spec: "ArithWorldSpec") -> dict[str, list[dict[str, Any]]]:
     """All splits as row lists. Held-out and val are drawn first and reserved (held-out: a share from the
     harder band), so no training split (base, SFT, RL) contains any of their problems, and the held-out
-    shares none with val."""
+    shares none with val. Every split draws its problems from `spec.levels` (default all three; the held-out's
+    harder band aside)."""
     reserved: set[str] = set()
     levels = tuple(spec.levels)
     cell = lambda i: _cell(i, levels)  # noqa: E731
