@@ -20,6 +20,10 @@ from infra.spec import ExecutorSpec
 
 T = TypeVar("T")
 _init_lock = threading.Lock()
+# Ray's driver folds worker log lines that differ only in their numbers into one ("[repeated 5x across cluster]"):
+# that drops most progress lines of a stage placed on Ray, its last one included. Read when ray is first imported,
+# which is in this module (lazily); RAY_DEDUP_LOGS=1 set by the user is kept.
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Environment the workers need to find the same state and settings as the flow process.
 FORWARD_ENV = ("TWINARM_HOME", "MLFLOW_TRACKING_URI", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
                "TOKENIZERS_PARALLELISM", "PREFECT_HOME", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY")
