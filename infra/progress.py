@@ -1,7 +1,9 @@
 """Progress of long loops (base model, SFT and RL steps, generation, grading): a bar with ETA on a terminal, plain
 lines elsewhere (CI, logs, Ray workers, pipes) at most every few seconds, so logs stay readable. Inside a Prefect
 flow or task run the same lines (and each stage's summary) also go to the run's logs at INFO, which the Prefect UI
-shows on the flow run page and `prefect flow-run logs` prints.
+shows on the flow run page and `prefect flow-run logs` prints. A Ray worker has no Prefect run context: the flow
+process hands it the run's ids and API (`current_run_log`, infra.ray_exec), and the worker sends its lines to that
+run's logs through Prefect's own API log handler (`run_log`); Ray forwards the worker's stderr to the terminal.
 
 Every line names the stage and arm that is running (set by the stage runner), e.g.
 `[rl/pmishift/seed0] GRPO steps 12/60  20%  3.1 s/it  ETA 2m28s  acc=0.41`.
@@ -9,11 +11,13 @@ Every line names the stage and arm that is running (set by the stage runner), e.
 from __future__ import annotations
 
 import contextvars
+import logging
 import os
 import sys
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 # Set on Ctrl-C / SIGTERM of the command line: every running loop stops at its next step (stage bodies run in
@@ -94,16 +98,97 @@ def to_terminal(line: str) -> None:
     sys.stderr.flush()
 
 
-def to_run_log(line: str) -> None:
-    """Send a line to the logs of the current Prefect task or flow run (INFO); nothing outside a run (a Ray
-    worker, a unit test)."""
+@dataclass(frozen=True)
+class RunLog:
+    """The Prefect run whose logs a process without a run context (a Ray worker) writes to: the API at `api_url`
+    (e.g. http://127.0.0.1:4200/api), flow run `flow_run_id`, task run `task_run_id` (None: the flow run's own
+    logs)."""
+
+    api_url: str
+    flow_run_id: str
+    task_run_id: str | None = None
+
+
+RUN_LOG: contextvars.ContextVar[RunLog | None] = contextvars.ContextVar("twinarm_run_log", default=None)
+
+
+def current_run_log() -> RunLog | None:
+    """The run this code logs to now, to hand to a process that has no Prefect run context: the current task run
+    (or else flow run) and the API its client talks to (the temporary server of `twinarm run`, the server of
+    `twinarm ui`, or PREFECT_API_URL); inside `run_log`, its target; None outside any run."""
     from prefect.context import FlowRunContext, TaskRunContext
 
-    if TaskRunContext.get() is None and FlowRunContext.get() is None:
-        return
-    from prefect.logging import get_run_logger
+    def api(ctx: Any) -> str:  # the client's base URL, as PREFECT_API_URL writes it (no trailing slash)
+        return str(ctx.client.api_url).rstrip("/")
 
-    get_run_logger().info(line)
+    task_ctx = TaskRunContext.get()
+    if task_ctx is not None and task_ctx.task_run.flow_run_id is not None:
+        return RunLog(api(task_ctx), str(task_ctx.task_run.flow_run_id), str(task_ctx.task_run.id))
+    flow_ctx = FlowRunContext.get()
+    if flow_ctx is not None and flow_ctx.flow_run is not None:
+        return RunLog(api(flow_ctx), str(flow_ctx.flow_run.id))
+    return RUN_LOG.get()
+
+
+_api_handler: logging.Handler | None = None
+_api_settings: dict[str, Any] = {}  # api_url -> Prefect settings pointing at it (a copy costs ~0.1 s)
+
+
+def _send(target: RunLog, line: str) -> None:
+    """One INFO record to the target run's logs through Prefect's APILogHandler, which takes the run from the
+    record's `flow_run_id` / `task_run_id` (no run context needed) and queues it on Prefect's batched log worker
+    for the API of the settings in effect (here the target's). Only that handler sees the record: Ray already
+    brings the worker's stderr line to the terminal, so it is not printed twice."""
+    global _api_handler
+    from prefect.context import SettingsContext, get_settings_context
+    from prefect.logging.handlers import APILogHandler
+    from prefect.settings import PREFECT_API_URL
+
+    if _api_handler is None:
+        _api_handler = APILogHandler()
+    current = get_settings_context()
+    if target.api_url not in _api_settings:
+        _api_settings[target.api_url] = current.settings.copy_with_update(updates={PREFECT_API_URL: target.api_url})
+    record = logging.LogRecord("prefect.task_runs" if target.task_run_id else "prefect.flow_runs", logging.INFO,
+                               __file__, 0, line, None, None)
+    record.flow_run_id, record.task_run_id = target.flow_run_id, target.task_run_id
+    # what prefect.settings.temporary_settings does, without copying the settings at each line
+    with SettingsContext(profile=current.profile, settings=_api_settings[target.api_url]):
+        _api_handler.handle(record)
+
+
+@contextmanager
+def run_log(target: RunLog | None) -> Iterator[None]:
+    """Inside, to_run_log writes to `target`'s logs (a Ray worker running a stage body for that run); on exit the
+    queued lines are sent (Prefect's log worker, at most 15 s), so they reach the API before the flow run can end
+    and a temporary server stop. None: nothing changes."""
+    if target is None:
+        yield
+        return
+    token = RUN_LOG.set(target)
+    try:
+        yield
+    finally:
+        RUN_LOG.reset(token)
+        if _api_handler is not None:
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=15)
+
+
+def to_run_log(line: str) -> None:
+    """Send a line to the logs of the current Prefect task or flow run (INFO), or of the run handed to this
+    process by `run_log` (a Ray worker); nothing outside a run (a unit test)."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if TaskRunContext.get() is not None or FlowRunContext.get() is not None:
+        from prefect.logging import get_run_logger
+
+        get_run_logger().info(line)
+        return
+    target = RUN_LOG.get()
+    if target is not None:
+        _send(target, line)
 
 
 def stage_done(label: str, status: str, summary: dict[str, Any]) -> None:

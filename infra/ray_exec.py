@@ -3,7 +3,9 @@
 The arms of an ablation are independent after their shared stages, so the flow submits one Prefect task per
 arm and each of those calls `call(...)`: with use_ray the bodies run as Ray tasks in parallel, with the CPUs
 and GPUs per arm from the spec. A Ray address in the spec or RAY_ADDRESS targets a cluster instead of a local
-instance (TWINARM_HOME must then be on storage the cluster's nodes share).
+instance (TWINARM_HOME must then be on storage the cluster's nodes share). A Ray task writes its progress lines
+to the logs of the Prefect task run that placed it (infra.progress.run_log); the worker must reach that Prefect
+API (on a cluster: a PREFECT_API_URL the nodes can reach, not the temporary 127.0.0.1 server of `twinarm run`).
 """
 from __future__ import annotations
 
@@ -13,10 +15,15 @@ from typing import Any, Callable, TypeVar
 
 from infra.code import REPO_ROOT
 from infra.errors import TwinarmError
+from infra.progress import RunLog, current_run_log, run_log
 from infra.spec import ExecutorSpec
 
 T = TypeVar("T")
 _init_lock = threading.Lock()
+# Ray's driver folds worker log lines that differ only in their numbers into one ("[repeated 5x across cluster]"):
+# that drops most progress lines of a stage placed on Ray, its last one included. Read when ray is first imported,
+# which is in this module (lazily); RAY_DEDUP_LOGS=1 set by the user is kept.
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Environment the workers need to find the same state and settings as the flow process.
 FORWARD_ENV = ("TWINARM_HOME", "MLFLOW_TRACKING_URI", "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
                "TOKENIZERS_PARALLELISM", "PREFECT_HOME", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY")
@@ -69,17 +76,26 @@ def ensure_ray(executor: ExecutorSpec) -> None:
                                f"or set executor.use_ray: false to run arms in the flow process.") from None
 
 
+def in_run_log(target: RunLog | None, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """fn(*args, **kwargs) in a Ray worker, its progress lines sent to the logs of the Prefect run `target`."""
+    with run_log(target):
+        return fn(*args, **kwargs)
+
+
 def call(fn: Callable[..., T], *args: Any, executor: ExecutorSpec, **kwargs: Any) -> T:
-    """fn(*args, **kwargs) inline, or as a Ray task with the spec's resources; errors surface unchanged."""
+    """fn(*args, **kwargs) inline, or as a Ray task with the spec's resources whose progress lines go to the
+    logs of the calling Prefect task (or flow) run; errors surface unchanged."""
     if not executor.use_ray:
         return fn(*args, **kwargs)
     import ray
     from ray.exceptions import RayTaskError
 
     ensure_ray(executor)
-    remote = ray.remote(num_cpus=executor.cpus_per_arm, num_gpus=executor.gpus_per_arm, max_retries=0)(fn)
+    remote = ray.remote(num_cpus=executor.cpus_per_arm, num_gpus=executor.gpus_per_arm, max_retries=0)(in_run_log)
     try:
-        return ray.get(remote.remote(*args, **kwargs))
+        # named after fn: Ray prefixes the worker's lines on the terminal with the task name
+        return ray.get(remote.options(name=getattr(fn, "__name__", "call")).remote(current_run_log(), fn, *args,
+                                                                                     **kwargs))
     except RayTaskError as exc:
         # the body's own exception (a TwinarmError with its clear message), not Ray's wrapper
         raise (exc.cause if isinstance(exc.cause, BaseException) else exc.as_instanceof_cause()) from None

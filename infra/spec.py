@@ -111,6 +111,15 @@ class ArithWorldSpec(Strict):
     confidence_share: float = Field(0.8, ge=0, le=1, description="SFT-1 blocks that state a confidence")
     check_drill_share: float = Field(0.25, ge=0, le=1, description="base rows that are plain check drills "
                                      "('Is 44-7=36?' checked column by column), so the base model can verify")
+    levels: list[Literal[1, 2, 3]] = Field(
+        [1, 2, 3], min_length=1, description="the difficulty levels every split draws from, round-robin (held-out "
+        "adds its harder band); [1] is the easiest world, which a CI-sized model gets partly right")
+
+    @model_validator(mode="after")
+    def _distinct_levels(self) -> "ArithWorldSpec":
+        if len(set(self.levels)) != len(self.levels):
+            raise ValueError(f"world.levels {self.levels} repeats a level")
+        return self
 
 
 # ---------------------------------------------------------------- model

@@ -60,20 +60,23 @@ def tiny_spec_dict(name: str = "tiny") -> dict:
     spec = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     spec["name"] = name
     base = spec["base"]
-    base["world"].update(n_base=2000, n_sft1=200, n_sft2=60, n_rl=200, n_val_per_domain=4, n_heldout=36)
+    # levels [1]: the easiest problems of every domain (world.levels), so a model this small gets some right
+    base["world"].update(n_base=2000, n_sft1=200, n_sft2=60, n_rl=200, n_val_per_domain=4, n_heldout=36, levels=[1])
+    # 200 base steps with a short warm-up (60 steps with the default 50-step warm-up left the model writing noise:
+    # 0.13 % of sampled RL responses right); with them ~2-3 % of sampled responses are right, and groups of 8 then
+    # hold right and wrong samples at some steps of both arms, so GRPO advantages are non-zero (tests/test_e2e.py
+    # checks train/adv_nonzero_rate) and the SIGKILL-resume test compares states that a lost optimizer state,
+    # weights, step counter would change (scripts/mutation_resume.py)
     base["model"] = {"source": "toy",
                      "toy": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
                              "intermediate_size": 128},
-                     "base_training": {"max_steps": 60, "eval_every": 30, "batch_size": 32,
+                     "base_training": {"max_steps": 200, "warmup_steps": 10, "eval_every": 100, "batch_size": 32,
                                        "target_val_accuracy": 0.99}}
     base["sft"].update(epochs=1, batch_size=32)
-    # entropy_coeff > 0: a model this small gets no RL sample right (train/accuracy/pure 0 at every step of both
-    # arms), so every GRPO advantage is 0 and the policy loss has no gradient. The entropy bonus (verl's actor term,
-    # in both arms) gives every step a gradient, so the weights move at every step of both arms (tests/test_e2e.py
-    # checks actor/param_norm_change) and the SIGKILL-resume test compares states that a lost optimizer state,
-    # lost weights or a lost step counter would change (scripts/mutation_resume.py). configs/qwen3-8b.yaml uses
-    # the same 1e-3; the demo keeps 0.
-    base["rl"].update(steps=6, save_freq=2, test_freq=2, batch_size=4, mini_batch_size=2, n=4,
+    # entropy_coeff > 0: most groups are still all wrong (zero advantage); the entropy bonus (verl's actor term, in
+    # both arms) gives every step a gradient, so the weights move at every step of both arms (tests/test_e2e.py
+    # checks actor/param_norm_change). configs/qwen3-8b.yaml uses the same 1e-3; the demo keeps 0.
+    base["rl"].update(steps=6, save_freq=2, test_freq=2, batch_size=4, mini_batch_size=2, n=8,
                       max_response_length=96, entropy_coeff=1e-3)
     base["executor"]["use_ray"] = False
     return spec

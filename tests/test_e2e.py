@@ -54,6 +54,18 @@ def test_every_stage_ran_and_lineage_connects_twins_to_rl_checkpoints(tiny_run, 
                        key=lambda m: m.step)
         assert [m.step for m in moved] == [1, 2, 3, 4, 5, 6]
         assert all(m.value != 0 for m in moved), [(m.step, m.value) for m in moved]
+        # and through the policy gradient, not only the entropy bonus: some group held right and wrong samples
+        # (the CI world's `levels: [1]`), so some samples had a non-zero GRPO advantage
+        history = {key: sorted((m.step, m.value) for m in tracker.client.get_metric_history(run.info.run_id, key))
+                   for key in ("train/accuracy/pure", "train/adv_nonzero_rate")}
+        assert any(0 < acc < 1 for _, acc in history["train/accuracy/pure"]), history
+        assert any(rate > 0 for _, rate in history["train/adv_nonzero_rate"]), history
+    # each arm's RL checkpoints differ step to step (an id hashes the model directory: equal weights, equal id)
+    saved = lineage.rows("SELECT arm, role, artifact_id FROM run_outputs WHERE ablation = 'tiny' AND stage = 'rl' "
+                         "AND role LIKE 'step-%' ORDER BY arm, role")
+    for arm in ("control", "pmishift"):
+        ids = [r["artifact_id"] for r in saved if r["arm"] == arm]
+        assert len(ids) == 3 and len(set(ids)) == 3, saved  # steps 2, 4, 6
 
 
 def test_second_run_is_cached_and_adds_no_rows(tiny_run, flow_home, tiny_spec):

@@ -119,25 +119,40 @@ def _logs(server: Server, flow_run_id: Any) -> str:
     return res.stdout
 
 
-def test_ablation_deployment_run_from_the_api_like_the_ui_run_button(server):
+def test_ablation_deployment_run_from_the_api_like_the_ui_run_button(server, tmp_path):
+    """With the arms placed on Ray (as in the demo spec): the progress lines of the Ray workers reach the run's
+    logs under the task run of their stage, and the terminal (the runner's output) once."""
+    import yaml
+
+    spec = yaml.safe_load(server.spec.read_text())
+    spec["base"]["executor"].update(use_ray=True, cpus_per_arm=1)  # placement: not part of any stage's compute key
+    on_ray = tmp_path / "tiny-ray.yaml"
+    on_ray.write_text(yaml.safe_dump(spec, sort_keys=False))
     proc, log = _serve(server)
     try:
         deployment = _deployment(server, ABLATION, proc, log)
         with server.client() as client:
             # what the UI's Run button posts: the deployment id and the form's parameters
-            flow_run = client.create_flow_run_from_deployment(deployment.id,
-                                                              parameters={"spec_file": str(server.spec)})
+            flow_run = client.create_flow_run_from_deployment(deployment.id, parameters={"spec_file": str(on_ray)})
         run = _wait_final(server, flow_run.id, timeout=900)
         assert run.state.is_completed(), f"{run.state}\n{log.read_text()}"
         logs = _logs(server, run.id)
         assert "[rl/control/seed0] GRPO steps 6/6" in logs and "[sft/pmishift/seed0] computed" in logs, logs
         with server.client() as client:
-            from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+            from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, \
+                LogFilterFlowRunId
 
             tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
             artifacts = client.read_artifacts()
+            records = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
         names = {t.name for t in tasks}
         assert {"rl/control/seed0", "rl/pmishift/seed0", "data/*", "heldout/*"} <= names, names
+        task_ids = {t.name: t.id for t in tasks}
+        for label in ("rl/control/seed0", "rl/pmishift/seed0", "sft/control/seed0"):
+            progress = [r for r in records if r.message.startswith(f"[{label}] ") and "100%" in r.message]
+            assert [r.task_run_id for r in progress] == [task_ids[label]], [(r.task_run_id, r.message) for r in records]
+        for line in ("[rl/control/seed0] GRPO steps 6/6", "[sft/pmishift/seed0] train steps 9/9"):
+            assert log.read_text().count(line) == 1, log.read_text()  # the worker's line, on the terminal once
         report = [a for a in artifacts if a.flow_run_id == run.id and a.type == "markdown"]
         assert len(report) == 1 and "audit" in report[0].data and "/#/experiments/" in report[0].data, report
     finally:
@@ -253,3 +268,63 @@ def test_flow_runs_left_running_by_a_killed_process_are_marked_crashed(server, t
                                                                  "now": "Running"}
     assert "next run of ablation 'orph'" in flow_states["killed"].message
     assert task_states == {"killed": "Crashed", "other": "Running", "now": "Crashed"}
+
+
+# What `twinarm run` does (flows/cli.py): its temporary server, then a flow whose task places a body on Ray. Run as
+# a script, so that Prefect reads the server's PREFECT_API_URL at import, as in the CLI; its output is the terminal.
+RAY_PLACED = r'''
+import json, os, sys
+from flows.ui import run_server
+from infra.progress import current_run_log, progress, stage_label
+from infra.ray_exec import call
+from infra.spec import ExecutorSpec
+
+def body(n):
+    with stage_label("rl/ray/seed0"), progress("GRPO steps", n) as bar:
+        for _ in range(n):
+            bar.advance(acc=0.5)
+    return os.getpid()
+
+with run_server():
+    from prefect import flow, get_client, task
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    @task(name="rl/ray/seed0")
+    def placed():
+        return call(body, 3, executor=ExecutorSpec(use_ray=True, cpus_per_arm=1)), current_run_log()
+
+    @flow
+    def ablation():
+        return placed(), current_run_log()
+
+    (pid, target), flow_target = ablation()
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[target.flow_run_id])))
+    print(json.dumps({"api": os.environ["PREFECT_API_URL"], "target": vars(target), "flow": vars(flow_target),
+                      "worker_pid": pid, "pid": os.getpid(),
+                      "logs": [{"task_run_id": str(r.task_run_id), "message": r.message} for r in logs]}))
+'''
+
+
+def test_progress_of_a_ray_placed_body_reaches_its_task_runs_logs_on_twinarm_runs_server(tmp_path):
+    """A Ray worker has no Prefect run context: its progress lines reach the logs of the task run that placed it
+    (the flow run's logs, with that task run's id) on the temporary server `twinarm run` starts, and the
+    terminal once."""
+    import json
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(TWINARM_HOME=str(tmp_path / "home"), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", CI="1")
+    res = subprocess.run([sys.executable, "-c", RAY_PLACED], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    target = out["target"]
+    assert out["worker_pid"] != out["pid"]  # the body really ran in a Ray worker
+    assert target["api_url"] == out["api"] == out["flow"]["api_url"]  # the run's own temporary server
+    assert target["flow_run_id"] == out["flow"]["flow_run_id"] and target["task_run_id"]
+    line = "[rl/ray/seed0] GRPO steps 3/3  100%"
+    in_run = [r for r in out["logs"] if line in r["message"]]
+    assert [r["task_run_id"] for r in in_run] == [target["task_run_id"]], out["logs"]
+    terminal = res.stdout + res.stderr
+    assert terminal.count(line) == 1 + res.stdout.count(line), terminal  # once on the terminal (+ the JSON above)

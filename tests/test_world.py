@@ -70,6 +70,20 @@ def test_domain_and_level_coverage(world):
     assert {r["domain"] for r in hard} == set(DOMAINS)
 
 
+def test_levels_key_restricts_every_split_to_those_levels():
+    """`world.levels` (the CI spec's [1]) draws every split from those levels only; held-out keeps its harder
+    band; the default is the three levels."""
+    easy = generate_world(SMALL.model_copy(update={"levels": [1]}))
+    for split in ("base", "sft1", "sft2", "rl", "val"):
+        assert {r["level"] for r in easy[split]} == {1}, split
+    assert {r["level"] for r in easy["heldout"]} == {1, HARD_LEVEL}
+    assert {(r["domain"], r["level"]) for r in easy["rl"]} == {(d, 1) for d in DOMAINS}
+    assert easy["rl"] != generate_world(SMALL)["rl"] and SMALL.levels == list(LEVELS)
+    for bad, message in (([], "at least 1 item"), ([4], "Input should be 1, 2 or 3"), ([1, 1], "repeats a level")):
+        with pytest.raises(ValueError, match=message):
+            ArithWorldSpec(levels=bad)
+
+
 def test_heldout_disjoint_from_every_training_problem(world):
     def exprs(split):
         out = set()

@@ -918,9 +918,9 @@ def _rng(seed: int, split: str) -> random.Random:
     return random.Random(f"arith:{seed}:{split}")
 
 
-def _cell(i: int) -> tuple[str, int]:
-    """Round-robin domain and level, so every split covers every domain and level evenly."""
-    return DOMAINS[i % len(DOMAINS)], LEVELS[(i // len(DOMAINS)) % len(LEVELS)]
+def _cell(i: int, levels: tuple[int, ...]) -> tuple[str, int]:
+    """Round-robin domain and level, so every split covers every domain and each of `levels` evenly."""
+    return DOMAINS[i % len(DOMAINS)], levels[(i // len(DOMAINS)) % len(levels)]
 
 
 def _draw(rng: random.Random, domain: str, level: int, avoid: set[str]) -> Problem:
@@ -960,13 +960,13 @@ def prompt_row(rid: str, problem: Problem, suite: str | None = None) -> dict[str
 CHECK_DOMAIN = "check"  # the base split's check drills (not a val domain)
 
 
-def _drill(rid: str, rng: random.Random, i: int, avoid: set[str]) -> dict[str, Any]:
+def _drill(rid: str, rng: random.Random, i: int, avoid: set[str], levels: tuple[int, ...]) -> dict[str, Any]:
     """A check drill: a claimed step of a random problem ('Is 44-7=36?') checked the way meta blocks check
     ('check 44-7: 14-7=7, 4-1=3, so 44-7=37, not 36'), right claims and slipped ones alike. The base model learns
     to verify arithmetic in plain text, as a real base model already can; meta SFT then only has to teach when
     to check and what to do with the verdict."""
     while True:
-        problem = make_problem(rng, *_cell(i))
+        problem = make_problem(rng, *_cell(i, levels))
         step = problem.steps[_risky_step(problem, rng)]
         if step.lhs not in avoid:
             break
@@ -985,9 +985,9 @@ def _base(spec: "ArithWorldSpec", rng: random.Random, avoid: set[str]) -> list[d
     for i in range(spec.n_base):
         rid = f"arith-base-{i:06d}"
         if rng.random() < spec.check_drill_share:
-            rows.append(_drill(rid, rng, i, avoid))
+            rows.append(_drill(rid, rng, i, avoid, tuple(spec.levels)))
         else:
-            problem = _draw(rng, *_cell(i), avoid)
+            problem = _draw(rng, *_cell(i, tuple(spec.levels)), avoid)
             rows.append(sft_row(rid, problem, problem.response(), None, "plain"))
     return rows
 
@@ -997,7 +997,7 @@ def _sft1(spec: "ArithWorldSpec", rng: random.Random, avoid: set[str]) -> list[d
     check catches and redoes it (redirect, the slipped prefix masked); the rest are plain."""
     rows = []
     for i in range(spec.n_sft1):
-        problem = _draw(rng, *_cell(i), avoid)
+        problem = _draw(rng, *_cell(i, tuple(spec.levels)), avoid)
         rid, u = f"arith-sft1-{i:06d}", rng.random()
         confidence = rng.random() < spec.confidence_share
         found = _slip_for(problem, rng) if u < spec.slip_share else None
@@ -1017,7 +1017,7 @@ def _sft2(spec: "ArithWorldSpec", rng: random.Random, avoid: set[str]) -> list[d
     with `confidence: X, decision: redirect|verify`; then the recovery or continuation."""
     rows = []
     for i in range(spec.n_sft2):
-        problem = _draw(rng, *_cell(i), avoid)
+        problem = _draw(rng, *_cell(i, tuple(spec.levels)), avoid)
         rid = f"arith-sft2-{i:06d}"
         found = _slip_for(problem, rng) if rng.random() < spec.sft2_redirect_share else None
         if found is not None:
@@ -1032,19 +1032,22 @@ def _sft2(spec: "ArithWorldSpec", rng: random.Random, avoid: set[str]) -> list[d
 def generate_world(spec: "ArithWorldSpec") -> dict[str, list[dict[str, Any]]]:
     """All splits as row lists. Held-out and val are drawn first and reserved (held-out: a share from the
     harder band), so no training split (base, SFT, RL) contains any of their problems, and the held-out
-    shares none with val."""
+    shares none with val. Every split draws its problems from `spec.levels` (default all three; the held-out's
+    harder band aside)."""
     reserved: set[str] = set()
+    levels = tuple(spec.levels)
+    cell = lambda i: _cell(i, levels)  # noqa: E731
     n_hard = round(spec.n_heldout * spec.heldout_hard_share)
     heldout = _unique(_rng(spec.seed, "heldout"), spec.n_heldout,
-                      lambda i: (DOMAINS[i % len(DOMAINS)], HARD_LEVEL) if i < n_hard else _cell(i - n_hard),
+                      lambda i: (DOMAINS[i % len(DOMAINS)], HARD_LEVEL) if i < n_hard else cell(i - n_hard),
                       reserved)
-    val = _unique(_rng(spec.seed, "val"), spec.n_val_per_domain * len(DOMAINS), _cell, reserved)
+    val = _unique(_rng(spec.seed, "val"), spec.n_val_per_domain * len(DOMAINS), cell, reserved)
     rl_rng = _rng(spec.seed, "rl")
     return {
         "base": _base(spec, _rng(spec.seed, "base"), reserved),
         "sft1": _sft1(spec, _rng(spec.seed, "sft1"), reserved),
         "sft2": _sft2(spec, _rng(spec.seed, "sft2"), reserved),
-        "rl": [prompt_row(f"arith-rl-{i:06d}", _draw(rl_rng, *_cell(i), reserved)) for i in range(spec.n_rl)],
+        "rl": [prompt_row(f"arith-rl-{i:06d}", _draw(rl_rng, *cell(i), reserved)) for i in range(spec.n_rl)],
         "val": [prompt_row(f"arith-val-{i:06d}", p) for i, p in enumerate(val)],
         "heldout": [prompt_row(f"arith-heldout-{i:06d}", p, suite=SOURCE) for i, p in enumerate(heldout)],
     }
