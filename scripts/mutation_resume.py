@@ -7,7 +7,8 @@ passes ("survived") means the test cannot see that kind of resume bug. The unmut
                                                                          # and every mutation is caught
 
 The test can catch these only because the CI-sized spec moves the weights at every RL step of both arms
-(tests/conftest.py: rl.entropy_coeff; tests/test_e2e.py checks actor/param_norm_change).
+(tests/conftest.py: non-zero GRPO advantages at some steps from world.levels [1] and a 200-step base model, and the
+rl.entropy_coeff bonus at every step; tests/test_e2e.py checks train/adv_nonzero_rate and actor/param_norm_change).
 
 `rng` is not in the default set: it is an equivalent mutant for this pipeline. No stage draws from torch's global
 generator — rollouts, val and regenerations sample under `worlds.model.seeded` (seeded from (seed, step), the
