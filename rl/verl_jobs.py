@@ -75,8 +75,10 @@ class JobOutcome:
 
 
 def dashboard_address(address: str | None) -> str:
-    """The Jobs API address (the dashboard, http://host:8265) from an address or RAY_ADDRESS / RAY_API_SERVER_ADDRESS."""
-    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    """The Jobs API address (the dashboard, http://host:8265): `address`, else (None or "auto")
+    RAY_API_SERVER_ADDRESS, else RAY_ADDRESS. Raises TwinarmError when none names one."""
+    if address in (None, "", "auto"):  # "auto" (the Ray client's convention) names no Jobs API: read the env
+        address = os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not address or address == "auto":
         raise TwinarmError("no Ray Jobs address: set executor.ray_address (or RAY_ADDRESS) to the cluster's "
                            "dashboard, e.g. http://head-node:8265")

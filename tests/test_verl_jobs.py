@@ -53,7 +53,7 @@ def ray_head():
                             start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 240  # a contended box (several test runs at once) starts Ray slowly
         while True:
             try:
                 JobSubmissionClient(url).list_jobs()

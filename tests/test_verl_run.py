@@ -1,0 +1,231 @@
+"""The verl RL stage on CPU (rl/verl_run.py, tasks/rl_verl.py, the flow's verl branch).
+
+- checkpoints back: verl's own FSDPCheckpointManager saves a 2-rank FSDP2 shard set of a tiny Qwen2 model on CPU
+  (gloo), verl's own model merger merges it, and the result is registered in the local executor's layout and loads
+  with the loaders the held-out job uses;
+- the flow with executor.kind verl against a REAL local Ray head: every stage before RL runs, the RL stage writes
+  verl's parquet files, submits the real entrypoint as a Ray Job with the stage's submission id, streams its log,
+  and the job's failure on this GPU-less box is one line; the stage is recorded failed, its marker is not written.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from infra.errors import SpecError, TwinarmError
+from conftest import REPO, tiny_spec_dict
+from test_verl_jobs import free_ports, ray_head  # noqa: F401  (the real local Ray head fixture)
+
+SAVE = textwrap.dedent("""
+    import os, sys, torch, torch.distributed as dist
+    from pathlib import Path
+    dist.init_process_group("gloo")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from verl.utils.checkpoint.fsdp_checkpoint_manager import FSDPCheckpointManager
+    from worlds.model import load_model
+    from worlds.tokenizer import load_tokenizer
+    sft, root = Path(sys.argv[1]), Path(sys.argv[2])
+    model = load_model(sft)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("fsdp",))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    manager = FSDPCheckpointManager(model, processing_class=load_tokenizer(sft),
+                                    checkpoint_config={"save_contents": ["model"], "load_contents": ["model"]})
+    manager.save_checkpoint(str(root / "global_step_2" / "actor"), global_step=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)  # "training": step 4's weights differ from step 2's
+    manager.save_checkpoint(str(root / "global_step_4" / "actor"), global_step=4)
+    dist.barrier()
+    if dist.get_rank() == 0:  # what verl's trainer writes after each complete save (trainer_base._save_checkpoint)
+        (root / "latest_checkpointed_iteration.txt").write_text("4")
+    dist.destroy_process_group()
+""")
+
+
+@pytest.fixture(scope="module")
+def verl_checkpoints(tmp_path_factory, one_torch_thread):
+    """(sft model dir, verl trainer.default_local_dir) with steps 2 and 4 saved by verl's checkpoint manager on 2
+    gloo ranks, and a half-written step 6 (one rank's shard, no fsdp_config.json, beyond the tracker)."""
+    from infra.spec import ToyModelSpec
+    from meta.grammar import META_CLOSE, META_OPEN
+    from worlds.model import save_model, toy_model
+    from worlds.tokenizer import save_tokenizer, train_tokenizer
+
+    tmp = tmp_path_factory.mktemp("verl-ckpt")
+    texts = [f"{a}+{b}={a + b} {META_OPEN}check {a}{META_CLOSE}" for a in range(30) for b in range(5)]
+    tokenizer = train_tokenizer(texts, vocab_size=320)
+    model = toy_model(ToyModelSpec(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64),
+                      tokenizer, seed=0)
+    sft = tmp / "sft"
+    save_model(model, sft)
+    save_tokenizer(tokenizer, sft)
+    root = tmp / "verl-checkpoints"
+    port = free_ports(1)[0]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, "-c", SAVE, str(sft), str(root)], cwd=REPO,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    half = root / "global_step_6" / "actor"
+    half.mkdir(parents=True)
+    (half / "model_world_size_2_rank_0.pt").write_bytes(b"partial")
+    return sft, root
+
+
+def test_verl_fsdp_checkpoints_merge_and_register_like_the_local_executors(verl_checkpoints, tmp_path):
+    import torch
+
+    from rl.verl_run import read_back, saved_steps
+    from worlds.model import load_model
+    from worlds.tokenizer import load_tokenizer
+
+    sft, root = verl_checkpoints
+    actor = root / "global_step_2" / "actor"
+    assert sorted(p.name for p in actor.iterdir()) == ["fsdp_config.json", "huggingface",
+                                                      "model_world_size_2_rank_0.pt", "model_world_size_2_rank_1.pt"]
+    assert json.loads((actor / "fsdp_config.json").read_text())["world_size"] == 2
+    assert [s for s, _ in saved_steps(root)] == [2, 4]  # step 6: incomplete, beyond the tracker
+
+    out = tmp_path / "stage"
+    ckpts = read_back(root, out, steps=4, init=sft)
+    assert [(s, p.name) for s, p in ckpts] == [(2, "step-0000002"), (4, "step-0000004")]
+    assert json.loads((ckpts[1][1] / "state.json").read_text())["executor"] == "verl"
+
+    original = load_model(sft).state_dict()
+    tokenizer = load_tokenizer(sft)
+    for (step, path), shift in zip(ckpts, (0.0, 0.5)):
+        merged = load_model(path / "model").state_dict()  # the held-out job's loaders (evals/engines.py)
+        assert merged.keys() == original.keys()
+        for key, value in original.items():  # verl's merger writes bf16
+            assert torch.equal(merged[key], (value + shift).to(torch.bfloat16).float()), (step, key)
+        reloaded = load_tokenizer(path / "model")
+        assert type(reloaded) is type(tokenizer) and len(reloaded) == len(tokenizer)
+        text = "12+7=19 <meta>check 12</meta>"
+        assert reloaded(text, return_offsets_mapping=True)["offset_mapping"] == \
+            tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+
+    # a second read-back keeps what was merged (the flow re-reading a finished job)
+    mtime = (ckpts[0][1] / "model" / "model.safetensors").stat().st_mtime_ns
+    assert read_back(root, out, steps=4, init=sft) == ckpts
+    assert (ckpts[0][1] / "model" / "model.safetensors").stat().st_mtime_ns == mtime
+
+    with pytest.raises(TwinarmError, match=r"expected the last saved step to be rl.steps 6, found steps \[2, 4\]"):
+        read_back(root, tmp_path / "other", steps=6, init=sft)
+
+
+def test_a_shard_set_verls_merger_cannot_read_is_one_line(verl_checkpoints, tmp_path):
+    import shutil
+
+    from rl.verl_run import merge_to_hf
+
+    _, root = verl_checkpoints
+    broken = tmp_path / "actor"
+    shutil.copytree(root / "global_step_2" / "actor", broken)
+    (broken / "model_world_size_2_rank_1.pt").unlink()
+    with pytest.raises(TwinarmError) as exc:
+        merge_to_hf(broken, tmp_path / "merged")
+    assert str(exc.value).startswith(f"verl checkpoint {broken}: verl's model merger could not merge it: ")
+    assert "\n" not in str(exc.value) and not (tmp_path / "merged").exists()
+
+
+def test_console_metrics_read_verls_console_logger_lines():
+    from rl.verl_run import console_metrics
+
+    lines = ["(TaskRunner pid=1) step:3 - actor/lr:1e-06 - val-core/x/acc/mean@1:0.5 - timing/gen:1.5 - note:abc",
+             "step:4 - actor/lr:2e-06", "not a metrics line"]
+    assert console_metrics(lines) == [("actor/lr", 2e-06, 4)]  # a prefixed line is not verl's console format
+    assert console_metrics(lines[0].split(") ", 1)[1:]) == [("actor/lr", 1e-06, 3), ("val-core/x/acc/mean@1", 0.5, 3),
+                                                            ("timing/gen", 1.5, 3)]
+
+
+def verl_tiny_spec(tmp_path: Path, address: str, arms: dict | None = None) -> Path:
+    spec = tiny_spec_dict("tinyverl")
+    spec["base"]["executor"] = {"kind": "verl", "compute": {"device": "auto"}, "use_ray": False,
+                                "ray_address": address,
+                                "verl": {"nnodes": 1, "n_gpus_per_node": 1, "rollout_engine": "vllm"}}
+    spec["arms"] = arms or {"control": {"overrides": {"sft.strip_meta": True, "rl.reward": "vanilla"}}}
+    spec["contrasts"] = {}
+    path = tmp_path / "tinyverl.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_preflight_refuses_what_the_verl_stage_cannot_run(tmp_path, monkeypatch):
+    from infra.spec import resolved_arms
+    from rl.verl_run import preflight
+    from tasks.stages import load_checked_spec
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    both = {"control": {"overrides": {"sft.strip_meta": True, "rl.reward": "vanilla"}},
+            "pmishift": {"overrides": {"rl.reward": "pmishift"}}}
+    arms = resolved_arms(load_checked_spec(verl_tiny_spec(tmp_path, "http://127.0.0.1:1", both)))
+    with pytest.raises(SpecError) as exc:
+        preflight("s.yaml", arms)
+    assert str(exc.value) == ("s.yaml: the verl executor cannot run this spec:\n  arm 'pmishift': rl.reward "
+                              "'pmishift' needs the frozen-reference scorer on verl (issue 18 item 3, not built): the "
+                              "reward manager refuses it at start")
+    mixed = dict(arms)
+    mixed["pmishift"] = arms["control"].model_copy(update={"executor": arms["control"].executor.model_copy(
+        update={"kind": "local", "verl": type(arms["control"].executor.verl)()})})
+    with pytest.raises(SpecError, match=r"arms pmishift run on executor.kind 'local' and the others on 'verl'"):
+        preflight("s.yaml", mixed)
+    control = {"control": arms["control"]}
+    with pytest.raises(TwinarmError, match=r"^could not reach the Ray Jobs API at http://127.0.0.1:1: "):
+        preflight("s.yaml", control)
+    control["control"] = control["control"].model_copy(update={"executor": control["control"].executor.model_copy(
+        update={"ray_address": "auto"})})
+    with pytest.raises(TwinarmError, match="no Ray Jobs address"):
+        preflight("s.yaml", control)
+
+
+def test_flow_on_verl_submits_the_rl_stage_and_surfaces_the_jobs_failure_in_one_line(ray_head, flow_home, tmp_path):
+    from flows.ablation import ablation
+    from infra.lineage import Lineage
+    from ray.job_submission import JobSubmissionClient
+
+    from rl.verl_jobs import submission_id
+    from rl.verl_run import DATA_DIR, JOB_LOG
+
+    spec_file = verl_tiny_spec(tmp_path, ray_head)
+    with pytest.raises(TwinarmError) as exc:
+        ablation(spec_file=str(spec_file))
+    msg = str(exc.value)
+    print(msg)
+    lineage = Lineage(flow_home.lineage_db)
+    runs = lineage.rows("SELECT stage, arm, status, config_json FROM runs WHERE ablation = 'tinyverl' ORDER BY stage")
+    status = {r["stage"]: r["status"] for r in runs}
+    assert status == {"base_model": "completed", "data": "completed", "resolve": "completed", "sft": "completed",
+                      "twins": "completed", "rl": "failed"}
+    # the RL stage's compute key names its job and working directory
+    work = next((flow_home.root / "runs" / "rl").iterdir())
+    sid = submission_id(work.name)
+    assert "\n" not in msg and msg.startswith(f"Ray job {sid} FAILED: ") and msg.endswith(f"(full logs: ray job logs "
+                                                                                          f"{sid})")
+    job = JobSubmissionClient(ray_head).get_job_info(sid)
+    assert job.status == "FAILED" and job.metadata == {"ablation": "tinyverl", "arm": "control", "seed": "0"}
+    assert not (work / "stage-output.json").exists()  # not done: the next flow run reads the failure back
+    log = (work / JOB_LOG).read_text()
+    assert log.startswith(f"# twinarm: Ray job {sid}: python -m rl.verl_main ")
+    assert "trainer.v1.trainer_mode=twinarm_sync" in log and len(log.splitlines()) > 1  # the job's own lines too
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(work / DATA_DIR / "prompts.parquet").to_pylist()
+    assert rows[0]["reward_model"]["style"] == "rule" and rows[0]["prompt"][0]["role"] == "user"
+    # the job's overrides name the SFT model, data and checkpoint directory of this stage
+    config = json.loads(next(r for r in runs if r["stage"] == "rl")["config_json"])
+    assert set(config) == {"rl", "grader", "executor.compute", "executor.verl", "seed", "tool"}
+    assert f"data.train_files={work / DATA_DIR / 'prompts.parquet'}" in log
+    assert f"trainer.default_local_dir={work / 'verl-checkpoints'}" in log
