@@ -17,7 +17,7 @@ from infra.hashing import hash_json
 from infra.spec import AblationSpec, BaseSpec, config_diff, resolved_arms
 from rl.verl_config import LABEL_KEYS, SOURCES, RunPaths, render, translate
 from rl.verl_jobs import JobSpec, job_spec, submit_line
-from rl.verl_run import DATA_DIR, VERL_CHECKPOINTS, blocked_reason
+from rl.verl_run import DATA_DIR, VERL_CHECKPOINTS, blocked_reason, scorer_note
 from tasks.rl_verl import STAGE as VERL_STAGE
 from tasks.stages import STAGES
 
@@ -52,6 +52,7 @@ class ArmPlan:
     job: JobSpec
     submit: str
     blocked: str | None  # why this arm cannot run on verl yet (None = nothing known)
+    note: str | None = None  # what runs, but not as one would want (the scorer's placement)
 
 
 def plan_arms(spec: AblationSpec, root: str, address: str) -> list[ArmPlan]:
@@ -62,7 +63,8 @@ def plan_arms(spec: AblationSpec, root: str, address: str) -> list[ArmPlan]:
             overrides = translate(cfg, ablation=spec.name, arm=arm, seed=seed, paths=paths)
             job = job_spec(render(overrides, cfg.executor.verl.extra_overrides), key,
                            metadata={"ablation": spec.name, "arm": arm, "seed": str(seed)})
-            out.append(ArmPlan(arm, seed, overrides, job, submit_line(job, address), blocked_reason(cfg)))
+            out.append(ArmPlan(arm, seed, overrides, job, submit_line(job, address), blocked_reason(cfg),
+                               scorer_note(cfg)))
     return out
 
 
@@ -131,6 +133,8 @@ def print_plan(spec_file: str, address: str | None, root: str | None, console: A
         console.print(f"\n[bold]arm {p.arm} seed {p.seed}[/]  job {p.job.submission_id}", highlight=False)
         if p.blocked:
             console.print(f"  [yellow]blocked:[/] {escape(p.blocked)}", highlight=False)
+        if p.note:
+            console.print(f"  [yellow]note:[/] {escape(p.note)}", highlight=False)
         console.print(escape(p.submit), soft_wrap=True, highlight=False)
         t = Table("verl override", "value", title=f"verl overrides: {p.arm}")
         for k, v in p.overrides.items():

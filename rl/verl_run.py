@@ -34,8 +34,9 @@ VERL_CHECKPOINTS = "verl-checkpoints"  # trainer.default_local_dir
 JOB_LOG = "verl-job.log"
 TRACKER = "latest_checkpointed_iteration.txt"  # verl's trainer writes it after a complete save
 STEP_DIR = re.compile(r"^global_step_(\d+)$")
-# verl's console logger (verl.utils.tracking, logger "console"): "step:3 - actor/lr:1e-06 - val-core/...:0.5"
-CONSOLE_STEP = re.compile(r"^step:(\d+) - (.*)$")
+# verl's console logger (verl.utils.logger.aggregate_logger.concat_dict_to_str): "step:3 - actor/lr:1e-06 - ...",
+# in a job's log behind Ray's prefix of the actor that printed it: "(TaskRunner pid=123) step:3 - ..."
+CONSOLE_STEP = re.compile(r"^(?:\([^)]*\)\s+)?step:(\d+) - (.*)$")
 
 
 def arm_config(config: dict[str, Any]) -> BaseSpec:
@@ -48,13 +49,24 @@ def arm_config(config: dict[str, Any]) -> BaseSpec:
 
 
 def blocked_reason(cfg: BaseSpec) -> str | None:
-    """Why this arm cannot run on verl yet, or None: a reward signal other than vanilla needs the frozen-reference
-    scorer (or regeneration), which the verl reward manager does not have (issue 18 item 3)."""
+    """Why this arm cannot run on verl yet, or None: a reward signal the verl reward manager does not run
+    (rewards.verl_adapter.VERL_SIGNALS; regeneration signals need a generation engine in the reward loop)."""
+    from rewards.verl_adapter import VERL_SIGNALS
+
+    if cfg.rl.reward not in VERL_SIGNALS:
+        return (f"rl.reward '{cfg.rl.reward}' is not run by the verl reward manager (it runs "
+                f"{', '.join(VERL_SIGNALS)}): it refuses it at start")
+    return None
+
+
+def scorer_note(cfg: BaseSpec) -> str | None:
+    """What a user of a scorer signal on verl must know, or None: the frozen-reference scorer runs inside verl's
+    reward-loop workers, which verl 0.9.1 starts without GPUs, so the scorer runs on their CPUs."""
     from rewards.signals import get_signal
 
-    if cfg.rl.reward != "vanilla" or get_signal(cfg.rl.reward).needs:
-        return (f"rl.reward '{cfg.rl.reward}' needs the frozen-reference scorer on verl (issue 18 item 3, not "
-                f"built): the reward manager refuses it at start")
+    if "scorer" in get_signal(cfg.rl.reward).needs:
+        return (f"rl.reward '{cfg.rl.reward}': the frozen-reference scorer (the SFT model) runs in verl's "
+                f"reward-loop workers, which verl starts without GPUs: on their CPUs, slow for a large model")
     return None
 
 
@@ -190,6 +202,22 @@ def console_metrics(lines: Sequence[str]) -> list[tuple[str, float, int]]:
     return out
 
 
+def scorer_facts(reward: str, metrics: Sequence[tuple[str, float, int]]) -> dict[str, Any]:
+    """scorer_calls / scorer_forwards (the local executor's facts, rl.grpo) from the per-step metrics our trainer
+    logs (rewards.verl_adapter.scorer_totals, training rollouts only): their sums over the steps; 0 for a scorer-free
+    signal whose job logged none (its reward manager loads no scorer); None (unknown: the audit keeps it open) for a
+    scorer signal whose job logged none."""
+    from rewards.signals import get_signal
+    from rewards.verl_adapter import SCORER_METRICS
+
+    needs = "scorer" in get_signal(reward).needs
+    out: dict[str, Any] = {"scorer": "frozen SFT model (reward-loop worker)" if needs else None}
+    for fact, metric in zip(("scorer_calls", "scorer_forwards"), SCORER_METRICS.values()):
+        values = [v for k, v, _ in metrics if k == metric]
+        out[fact] = int(sum(values)) if values else (None if needs else 0)
+    return out
+
+
 def train_verl(init: Path, prompts: Sequence[dict[str, Any]], val: Sequence[dict[str, Any]], config: dict[str, Any],
                *, ablation: str, arm: str, workdir: Path, stage_key: str, mlflow_run_id: str | None = None,
                address: str | None = None, on_log: Callable[[str], None] | None = None,
@@ -226,9 +254,7 @@ def train_verl(init: Path, prompts: Sequence[dict[str, Any]], val: Sequence[dict
     checkpoints = read_back(verl_dir, workdir, cfg.rl.steps, Path(init))
     metrics = console_metrics(outcome.logs.splitlines())
     facts = {
-        "executor": "verl", "verl": verl_version(), "reward": cfg.rl.reward,
-        # the vanilla signal is the only one the verl reward manager runs: it has no scorer to call
-        "scorer_calls": 0, "scorer_forwards": 0, "scorer": None,
+        "executor": "verl", "verl": verl_version(), "reward": cfg.rl.reward, **scorer_facts(cfg.rl.reward, metrics),
         "steps": cfg.rl.steps, "save_freq": cfg.rl.save_freq, "test_freq": cfg.rl.test_freq,
         "job": {"submission_id": spec.submission_id, "action": outcome.action, "status": outcome.status},
         "data": {role: {"hash": h, "rows": n} for role, (_, h, n) in data.items()},

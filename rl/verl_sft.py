@@ -26,6 +26,7 @@ from typing import Any, Sequence
 from infra.artifacts import write_parquet
 from infra.errors import DataError
 from infra.spec import SFTSpec, VerlSpec
+from rewards.verl_adapter import model_tokenizer
 from rl.verl_config import VerlConfigError, config_dir, render, verl_version
 
 DATASET = ("pkg://rl.verl_sft", "TwinarmSFTDataset")
@@ -45,15 +46,6 @@ def write_sft_parquet(rows: Sequence[dict[str, Any]], path: Path) -> None:
     write_parquet([{"id": str(r["id"]), "messages": [{"role": m["role"], "content": m["content"]}
                                                      for m in r["messages"]],
                     "wrong_prefix": r.get("wrong_prefix")} for r in rows], Path(path), schema=sft_schema())
-
-
-def model_tokenizer(tokenizer: Any) -> Any:
-    """The tokenizer as the local trainer loads it (worlds.tokenizer.load_tokenizer) when `tokenizer` was loaded
-    from a local model directory; otherwise `tokenizer` itself."""
-    from worlds.tokenizer import load_tokenizer
-
-    path = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
-    return load_tokenizer(path) if str(path) and path.is_dir() else tokenizer
 
 
 try:

@@ -40,7 +40,9 @@ def ray_head():
     gcs, dash, client, agent, agent_grpc, metrics, rt_env, node_mgr, obj_mgr, low = free_ports(10)
     ray_bin = Path(sys.executable).with_name("ray")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
-           "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+           "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
+           # Ray ≥ 2.5x turns token auth on when ~/.ray/auth_token exists; this head answers 127.0.0.1 only
+           "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     cmd = [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",

@@ -140,14 +140,24 @@ def test_a_shard_set_verls_merger_cannot_read_is_one_line(verl_checkpoints, tmp_
     assert "\n" not in str(exc.value) and not (tmp_path / "merged").exists()
 
 
-def test_console_metrics_read_verls_console_logger_lines():
-    from rl.verl_run import console_metrics
+def test_console_metrics_and_scorer_facts_from_verls_console_lines():
+    from verl.utils.logger.aggregate_logger import concat_dict_to_str
 
-    lines = ["(TaskRunner pid=1) step:3 - actor/lr:1e-06 - val-core/x/acc/mean@1:0.5 - timing/gen:1.5 - note:abc",
-             "step:4 - actor/lr:2e-06", "not a metrics line"]
-    assert console_metrics(lines) == [("actor/lr", 2e-06, 4)]  # a prefixed line is not verl's console format
-    assert console_metrics(lines[0].split(") ", 1)[1:]) == [("actor/lr", 1e-06, 3), ("val-core/x/acc/mean@1", 0.5, 3),
-                                                            ("timing/gen", 1.5, 3)]
+    from rl.verl_run import console_metrics, scorer_facts
+
+    step1 = concat_dict_to_str({"actor/lr": 1e-06, "twinarm/scorer_calls": 12.0, "twinarm/scorer_forwards": 3.0,
+                                "note": "text"}, step=1)
+    step2 = concat_dict_to_str({"actor/lr": 2e-06, "twinarm/scorer_calls": 8.0, "twinarm/scorer_forwards": 2.0},
+                               step=2)
+    lines = [f"(TaskRunner pid=4242) {step1}", step2, "Training Progress: 50%", "step: not metrics"]
+    metrics = console_metrics(lines)
+    assert metrics == [("actor/lr", 1e-06, 1), ("twinarm/scorer_calls", 12.0, 1), ("twinarm/scorer_forwards", 3.0, 1),
+                       ("actor/lr", 2e-06, 2), ("twinarm/scorer_calls", 8.0, 2), ("twinarm/scorer_forwards", 2.0, 2)]
+    assert scorer_facts("pmishift", metrics) == {"scorer": "frozen SFT model (reward-loop worker)",
+                                                 "scorer_calls": 20, "scorer_forwards": 5}
+    # nothing logged: a scorer-free signal loads no scorer (0); a scorer signal's count is unknown (None), not 0
+    assert scorer_facts("vanilla", []) == {"scorer": None, "scorer_calls": 0, "scorer_forwards": 0}
+    assert scorer_facts("pmishift", [])["scorer_calls"] is None
 
 
 def verl_tiny_spec(tmp_path: Path, address: str, arms: dict | None = None) -> Path:
@@ -170,18 +180,22 @@ def test_preflight_refuses_what_the_verl_stage_cannot_run(tmp_path, monkeypatch)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     both = {"control": {"overrides": {"sft.strip_meta": True, "rl.reward": "vanilla"}},
-            "pmishift": {"overrides": {"rl.reward": "pmishift"}}}
+            "cf": {"overrides": {"rl.reward": "cf"}}}
     arms = resolved_arms(load_checked_spec(verl_tiny_spec(tmp_path, "http://127.0.0.1:1", both)))
     with pytest.raises(SpecError) as exc:
         preflight("s.yaml", arms)
-    assert str(exc.value) == ("s.yaml: the verl executor cannot run this spec:\n  arm 'pmishift': rl.reward "
-                              "'pmishift' needs the frozen-reference scorer on verl (issue 18 item 3, not built): the "
-                              "reward manager refuses it at start")
+    assert str(exc.value) == ("s.yaml: the verl executor cannot run this spec:\n  arm 'cf': rl.reward 'cf' is not "
+                              "run by the verl reward manager (it runs vanilla, pmishift, pmi, gm): it refuses it at "
+                              "start")
     mixed = dict(arms)
-    mixed["pmishift"] = arms["control"].model_copy(update={"executor": arms["control"].executor.model_copy(
+    mixed["cf"] = arms["control"].model_copy(update={"executor": arms["control"].executor.model_copy(
         update={"kind": "local", "verl": type(arms["control"].executor.verl)()})})
-    with pytest.raises(SpecError, match=r"arms pmishift run on executor.kind 'local' and the others on 'verl'"):
+    with pytest.raises(SpecError, match=r"arms cf run on executor.kind 'local' and the others on 'verl'"):
         preflight("s.yaml", mixed)
+    cpu = {"control": arms["control"].model_copy(update={"executor": arms["control"].executor.model_copy(
+        update={"compute": arms["control"].executor.compute.model_copy(update={"device": "cpu"})})})}
+    with pytest.raises(SpecError, match=r"arm 'control': executor.compute.device 'cpu': verl has no CPU training"):
+        preflight("s.yaml", cpu)
     control = {"control": arms["control"]}
     with pytest.raises(TwinarmError, match=r"^could not reach the Ray Jobs API at http://127.0.0.1:1: "):
         preflight("s.yaml", control)
