@@ -113,7 +113,9 @@ def _failure_line(sid: str, status: str, message: str | None, logs: str) -> str:
     lines = [ln.strip() for ln in logs.splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.lower().startswith(("error:", "traceback")) or "Error:" in ln]
     last = errors[-1] if errors else (lines[-1] if lines else (message or "no output"))
-    return f"Ray job {sid} {status}: {last} (full logs: ray job logs {sid})"
+    # the id is the computation's: the same flow run again reads this failure back until the job is deleted
+    return (f"Ray job {sid} {status}: {last} (full logs: ray job logs {sid}; once the cause is fixed, "
+            f"ray job delete {sid} and run again: verl resumes from its last checkpoint)")
 
 
 def run_job(spec: JobSpec, address: str | None, on_log: Callable[[str], None] | None = None,

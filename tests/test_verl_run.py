@@ -226,8 +226,9 @@ def test_flow_on_verl_submits_the_rl_stage_and_surfaces_the_jobs_failure_in_one_
     # the RL stage's compute key names its job and working directory
     work = next((flow_home.root / "runs" / "rl").iterdir())
     sid = submission_id(work.name)
-    assert "\n" not in msg and msg.startswith(f"Ray job {sid} FAILED: ") and msg.endswith(f"(full logs: ray job logs "
-                                                                                          f"{sid})")
+    assert "\n" not in msg and msg.startswith(f"Ray job {sid} FAILED: ") and msg.endswith(
+        f"(full logs: ray job logs {sid}; once the cause is fixed, ray job delete {sid} and run again: verl resumes "
+        f"from its last checkpoint)")
     job = JobSubmissionClient(ray_head).get_job_info(sid)
     assert job.status == "FAILED" and job.metadata == {"ablation": "tinyverl", "arm": "control", "seed": "0"}
     assert not (work / "stage-output.json").exists()  # not done: the next flow run reads the failure back
