@@ -102,17 +102,15 @@ def per_arm(s: Session, stage: Stage, arms: Arms, inputs_for: Callable[[str, int
     return {(c.arm, c.seed): o for c, o in zip(calls, run_calls(s, stage.task, calls, **kwargs))}
 
 
-def preflight(spec_file: str, arms: Arms) -> None:
+def preflight(spec_file: str, arms: Arms, ablation_name: str | None = None) -> None:
     """Refuse what would fail late, before any compute."""
     from infra.ray_exec import check_reachable, ray_address
 
     if any(cfg.executor.kind == "verl" for cfg in arms.values()):
-        import os
-
         from rl.verl_run import preflight as verl_preflight
 
-        # the RL stage submits Ray Jobs there (executor.ray_address is placement, not in the stage's compute key)
-        os.environ["RAY_API_SERVER_ADDRESS"] = verl_preflight(spec_file, arms)
+        # also records the Jobs API address the RL stage submits to (placement, not in its compute key)
+        verl_preflight(spec_file, arms, ablation_name)
     for address in sorted({ray_address(cfg.executor) for cfg in arms.values() if cfg.executor.use_ray} - {None}):
         check_reachable(address)
 
@@ -125,7 +123,7 @@ def ablation(spec_file: str = "configs/demo.yaml", overrides: RunOverrides = Run
 
     spec = apply_overrides(load_checked_spec(spec_file), overrides)
     arms = resolved_arms(spec)
-    preflight(spec_file, arms)
+    preflight(spec_file, arms, spec.name)
     placement = {"executor": spec.base.executor.model_dump(mode="json")}
     flow_run_id = str(runtime.flow_run.id) if runtime.flow_run.id else None
     with Session(spec, spec_file, fresh=fresh, flow_run_id=flow_run_id) as s:

@@ -70,11 +70,17 @@ def scorer_note(cfg: BaseSpec) -> str | None:
     return None
 
 
-def preflight(spec_file: str, arms: dict[str, BaseSpec]) -> str:
+# ablation → the Ray Jobs API address its RL stages submit to: set by the flow's preflight, read by the stage body
+# (in the flow process). Placement, so never part of a compute key; not an environment variable, which Ray itself
+# reads (RAY_API_SERVER_ADDRESS in the environment of a `ray start` breaks the head's startup).
+JOBS_ADDRESS: dict[str, str] = {}
+
+
+def preflight(spec_file: str, arms: dict[str, BaseSpec], ablation: str | None = None) -> str:
     """Refuse, before any compute, what the verl RL stage could not run: arms on different executors (one contrast
     on two code paths), an arm the translation refuses or that is blocked (blocked_reason), an unreachable Ray Jobs
-    API. Returns the Jobs API address (executor.ray_address, else RAY_API_SERVER_ADDRESS / RAY_ADDRESS). Raises
-    SpecError / TwinarmError, one line per problem."""
+    API. Returns the Jobs API address (executor.ray_address, else RAY_API_SERVER_ADDRESS / RAY_ADDRESS) and records
+    it as JOBS_ADDRESS[ablation] when `ablation` is given. Raises SpecError / TwinarmError, one line per problem."""
     from rl.verl_config import RunPaths, translate
     from rl.verl_jobs import client, dashboard_address
 
@@ -97,6 +103,8 @@ def preflight(spec_file: str, arms: dict[str, BaseSpec]) -> str:
         raise SpecError(f"{spec_file}: arms name different executor.ray_address {addresses}: one cluster runs them")
     address = dashboard_address(addresses[0] or None)
     client(address)  # one line when the Jobs API does not answer
+    if ablation is not None:
+        JOBS_ADDRESS[ablation] = address
     return address
 
 
@@ -224,6 +232,7 @@ def train_verl(init: Path, prompts: Sequence[dict[str, Any]], val: Sequence[dict
                poll_s: float = 2.0) -> dict[str, Any]:
     """One arm × seed of GRPO on verl (see the module docstring). `config`: the verl RL stage's slice.
 
+    `address`: the Ray Jobs API; None = JOBS_ADDRESS[ablation] (the flow's preflight), else the environment.
     Returns {checkpoints: [(step, dir)], data: {role: (path, hash, rows)}, metrics, facts, summary}, like
     rl.grpo.train_grpo. Raises TwinarmError (one line) when the job fails or its checkpoints cannot be read back."""
     from rl.verl_config import RunPaths, overrides_for, verl_version
@@ -250,7 +259,7 @@ def train_verl(init: Path, prompts: Sequence[dict[str, Any]], val: Sequence[dict
                 on_log(text)
 
         line(f"# twinarm: Ray job {spec.submission_id}: {spec.entrypoint_line}")
-        outcome = run_job(spec, address, on_log=line, poll_s=poll_s)
+        outcome = run_job(spec, address or JOBS_ADDRESS.get(ablation), on_log=line, poll_s=poll_s)
     checkpoints = read_back(verl_dir, workdir, cfg.rl.steps, Path(init))
     metrics = console_metrics(outcome.logs.splitlines())
     facts = {

@@ -12,8 +12,9 @@ def rl_verl_body(call: StageCall) -> StageOutput:
     """GRPO of one arm × seed on verl (rl.verl_run.train_verl): the prompts and val rows written in verl's parquet
     layout (outputs `verl_prompts`, `verl_val`, content-hashed), one Ray Job per compute key, its log lines in the
     task's log and `verl-job.log`, verl's saved steps merged to HF by verl's model merger and registered as the
-    local stage's are (`step-NNNNNNN` per saved step, `final`). The Jobs API address is RAY_API_SERVER_ADDRESS
-    (the flow's preflight sets it from executor.ray_address: placement, not in the compute key)."""
+    local stage's are (`step-NNNNNNN` per saved step, `final`). The Jobs API address is the one the flow's
+    preflight recorded for this ablation (rl.verl_run.JOBS_ADDRESS, from executor.ray_address: placement, not in the
+    compute key)."""
     from infra.progress import STAGE_LABEL, to_run_log
     from rl.verl_run import train_verl
 

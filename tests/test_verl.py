@@ -382,8 +382,9 @@ def test_reward_manager_refuses_a_signal_it_does_not_run():
     from test_heads import byte_level_tokenizer
 
     config = compose(overrides_for(verl_cfg(reward="cf"), ablation="t", arm="a", seed=0, paths=paths()))
-    with pytest.raises(ValueError, match=r"rl.reward 'cf': on verl the reward manager runs vanilla, pmishift, pmi, "
-                                         r"gm; signals that regenerate \(cf, asym_cf\) or MASA's rollouts are not built"):
+    with pytest.raises(ValueError, match=r"rl.reward 'cf': on verl the reward manager runs vanilla, pmishift, "
+                                         r"pmi, gm; signals that regenerate \(cf, asym_cf\) or MASA's rollouts are "
+                                         r"not built"):
         TwinarmRewardManager(config, byte_level_tokenizer(), None)
 
 

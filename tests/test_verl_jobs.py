@@ -44,6 +44,7 @@ def ray_head():
            # Ray ≥ 2.5x turns token auth on when ~/.ray/auth_token exists; this head answers 127.0.0.1 only
            "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_API_SERVER_ADDRESS", None)  # in a `ray start`'s environment it keeps the head from starting
     cmd = [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
@@ -148,8 +149,11 @@ def test_ray_jobs_round_trip(ray_head):
     assert len(transcript) == 4
 
 
-def test_unreachable_jobs_api_is_one_line():
+def test_unreachable_jobs_api_is_one_line(monkeypatch):
     from rl.verl_jobs import client
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
 
     with pytest.raises(TwinarmError, match=r"could not reach the Ray Jobs API at http://127.0.0.1:1"):
         client("127.0.0.1:1")

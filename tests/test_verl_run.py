@@ -213,11 +213,17 @@ def test_flow_on_verl_submits_the_rl_stage_and_surfaces_the_jobs_failure_in_one_
     from rl.verl_jobs import submission_id
     from rl.verl_run import DATA_DIR, JOB_LOG
 
+    from rl.verl_run import JOBS_ADDRESS
+
     spec_file = verl_tiny_spec(tmp_path, ray_head)
+    env_before = {k: v for k, v in os.environ.items() if k.startswith("RAY")}
     with pytest.raises(TwinarmError) as exc:
         ablation(spec_file=str(spec_file))
     msg = str(exc.value)
     print(msg)
+    # the Jobs address reaches the stage through the preflight's record, not the environment (Ray reads that)
+    assert JOBS_ADDRESS["tinyverl"] == ray_head
+    assert {k: v for k, v in os.environ.items() if k.startswith("RAY")} == env_before
     lineage = Lineage(flow_home.lineage_db)
     runs = lineage.rows("SELECT stage, arm, status, config_json FROM runs WHERE ablation = 'tinyverl' ORDER BY stage")
     status = {r["stage"]: r["status"] for r in runs}

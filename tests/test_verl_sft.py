@@ -38,7 +38,8 @@ def rows_of(world):
         {"id": "wp", "messages": q + [{"role": "assistant", "content": "12+30=41 wait, 12+30=42. \\boxed{42}"}],
          "wrong_prefix": "12+30=41"},
         {"id": "meta", "messages": q + [{"role": "assistant", "content":
-                                         f"{META_OPEN}check 12+30{META_CLOSE} 42 \\boxed{{42}}"}], "wrong_prefix": None},
+                                         f"{META_OPEN}check 12+30{META_CLOSE} 42 \\boxed{{42}}"}],
+         "wrong_prefix": None},
         {"id": "tool", "messages": q + [{"role": "assistant", "content":
                                          f"{META_OPEN}12+30 {CALC_OPEN}42{CALC_CLOSE}{META_CLOSE} \\boxed{{42}}"}],
          "wrong_prefix": None},
