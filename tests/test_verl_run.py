@@ -250,3 +250,73 @@ def test_flow_on_verl_submits_the_rl_stage_and_surfaces_the_jobs_failure_in_one_
     assert set(config) == {"rl", "grader", "executor.compute", "executor.verl", "seed", "tool"}
     assert f"data.train_files={work / DATA_DIR / 'prompts.parquet'}" in log
     assert f"trainer.default_local_dir={work / 'verl-checkpoints'}" in log
+
+
+def test_stage_body_after_a_succeeded_job_registers_verls_checkpoints(verl_checkpoints, home, monkeypatch):
+    """The RL stage body's success path, with a STAND-IN for the Ray Job (verl cannot train on CPU): the stand-in
+    checks what the body submits, puts verl's real checkpoint set (saved by verl's FSDPCheckpointManager above) where
+    the overrides tell verl to save, and returns verl's console lines made by verl's own formatter. Everything else —
+    data out, read-back, verl's merger, registration, facts — is the body's real code; the held-out job's engine
+    loads the registered `final`."""
+    import shutil
+
+    from verl.utils.logger.aggregate_logger import concat_dict_to_str
+
+    import rl.verl_jobs
+    from evals.engines import make_engine
+    from evals.suites import PROMPT_ROW_SCHEMA
+    from infra.artifacts import ArtifactStore, uri_path, write_parquet
+    from infra.hashing import hash_file
+    from infra.spec import BaseSpec
+    from rl.verl_jobs import JobOutcome, submission_id
+    from rl.verl_run import DATA_DIR, VERL_CHECKPOINTS
+    from tasks.common import StageCall
+    from tasks.rl_verl import STAGE
+    from worlds.tokenizer import load_tokenizer
+
+    sft, verl_saved = verl_checkpoints
+    rows = [{"id": f"r{i}", "prompt": f"{i}+1=?", "answer": str(i + 1), "domain": "add", "level": None,
+             "source": "arith", "suite": "rl"} for i in range(6)]
+    store = ArtifactStore(home.artifacts)
+    inputs = {"init": store.describe(sft, kind="checkpoint")}
+    for role in ("prompts", "val"):
+        path = home.root / f"{role}.parquet"
+        write_parquet(rows, path, schema=PROMPT_ROW_SCHEMA)
+        inputs[role] = store.describe(path, kind="dataset")
+    cfg = BaseSpec.model_validate({"executor": {"kind": "verl", "compute": {"device": "auto"}},
+                                   "rl": {"reward": "vanilla", "steps": 4, "save_freq": 2, "test_freq": 2}})
+    call = StageCall(home=str(home.root), ablation="abl", arm="control", seed=0, stage="rl",
+                     config=STAGE.config(cfg, 0), inputs=inputs, code=STAGE.code(), mlflow_run_id=None)
+    submitted = []
+
+    def stand_in(spec, address, on_log=None, poll_s=0.5, timeout_s=None):
+        overrides = dict(o.split("=", 1) for o in spec.entrypoint[3:])
+        submitted.append((spec, overrides))
+        shutil.copytree(verl_saved, overrides["trainer.default_local_dir"])
+        logs = "\n".join(f"(TaskRunner pid=7) {concat_dict_to_str(m, step=s)}" for s, m in
+                         ((1, {"actor/lr": 1e-6, "twinarm/scorer_calls": 0.0, "twinarm/scorer_forwards": 0.0}),
+                          (4, {"actor/lr": 5e-7, "twinarm/scorer_calls": 0.0, "twinarm/scorer_forwards": 0.0})))
+        for line in logs.splitlines():
+            on_log(line)
+        return JobOutcome(spec.submission_id, "submitted", "SUCCEEDED", logs)
+
+    monkeypatch.setattr(rl.verl_jobs, "run_job", stand_in)
+    out = STAGE.body(call)
+
+    (spec, overrides), = submitted
+    assert spec.submission_id == submission_id(call.key)
+    assert overrides["actor_rollout_ref.model.path"] == str(sft)
+    assert overrides["trainer.default_local_dir"] == str(call.workdir / VERL_CHECKPOINTS)
+    assert sorted(out.outputs) == ["final", "step-0000002", "step-0000004", "verl_prompts", "verl_val"]
+    assert out.outputs["final"] == out.outputs["step-0000004"] and out.outputs["final"].facets == {"step": 4}
+    prompts = call.workdir / DATA_DIR / "prompts.parquet"
+    assert out.outputs["verl_prompts"].artifact_id == hash_file(prompts) == out.facts["data"]["prompts"]["hash"]
+    assert out.facts["job"] == {"submission_id": spec.submission_id, "action": "submitted", "status": "SUCCEEDED"}
+    assert (out.facts["scorer_calls"], out.facts["scorer_forwards"], out.facts["saved_steps"]) == (0, 0, [2, 4])
+    assert ("actor/lr", 5e-7, 4) in out.metrics
+    log = (call.workdir / "verl-job.log").read_text().splitlines()
+    assert log[0].startswith(f"# twinarm: Ray job {spec.submission_id}: python -m rl.verl_main ") and len(log) == 3
+    final = uri_path(out.outputs["final"].uri)
+    assert final == call.workdir / "checkpoints" / "step-0000004" / "model"
+    engine = make_engine("hf", final, "cpu", "fp32")  # what the held-out stage builds for a checkpoint
+    assert engine.tokenizer("12+7=19")["input_ids"] == load_tokenizer(sft)("12+7=19")["input_ids"]
