@@ -119,10 +119,13 @@ def _failure_line(sid: str, status: str, message: str | None, logs: str) -> str:
 
 
 def run_job(spec: JobSpec, address: str | None, on_log: Callable[[str], None] | None = None,
-            poll_s: float = 0.5, timeout_s: float | None = None) -> JobOutcome:
+            poll_s: float = 0.5, timeout_s: float | None = None,
+            stop: Callable[[], bool] | None = None) -> JobOutcome:
     """Submit (or re-attach to, or read back) the job and wait for it; log lines go to `on_log` as they come.
 
-    Raises TwinarmError (one line) when the job FAILED or was STOPPED, or the wait passed `timeout_s`."""
+    Raises TwinarmError (one line) when the job FAILED or was STOPPED, or the wait passed `timeout_s`; raises
+    infra.progress.StopRequested when `stop()` turns true while waiting (the command was interrupted: the job keeps
+    running on the cluster, and the same command re-attaches to it)."""
     jobs = client(address)
     info = _info(jobs, spec.submission_id)
     if info is None:
@@ -146,6 +149,12 @@ def run_job(spec: JobSpec, address: str | None, on_log: Callable[[str], None] | 
             seen = len(logs)
         if status in TERMINAL:
             break
+        if stop is not None and stop():
+            from infra.progress import StopRequested
+
+            raise StopRequested(f"Ray job {spec.submission_id}: stopped waiting while {status}; it keeps running on "
+                                f"the cluster (the same command re-attaches; ray job stop {spec.submission_id} "
+                                f"ends it)")
         if timeout_s is not None and time.monotonic() - start > timeout_s:
             raise TwinarmError(f"Ray job {spec.submission_id} still {status} after {timeout_s:.0f} s "
                                f"(it keeps running; run the same command again to re-attach)")

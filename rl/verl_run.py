@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 from infra.artifacts import atomic_path
 from infra.checkpoints import CHECKPOINTS, complete_checkpoints, step_of
 from infra.errors import SpecError, TwinarmError
+from infra.progress import STOP
 from infra.spec import BaseSpec
 
 DATA_DIR = "verl-data"
@@ -259,7 +260,8 @@ def train_verl(init: Path, prompts: Sequence[dict[str, Any]], val: Sequence[dict
                 on_log(text)
 
         line(f"# twinarm: Ray job {spec.submission_id}: {spec.entrypoint_line}")
-        outcome = run_job(spec, address or JOBS_ADDRESS.get(ablation), on_log=line, poll_s=poll_s)
+        outcome = run_job(spec, address or JOBS_ADDRESS.get(ablation), on_log=line, poll_s=poll_s,
+                          stop=STOP.is_set)  # Ctrl-C of the command: stop waiting, the job runs on
     checkpoints = read_back(verl_dir, workdir, cfg.rl.steps, Path(init))
     metrics = console_metrics(outcome.logs.splitlines())
     facts = {

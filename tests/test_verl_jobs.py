@@ -138,15 +138,26 @@ def test_ray_jobs_round_trip(ray_head):
     say(f"resubmit {again.submission_id}: {again.action} (read back); jobs on the cluster: {n_jobs} → "
         f"{len(jobs.list_jobs())}")
 
-    # 4. the failing job: one clear line naming the bad key, the same when asked again (not resubmitted)
+    # 4. the command interrupted while it waits (Ctrl-C): it stops waiting, the job runs on and is re-attached
+    from infra.progress import StopRequested
+
+    later = job_spec(control_overrides(seed=1), "b2" * 8, check=True)
+    with pytest.raises(StopRequested, match=r"^Ray job twinarm-rl-b2b2b2b2b2b2b2b2: stopped waiting while "
+                                            r"(PENDING|RUNNING); it keeps running on the cluster"):
+        run_job(later, ray_head, poll_s=0.5, stop=lambda: True)
+    resumed = run_job(later, ray_head, poll_s=0.5, timeout_s=240)
+    assert resumed.action in ("attached", "finished") and resumed.status == "SUCCEEDED"
+    say(f"stop     {later.submission_id}: stopped waiting, job ran on; re-attached → {resumed.status}")
+
+    # 5. the failing job: one clear line naming the bad key, the same when asked again (not resubmitted)
     msg = str(exc.value)
     assert "\n" not in msg and msg.startswith("Ray job twinarm-rl-c3c3c3c3c3c3c3c3 FAILED: error: verl override "
                                               "'actor_rollout_ref.actor.clip_ratio_hgih'")
     with pytest.raises(TwinarmError) as again_exc:
         run_job(bad, ray_head)
-    assert str(again_exc.value) == msg and len(jobs.list_jobs()) == 2
+    assert str(again_exc.value) == msg and len(jobs.list_jobs()) == 3
     say(f"failure  {msg}")
-    assert len(transcript) == 4
+    assert len(transcript) == 5
 
 
 def test_unreachable_jobs_api_is_one_line(monkeypatch):

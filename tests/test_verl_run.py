@@ -289,7 +289,7 @@ def test_stage_body_after_a_succeeded_job_registers_verls_checkpoints(verl_check
                      config=STAGE.config(cfg, 0), inputs=inputs, code=STAGE.code(), mlflow_run_id=None)
     submitted = []
 
-    def stand_in(spec, address, on_log=None, poll_s=0.5, timeout_s=None):
+    def stand_in(spec, address, on_log=None, poll_s=0.5, timeout_s=None, stop=None):
         overrides = dict(o.split("=", 1) for o in spec.entrypoint[3:])
         submitted.append((spec, overrides))
         shutil.copytree(verl_saved, overrides["trainer.default_local_dir"])
