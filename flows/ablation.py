@@ -27,6 +27,7 @@ from infra.errors import SpecError  # noqa: E402
 from infra.roles import CheckpointRole, StepRole, SuiteRole  # noqa: E402
 from infra.spec import AblationSpec, BaseSpec, resolved_arms  # noqa: E402
 from tasks import report as report_stage  # noqa: E402
+from tasks import rl_verl  # noqa: E402
 from tasks.base_model import CORPUS_ROLES  # noqa: E402
 from tasks.common import SHARED, Session, Stage, StageOutput, run_calls, run_task  # noqa: E402
 from tasks.stages import STAGES, load_checked_spec  # noqa: E402
@@ -101,14 +102,15 @@ def per_arm(s: Session, stage: Stage, arms: Arms, inputs_for: Callable[[str, int
     return {(c.arm, c.seed): o for c, o in zip(calls, run_calls(s, stage.task, calls, **kwargs))}
 
 
-def preflight(spec_file: str, arms: Arms) -> None:
+def preflight(spec_file: str, arms: Arms, ablation_name: str | None = None) -> None:
     """Refuse what would fail late, before any compute."""
     from infra.ray_exec import check_reachable, ray_address
 
-    if cluster := sorted(arm for arm, cfg in arms.items() if cfg.executor.kind == "verl"):
-        # running an 8B spec through the local executor instead would be a silent substitute
-        raise SpecError(f"{spec_file}: base.executor.kind 'verl' (arms {', '.join(cluster)}): the verl cluster "
-                        f"executor is not built yet (docs/gpu-cluster.md); on one GPU use executor.kind: local")
+    if any(cfg.executor.kind == "verl" for cfg in arms.values()):
+        from rl.verl_run import preflight as verl_preflight
+
+        # also records the Jobs API address the RL stage submits to (placement, not in its compute key)
+        verl_preflight(spec_file, arms, ablation_name)
     for address in sorted({ray_address(cfg.executor) for cfg in arms.values() if cfg.executor.use_ray} - {None}):
         check_reachable(address)
 
@@ -121,7 +123,7 @@ def ablation(spec_file: str = "configs/demo.yaml", overrides: RunOverrides = Run
 
     spec = apply_overrides(load_checked_spec(spec_file), overrides)
     arms = resolved_arms(spec)
-    preflight(spec_file, arms)
+    preflight(spec_file, arms, spec.name)
     placement = {"executor": spec.base.executor.model_dump(mode="json")}
     flow_run_id = str(runtime.flow_run.id) if runtime.flow_run.id else None
     with Session(spec, spec_file, fresh=fresh, flow_run_id=flow_run_id) as s:
@@ -145,7 +147,8 @@ def ablation(spec_file: str = "configs/demo.yaml", overrides: RunOverrides = Run
                        if f"{n}_{side}" in twins[arm].outputs}}
 
         sft = per_arm(s, STAGES["sft"], arms, sft_inputs, **placement)
-        rl = per_arm(s, STAGES["rl"], arms, lambda arm, seed: {
+        on_verl = next(iter(arms.values())).executor.kind == "verl"  # preflight: one executor for every arm
+        rl = per_arm(s, rl_verl.STAGE if on_verl else STAGES["rl"], arms, lambda arm, seed: {
             "init": sft[arm, seed].outputs["model"], "prompts": data[arm].outputs["rl_prompts"],
             "val": data[arm].outputs["val"]}, **placement)
 

@@ -15,9 +15,10 @@ from typing import Any
 
 from infra.hashing import hash_json
 from infra.spec import AblationSpec, BaseSpec, config_diff, resolved_arms
-from rewards.signals import get_signal
 from rl.verl_config import LABEL_KEYS, SOURCES, RunPaths, render, translate
 from rl.verl_jobs import JobSpec, job_spec, submit_line
+from rl.verl_run import DATA_DIR, VERL_CHECKPOINTS, blocked_reason, scorer_note
+from tasks.rl_verl import STAGE as VERL_STAGE
 from tasks.stages import STAGES
 
 DATA_STAGES = ("data",)
@@ -31,13 +32,15 @@ def _slices(cfg: BaseSpec, stages: tuple[str, ...], seed: int) -> dict[str, Any]
 
 
 def run_paths(cfg: BaseSpec, seed: int, root: str) -> tuple[RunPaths, str]:
-    """The arm × seed's paths under `root` (TWINARM_HOME as the cluster mounts it) and its RL compute key."""
+    """The arm × seed's paths under `root` (TWINARM_HOME as the cluster mounts it) and its RL key, in the flow's
+    layout. A plan-time key: the flow's compute key also covers its input artifacts' content hashes, known only
+    once the upstream stages ran, so the flow's submission id and directories have this shape, not these values."""
     data_key = hash_json(_slices(cfg, DATA_STAGES, seed), 12)
     model_key = hash_json(_slices(cfg, MODEL_STAGES, seed), 12)
-    rl_key = hash_json({"stage": "rl", "config": STAGES["rl"].config(cfg, seed), "model": model_key, "data": data_key})
-    paths = RunPaths(train_files=f"{root}/verl/data/{data_key}/rl_prompts.parquet",
-                     val_files=f"{root}/verl/data/{data_key}/val.parquet",
-                     model=f"{root}/verl/sft/{model_key}/hf", checkpoints=f"{root}/verl/rl/{rl_key}/checkpoints")
+    rl_key = hash_json({"stage": "rl", "config": VERL_STAGE.config(cfg, seed), "model": model_key, "data": data_key})
+    work = f"{root}/runs/rl/{rl_key}"  # the flow's layout (rl.verl_run); the flow's key also covers input hashes
+    paths = RunPaths(train_files=f"{work}/{DATA_DIR}/prompts.parquet", val_files=f"{work}/{DATA_DIR}/val.parquet",
+                     model=f"{root}/runs/sft/{model_key}/model", checkpoints=f"{work}/{VERL_CHECKPOINTS}")
     return paths, rl_key
 
 
@@ -49,6 +52,7 @@ class ArmPlan:
     job: JobSpec
     submit: str
     blocked: str | None  # why this arm cannot run on verl yet (None = nothing known)
+    note: str | None = None  # what runs, but not as one would want (the scorer's placement)
 
 
 def plan_arms(spec: AblationSpec, root: str, address: str) -> list[ArmPlan]:
@@ -59,11 +63,8 @@ def plan_arms(spec: AblationSpec, root: str, address: str) -> list[ArmPlan]:
             overrides = translate(cfg, ablation=spec.name, arm=arm, seed=seed, paths=paths)
             job = job_spec(render(overrides, cfg.executor.verl.extra_overrides), key,
                            metadata={"ablation": spec.name, "arm": arm, "seed": str(seed)})
-            blocked = None
-            if cfg.rl.reward != "vanilla" or get_signal(cfg.rl.reward).needs:
-                blocked = (f"rl.reward '{cfg.rl.reward}' needs the frozen-reference scorer on verl (issue 18 item "
-                           f"3, not built): the reward manager refuses it at start")
-            out.append(ArmPlan(arm, seed, overrides, job, submit_line(job, address), blocked))
+            out.append(ArmPlan(arm, seed, overrides, job, submit_line(job, address), blocked_reason(cfg),
+                               scorer_note(cfg)))
     return out
 
 
@@ -132,6 +133,8 @@ def print_plan(spec_file: str, address: str | None, root: str | None, console: A
         console.print(f"\n[bold]arm {p.arm} seed {p.seed}[/]  job {p.job.submission_id}", highlight=False)
         if p.blocked:
             console.print(f"  [yellow]blocked:[/] {escape(p.blocked)}", highlight=False)
+        if p.note:
+            console.print(f"  [yellow]note:[/] {escape(p.note)}", highlight=False)
         console.print(escape(p.submit), soft_wrap=True, highlight=False)
         t = Table("verl override", "value", title=f"verl overrides: {p.arm}")
         for k, v in p.overrides.items():

@@ -4,8 +4,10 @@
 Reward manager (verl's reward-loop interface, one rollout per `run_single`): grades the decoded response with our
 grader and returns the per-rollout heads of rewards.heads.rollout_heads as reward_extra_info
 `twinarm_head_<head>` (NaN where the head has no value) and the correctness head as verl's reward score. The meta
-head is a group signal; on verl only the vanilla signal (no meta value) is built — a signal that needs the
-frozen-reference scorer is refused when the manager starts (issue 18 item 3). DAPO on verl: the manager adds the
+head is the reward signal's value (VERL_SIGNALS: vanilla, and the frozen-reference scorer's pmishift, pmi, gm),
+computed by the local executor's own code (rewards.signals.score_group, rewards.scorer.HFScorer, rewards.decoys)
+inside the reward-loop worker, with the scorer's calls/forwards per rollout returned alongside; the regeneration
+signals and MASA are refused when the manager starts. DAPO on verl: the manager adds the
 soft overlong punishment to the correctness head when `reward.reward_kwargs.overlong_buffer_cfg.enable` (read
 where verl's own DAPO reward manager reads it), and returns the grader's accuracy as reward_extra_info `acc`, the
 metric verl's ReplayBuffer filters zero-variance groups on (`algorithm.filter_groups`).
@@ -29,6 +31,7 @@ config (`norm_adv_by_std_in_grpo`), never defaulted.
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -40,7 +43,7 @@ from verl.trainer.ppo.core_algos import register_adv_est
 from infra.spec import HEADS, REGIONS, GraderSpec, HeadsSpec
 from rewards.heads import centre_heads, gain_matrix, head_weights, overlong_penalty, rollout_heads, \
     token_advantages, token_offsets, token_regions
-from rewards.signals import Rollout, get_signal
+from rewards.signals import Rollout, SignalContext, get_signal, score_group
 from meta.grammar import META_CLOSE, META_OPEN, format_class
 
 ESTIMATOR = "twinarm_heads"
@@ -167,26 +170,72 @@ def compute_advantage(data: DataProto, norm_adv_by_std_in_grpo: bool | None = No
     return facts
 
 
+# the signals the verl reward manager runs, each checked against the local executor's score_group (tests/test_verl.py):
+# every one of them scores a rollout from its own prompt, response, gold and decoy (the group is only the local
+# scorer's batching unit), so one rollout at a time — verl's reward-loop unit — gives the same value
+VERL_SIGNALS = ("vanilla", "pmishift", "pmi", "gm")
+SCORER_CALLS, SCORER_FORWARDS = "twinarm_scorer_calls", "twinarm_scorer_forwards"
+
+
+SCORER_METRICS = {SCORER_CALLS: "twinarm/scorer_calls", SCORER_FORWARDS: "twinarm/scorer_forwards"}
+
+
+def scorer_totals(infos: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """{"twinarm/scorer_calls", "twinarm/scorer_forwards"}: the sums over a batch's reward_extra_info dicts (the
+    step metrics our trainer logs, which rl.verl_run reads back into the stage's facts)."""
+    return {metric: float(sum(int(i.get(key, 0)) for i in infos)) for key, metric in SCORER_METRICS.items()}
+
+
+def model_tokenizer(tokenizer: Any) -> Any:
+    """The tokenizer as the local executor loads it (worlds.tokenizer.load_tokenizer) when `tokenizer` was loaded
+    from a local model directory (verl loads with AutoTokenizer, which next to a qwen2 config picks another class
+    for our locally trained tokenizers); otherwise `tokenizer` itself."""
+    from pathlib import Path
+
+    from worlds.tokenizer import load_tokenizer
+
+    name = str(getattr(tokenizer, "name_or_path", "") or "")
+    return load_tokenizer(Path(name)) if name and Path(name).is_dir() else tokenizer
+
+
 class TwinarmRewardManager(RewardManagerBase):
     """verl reward-loop manager: one rollout → {"reward_score": correctness head, "reward_extra_info": heads}.
 
     Configured by rl/verl_config.py (`reward.reward_manager.source=importlib`, module pkg://rewards.verl_adapter);
-    reads the `twinarm` section of the verl config (rl.reward, rl.heads, grader, meta tags). Raises ValueError at
-    construction for a signal other than vanilla (the scorer-based signals are not built on verl)."""
+    reads the `twinarm` section of the verl config (rl.reward, rl.signal, rl.heads, grader). The meta head is the
+    signal's value from rewards.signals.score_group on the rollout alone, with the local executor's frozen-reference
+    scorer: rewards.scorer.HFScorer on the arm's SFT model (actor_rollout_ref.model.path, the policy's start, as
+    rl.grpo loads it from `init`) and one decoy per gold (rewards.decoys.make_decoys). The scorer's calls and
+    forwards made for each rollout are returned as reward_extra_info `twinarm_scorer_calls` /
+    `twinarm_scorer_forwards` (0 for a scorer-free signal, which loads no scorer). Raises ValueError at
+    construction for a signal not in VERL_SIGNALS (regeneration-based signals, MASA)."""
 
     def __init__(self, config: Any, tokenizer: Any, compute_score: Any = None, reward_router_address: Any = None,
                  reward_model_tokenizer: Any = None, **kwargs: Any) -> None:
         super().__init__(config, tokenizer, compute_score)
+        from infra.spec import SignalParams
         from rewards.grader import get_grader
 
         section = read_twinarm_section(config)
         reward = section["rl"]["reward"]
-        if get_signal(reward).needs or reward != "vanilla":
-            raise ValueError(f"rl.reward '{reward}': on verl only the vanilla signal is built; signals that need "
-                             f"the frozen-reference scorer or regeneration are not (issue 18 item 3)")
+        if reward not in VERL_SIGNALS:
+            raise ValueError(f"rl.reward '{reward}': on verl the reward manager runs {', '.join(VERL_SIGNALS)}; "
+                             f"signals that regenerate (cf, asym_cf) or MASA's rollouts are not built")
         self.reward = reward
+        self.policy_tokenizer = model_tokenizer(tokenizer)  # decodes responses as the local executor does
+        self.signal = get_signal(reward)
+        self.params = SignalParams.model_validate(section["rl"].get("signal", {}))
         self.grader = get_grader(GraderSpec.model_validate(section["grader"]))
         self.max_response_length = int(config.data.max_response_length)
+        self.scorer = None
+        if "scorer" in self.signal.needs:
+            import torch
+
+            from rewards.scorer import HFScorer
+
+            self.scorer = HFScorer.from_pretrained(str(config.actor_rollout_ref.model.path),
+                                                   device="cuda" if torch.cuda.is_available() else "cpu")
+        self.scorer_lock = threading.Lock()  # one scorer, rollouts arrive concurrently
         kwargs = config.reward.get("reward_kwargs", None) or {}
         overlong = kwargs.get("overlong_buffer_cfg", None)
         self.overlong = overlong if overlong is not None and overlong.get("enable", False) else None
@@ -194,27 +243,50 @@ class TwinarmRewardManager(RewardManagerBase):
             raise ValueError(f"reward.reward_kwargs.max_resp_len {kwargs.get('max_resp_len', None)} is not "
                              f"data.max_response_length {self.max_response_length}")
 
-    def heads_of(self, response: str, gold: str, truncated: bool, n_tokens: int) -> dict[str, float | None]:
-        """The per-rollout heads, as rewards.pipeline builds them for the local executor (with the soft overlong
-        punishment on the correctness head when configured), plus `acc` (1.0 correct, 0.0 not)."""
+    def heads_of(self, response: str, gold: str, truncated: bool, n_tokens: int, prompt: str = ""
+                 ) -> dict[str, Any]:
+        """The per-rollout heads, as rewards.pipeline.score_batch builds them for the local executor (signal value
+        on the meta head; the soft overlong punishment on the correctness head when configured), plus `acc` (1.0
+        correct, 0.0 not), `signal` (the SignalResult) and the scorer calls/forwards this rollout made. `prompt`:
+        the rendered prompt text the policy saw (a scorer signal scores contexts that start with it)."""
+        from rewards.decoys import make_decoys
+
         grade = self.grader.grade([response], [gold])[0]
-        rollout = Rollout(prompt="", response=response, gold=gold, correct=grade.correct, truncated=truncated,
-                          format_class=format_class(response, truncated, 1), n_tokens=n_tokens)
-        values = rollout_heads(rollout, None)
+        decoy = None
+        if "decoy" in self.signal.needs:
+            decoy = make_decoys([gold], self.grader, self.scorer.tokenizer)[0]
+        rollout = Rollout(prompt=prompt, response=response, gold=gold, decoy=decoy, correct=grade.correct,
+                          truncated=truncated, format_class=format_class(response, truncated, 1), n_tokens=n_tokens)
+        with self.scorer_lock:
+            calls0, forwards0 = (self.scorer.calls, self.scorer.forwards) if self.scorer is not None else (0, 0)
+            ctx = SignalContext(params=self.params, scorer=self.scorer,
+                                tokenizer=self.scorer.tokenizer if self.scorer is not None else None)
+            result = score_group(self.reward, [rollout], ctx)[0]
+            calls = self.scorer.calls - calls0 if self.scorer is not None else 0
+            forwards = self.scorer.forwards - forwards0 if self.scorer is not None else 0
+        values = rollout_heads(rollout, result.value)
         if self.overlong is not None:
             values["correctness"] += overlong_penalty(n_tokens, self.max_response_length, int(self.overlong["len"]),
                                                       float(self.overlong["penalty_factor"]))
-        return {**values, "acc": float(grade.correct)}
+        return {**values, "acc": float(grade.correct), "signal": result, SCORER_CALLS: calls,
+                SCORER_FORWARDS: forwards}
 
     async def run_single(self, data: DataProto) -> dict:
         item = data[-1]
         response_ids = item.batch["responses"]
-        valid = int(item.batch["attention_mask"][-response_ids.shape[-1]:].sum())
+        width = response_ids.shape[-1]
+        attention = item.batch["attention_mask"]
+        valid = int(attention[-width:].sum())
         ids = response_ids[:valid].tolist()
-        text, _ = token_offsets(self.tokenizer, ids)  # the text the regions are cut from (local: the same)
+        text, _ = token_offsets(self.policy_tokenizer, ids)  # the text the regions are cut from (local: the same)
+        prompt = ""
+        if self.scorer is not None:  # the prompt as the policy saw it (left-padded ids, chat template applied)
+            prompt_ids = item.batch["prompts"][attention[:-width].bool()].tolist()
+            prompt, _ = token_offsets(self.policy_tokenizer, prompt_ids)
         gold = str(item.non_tensor_batch["reward_model"]["ground_truth"])
         values = await self.loop.run_in_executor(
-            None, lambda: self.heads_of(text, gold, valid >= self.max_response_length, valid))
+            None, lambda: self.heads_of(text, gold, valid >= self.max_response_length, valid, prompt))
         extra = {HEAD_KEY.format(h): (np.nan if values[h] is None else float(values[h])) for h in HEADS}
         extra[FILTER_METRIC] = values["acc"]
+        extra[SCORER_CALLS], extra[SCORER_FORWARDS] = values[SCORER_CALLS], values[SCORER_FORWARDS]
         return {"reward_score": float(values["correctness"]), "reward_extra_info": extra}

@@ -144,7 +144,8 @@ def translate(cfg: BaseSpec, *, ablation: str, arm: str, seed: int, paths: RunPa
         a + "loss_agg_mode": rl.loss_agg, a + "entropy_coeff": rl.entropy_coeff,
         a + "calculate_entropy": rl.entropy_coeff > 0,
         a + "use_kl_loss": rl.kl_loss, a + "kl_loss_coef": rl.kl_coef, a + "kl_loss_type": KL_LOSS_TYPE,
-        a + "checkpoint.save_contents": ["model", "optimizer", "extra", "hf_model"],
+        # HF weights come from verl's model merger on read-back (rl.verl_run), not a full copy at every save
+        a + "checkpoint.save_contents": ["model", "optimizer", "extra"],
         r + "name": v.rollout_engine, r + "n": rl.n, r + "temperature": rl.temperature, r + "top_p": rl.top_p,
         r + "top_k": rl.top_k, r + "seed": seed,
         r + "tensor_model_parallel_size": v.tensor_parallel_size,

@@ -75,8 +75,10 @@ class JobOutcome:
 
 
 def dashboard_address(address: str | None) -> str:
-    """The Jobs API address (the dashboard, http://host:8265) from an address or RAY_ADDRESS / RAY_API_SERVER_ADDRESS."""
-    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    """The Jobs API address (the dashboard, http://host:8265): `address`, else (None or "auto")
+    RAY_API_SERVER_ADDRESS, else RAY_ADDRESS. Raises TwinarmError when none names one."""
+    if address in (None, "", "auto"):  # "auto" (the Ray client's convention) names no Jobs API: read the env
+        address = os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not address or address == "auto":
         raise TwinarmError("no Ray Jobs address: set executor.ray_address (or RAY_ADDRESS) to the cluster's "
                            "dashboard, e.g. http://head-node:8265")
@@ -111,14 +113,19 @@ def _failure_line(sid: str, status: str, message: str | None, logs: str) -> str:
     lines = [ln.strip() for ln in logs.splitlines() if ln.strip()]
     errors = [ln for ln in lines if ln.lower().startswith(("error:", "traceback")) or "Error:" in ln]
     last = errors[-1] if errors else (lines[-1] if lines else (message or "no output"))
-    return f"Ray job {sid} {status}: {last} (full logs: ray job logs {sid})"
+    # the id is the computation's: the same flow run again reads this failure back until the job is deleted
+    return (f"Ray job {sid} {status}: {last} (full logs: ray job logs {sid}; once the cause is fixed, "
+            f"ray job delete {sid} and run again: verl resumes from its last checkpoint)")
 
 
 def run_job(spec: JobSpec, address: str | None, on_log: Callable[[str], None] | None = None,
-            poll_s: float = 0.5, timeout_s: float | None = None) -> JobOutcome:
+            poll_s: float = 0.5, timeout_s: float | None = None,
+            stop: Callable[[], bool] | None = None) -> JobOutcome:
     """Submit (or re-attach to, or read back) the job and wait for it; log lines go to `on_log` as they come.
 
-    Raises TwinarmError (one line) when the job FAILED or was STOPPED, or the wait passed `timeout_s`."""
+    Raises TwinarmError (one line) when the job FAILED or was STOPPED, or the wait passed `timeout_s`; raises
+    infra.progress.StopRequested when `stop()` turns true while waiting (the command was interrupted: the job keeps
+    running on the cluster, and the same command re-attaches to it)."""
     jobs = client(address)
     info = _info(jobs, spec.submission_id)
     if info is None:
@@ -142,6 +149,12 @@ def run_job(spec: JobSpec, address: str | None, on_log: Callable[[str], None] | 
             seen = len(logs)
         if status in TERMINAL:
             break
+        if stop is not None and stop():
+            from infra.progress import StopRequested
+
+            raise StopRequested(f"Ray job {spec.submission_id}: stopped waiting while {status}; it keeps running on "
+                                f"the cluster (the same command re-attaches; ray job stop {spec.submission_id} "
+                                f"ends it)")
         if timeout_s is not None and time.monotonic() - start > timeout_s:
             raise TwinarmError(f"Ray job {spec.submission_id} still {status} after {timeout_s:.0f} s "
                                f"(it keeps running; run the same command again to re-attach)")

@@ -24,15 +24,20 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_to_nested
 
 from infra.spec import HEADS, RLSpec
-from rewards.verl_adapter import HEAD_KEY, heads_advantage, read_twinarm_section
+from rewards.verl_adapter import HEAD_KEY, heads_advantage, model_tokenizer, read_twinarm_section, \
+    scorer_totals
 from rl.verl_config import TRAINER_MODE
 
 
-def head_columns(extra_fields: Any) -> dict[str, np.ndarray]:
-    """{twinarm_head_<h>: float64 (bs,)} from the per-rollout extra_fields[i]["reward_extra_info"] dicts (a
-    tensordict NonTensorStack as TransferQueue returns it, or a plain list)."""
+def reward_infos(extra_fields: Any) -> list[dict[str, Any]]:
+    """The per-rollout reward_extra_info dicts of extra_fields (a tensordict NonTensorStack as TransferQueue returns
+    it, or a plain list)."""
     items = extra_fields.tolist() if hasattr(extra_fields, "tolist") else list(extra_fields)
-    rows = [(e.data if hasattr(e, "data") and not isinstance(e, dict) else e)["reward_extra_info"] for e in items]
+    return [(e.data if hasattr(e, "data") and not isinstance(e, dict) else e)["reward_extra_info"] for e in items]
+
+
+def head_columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """{twinarm_head_<h>: float64 (bs,)} from the per-rollout reward_extra_info dicts."""
     return {HEAD_KEY.format(h): np.array([float(r[HEAD_KEY.format(h)]) for r in rows], dtype=np.float64)
             for h in HEADS}
 
@@ -50,10 +55,12 @@ class TwinarmTrainer(PPOTrainerSync):
         extra = data.pop("extra_fields")
         proto = DataProto(batch=data.to_padded_tensor())
         proto.non_tensor_batch["uid"] = np.array(proto.batch.pop("uid").tolist(), dtype=object)
-        proto.non_tensor_batch.update(head_columns(extra))
-        facts = heads_advantage(proto, self.tokenizer, rl.heads, self.global_steps,
+        infos = reward_infos(extra)
+        proto.non_tensor_batch.update(head_columns(infos))
+        facts = heads_advantage(proto, model_tokenizer(self.tokenizer), rl.heads, self.global_steps,
                                 bool(self.config.algorithm.norm_adv_by_std_in_grpo))
         metrics.update({f"twinarm/{k}": float(v) for k, v in facts.items() if isinstance(v, (int, float))})
+        metrics.update(scorer_totals(infos))  # this step's training rollouts (validation's are not counted)
         output = TensorDict({f: response_to_nested(proto.batch[f], response_mask) for f in ("advantages", "returns")},
                             batch_size=len(batch))
         return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=output)

@@ -117,11 +117,17 @@ def test_plan_diff_equals_declared_diff_for_qwen(qwen):
     assert len({p.job.submission_id for p in plans}) == 3
     assert all(p.submit.startswith("ray job submit --address http://head:8265 --submission-id twinarm-rl-")
                and " -- python -m rl.verl_main " in p.submit for p in plans)
-    assert plans[2].blocked and "scorer" in plans[2].blocked and plans[0].blocked is None
+    assert all(p.blocked is None for p in plans)  # pmishift runs (rewards.verl_adapter.VERL_SIGNALS)
+    assert plans[2].note and "without GPUs" in plans[2].note and plans[0].note is None
     diffs = {(d.a, d.b): d for d in arm_diffs(spec, plans)}
     rq1, rq2 = diffs["meta_sft", "control"], diffs["pmishift", "meta_sft"]
-    assert list(rq1.verl) == ["actor_rollout_ref.model.path"] and rq1.mapped == rq1.declared == {"sft.strip_meta"}
-    assert rq2.verl == {"+twinarm.rl.reward": ("pmishift", "vanilla")} and rq2.mapped == rq2.declared == {"rl.reward"}
+    # each RL computation writes its own copy of the data (the flow's layout, rl.verl_run): the paths differ, the
+    # spec keys behind them (the data stage's) do not
+    paths_ = ["data.train_files", "data.val_files"]
+    assert list(rq1.verl) == ["actor_rollout_ref.model.path", *paths_] and rq1.mapped == rq1.declared == \
+        {"sft.strip_meta"}
+    assert list(rq2.verl) == ["+twinarm.rl.reward", *paths_] and rq2.verl["+twinarm.rl.reward"] == \
+        ("pmishift", "vanilla") and rq2.mapped == rq2.declared == {"rl.reward"}
     # the plan is deterministic: the same spec gives the same job ids
     assert [p.job.submission_id for p in plan_arms(spec, "/mnt/shared", "x")] == [p.job.submission_id for p in plans]
 
@@ -370,14 +376,94 @@ def test_local_and_verl_paths_give_identical_advantages_and_loss(norm, heads):
     assert abs(float(l_local) - float(l_verl)) <= 1e-6 and abs(float(l_verl)) > 1e-3
 
 
-def test_reward_manager_refuses_a_scorer_signal():
+def test_reward_manager_refuses_a_signal_it_does_not_run():
     from rewards.verl_adapter import TwinarmRewardManager
     from rl.verl_config import compose, overrides_for
     from test_heads import byte_level_tokenizer
 
-    config = compose(overrides_for(verl_cfg(reward="pmishift"), ablation="t", arm="a", seed=0, paths=paths()))
-    with pytest.raises(ValueError, match="rl.reward 'pmishift': on verl only the vanilla signal"):
+    config = compose(overrides_for(verl_cfg(reward="cf"), ablation="t", arm="a", seed=0, paths=paths()))
+    with pytest.raises(ValueError, match=r"rl.reward 'cf': on verl the reward manager runs vanilla, pmishift, "
+                                         r"pmi, gm; signals that regenerate \(cf, asym_cf\) or MASA's rollouts are "
+                                         r"not built"):
         TwinarmRewardManager(config, byte_level_tokenizer(), None)
+
+
+@pytest.fixture(scope="module")
+def scorer_dir(tmp_path_factory):
+    """The frozen reference as the RL stage gets it: an SFT model directory (toy Qwen2 + the policy's tokenizer)."""
+    from infra.spec import ToyModelSpec
+    from test_heads import byte_level_tokenizer
+    from worlds.model import save_model, toy_model
+    from worlds.tokenizer import save_tokenizer
+
+    tok = byte_level_tokenizer()
+    path = tmp_path_factory.mktemp("scorer")
+    save_model(toy_model(ToyModelSpec(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                      intermediate_size=64, max_position=256), tok, seed=0), path)
+    save_tokenizer(tok, path)
+    return path
+
+
+SCORED = [["ok<|meta|>confidence 0.8 looks right<|/meta|>\\boxed{5}", "ok<|meta|>looks<|/meta|> so \\boxed{4}",
+           "\\boxed{5}", "<|meta|>hmm<|/meta|>"],
+          ["ok<|meta|>right<|/meta|>\\boxed{42}", "<|meta|>confidence 0.2<|/meta|>then \\boxed{41}", "\\boxed{42}"]]
+
+
+@pytest.mark.parametrize("reward", ["pmishift", "pmi", "gm"])
+def test_scorer_signals_on_verl_equal_the_local_executors(reward, scorer_dir, one_torch_thread):
+    """The frozen-reference scorer signals in the verl reward manager (one rollout at a time, as verl's reward loop
+    calls it, the scorer loaded from actor_rollout_ref.model.path) against the local executor's score_batch (a group
+    per scorer call, the same SFT directory as its frozen scorer): the same meta head on every rollout, a value on
+    some, and the scorer's requests counted per rollout summing to the local count."""
+    from rewards.grader import get_grader
+    from rewards.pipeline import Sample, score_batch
+    from rewards.scorer import HFScorer
+    from rewards.verl_adapter import HEAD_KEY, SCORER_CALLS, SCORER_FORWARDS, TwinarmRewardManager, \
+        scorer_totals
+    from rl.verl_config import compose, overrides_for
+    from test_heads import byte_level_tokenizer
+
+    tok = byte_level_tokenizer()
+    cfg = verl_cfg(reward=reward, max_response_length=64)
+    groups_ids = [[tok.encode(t, add_special_tokens=False) for t in group] for group in SCORED]
+    golds = ["5", "42"]
+    groups = [[Sample("Q:", t, ids, golds[g]) for t, ids in zip(group, groups_ids[g])]
+              for g, group in enumerate(SCORED)]
+    scorer = HFScorer.from_pretrained(str(scorer_dir))
+    local = score_batch(groups, rl=cfg.rl, step=1, grader=get_grader(GraderSpec(workers=1)), tokenizer=tok,
+                        scorer=scorer)
+    config = compose(overrides_for(cfg, ablation="t", arm="a", seed=0, paths=paths().__class__(
+        "/s/rl.parquet", "/s/val.parquet", str(scorer_dir), "/s/ck")))
+    manager = TwinarmRewardManager(config, tok, None)
+    data = verl_batch(tok, groups_ids, golds, 64)
+    outs = [manager.loop.run_until_complete(manager.run_single(data[i:i + 1])) for i in range(len(data))]
+
+    local_meta = [r["heads"]["meta"] for r in local.records]
+    verl_meta = [o["reward_extra_info"][HEAD_KEY.format("meta")] for o in outs]
+    assert sum(v is not None for v in local_meta) >= 3, local_meta  # the signal scored most block rollouts
+    for a, b in zip(local_meta, verl_meta):
+        assert (a is None and math.isnan(b)) or abs(a - b) <= 1e-6, (local_meta, verl_meta)
+    for r, o in zip(local.records, outs):  # every other head too
+        for h, v in r["heads"].items():
+            got = o["reward_extra_info"][HEAD_KEY.format(h)]
+            assert (v is None and math.isnan(got)) or abs(v - got) <= 1e-6
+    # calls count scored (context, target) requests: the same total as the local executor's, none for a skip;
+    # forwards count batches, more of them one rollout at a time than a group at a time
+    calls = [o["reward_extra_info"][SCORER_CALLS] for o in outs]
+    assert [c > 0 for c in calls] == [v is not None for v in local_meta]
+    assert sum(calls) == local.facts["scorer/calls"] > 0
+    forwards = sum(o["reward_extra_info"][SCORER_FORWARDS] for o in outs)
+    assert forwards >= local.facts["scorer/forwards"] > 0
+    # what our trainer logs per step (rl/verl_trainer.py) and rl.verl_run reads back as the stage's facts
+    assert scorer_totals([o["reward_extra_info"] for o in outs]) == {"twinarm/scorer_calls": float(sum(calls)),
+                                                                    "twinarm/scorer_forwards": float(forwards)}
+
+
+def test_vanilla_on_verl_loads_no_scorer_and_counts_zero_calls():
+    from rewards.verl_adapter import SCORER_CALLS, SCORER_FORWARDS
+
+    _, _, _, _, outs = both_paths(False, None)
+    assert all(o["reward_extra_info"][SCORER_CALLS] == 0 == o["reward_extra_info"][SCORER_FORWARDS] for o in outs)
 
 
 # ---------------------------------------------------------------- doctor

@@ -40,8 +40,11 @@ def ray_head():
     gcs, dash, client, agent, agent_grpc, metrics, rt_env, node_mgr, obj_mgr, low = free_ports(10)
     ray_bin = Path(sys.executable).with_name("ray")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
-           "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+           "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
+           # Ray ≥ 2.5x turns token auth on when ~/.ray/auth_token exists; this head answers 127.0.0.1 only
+           "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_API_SERVER_ADDRESS", None)  # in a `ray start`'s environment it keeps the head from starting
     cmd = [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
@@ -53,7 +56,7 @@ def ray_head():
                             start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 240  # a contended box (several test runs at once) starts Ray slowly
         while True:
             try:
                 JobSubmissionClient(url).list_jobs()
@@ -135,19 +138,33 @@ def test_ray_jobs_round_trip(ray_head):
     say(f"resubmit {again.submission_id}: {again.action} (read back); jobs on the cluster: {n_jobs} → "
         f"{len(jobs.list_jobs())}")
 
-    # 4. the failing job: one clear line naming the bad key, the same when asked again (not resubmitted)
+    # 4. the command interrupted while it waits (Ctrl-C): it stops waiting, the job runs on and is re-attached
+    from infra.progress import StopRequested
+
+    later = job_spec(control_overrides(seed=1), "b2" * 8, check=True)
+    with pytest.raises(StopRequested, match=r"^Ray job twinarm-rl-b2b2b2b2b2b2b2b2: stopped waiting while "
+                                            r"(PENDING|RUNNING); it keeps running on the cluster"):
+        run_job(later, ray_head, poll_s=0.5, stop=lambda: True)
+    resumed = run_job(later, ray_head, poll_s=0.5, timeout_s=240)
+    assert resumed.action in ("attached", "finished") and resumed.status == "SUCCEEDED"
+    say(f"stop     {later.submission_id}: stopped waiting, job ran on; re-attached → {resumed.status}")
+
+    # 5. the failing job: one clear line naming the bad key, the same when asked again (not resubmitted)
     msg = str(exc.value)
     assert "\n" not in msg and msg.startswith("Ray job twinarm-rl-c3c3c3c3c3c3c3c3 FAILED: error: verl override "
                                               "'actor_rollout_ref.actor.clip_ratio_hgih'")
     with pytest.raises(TwinarmError) as again_exc:
         run_job(bad, ray_head)
-    assert str(again_exc.value) == msg and len(jobs.list_jobs()) == 2
+    assert str(again_exc.value) == msg and len(jobs.list_jobs()) == 3
     say(f"failure  {msg}")
-    assert len(transcript) == 4
+    assert len(transcript) == 5
 
 
-def test_unreachable_jobs_api_is_one_line():
+def test_unreachable_jobs_api_is_one_line(monkeypatch):
     from rl.verl_jobs import client
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
 
     with pytest.raises(TwinarmError, match=r"could not reach the Ray Jobs API at http://127.0.0.1:1"):
         client("127.0.0.1:1")
