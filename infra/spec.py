@@ -172,6 +172,9 @@ class SFTSpec(Strict):
     meta_blocks: Literal["as_written", "fixed", "shuffled", "tool"] = Field(
         "as_written", description="form of the meta side's blocks (sft/meta_blocks.py): as_written, or a placebo: "
                                   "fixed (one neutral content) or shuffled (another row's content)")
+    meta_predictions: float = Field(
+        0.0, ge=0, le=1, description="share of the SFT problems that also get a MASA meta-prediction demonstration "
+                                     "row (rl.masa's template answered by the world: sft/masa_demos.py); 0 = none")
     epochs: int = Field(2, ge=1)
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(32, ge=1)
@@ -185,6 +188,9 @@ class SFTSpec(Strict):
         if self.strip_meta and self.meta_blocks != "as_written":
             raise ValueError(f"meta_blocks '{self.meta_blocks}' reshapes meta blocks, but strip_meta trains on the "
                              f"no-meta twin, which has none: remove one of them")
+        if self.strip_meta and self.meta_predictions:
+            raise ValueError("meta_predictions demonstrations think in a meta block, but strip_meta trains on the "
+                             "no-meta twin, which has none: remove one of them")
         return self
 
 
@@ -587,6 +593,7 @@ class AblationSpec(Strict):
 _MECHANISMS = [
     ("sft.strip_meta", "meta_sft"),
     ("sft.meta_blocks", "meta_blocks"),
+    ("sft.meta_predictions", "masa_prediction_sft"),
     ("sft.sft1", "sft_data"),
     ("sft.sft2", "sft_data"),
     ("rl.reward", "meta_reward"),

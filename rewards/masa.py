@@ -23,7 +23,20 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from meta.grammar import META_CLOSE, META_OPEN
+
 PASS_MAX = 8  # pass_rate is a count out of 8 solutions
+
+
+def meta_prompt(problem: str, vocabulary: Sequence[str] | None = None) -> str:
+    """The meta-prediction prompt (the one template: rl/masa.py prompts with it, sft/masa_demos.py demonstrates it):
+    the problem and the instruction to predict, after a meta block, the notions (from `vocabulary` when the world
+    defines one), the pass rate out of PASS_MAX and the length of a correct solution, as one JSON object. Kept
+    short (~180 toy-tokenizer tokens with the arith vocabulary): its length is paid in every meta rollout's
+    generation and update."""
+    choose = f" from: {', '.join(vocabulary)}" if vocabulary else ""
+    return (f"Predict, do not solve: think in {META_OPEN}{META_CLOSE}, then JSON with notions (needed, not "
+            f"stated{choose}), pass_rate (correct of {PASS_MAX}) and solution_length (tokens).\n\nProblem: {problem}")
 
 
 @dataclass(frozen=True)

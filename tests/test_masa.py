@@ -52,7 +52,7 @@ def test_notion_views_and_the_template():
     other = {"id": "q", "prompt": "What is 2+2?", "source": "math"}
     assert notion_views(other, ["4"]) == ("What is 2+2?", ["4"])  # free-form: the paper's raw texts
     text = meta_prompt(ROW["prompt"], list(arith.NOTIONS))
-    assert text.endswith("Problem: Compute 7-3*(2-5).") and "carry" in text and "0 to 8" in text
+    assert text.endswith("Problem: Compute 7-3*(2-5).") and "carry" in text and "correct of 8" in text
 
 
 def test_meta_scores_of_a_hand_built_group():
