@@ -162,9 +162,10 @@ class ModelSpec(Strict):
 
 class SFTSpec(Strict):
     """The SFT stage: SFT-1 and optional SFT-2 data (None: no SFT-2), strip_meta (train on the no-meta twin),
-    meta_blocks (what the meta side's block contents are: sft/meta_blocks.py), and the optimiser (warmup_ratio:
-    share of the steps; max_length in tokens). meta_blocks other than as_written is refused with strip_meta (no
-    block is left to change)."""
+    meta_blocks (what the meta side's block contents are: sft/meta_blocks.py), meta_predictions (share of the SFT
+    problems that also get a MASA meta-prediction demonstration: sft/masa_demos.py), and the optimiser
+    (warmup_ratio: share of the steps; max_length in tokens). meta_blocks other than as_written, and
+    meta_predictions > 0, are refused with strip_meta (no block is left to change; a demonstration writes one)."""
 
     sft1: DataSourceSpec = DataSourceSpec()
     sft2: DataSourceSpec | None = DataSourceSpec()

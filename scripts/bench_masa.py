@@ -18,7 +18,8 @@ Printed:
   sampled again at full length and not trained on; steps ≤ k: shadow decisions on every prompt), the share of
   prompts gated and the generation budget saved (masa/token_budget_saved);
 - tokens generated per step (solution + meta rollouts, audit rollouts apart) against the control's;
-- time-to-baseline: the control's val accuracy (greedy, the val rows) at its final step is the baseline; per
+- time-to-baseline (flagged degenerate when the control's final val accuracy is no better than its start): the
+  control's val accuracy (greedy, the val rows) at its final step is the baseline; per
   seed, the treatment's first validated step at or above it; speedup in steps = control steps / treatment steps,
   in wall time = control's summed step seconds / treatment's summed step seconds up to that step, audit seconds
   (measurement, not method) taken out. Mean over the seeds that reach it, with a 95 % Student-t interval across
@@ -127,13 +128,17 @@ def t_interval(values: list[float]) -> tuple[float, float] | None:
 def time_to_baseline(control: dict[int, dict[str, float]], treatment: dict[int, dict[str, float]]
                      ) -> dict[str, float | None]:
     """One seed: the baseline (control's final val accuracy), the treatment's first validated step reaching it,
-    and the speedups in steps and in wall seconds (see the module docstring); None where it is never reached."""
+    and the speedups in steps and in wall seconds (see the module docstring); None where it is never reached.
+    degenerate: the baseline is no better than the SFT checkpoint's val accuracy (step 0), so reaching it says
+    nothing about learning faster."""
     k_c = max(s for s in control if VAL_KEY in control[s])
     base = control[k_c][VAL_KEY]
     t_c = sum(control[s]["time/step_s"] for s in control if 1 <= s <= k_c)
     hit = next((s for s in sorted(treatment) if s >= 1 and VAL_KEY in treatment[s] and treatment[s][VAL_KEY] >= base),
                None)  # step 0 is the SFT checkpoint's val, before any training
-    out = {"baseline": base, "start": control.get(0, {}).get(VAL_KEY), "control_steps": k_c, "control_s": t_c,
+    start = control.get(0, {}).get(VAL_KEY)
+    out = {"baseline": base, "start": start, "degenerate": start is not None and base <= start,
+           "control_steps": k_c, "control_s": t_c,
            "treatment_step": hit, "treatment_final": treatment[max(treatment)].get(VAL_KEY), "speedup_steps": None,
            "speedup_wall": None}
     if hit is not None:
@@ -228,7 +233,9 @@ def _print(result: dict, a: argparse.Namespace) -> None:
               f"{t['control_steps']}, "
               f"{t['control_s']:.0f} s); {a.treatment} reaches it at step {t['treatment_step']} "
               f"(final {_f(t['treatment_final'], '.3f')}); speedup steps {_f(t['speedup_steps'])}, "
-              f"wall {_f(t['speedup_wall'])}")
+              f"wall {_f(t['speedup_wall'])}"
+              + ("  [degenerate: the control never beat its SFT checkpoint, so any first validation reaches the "
+                 "baseline]" if t["degenerate"] else ""))
     for unit in ("steps", "wall"):
         v = s[f"speedup_{unit}"]
         ci = v["ci95"]

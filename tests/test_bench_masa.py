@@ -26,7 +26,9 @@ def test_time_to_baseline_counts_steps_and_seconds_without_the_audit():
     assert (t["baseline"], t["start"], t["control_steps"], t["control_s"], t["treatment_step"]) == (0.7, 0.5, 4, 40, 2)
     assert t["treatment_s"] == 30  # (20 - 5) × 2
     assert t["speedup_steps"] == 2 and t["speedup_wall"] == pytest.approx(40 / 30)
-    assert t["treatment_final"] == 0.8
+    assert t["treatment_final"] == 0.8 and t["degenerate"] is False
+    worse = {**CONTROL, 4: {"time/step_s": 10, V: 0.5}}  # the control ends where it started
+    assert bench.time_to_baseline(worse, treatment)["degenerate"] is True
 
 
 def test_time_to_baseline_not_reached_is_none():
