@@ -93,13 +93,21 @@ def parse_prediction(text: str) -> MetaPrediction | None:
 
 def substitute_prediction(text: str, pred: MetaPrediction) -> str:
     """The text with its last valid prediction object replaced by `pred` as JSON (MASA's expert trajectory: the
-    model's own reasoning with the true statistics substituted). Raises ValueError when the text has none."""
+    model's own reasoning with the true statistics substituted), whole numbers written as integers. Raises
+    ValueError when the text has none."""
     found = prediction_span(text)
     if found is None:
         raise ValueError("no valid prediction object in the text to substitute")
     start, end, _ = found
-    obj = {"notions": list(pred.notions), "pass_rate": pred.pass_rate, "solution_length": pred.solution_length}
+    obj = {"notions": list(pred.notions), "pass_rate": _plain(pred.pass_rate),
+           "solution_length": _plain(pred.solution_length)}
     return text[:start] + json.dumps(obj) + text[end:]
+
+
+def _plain(x: float) -> float | int:
+    """A whole number as an int (JSON '7', not '7.0': the template asks for counts; behaviour-cloning '7.0' taught
+    the toy model '220.0.0.0.0' within 12 steps), anything else unchanged."""
+    return int(x) if float(x).is_integer() else x
 
 
 def normalise(text: str) -> str:

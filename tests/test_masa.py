@@ -79,6 +79,8 @@ def test_malformed_predictions_parse_to_none_and_substitution_keeps_the_reasonin
     new = substitute_prediction(text, MetaPrediction(("carry",), 2.0, 30.0))
     assert new.startswith("<|meta|>two steps<|/meta|>\n{") and new.endswith("} done")
     assert parse_prediction(new) == MetaPrediction(("carry",), 2.0, 30.0)
+    assert '"pass_rate": 2, "solution_length": 30}' in new  # counts as integers, as the demonstrations write them
+    assert '"solution_length": 30.5}' in substitute_prediction(text, MetaPrediction(("carry",), 2.0, 30.5))
     with pytest.raises(ValueError, match="no valid prediction"):
         substitute_prediction("no json", pred)
 
