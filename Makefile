@@ -16,7 +16,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONDONTWRITEBYTECODE := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-vllm demo test test-fast ui bench-grader grader-differential bench-decoys bench-rl bench-cost bench-peer bench-engines faults signal-cases mutation-resume screenshots clean-home sensitivity
+.PHONY: help setup setup-vllm demo test test-fast ui bench-grader grader-differential bench-decoys bench-rl bench-cost bench-peer bench-engines bench-masa faults signal-cases mutation-resume screenshots clean-home sensitivity
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-20s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -81,6 +81,9 @@ bench-rl: setup ## GRPO step time vanilla vs PMI-shift (needs `make demo` first)
 
 bench-cost: setup ## cost growth on the demo's model (needs `make demo` first): GRPO step vs batch and length, held-out vs suite size -> docs/cost-growth.png
 	$(BIN)/python scripts/bench_cost.py --home $${TWINARM_HOME:-.twinarm}
+
+bench-masa: setup ## MASA-efficient vs GRPO, 3 seeds: gating/cutoff precision and F1, tokens saved, time-to-baseline (needs configs/masa.yaml's SFT in TWINARM_HOME: twinarm run configs/masa.yaml --arms grpo --seeds 0 --rl-steps 11)
+	$(BIN)/python scripts/bench_masa.py run --home $${TWINARM_HOME:-.twinarm} --out $${TWINARM_HOME:-.twinarm}/bench-masa
 
 bench-engines: setup setup-vllm ## held-out generation, HF vs vLLM on the same work: start-up and samples/s
 	$(BIN)/python scripts/bench_engines.py

@@ -171,9 +171,10 @@ class ModelSpec(Strict):
 
 class SFTSpec(Strict):
     """The SFT stage: SFT-1 and optional SFT-2 data (None: no SFT-2), strip_meta (train on the no-meta twin),
-    meta_blocks (what the meta side's block contents are: sft/meta_blocks.py), and the optimiser (warmup_ratio:
-    share of the steps; max_length in tokens). meta_blocks other than as_written is refused with strip_meta (no
-    block is left to change)."""
+    meta_blocks (what the meta side's block contents are: sft/meta_blocks.py), meta_predictions (share of the SFT
+    problems that also get a MASA meta-prediction demonstration: sft/masa_demos.py), and the optimiser
+    (warmup_ratio: share of the steps; max_length in tokens). meta_blocks other than as_written, and
+    meta_predictions > 0, are refused with strip_meta (no block is left to change; a demonstration writes one)."""
 
     sft1: DataSourceSpec = DataSourceSpec()
     sft2: DataSourceSpec | None = DataSourceSpec()
@@ -181,6 +182,9 @@ class SFTSpec(Strict):
     meta_blocks: Literal["as_written", "fixed", "shuffled", "tool"] = Field(
         "as_written", description="form of the meta side's blocks (sft/meta_blocks.py): as_written, or a placebo: "
                                   "fixed (one neutral content) or shuffled (another row's content)")
+    meta_predictions: float = Field(
+        0.0, ge=0, le=1, description="share of the SFT problems that also get a MASA meta-prediction demonstration "
+                                     "row (rl.masa's template answered by the world: sft/masa_demos.py); 0 = none")
     epochs: int = Field(2, ge=1)
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(32, ge=1)
@@ -194,6 +198,9 @@ class SFTSpec(Strict):
         if self.strip_meta and self.meta_blocks != "as_written":
             raise ValueError(f"meta_blocks '{self.meta_blocks}' reshapes meta blocks, but strip_meta trains on the "
                              f"no-meta twin, which has none: remove one of them")
+        if self.strip_meta and self.meta_predictions:
+            raise ValueError("meta_predictions demonstrations think in a meta block, but strip_meta trains on the "
+                             "no-meta twin, which has none: remove one of them")
         return self
 
 
@@ -596,6 +603,7 @@ class AblationSpec(Strict):
 _MECHANISMS = [
     ("sft.strip_meta", "meta_sft"),
     ("sft.meta_blocks", "meta_blocks"),
+    ("sft.meta_predictions", "masa_prediction_sft"),
     ("sft.sft1", "sft_data"),
     ("sft.sft2", "sft_data"),
     ("rl.reward", "meta_reward"),

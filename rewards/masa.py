@@ -23,7 +23,20 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from meta.grammar import META_CLOSE, META_OPEN
+
 PASS_MAX = 8  # pass_rate is a count out of 8 solutions
+
+
+def meta_prompt(problem: str, vocabulary: Sequence[str] | None = None) -> str:
+    """The meta-prediction prompt (the one template: rl/masa.py prompts with it, sft/masa_demos.py demonstrates it):
+    the problem and the instruction to predict, after a meta block, the notions (from `vocabulary` when the world
+    defines one), the pass rate out of PASS_MAX and the length of a correct solution, as one JSON object. Kept
+    short (~180 toy-tokenizer tokens with the arith vocabulary): its length is paid in every meta rollout's
+    generation and update."""
+    choose = f" from: {', '.join(vocabulary)}" if vocabulary else ""
+    return (f"Predict, do not solve: think in {META_OPEN}{META_CLOSE}, then JSON with notions (needed, not "
+            f"stated{choose}), pass_rate (correct of {PASS_MAX}) and solution_length (tokens).\n\nProblem: {problem}")
 
 
 @dataclass(frozen=True)
@@ -80,13 +93,21 @@ def parse_prediction(text: str) -> MetaPrediction | None:
 
 def substitute_prediction(text: str, pred: MetaPrediction) -> str:
     """The text with its last valid prediction object replaced by `pred` as JSON (MASA's expert trajectory: the
-    model's own reasoning with the true statistics substituted). Raises ValueError when the text has none."""
+    model's own reasoning with the true statistics substituted), whole numbers written as integers. Raises
+    ValueError when the text has none."""
     found = prediction_span(text)
     if found is None:
         raise ValueError("no valid prediction object in the text to substitute")
     start, end, _ = found
-    obj = {"notions": list(pred.notions), "pass_rate": pred.pass_rate, "solution_length": pred.solution_length}
+    obj = {"notions": list(pred.notions), "pass_rate": _plain(pred.pass_rate),
+           "solution_length": _plain(pred.solution_length)}
     return text[:start] + json.dumps(obj) + text[end:]
+
+
+def _plain(x: float) -> float | int:
+    """A whole number as an int (JSON '7', not '7.0': the template asks for counts; behaviour-cloning '7.0' taught
+    the toy model '220.0.0.0.0' within 12 steps), anything else unchanged."""
+    return int(x) if float(x).is_integer() else x
 
 
 def normalise(text: str) -> str:

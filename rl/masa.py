@@ -32,9 +32,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from infra.spec import MASAEfficientSpec, RLSpec
-from meta.grammar import META_CLOSE, META_OPEN
-from rewards.masa import PASS_MAX, MetaPrediction, cutoff_length, gate, meta_reward, normalise, parse_prediction, \
-    substitute_prediction
+from rewards.masa import PASS_MAX, MetaPrediction, cutoff_length, gate, meta_prompt, meta_reward, normalise, \
+    parse_prediction, substitute_prediction
 
 if TYPE_CHECKING:
     from rewards.pipeline import Sample
@@ -47,17 +46,6 @@ def notion_vocabulary(row: dict[str, Any]) -> list[str] | None:
     from worlds import arith
 
     return list(arith.NOTIONS) if row.get("source") == arith.SOURCE else None
-
-
-def meta_prompt(problem: str, vocabulary: Sequence[str] | None = None) -> str:
-    """The meta-prediction prompt (the one template): the problem and the instruction to predict, after a meta
-    block, the notions, the pass rate out of PASS_MAX and the length of a correct solution, as one JSON object."""
-    choose = f", chosen from: {', '.join(vocabulary)}" if vocabulary else ""
-    return (f"Do not solve this problem yet. Think about how solving it will go between {META_OPEN} and "
-            f"{META_CLOSE}, then write one JSON object with the keys \"notions\" (a list of the notions a solution "
-            f"needs that the problem does not state{choose}), \"pass_rate\" (how many of {PASS_MAX} attempts will "
-            f"be correct, an integer 0 to {PASS_MAX}) and \"solution_length\" (the tokens of a correct "
-            f"solution).\n\nProblem: {problem}")
 
 
 def notion_views(row: dict[str, Any], solutions: Sequence[str]) -> tuple[str, list[str]]:

@@ -13,6 +13,7 @@ from tasks.common import Stage, StageCall, StageOutput, live_metrics, store
 def sft_body(call: StageCall) -> StageOutput:
     """Train `init` on the arm's twin rows (sft1 then sft2, block contents as sft.meta_blocks says) with the shared
     mask rule; output role `model`; facts: rows seen, example order hash, LR per step, tokens trained, final loss."""
+    from sft.masa_demos import with_meta_predictions
     from sft.meta_blocks import meta_block_form
     from sft.train import TrainConfig, batch_indices, train_lm
     from worlds.model import load_model, save_model, set_threads
@@ -25,6 +26,7 @@ def sft_body(call: StageCall) -> StageOutput:
     rows, form_facts = meta_block_form(rows, cfg.meta_blocks, seed=seed)  # the meta side's block form
     init = call.input_path("init")
     tokenizer, model = load_tokenizer(init), load_model(init)
+    rows, demo_facts = with_meta_predictions(rows, cfg.meta_predictions, seed, tokenizer)  # MASA's template
     config = TrainConfig.from_sft(cfg, len(rows))
     log = live_metrics(call)
 
@@ -43,7 +45,8 @@ def sft_body(call: StageCall) -> StageOutput:
                                                                    ("sft/tokens", "tokens"))]
     facts = {"rows_seen": len(rows), "example_order": hash_json(order), "lr_per_step": [r["lr"] for r in history],
              "tokens_trained": run["tokens"], "steps": run["steps"], "strip_meta": cfg.strip_meta,
-             "final_loss": run["final_loss"], "device": run["device"], "precision": run["precision"], **form_facts}
+             "final_loss": run["final_loss"], "device": run["device"], "precision": run["precision"], **form_facts,
+             **demo_facts}
     art = store(call).describe(call.workdir / "model", kind="checkpoint", step=run["steps"])
     return StageOutput(outputs={"model": art}, facts=facts, metrics=metrics,
                        summary={"rows": len(rows), "steps": run["steps"], "loss": round(run["final_loss"], 4)})

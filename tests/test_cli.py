@@ -153,12 +153,14 @@ def test_validate_on_an_80_column_terminal_prints_every_differing_key_whole(tmp_
     rows = [line.split("│")[1].strip() for line in section.splitlines() if line.startswith("│")]
     keys = [k for k in rows if k]
     assert keys == ["rl.masa.efficient.audit_prompts", "rl.masa.efficient.cutoff", "rl.masa.efficient.gate",
-                    "rl.masa.efficient.start_step", "rl.masa.enable", "rl.masa.expert.enable"]
+                    "rl.masa.efficient.start_step", "rl.masa.enable", "rl.masa.expert.enable",
+                    "rl.masa.max_meta_length"]
     assert max(map(len, res.stdout.splitlines())) <= 80
 
 
 @pytest.mark.parametrize("script", [("screenshot_ui.py",), ("sensitivity.py",), ("bench_cost.py",),
-                                    ("bench_rl.py", "step"), ("bench_rl.py", "demo")])
+                                    ("bench_rl.py", "step"), ("bench_rl.py", "demo"),
+                                    ("bench_masa.py", "run")])
 def test_benchmark_scripts_describe_themselves_and_every_option(tmp_path, script):
     import re
 

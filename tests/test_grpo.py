@@ -545,7 +545,7 @@ class ScriptedMeta:
     def generate(self, prompts, n=1, max_new_tokens=128, **kw):
         from evals.engine import Generation
 
-        if "Do not solve this problem yet" not in prompts[0]:
+        if "Predict, do not solve" not in prompts[0]:
             self.solution_limits.append((len(prompts), max_new_tokens))
             self.solution_prompts += prompts
             filler = "1" * max_new_tokens  # digits are single tokens
@@ -619,7 +619,7 @@ class AllGated(ScriptedMeta):
 
     def generate(self, prompts, n=1, max_new_tokens=128, **kw):
         out = super().generate(prompts, n=n, max_new_tokens=max_new_tokens, **kw)
-        if "Do not solve this problem yet" in prompts[0]:
+        if "Predict, do not solve" in prompts[0]:
             out = [out[0] for _ in prompts]
         return out
 

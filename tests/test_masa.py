@@ -52,7 +52,7 @@ def test_notion_views_and_the_template():
     other = {"id": "q", "prompt": "What is 2+2?", "source": "math"}
     assert notion_views(other, ["4"]) == ("What is 2+2?", ["4"])  # free-form: the paper's raw texts
     text = meta_prompt(ROW["prompt"], list(arith.NOTIONS))
-    assert text.endswith("Problem: Compute 7-3*(2-5).") and "carry" in text and "0 to 8" in text
+    assert text.endswith("Problem: Compute 7-3*(2-5).") and "carry" in text and "correct of 8" in text
 
 
 def test_meta_scores_of_a_hand_built_group():
@@ -79,6 +79,8 @@ def test_malformed_predictions_parse_to_none_and_substitution_keeps_the_reasonin
     new = substitute_prediction(text, MetaPrediction(("carry",), 2.0, 30.0))
     assert new.startswith("<|meta|>two steps<|/meta|>\n{") and new.endswith("} done")
     assert parse_prediction(new) == MetaPrediction(("carry",), 2.0, 30.0)
+    assert '"pass_rate": 2, "solution_length": 30}' in new  # counts as integers, as the demonstrations write them
+    assert '"solution_length": 30.5}' in substitute_prediction(text, MetaPrediction(("carry",), 2.0, 30.5))
     with pytest.raises(ValueError, match="no valid prediction"):
         substitute_prediction("no json", pred)
 

@@ -908,6 +908,51 @@ def notion_text(names: Iterable[str]) -> str:
     return " ".join(sorted(names))
 
 
+# ---------------------------------------------------------------- MASA meta-prediction demonstrations
+
+# The declared pass-rate proxy of the demonstrations: the chance that a step of each risk class (`risk`: 0 plain
+# single-digit fact, 1 signs, 2 a two-digit number, 3 a carry/borrow or two two-digit numbers) is written
+# wrong. Not measured per model: 0.01 is the ~99 % single-digit accuracy `risk` cites, and the rest rise with
+# the measured "20–80 % wrong" for two-digit steps, kept at its low end because SFT and meta checks catch some.
+SLIP_BY_RISK = (0.01, 0.05, 0.15, 0.30)
+
+
+def problem_of(prompt: str, domain: str = "", level: int = 0) -> Problem | None:
+    """The Problem an arith prompt asks (its expression read back by `expr_of` and solved); None when the prompt
+    is no arith problem (a check drill, another world's text) or its expression does not solve within ±LIMIT."""
+    expr = None if _template_regex(_DRILL).fullmatch(prompt) else expr_of(prompt)
+    try:
+        toks = parse(expr) if expr is not None else []
+    except ValueError:
+        return None
+    if not toks or not well_formed(toks) or not (steps := solve(toks)):
+        return None
+    return Problem(domain, level, prompt, expr, tuple(steps))
+
+
+def pass_rate_proxy(problem: Problem, out_of: int) -> int:
+    """The demonstrations' pass rate: round(out_of × Π over the steps of (1 − SLIP_BY_RISK[risk(step)])), i.e.
+    the expected correct count of `out_of` attempts if each step slips independently at its risk class's rate
+    (a declared proxy of difficulty by step count and step risk, not a measurement of any model)."""
+    p = 1.0
+    for step in problem.steps:
+        p *= 1 - SLIP_BY_RISK[risk(step)]
+    return round(out_of * p)
+
+
+def meta_prediction_demo(problem: Problem, solution_length: int, out_of: int) -> str:
+    """A demonstration answer to rewards.masa.meta_prompt for this problem: a meta block with what the prediction
+    is read from (the step count and each step's risk class), then the JSON object rewards.masa.parse_prediction
+    reads: the notions its worked solution needs that the problem does not show (sorted), `pass_rate_proxy` and
+    the given solution length (tokens of the solution this world wrote for it)."""
+    import json
+
+    needed = sorted(notions(problem) - problem_notions(problem.expr))
+    risks = " ".join(str(risk(s)) for s in problem.steps)
+    return block(f"{len(problem.steps)} steps, risks {risks}") + "\n" + json.dumps(
+        {"notions": needed, "pass_rate": pass_rate_proxy(problem, out_of), "solution_length": solution_length})
+
+
 # ---------------------------------------------------------------- the world's splits
 
 SPLITS = ("base", "sft1", "sft2", "rl", "val", "heldout")

@@ -1,0 +1,45 @@
+"""scripts/bench_masa.py's time-to-baseline and interval arithmetic on hand-built step metrics."""
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location("bench_masa", Path(__file__).resolve().parent.parent / "scripts" /
+                                               "bench_masa.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+V = bench.VAL_KEY
+
+# the control validates 0.5 → 0.6 → 0.7 at steps 0, 2, 4, 10 s a step: baseline 0.7 after 40 s
+CONTROL = {0: {V: 0.5}, 1: {"time/step_s": 10}, 2: {"time/step_s": 10, V: 0.6}, 3: {"time/step_s": 10},
+           4: {"time/step_s": 10, V: 0.7}}
+
+
+def test_time_to_baseline_counts_steps_and_seconds_without_the_audit():
+    treatment = {0: {V: 0.7}, 1: {"time/step_s": 20, "time/masa_audit_s": 5},  # step 0 is the SFT model: not counted
+                 2: {"time/step_s": 20, "time/masa_audit_s": 5, V: 0.7}, 3: {"time/step_s": 20},
+                 4: {"time/step_s": 20, V: 0.8}}
+    t = bench.time_to_baseline(CONTROL, treatment)
+    assert (t["baseline"], t["start"], t["control_steps"], t["control_s"], t["treatment_step"]) == (0.7, 0.5, 4, 40, 2)
+    assert t["treatment_s"] == 30  # (20 - 5) × 2
+    assert t["speedup_steps"] == 2 and t["speedup_wall"] == pytest.approx(40 / 30)
+    assert t["treatment_final"] == 0.8 and t["degenerate"] is False
+    worse = {**CONTROL, 4: {"time/step_s": 10, V: 0.5}}  # the control ends where it started
+    assert bench.time_to_baseline(worse, treatment)["degenerate"] is True
+
+
+def test_time_to_baseline_not_reached_is_none():
+    treatment = {0: {V: 0.5}, 2: {"time/step_s": 5, V: 0.6}, 4: {"time/step_s": 5, V: 0.69}}
+    t = bench.time_to_baseline(CONTROL, treatment)
+    assert t["treatment_step"] is None and t["speedup_steps"] is None and t["speedup_wall"] is None
+
+
+def test_t_interval_of_log_ratios():
+    assert bench.t_interval([1.5]) is None
+    assert bench.t_interval([2.0, 2.0]) == pytest.approx((2.0, 2.0))
+    lo, hi = bench.t_interval([1.0, math.e])  # logs 0, 1: mean 0.5, sd 1/√2, t(0.975, 1) = 12.706
+    h = 12.7062 * (1 / math.sqrt(2)) / math.sqrt(2)
+    assert (lo, hi) == pytest.approx((math.exp(0.5 - h), math.exp(0.5 + h)), rel=1e-4)
