@@ -169,7 +169,7 @@ class SFTSpec(Strict):
     sft1: DataSourceSpec = DataSourceSpec()
     sft2: DataSourceSpec | None = DataSourceSpec()
     strip_meta: bool = Field(False, description="train on the no-meta twin (control arms)")
-    meta_blocks: Literal["as_written", "fixed", "shuffled", "tool"] = Field(
+    meta_blocks: Literal["as_written", "fixed", "empty", "line_end", "response_end", "shuffled", "tool"] = Field(
         "as_written", description="form of the meta side's blocks (sft/meta_blocks.py): as_written, or a placebo: "
                                   "fixed (one neutral content) or shuffled (another row's content)")
     epochs: int = Field(2, ge=1)
@@ -606,7 +606,7 @@ _MECHANISMS = [
 # Keys whose mechanism depends on the value: value -> mechanism (None: the value changes no mechanism). Every value
 # of the key's Literal is listed (tests/test_meta_blocks.py keeps them equal).
 _VALUE_MECHANISMS: dict[str, dict[str, str | None]] = {
-    "sft.meta_blocks": {"as_written": None, "fixed": "placebo_blocks", "shuffled": "placebo_blocks", "tool": "tool"},
+    "sft.meta_blocks": {"as_written": None, "fixed": "placebo_blocks", "empty": "placebo_blocks", "line_end": "placebo_blocks", "response_end": "placebo_blocks", "shuffled": "placebo_blocks", "tool": "tool"},
 }
 MECHANISMS = frozenset({name for _, name in _MECHANISMS}
                        | {m for table in _VALUE_MECHANISMS.values() for m in table.values() if m})

@@ -57,15 +57,55 @@ def _with_contents(row: Row, contents: list[str], where: str) -> Row:
     return {**row, "messages": [*row["messages"][:-1], {**row["messages"][-1], "content": new}], "wrong_prefix": wp}
 
 
+def _moved(text: str, prefix_len: int, content: str, to_line_end: bool) -> str:
+    """`text` with every closed block after the first `prefix_len` characters (the wrong prefix) moved, holding
+    `content`, to the end of its line (before the next line break; `to_line_end`) or to the end of the text; blocks
+    inside the prefix stay where they are, holding `content`. The text outside the blocks is unchanged."""
+    pieces, anchors, last = [], [], 0
+    for b in find_blocks(text, META_OPEN, META_CLOSE):
+        pieces.append(text[last:b.start])
+        if b.end <= prefix_len:
+            pieces.append(META_OPEN + content + META_CLOSE)
+        else:
+            anchors.append(sum(map(len, pieces)))
+        last = b.end
+    out = "".join(pieces) + text[last:]
+    ends = sorted((out.find("\n", a) if to_line_end and "\n" in out[a:] else len(out) for a in anchors), reverse=True)
+    for at in ends:
+        out = out[:at] + META_OPEN + content + META_CLOSE + out[at:]
+    return out
+
+
+def _relocated(to_line_end: bool) -> Callable[[Rows, str, int], tuple[Rows, dict[str, Any]]]:
+    """The form in which every trained block is empty and moved to the end of its line (`to_line_end`) or of the
+    response; see _moved. The wrong prefix keeps its length (its blocks, emptied, stay in it)."""
+    def form(rows: Rows, where: str, seed: int) -> tuple[Rows, dict[str, Any]]:
+        out, n = [], 0
+        for r in rows:
+            response, wp = r["messages"][-1]["content"], r.get("wrong_prefix") or ""
+            blocks = find_blocks(response, META_OPEN, META_CLOSE)
+            if any(b.start < len(wp) < b.end for b in blocks):
+                raise DataError(f"{where}: row id {r.get('id')!r}: a meta block straddles the end of wrong_prefix; "
+                                f"a block must lie wholly inside or after the wrong prefix")
+            new = _moved(response, len(wp), "", to_line_end)
+            new_wp = _moved(wp, len(wp), "", to_line_end) if wp else r.get("wrong_prefix")
+            out.append({**r, "messages": [*r["messages"][:-1], {**r["messages"][-1], "content": new}],
+                        "wrong_prefix": new_wp})
+            n += len(blocks)
+        return out, {"placebo_blocks": n}
+    return form
+
+
 def _as_written(rows: Rows, where: str, seed: int) -> tuple[Rows, dict[str, Any]]:
     return rows, {}
 
 
-def _fixed(rows: Rows, where: str, seed: int) -> tuple[Rows, dict[str, Any]]:
-    """Every block of every response holds NEUTRAL_CONTENT."""
-    out = [_with_contents(r, [NEUTRAL_CONTENT] * len(find_blocks(r["messages"][-1]["content"])), where)
-           for r in rows]
-    return out, {"placebo_blocks": sum(len(find_blocks(r["messages"][-1]["content"])) for r in rows)}
+def _constant(content: str) -> Callable[[Rows, str, int], tuple[Rows, dict[str, Any]]]:
+    """The form in which every block of every response holds `content`."""
+    def form(rows: Rows, where: str, seed: int) -> tuple[Rows, dict[str, Any]]:
+        out = [_with_contents(r, [content] * len(find_blocks(r["messages"][-1]["content"])), where) for r in rows]
+        return out, {"placebo_blocks": sum(len(find_blocks(r["messages"][-1]["content"])) for r in rows)}
+    return form
 
 
 def _shuffled(rows: Rows, where: str, seed: int) -> tuple[Rows, dict[str, Any]]:
@@ -97,7 +137,10 @@ def _tool(rows: Rows, where: str, seed: int) -> tuple[Rows, dict[str, Any]]:
 
 META_BLOCK_FORMS: dict[str, Callable[[Rows, str, int], tuple[Rows, dict[str, Any]]]] = {
     "as_written": _as_written,
-    "fixed": _fixed,
+    "fixed": _constant(NEUTRAL_CONTENT),
+    "empty": _constant(""),
+    "line_end": _relocated(to_line_end=True),
+    "response_end": _relocated(to_line_end=False),
     "shuffled": _shuffled,
     "tool": _tool,
 }
