@@ -170,8 +170,10 @@ class SFTSpec(Strict):
     sft2: DataSourceSpec | None = DataSourceSpec()
     strip_meta: bool = Field(False, description="train on the no-meta twin (control arms)")
     meta_blocks: Literal["as_written", "fixed", "empty", "line_end", "response_end", "shuffled", "tool"] = Field(
-        "as_written", description="form of the meta side's blocks (sft/meta_blocks.py): as_written, or a placebo: "
-                                  "fixed (one neutral content) or shuffled (another row's content)")
+        "as_written", description="form of the meta side's blocks (sft/meta_blocks.py): as_written, tool (checked "
+                                  "blocks), or a placebo: fixed (one neutral content), empty, line_end / "
+                                  "response_end (emptied, moved to the end of the line / after the answer) or "
+                                  "shuffled (another row's content)")
     epochs: int = Field(2, ge=1)
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(32, ge=1)

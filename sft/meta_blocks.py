@@ -1,7 +1,8 @@
 """The form of the meta blocks an SFT arm trains on (`sft.meta_blocks`), applied to the META side of the twins in
 the sft stage; the no-meta twin has no blocks, so a form never changes it (the spec refuses a form other than
-`as_written` with `sft.strip_meta`). The placebo forms keep the tags and positions of every block and change only
-the text between the tags, so the stripped twin of a placebo row is the stripped twin of the original row.
+`as_written` with `sft.strip_meta`). The placebo forms change only the text between the tags or where a block
+stands, never the text outside the blocks, so the stripped twin of a placebo row is the stripped twin of the
+original row. Which placebo reads null, measured: docs/method-cards.md, placebo card.
 
 Each form is one entry of META_BLOCK_FORMS: (rows, where, seed) -> (rows, facts).
 - `as_written`: the rows as the data source wrote them (the default).
@@ -9,6 +10,12 @@ Each form is one entry of META_BLOCK_FORMS: (rows, where, seed) -> (rows, facts)
   meta.grammar.CUES, no confidence, no decision, about the mean token length of the arith world's block contents
   (32 tokens under the demo tokenizer; SFT-1 blocks average 32.3, SFT-2 37.1). It carries no information about
   the problem by construction, and keeps the positions and the length the model spends on a block.
+- `empty` (placebo): every block keeps its place with no content.
+- `line_end` (placebo): every block, emptied, moves to the end of the line it opened (before the line break).
+- `response_end` (placebo): every block, emptied, moves to the end of the response, after the answer: the
+  solution the model learns is token for token the stripped twin's, so the expected effect is 0 by construction
+  (the placebo of configs/sensitivity.yaml and configs/ladder.yaml). Blocks in the wrong prefix stay there,
+  emptied, for both relocating forms (the prefix is context, and must stay a prefix).
 - `shuffled` (placebo): block contents permuted across rows with a seeded RNG, each block receiving the content of
   a block of ANOTHER row (row order shuffled, then contents rotated by the largest per-row block count). Same
   content distribution as written, no information about the row it sits in.
