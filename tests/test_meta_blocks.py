@@ -96,6 +96,15 @@ def test_relocated_placebos_move_empty_blocks_and_keep_the_wrong_prefix(kind, ro
         meta_block_form([bad], kind, "sft1")
 
 
+def test_response_end_trains_the_stripped_solution_then_only_empty_blocks():
+    # the known null: what the model writes up to its answer is token for token the stripped twin's target
+    for before, after in zip(ROWS, form("response_end", ROWS)):
+        response, stripped = after["messages"][-1]["content"], strip_row(before)["messages"][-1]["content"]
+        wp = after["wrong_prefix"] or ""
+        trained, tail = response[len(wp):], stripped[len(strip_row(before)["wrong_prefix"] or ""):]
+        assert trained.startswith(tail) and set(trained[len(tail):].split(E)) <= {""}
+
+
 def test_shuffled_permutes_contents_across_rows_never_within_one():
     before = {c: r["id"] for r in ROWS for c in contents(r)}
     for seed in range(6):
