@@ -492,8 +492,8 @@ def simpson(strata: Sequence[Row], margin: float | None = None) -> Row:
 def simpson_check(rows: Sequence[Row], treatment: str, control: str, stratum: str = "suite",
                   margin: float | None = None) -> Row:
     """simpson() of two arms (each at one step) with problems grouped by a row field (suite, domain, quartile,
-    ...): per-problem accuracies, seeds pooled as samples; `margin` as in simpson(). Raises DataError when a problem's stratum changes
-    between its rows, an arm is at several steps, or the arms are the same."""
+    ...): per-problem accuracies, seeds pooled as samples; `margin` as in simpson(). Raises DataError when a
+    problem's stratum changes between its rows, an arm is at several steps, or the arms are the same."""
     _require(rows, (stratum,))
     _distinct(treatment, control)
     where: dict[tuple, Any] = {}
@@ -521,10 +521,10 @@ def simpson_check(rows: Sequence[Row], treatment: str, control: str, stratum: st
 
 def quartile_simpson(rows: Sequence[Row], treatment: str, control: str,
                      difficulty_rows: Sequence[Row] | None = None, margin: float | None = None) -> Row:
-    """simpson_check across equal-count difficulty quartiles (`margin` as in simpson()). Pass the rows the headline Δ is computed on (the
-    compared steps, the shared problems) so that the headline here is that Δ. Quartiles are cut by
-    problem_difficulty on difficulty_rows (default: rows), e.g. every arm's rows, so that they are the quartile
-    table's; a problem of rows missing from difficulty_rows raises DataError."""
+    """simpson_check across equal-count difficulty quartiles (`margin` as in simpson()). Pass the rows the
+    headline Δ is computed on (the compared steps, the shared problems) so that the headline here is that Δ.
+    Quartiles are cut by problem_difficulty on difficulty_rows (default: rows), e.g. every arm's rows, so that they
+    are the quartile table's; a problem of rows missing from difficulty_rows raises DataError."""
     quartile = {(d["suite"], d["problem_id"]): d["quartile"]
                 for d in problem_difficulty(rows if difficulty_rows is None else difficulty_rows)}
     absent = sorted({(r["suite"], r["problem_id"]) for r in rows} - set(quartile), key=str)

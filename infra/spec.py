@@ -608,7 +608,9 @@ _MECHANISMS = [
 # Keys whose mechanism depends on the value: value -> mechanism (None: the value changes no mechanism). Every value
 # of the key's Literal is listed (tests/test_meta_blocks.py keeps them equal).
 _VALUE_MECHANISMS: dict[str, dict[str, str | None]] = {
-    "sft.meta_blocks": {"as_written": None, "fixed": "placebo_blocks", "empty": "placebo_blocks", "line_end": "placebo_blocks", "response_end": "placebo_blocks", "shuffled": "placebo_blocks", "tool": "tool"},
+    "sft.meta_blocks": {"as_written": None, "fixed": "placebo_blocks", "empty": "placebo_blocks",
+                        "line_end": "placebo_blocks", "response_end": "placebo_blocks", "shuffled": "placebo_blocks",
+                        "tool": "tool"},
 }
 MECHANISMS = frozenset({name for _, name in _MECHANISMS}
                        | {m for table in _VALUE_MECHANISMS.values() for m in table.values() if m})

@@ -33,7 +33,7 @@ import random
 from typing import Any, Callable
 
 from infra.errors import DataError
-from meta.grammar import META_CLOSE, META_OPEN, find_blocks
+from meta.grammar import META_CLOSE, META_OPEN, MetaBlock, find_blocks
 
 Row = dict[str, Any]
 Rows = list[Row]
@@ -49,6 +49,16 @@ def _replace_contents(text: str, contents: list[str]) -> str:
     return "".join(out) + text[last:]
 
 
+def _blocks_beside_prefix(row: Row, where: str) -> list[MetaBlock]:
+    """The blocks of the row's response; raises DataError for one that straddles the end of its wrong prefix."""
+    blocks = find_blocks(row["messages"][-1]["content"], META_OPEN, META_CLOSE)
+    end = len(row.get("wrong_prefix") or "")
+    if any(b.start < end < b.end for b in blocks):
+        raise DataError(f"{where}: row id {row.get('id')!r}: a meta block straddles the end of wrong_prefix; "
+                        f"a block must lie wholly inside or after the wrong prefix")
+    return blocks
+
+
 def _with_contents(row: Row, contents: list[str], where: str) -> Row:
     """The row with its response's block contents replaced; the wrong prefix (a prefix of the response) gets the
     same contents for the blocks it holds. Raises DataError for a block that straddles the wrong prefix's end."""
@@ -56,10 +66,7 @@ def _with_contents(row: Row, contents: list[str], where: str) -> Row:
     new = _replace_contents(response, contents)
     wp = row.get("wrong_prefix")
     if wp:
-        blocks = find_blocks(response, META_OPEN, META_CLOSE)
-        if any(b.start < len(wp) < b.end for b in blocks):
-            raise DataError(f"{where}: row id {row.get('id')!r}: a meta block straddles the end of wrong_prefix; "
-                            f"a block must lie wholly inside or after the wrong prefix")
+        blocks = _blocks_beside_prefix(row, where)
         wp = _replace_contents(wp, contents[:sum(b.end <= len(wp) for b in blocks)])
     return {**row, "messages": [*row["messages"][:-1], {**row["messages"][-1], "content": new}], "wrong_prefix": wp}
 
@@ -77,23 +84,21 @@ def _moved(text: str, prefix_len: int, content: str, to_line_end: bool) -> str:
             anchors.append(sum(map(len, pieces)))
         last = b.end
     out = "".join(pieces) + text[last:]
-    ends = sorted((out.find("\n", a) if to_line_end and "\n" in out[a:] else len(out) for a in anchors), reverse=True)
-    for at in ends:
+    ends = [out.find("\n", a) if to_line_end else -1 for a in anchors]
+    for at in sorted((len(out) if e < 0 else e for e in ends), reverse=True):
         out = out[:at] + META_OPEN + content + META_CLOSE + out[at:]
     return out
 
 
 def _relocated(to_line_end: bool) -> Callable[[Rows, str, int], tuple[Rows, dict[str, Any]]]:
     """The form in which every trained block is empty and moved to the end of its line (`to_line_end`) or of the
-    response; see _moved. The wrong prefix keeps its length (its blocks, emptied, stay in it)."""
+    response; see _moved. The wrong prefix stays a prefix: its blocks, emptied, stay in it. Raises DataError
+    for a block that straddles the end of the wrong prefix."""
     def form(rows: Rows, where: str, seed: int) -> tuple[Rows, dict[str, Any]]:
         out, n = [], 0
         for r in rows:
             response, wp = r["messages"][-1]["content"], r.get("wrong_prefix") or ""
-            blocks = find_blocks(response, META_OPEN, META_CLOSE)
-            if any(b.start < len(wp) < b.end for b in blocks):
-                raise DataError(f"{where}: row id {r.get('id')!r}: a meta block straddles the end of wrong_prefix; "
-                                f"a block must lie wholly inside or after the wrong prefix")
+            blocks = _blocks_beside_prefix(r, where)
             new = _moved(response, len(wp), "", to_line_end)
             new_wp = _moved(wp, len(wp), "", to_line_end) if wp else r.get("wrong_prefix")
             out.append({**r, "messages": [*r["messages"][:-1], {**r["messages"][-1], "content": new}],
