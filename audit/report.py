@@ -126,7 +126,8 @@ def findings(inp: Inputs) -> Findings:
             verdicts.append(Verdict(name, c, suite, contrast_delta(picked, c, final, ev.bootstrap_resamples,
                                                                    ev.seed)))
     overall = {v.contrast: v.delta for v in verdicts if v.suite == (ALL_SUITES if len(suites) > 1 else suites[0])}
-    return Findings(final, verdicts, {name: contrast_simpson(rows, c, final) for name, c in inp.contrasts.items()},
+    return Findings(final, verdicts, {name: contrast_simpson(rows, c, final, ev.equivalence_margin)
+                                     for name, c in inp.contrasts.items()},
                     {name: contrast_power(rows, c, final, se=overall[name].get("se"))
                      for name, c in inp.contrasts.items()})
 
@@ -139,7 +140,8 @@ def simpson_text(name: str, s: Row) -> Para:
     strata = ", ".join(f"Q{t['stratum']} {pp(t['delta'])}" for t in s["strata"])
     if not s["flag"]:
         return Para(f"{name}: headline Δ {pp(s['headline'])} (each problem weighs the same, as in the verdict); per "
-                    f"difficulty quartile {strata}: no quartile goes against the headline.")
+                    f"difficulty quartile {strata}: no quartile goes against the headline"
+                    + ("." if s.get("margin") is None else f" by more than the margin ±{100 * s['margin']:g} pp."))
     what = ("Simpson's paradox: every quartile goes the other way" if s["kind"] == "reversal" else
             "the headline averages quartiles that go opposite ways")
     return Para(f"⚠ {name}: headline Δ {pp(s['headline'])}, per difficulty quartile {strata}: {what} "

@@ -107,11 +107,14 @@ def contrast_power(rows: Sequence[Row], contrast: ContrastSpec, steps: dict[str,
         return {"error": str(exc)}
 
 
-def contrast_simpson(rows: Sequence[Row], contrast: ContrastSpec, steps: dict[str, int]) -> Row:
+def contrast_simpson(rows: Sequence[Row], contrast: ContrastSpec, steps: dict[str, int],
+                     margin: float | None = None) -> Row:
     """quartile_simpson on the rows of the contrast's headline Δ (shared problems, the steps), with difficulty
-    quartiles cut on every arm's rows at those steps (the quartile table's cut); {"error": why} as above."""
+    quartiles cut on every arm's rows at those steps (the quartile table's cut); a quartile within ±margin (the
+    verdict's eval.equivalence_margin) opposes nothing; {"error": why} as above."""
     try:
         shared, _ = shared_rows(rows, contrast, steps)
     except DataError as exc:
         return {"error": str(exc)}
-    return quartile_simpson(shared, contrast.treatment, contrast.control, difficulty_rows=at_steps(rows, steps))
+    return quartile_simpson(shared, contrast.treatment, contrast.control, difficulty_rows=at_steps(rows, steps),
+                            margin=margin)

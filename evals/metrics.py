@@ -451,7 +451,7 @@ def _sign(x: float, tol: float = 1e-12) -> int:
     return 0 if abs(x) <= tol else (1 if x > 0 else -1)
 
 
-def simpson(strata: Sequence[Row]) -> Row:
+def simpson(strata: Sequence[Row], margin: float | None = None) -> Row:
     """Simpson check of one treatment/control comparison split into strata, under the headline's weighting.
 
     Each stratum: {stratum, n_t, acc_t_sum, n_c, acc_c_sum}: the problems each arm answered in the stratum and the
@@ -459,10 +459,14 @@ def simpson(strata: Sequence[Row]) -> Row:
       headline = sum acc_t_sum / sum n_t - sum acc_c_sum / sum n_c   (each problem weighs the same: the headline Δ)
       delta_s  = acc_t_sum/n_t - acc_c_sum/n_c                        per stratum
     flag is True when some stratum's delta has the strict sign opposite to the headline's (signs with a 1e-12
-    tolerance; a stratum at exactly 0 opposes nothing). kind is 'reversal' when every stratum opposes it
-    (Simpson's paradox proper, possible when the arms' problem mixes differ), 'disagreement' when some do (the
-    headline averages strata that go opposite ways), else None. Raises DataError on an empty list or a stratum
-    where an arm has no problem."""
+    tolerance; a stratum at exactly 0 opposes nothing). With an equivalence margin (a fraction, e.g. 0.05 =
+    5 pp: eval.equivalence_margin), a stratum opposes only when its delta is beyond the margin (|delta| > margin):
+    a stratum within ±margin is equivalent to 0 by the verdict's own reading (TOST), so it reverses nothing.
+    kind is 'reversal' when every stratum opposes it (Simpson's paradox proper, possible when the arms' problem
+    mixes differ), 'disagreement' when some do (the headline averages strata that go opposite ways), else None.
+    Raises DataError on an empty list or a stratum where an arm has no problem, ValueError on a negative margin."""
+    if margin is not None and margin < 0:
+        raise ValueError(f"Simpson check: margin must be ≥ 0 (a fraction of accuracy), got {margin}")
     table = []
     for s in strata:
         if min(s["n_t"], s["n_c"]) <= 0:
@@ -474,19 +478,22 @@ def simpson(strata: Sequence[Row]) -> Row:
     headline = (sum(s["acc_t_sum"] for s in table) / sum(s["n_t"] for s in table)
                 - sum(s["acc_c_sum"] for s in table) / sum(s["n_c"] for s in table))
     sign = _sign(headline)
-    against = [s for s in table if sign and _sign(s["delta"]) == -sign]
+    against = [s for s in table if sign and _sign(s["delta"]) == -sign and abs(s["delta"]) > (margin or 0)]
     kind = None if not against else "reversal" if len(against) == len(table) else "disagreement"
     reason = "" if not against else (
         f"headline Δ {headline:+.4f} has the opposite sign of "
         + ("every stratum" if kind == "reversal" else f"{len(against)} of {len(table)} strata") + " ("
-        + ", ".join(f"{s['stratum']} {s['delta']:+.4f}" for s in against) + ")")
-    return {"headline": float(headline), "flag": bool(against), "kind": kind, "reason": reason, "strata": table}
+        + ", ".join(f"{s['stratum']} {s['delta']:+.4f}" for s in against) + ")"
+        + ("" if margin is None else f" beyond the margin ±{margin:g}"))
+    return {"headline": float(headline), "flag": bool(against), "kind": kind, "reason": reason, "strata": table,
+            "margin": margin}
 
 
-def simpson_check(rows: Sequence[Row], treatment: str, control: str, stratum: str = "suite") -> Row:
+def simpson_check(rows: Sequence[Row], treatment: str, control: str, stratum: str = "suite",
+                  margin: float | None = None) -> Row:
     """simpson() of two arms (each at one step) with problems grouped by a row field (suite, domain, quartile,
-    ...): per-problem accuracies, seeds pooled as samples. Raises DataError when a problem's stratum changes
-    between its rows, an arm is at several steps, or the arms are the same."""
+    ...): per-problem accuracies, seeds pooled as samples; `margin` as in simpson(). Raises DataError when a
+    problem's stratum changes between its rows, an arm is at several steps, or the arms are the same."""
     _require(rows, (stratum,))
     _distinct(treatment, control)
     where: dict[tuple, Any] = {}
@@ -508,15 +515,16 @@ def simpson_check(rows: Sequence[Row], treatment: str, control: str, stratum: st
         if len(found) > 1:
             raise DataError(f"arm '{arm}' has rows from steps {sorted(found, key=str)}; filter to one step per arm")
     return {"treatment": treatment, "control": control, "by": stratum,
-            **simpson([{"stratum": k, **v} for k, v in sorted(counts.items(), key=lambda kv: _order([kv[0]]))])}
+            **simpson([{"stratum": k, **v} for k, v in sorted(counts.items(), key=lambda kv: _order([kv[0]]))],
+                      margin)}
 
 
 def quartile_simpson(rows: Sequence[Row], treatment: str, control: str,
-                     difficulty_rows: Sequence[Row] | None = None) -> Row:
-    """simpson_check across equal-count difficulty quartiles. Pass the rows the headline Δ is computed on (the
-    compared steps, the shared problems) so that the headline here is that Δ. Quartiles are cut by
-    problem_difficulty on difficulty_rows (default: rows), e.g. every arm's rows, so that they are the quartile
-    table's; a problem of rows missing from difficulty_rows raises DataError."""
+                     difficulty_rows: Sequence[Row] | None = None, margin: float | None = None) -> Row:
+    """simpson_check across equal-count difficulty quartiles (`margin` as in simpson()). Pass the rows the
+    headline Δ is computed on (the compared steps, the shared problems) so that the headline here is that Δ.
+    Quartiles are cut by problem_difficulty on difficulty_rows (default: rows), e.g. every arm's rows, so that they
+    are the quartile table's; a problem of rows missing from difficulty_rows raises DataError."""
     quartile = {(d["suite"], d["problem_id"]): d["quartile"]
                 for d in problem_difficulty(rows if difficulty_rows is None else difficulty_rows)}
     absent = sorted({(r["suite"], r["problem_id"]) for r in rows} - set(quartile), key=str)
@@ -524,7 +532,7 @@ def quartile_simpson(rows: Sequence[Row], treatment: str, control: str,
         raise DataError(f"difficulty rows lack {len(absent)} problem(s) of the compared rows, e.g. "
                         f"{absent[0][0]}/{absent[0][1]}")
     return simpson_check([{**r, "quartile": quartile[(r["suite"], r["problem_id"])]} for r in rows], treatment,
-                         control, stratum="quartile")
+                         control, stratum="quartile", margin=margin)
 
 
 # ---------------------------------------------------------------- meta behaviour

@@ -179,9 +179,11 @@ class SFTSpec(Strict):
     sft1: DataSourceSpec = DataSourceSpec()
     sft2: DataSourceSpec | None = DataSourceSpec()
     strip_meta: bool = Field(False, description="train on the no-meta twin (control arms)")
-    meta_blocks: Literal["as_written", "fixed", "shuffled", "tool"] = Field(
-        "as_written", description="form of the meta side's blocks (sft/meta_blocks.py): as_written, or a placebo: "
-                                  "fixed (one neutral content) or shuffled (another row's content)")
+    meta_blocks: Literal["as_written", "fixed", "empty", "line_end", "response_end", "shuffled", "tool"] = Field(
+        "as_written", description="form of the meta side's blocks (sft/meta_blocks.py): as_written, tool (checked "
+                                  "blocks), or a placebo: fixed (one neutral content), empty, line_end / "
+                                  "response_end (emptied, moved to the end of the line / after the answer) or "
+                                  "shuffled (another row's content)")
     meta_predictions: float = Field(
         0.0, ge=0, le=1, description="share of the SFT problems that also get a MASA meta-prediction demonstration "
                                      "row (rl.masa's template answered by the world: sft/masa_demos.py); 0 = none")
@@ -623,7 +625,9 @@ _MECHANISMS = [
 # Keys whose mechanism depends on the value: value -> mechanism (None: the value changes no mechanism). Every value
 # of the key's Literal is listed (tests/test_meta_blocks.py keeps them equal).
 _VALUE_MECHANISMS: dict[str, dict[str, str | None]] = {
-    "sft.meta_blocks": {"as_written": None, "fixed": "placebo_blocks", "shuffled": "placebo_blocks", "tool": "tool"},
+    "sft.meta_blocks": {"as_written": None, "fixed": "placebo_blocks", "empty": "placebo_blocks",
+                        "line_end": "placebo_blocks", "response_end": "placebo_blocks", "shuffled": "placebo_blocks",
+                        "tool": "tool"},
 }
 MECHANISMS = frozenset({name for _, name in _MECHANISMS}
                        | {m for table in _VALUE_MECHANISMS.values() for m in table.values() if m})

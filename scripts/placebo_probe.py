@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from infra.artifacts import read_parquet  # noqa: E402
 from infra.spec import load_spec  # noqa: E402
 
-KINDS = ("stripped", "as_written", "fixed", "shuffled")
+KINDS = ("stripped", "as_written", "fixed", "empty", "line_end", "response_end", "shuffled")
 
 
 def one_file(home: Path, pattern: str) -> Path:

@@ -1,7 +1,8 @@
 """The form of the meta blocks an SFT arm trains on (`sft.meta_blocks`), applied to the META side of the twins in
 the sft stage; the no-meta twin has no blocks, so a form never changes it (the spec refuses a form other than
-`as_written` with `sft.strip_meta`). The placebo forms keep the tags and positions of every block and change only
-the text between the tags, so the stripped twin of a placebo row is the stripped twin of the original row.
+`as_written` with `sft.strip_meta`). The placebo forms change only the text between the tags or where a block
+stands, never the text outside the blocks, so the stripped twin of a placebo row is the stripped twin of the
+original row. Which placebo reads null, measured: docs/method-cards.md, placebo card.
 
 Each form is one entry of META_BLOCK_FORMS: (rows, where, seed) -> (rows, facts).
 - `as_written`: the rows as the data source wrote them (the default).
@@ -9,6 +10,12 @@ Each form is one entry of META_BLOCK_FORMS: (rows, where, seed) -> (rows, facts)
   meta.grammar.CUES, no confidence, no decision, about the mean token length of the arith world's block contents
   (32 tokens under the demo tokenizer; SFT-1 blocks average 32.3, SFT-2 37.1). It carries no information about
   the problem by construction, and keeps the positions and the length the model spends on a block.
+- `empty` (placebo): every block keeps its place with no content.
+- `line_end` (placebo): every block, emptied, moves to the end of the line it opened (before the line break).
+- `response_end` (placebo): every block, emptied, moves to the end of the response, after the answer: the
+  solution the model learns is token for token the stripped twin's, so the expected effect is 0 by construction
+  (the placebo of configs/sensitivity.yaml and configs/ladder.yaml). Blocks in the wrong prefix stay there,
+  emptied, for both relocating forms (the prefix is context, and must stay a prefix).
 - `shuffled` (placebo): block contents permuted across rows with a seeded RNG, each block receiving the content of
   a block of ANOTHER row (row order shuffled, then contents rotated by the largest per-row block count). Same
   content distribution as written, no information about the row it sits in.
@@ -26,7 +33,7 @@ import random
 from typing import Any, Callable
 
 from infra.errors import DataError
-from meta.grammar import META_CLOSE, META_OPEN, find_blocks
+from meta.grammar import META_CLOSE, META_OPEN, MetaBlock, find_blocks
 
 Row = dict[str, Any]
 Rows = list[Row]
@@ -42,6 +49,16 @@ def _replace_contents(text: str, contents: list[str]) -> str:
     return "".join(out) + text[last:]
 
 
+def _blocks_beside_prefix(row: Row, where: str) -> list[MetaBlock]:
+    """The blocks of the row's response; raises DataError for one that straddles the end of its wrong prefix."""
+    blocks = find_blocks(row["messages"][-1]["content"], META_OPEN, META_CLOSE)
+    end = len(row.get("wrong_prefix") or "")
+    if any(b.start < end < b.end for b in blocks):
+        raise DataError(f"{where}: row id {row.get('id')!r}: a meta block straddles the end of wrong_prefix; "
+                        f"a block must lie wholly inside or after the wrong prefix")
+    return blocks
+
+
 def _with_contents(row: Row, contents: list[str], where: str) -> Row:
     """The row with its response's block contents replaced; the wrong prefix (a prefix of the response) gets the
     same contents for the blocks it holds. Raises DataError for a block that straddles the wrong prefix's end."""
@@ -49,23 +66,58 @@ def _with_contents(row: Row, contents: list[str], where: str) -> Row:
     new = _replace_contents(response, contents)
     wp = row.get("wrong_prefix")
     if wp:
-        blocks = find_blocks(response, META_OPEN, META_CLOSE)
-        if any(b.start < len(wp) < b.end for b in blocks):
-            raise DataError(f"{where}: row id {row.get('id')!r}: a meta block straddles the end of wrong_prefix; "
-                            f"a block must lie wholly inside or after the wrong prefix")
+        blocks = _blocks_beside_prefix(row, where)
         wp = _replace_contents(wp, contents[:sum(b.end <= len(wp) for b in blocks)])
     return {**row, "messages": [*row["messages"][:-1], {**row["messages"][-1], "content": new}], "wrong_prefix": wp}
+
+
+def _moved(text: str, prefix_len: int, content: str, to_line_end: bool) -> str:
+    """`text` with every closed block after the first `prefix_len` characters (the wrong prefix) moved, holding
+    `content`, to the end of its line (before the next line break; `to_line_end`) or to the end of the text; blocks
+    inside the prefix stay where they are, holding `content`. The text outside the blocks is unchanged."""
+    pieces, anchors, last = [], [], 0
+    for b in find_blocks(text, META_OPEN, META_CLOSE):
+        pieces.append(text[last:b.start])
+        if b.end <= prefix_len:
+            pieces.append(META_OPEN + content + META_CLOSE)
+        else:
+            anchors.append(sum(map(len, pieces)))
+        last = b.end
+    out = "".join(pieces) + text[last:]
+    ends = [out.find("\n", a) if to_line_end else -1 for a in anchors]
+    for at in sorted((len(out) if e < 0 else e for e in ends), reverse=True):
+        out = out[:at] + META_OPEN + content + META_CLOSE + out[at:]
+    return out
+
+
+def _relocated(to_line_end: bool) -> Callable[[Rows, str, int], tuple[Rows, dict[str, Any]]]:
+    """The form in which every trained block is empty and moved to the end of its line (`to_line_end`) or of the
+    response; see _moved. The wrong prefix stays a prefix: its blocks, emptied, stay in it. Raises DataError
+    for a block that straddles the end of the wrong prefix."""
+    def form(rows: Rows, where: str, seed: int) -> tuple[Rows, dict[str, Any]]:
+        out, n = [], 0
+        for r in rows:
+            response, wp = r["messages"][-1]["content"], r.get("wrong_prefix") or ""
+            blocks = _blocks_beside_prefix(r, where)
+            new = _moved(response, len(wp), "", to_line_end)
+            new_wp = _moved(wp, len(wp), "", to_line_end) if wp else r.get("wrong_prefix")
+            out.append({**r, "messages": [*r["messages"][:-1], {**r["messages"][-1], "content": new}],
+                        "wrong_prefix": new_wp})
+            n += len(blocks)
+        return out, {"placebo_blocks": n}
+    return form
 
 
 def _as_written(rows: Rows, where: str, seed: int) -> tuple[Rows, dict[str, Any]]:
     return rows, {}
 
 
-def _fixed(rows: Rows, where: str, seed: int) -> tuple[Rows, dict[str, Any]]:
-    """Every block of every response holds NEUTRAL_CONTENT."""
-    out = [_with_contents(r, [NEUTRAL_CONTENT] * len(find_blocks(r["messages"][-1]["content"])), where)
-           for r in rows]
-    return out, {"placebo_blocks": sum(len(find_blocks(r["messages"][-1]["content"])) for r in rows)}
+def _constant(content: str) -> Callable[[Rows, str, int], tuple[Rows, dict[str, Any]]]:
+    """The form in which every block of every response holds `content`."""
+    def form(rows: Rows, where: str, seed: int) -> tuple[Rows, dict[str, Any]]:
+        out = [_with_contents(r, [content] * len(find_blocks(r["messages"][-1]["content"])), where) for r in rows]
+        return out, {"placebo_blocks": sum(len(find_blocks(r["messages"][-1]["content"])) for r in rows)}
+    return form
 
 
 def _shuffled(rows: Rows, where: str, seed: int) -> tuple[Rows, dict[str, Any]]:
@@ -97,7 +149,10 @@ def _tool(rows: Rows, where: str, seed: int) -> tuple[Rows, dict[str, Any]]:
 
 META_BLOCK_FORMS: dict[str, Callable[[Rows, str, int], tuple[Rows, dict[str, Any]]]] = {
     "as_written": _as_written,
-    "fixed": _fixed,
+    "fixed": _constant(NEUTRAL_CONTENT),
+    "empty": _constant(""),
+    "line_end": _relocated(to_line_end=True),
+    "response_end": _relocated(to_line_end=False),
     "shuffled": _shuffled,
     "tool": _tool,
 }

@@ -43,7 +43,7 @@ def form(kind: str, rows: list[dict], seed: int = 0, where: str = "sft rows") ->
     return out
 
 
-@pytest.mark.parametrize("kind", ["as_written", "fixed", "shuffled"])
+@pytest.mark.parametrize("kind", ["as_written", "fixed", "empty", "line_end", "response_end", "shuffled"])
 def test_stripped_twin_of_a_placebo_row_is_the_stripped_twin_of_the_row(kind):
     out = form(kind, ROWS, seed=3)
     assert [r["id"] for r in out] == [r["id"] for r in ROWS]
@@ -65,6 +65,44 @@ def test_fixed_puts_one_neutral_content_in_every_block():
     block = find_blocks(out[3]["messages"][-1]["content"])
     assert not block[0].categories and not any(ch.isdigit() for ch in NEUTRAL_CONTENT)
     assert stated_confidence(block) is None and block[0].decision is None
+
+
+E = "<|meta|><|/meta|>"  # an empty block
+
+
+def test_empty_keeps_every_block_in_place_with_nothing_inside():
+    out, facts = meta_block_form(ROWS, "empty")
+    assert facts == {"meta_blocks": "empty", "placebo_blocks": 5}
+    assert out[2]["messages"][-1]["content"] == f"2+0=2|\n{E}2+1=3|\n{E}\\boxed{{2}}"
+    assert out[0]["wrong_prefix"] == f"0+0=0|\n{E}"
+
+
+@pytest.mark.parametrize("kind,row2,row3", [
+    # line_end: each block, emptied, moves to the end of the line it opened (before the line break)
+    ("line_end", f"2+0=2|\n2+1=3|{E}\n\\boxed{{2}}{E}", f"3+0=3|\n\\boxed{{3}}{E}"),
+    # response_end: every block, emptied, after the answer
+    ("response_end", f"2+0=2|\n2+1=3|\n\\boxed{{2}}{E}{E}", f"3+0=3|\n\\boxed{{3}}{E}"),
+])
+def test_relocated_placebos_move_empty_blocks_and_keep_the_wrong_prefix(kind, row2, row3):
+    out, facts = meta_block_form(ROWS, kind)
+    assert facts == {"meta_blocks": kind, "placebo_blocks": 5}
+    assert [r["messages"][-1]["content"] for r in out[2:4]] == [row2, row3]
+    # a block inside the wrong prefix is context: it stays there (emptied), so the prefix is still a prefix
+    assert out[0]["wrong_prefix"] == f"0+0=0|\n{E}" and out[0]["messages"][-1]["content"] == f"0+0=0|\n{E}\\boxed{{0}}"
+    assert out[1] == {**ROWS[1], "wrong_prefix": None}  # no block: unchanged
+    assert out[2]["messages"][0] == ROWS[2]["messages"][0]  # the prompt's block stays as written
+    bad = {**ROWS[3], "wrong_prefix": "3+0=3|\n<|meta|>check"}
+    with pytest.raises(DataError, match=r"sft1: row id 'r3': a meta block straddles the end of wrong_prefix"):
+        meta_block_form([bad], kind, "sft1")
+
+
+def test_response_end_trains_the_stripped_solution_then_only_empty_blocks():
+    # the known null: what the model writes up to its answer is token for token the stripped twin's target
+    for before, after in zip(ROWS, form("response_end", ROWS)):
+        response, stripped = after["messages"][-1]["content"], strip_row(before)["messages"][-1]["content"]
+        wp = after["wrong_prefix"] or ""
+        trained, tail = response[len(wp):], stripped[len(strip_row(before)["wrong_prefix"] or ""):]
+        assert trained.startswith(tail) and set(trained[len(tail):].split(E)) <= {""}
 
 
 def test_shuffled_permutes_contents_across_rows_never_within_one():

@@ -329,6 +329,22 @@ def test_constructed_case_simpson_uses_the_headline_weighting():
         [s["delta"] for s in result["strata"]])  # the Simpson line and the quartile table agree
 
 
+def test_a_quartile_within_the_equivalence_margin_opposes_nothing():
+    # The constructed case: headline -1.6 pp, Q1 +3.1 pp against it. With the 5 pp margin of the sensitivity run
+    # Q1 is equivalent to 0 (no flag: the false alarm of a -0.5 pp quartile under a +34 pp headline); with a
+    # 3 pp margin +3.125 pp is beyond it and still flags, naming the margin.
+    rows = constructed_rows()
+    loose = quartile_simpson(rows, "t", "c", margin=0.05)
+    assert not loose["flag"] and loose["kind"] is None and loose["reason"] == "" and loose["margin"] == 0.05
+    assert [round(100 * s["delta"], 1) for s in loose["strata"]] == [3.1, -3.1, -3.1, -3.1]  # strata unchanged
+    tight = quartile_simpson(rows, "t", "c", margin=0.03)
+    assert tight["flag"] and tight["kind"] == "disagreement"
+    assert tight["reason"].endswith("(1 +0.0312) beyond the margin ±0.03")
+    assert quartile_simpson(rows, "t", "c")["flag"]  # no margin: the strict sign rule, as before
+    with pytest.raises(ValueError, match="margin must be ≥ 0"):
+        quartile_simpson(rows, "t", "c", margin=-0.01)
+
+
 def test_simpson_reversal_under_per_problem_weighting_when_problem_mixes_differ():
     # The treatment answered 1 easy + 4 hard problems, the control 4 easy + 1 hard (e.g. failed generations):
     # within each quartile the treatment is better, over its own problems it looks worse.
@@ -342,6 +358,9 @@ def test_simpson_reversal_under_per_problem_weighting_when_problem_mixes_differ(
     assert {s["stratum"]: s["delta"] for s in result["strata"]} == pytest.approx({"easy": 0.25, "hard": 0.25})
     assert result["headline"] == pytest.approx((1 + 4 * 0.25) / 5 - (4 * 0.75) / 5)
     assert result["headline"] < 0 and result["flag"] and result["kind"] == "reversal"
+    # every stratum +25 pp against the headline: beyond a 20 pp margin still a reversal, within 30 pp none
+    assert simpson_check(rows, "t", "c", stratum="level", margin=0.2)["kind"] == "reversal"
+    assert not simpson_check(rows, "t", "c", stratum="level", margin=0.3)["flag"]
 
 
 # ---------------------------------------------------------------- difficulty quartiles

@@ -38,6 +38,26 @@ def test_quartile_simpson_weighs_problems_not_samples():
     assert not result["flag"] and result["kind"] is None
 
 
+def test_a_hard_quartile_within_the_margin_is_no_simpson_alarm():
+    # The sensitivity run's false alarm: the treatment far ahead (+50 pp on six problems), both arms near 0 on the
+    # two hardest (-2.5 pp). The report's Simpson check reads quartiles with the verdict's equivalence margin.
+    from audit.report import simpson_text
+    from audit.stats import contrast_simpson
+    from infra.spec import ContrastSpec
+
+    rows = [r for i in range(6) for r in problem("t", f"easy{i}", 40, 40) + problem("c", f"easy{i}", 40, 20)]
+    rows += [r for i in range(2) for r in problem("t", f"hard{i}", 40, 0) + problem("c", f"hard{i}", 40, 1)]
+    contrast, steps = ContrastSpec(treatment="t", control="c"), {"t": 6, "c": 6}
+    strict = contrast_simpson(rows, contrast, steps)
+    assert strict["flag"] and {s["stratum"]: s["delta"] for s in strict["strata"]}[4] == pytest.approx(-0.025)
+    assert simpson_text("positive", strict).text.startswith("⚠ positive: headline Δ +36.9 pp")
+    tolerant = contrast_simpson(rows, contrast, steps, margin=0.05)
+    assert not tolerant["flag"] and tolerant["headline"] == pytest.approx(strict["headline"])
+    line = simpson_text("positive", tolerant)
+    assert line.text.endswith("no quartile goes against the headline by more than the margin ±5 pp.")
+    assert contrast_simpson(rows, contrast, steps, margin=0.02)["flag"]  # -2.5 pp is beyond a 2 pp margin
+
+
 def test_meta_rates_count_samples_with_blocks_cues_and_confidence():
     rows = (problem("m", "p0", 2, 1, n_blocks=1, categories=["verify"], confidence=0.8)
             + problem("m", "p1", 2, 0, n_blocks=0, categories=[], confidence=None))
