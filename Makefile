@@ -92,7 +92,7 @@ bench-peer: setup ## twinarm's GRPO step vs TRL's GRPOTrainer on identical work 
 	$(BIN)/python -m pip install -q --no-build-isolation -e '.[bench]'
 	$(BIN)/python scripts/bench_peer.py
 
-sensitivity: setup ## positive and placebo controls vs the twin control, 3 seeds (configs/sensitivity.yaml): verdicts, CIs, wall time (~25 min)
+sensitivity: setup ## positive and placebo controls vs the twin control, 3 seeds (configs/sensitivity.yaml): verdicts, CIs, wall time (~36 min on an idle 2-core box)
 	$(BIN)/python scripts/sensitivity.py
 
 faults: setup ## SIGKILL each stage at random points, rerun, compare with an uninterrupted run
