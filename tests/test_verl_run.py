@@ -229,8 +229,9 @@ def test_flow_on_verl_submits_the_rl_stage_and_surfaces_the_jobs_failure_in_one_
     status = {r["stage"]: r["status"] for r in runs}
     assert status == {"base_model": "completed", "data": "completed", "resolve": "completed", "sft": "completed",
                       "twins": "completed", "rl": "failed"}
-    # the RL stage's compute key names its job and working directory
-    work = next((flow_home.root / "runs" / "rl").iterdir())
+    # the RL stage's compute key names its job and working directory (the session's home holds other tests' RL
+    # runs too: this one is the only one that wrote a verl job log)
+    work, = [d for d in (flow_home.root / "runs" / "rl").iterdir() if (d / JOB_LOG).is_file()]
     sid = submission_id(work.name)
     assert "\n" not in msg and msg.startswith(f"Ray job {sid} FAILED: ") and msg.endswith(
         f"(full logs: ray job logs {sid}; once the cause is fixed, ray job delete {sid} and run again: verl resumes "
