@@ -81,7 +81,8 @@ def test_a_value_of_another_type_is_refused_not_coerced(tmp_path, line, key, sho
     assert f"{path}:6" in msg and key in msg and f"(got {shown})" in msg
 
 
-@pytest.mark.parametrize("levels,shown", [("[true]", "True"), ("[1.0]", "1.0"), ("['2']", "'2'"), ("[1, true]", "True")])
+@pytest.mark.parametrize("levels,shown", [("[true]", "True"), ("[1.0]", "1.0"), ("['2']", "'2'"),
+                                          ("[1, true]", "True")])
 def test_world_levels_are_integers_not_values_equal_to_one(tmp_path, levels, shown):
     # Literal[1, 2, 3] matches by equality: true and 1.0 passed as level 1 (and '2' is no level)
     text = GOOD.replace("base:\n", f"base:\n  world:\n    levels: {levels}\n")
