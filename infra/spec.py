@@ -406,7 +406,7 @@ class RLSpec(Strict):
     data: DataSourceSpec = DataSourceSpec()
     val: DataSourceSpec = DataSourceSpec()
     reward: str = Field("vanilla", description="reward signal from the registry: vanilla, pmishift, pmi, gm, cf, "
-                                               "asym_cf, masa")
+                                               "asym_cf (masa is refused: MASA runs as rl.masa.enable)")
     signal: SignalParams = SignalParams()
     heads: HeadsSpec = HeadsSpec()
     adv_norm_std: bool = Field(False, description="divide group-centred advantages by the group std (every arm alike)")
@@ -453,6 +453,12 @@ class RLSpec(Strict):
                              f"{self.mini_batch_size}")
         if self.top_k == 0:
             raise ValueError("top_k: 0 is not a top-k; use -1 for no top-k filtering")
+        if self.reward == "masa":
+            raise ValueError("reward 'masa' scores meta-prediction rollouts in a solution group, and no executor puts "
+                             "any there (every rollout would be skipped: vanilla GRPO under another name); MASA runs "
+                             "as rl.masa.enable: true, which rewards its own meta rollouts, next to any rl.reward")
+        if not self.masa.enable and self.signal.masa != MASAParams():
+            raise ValueError("signal.masa is read only with masa.enable: true (rl.masa's meta rollouts)")
         if not self.filter_groups.enable and self.filter_groups != FilterGroupsSpec():
             raise ValueError("filter_groups.max_num_gen_batches is read only with filter_groups.enable: true")
         if self.filter_groups.enable and self.n < 2:

@@ -217,6 +217,19 @@ def test_masa_efficient_values_that_could_not_act_are_refused(rl, match):
     assert (ok.masa.efficient.start_step, ok.masa.efficient.audit_prompts) == (10, 8)
 
 
+def test_masa_reward_signal_and_its_parameters_without_masa_arms_are_refused(tmp_path):
+    # rl.reward 'masa' skipped every rollout of a GRPO group (no meta-prediction row is ever in one): the arm ran
+    # vanilla GRPO under MASA's name; rl.signal.masa is read only by rl.masa's meta rollouts
+    from infra.spec import RLSpec
+
+    msg = error_of(write(tmp_path, GOOD.replace("{rl.reward: pmishift}", "{rl.reward: masa}")))
+    assert "arms.pmishift.overrides: rl: reward 'masa' scores meta-prediction rollouts" in msg
+    assert "rl.masa.enable: true" in msg
+    with pytest.raises(ValueError, match=r"signal.masa is read only with masa.enable: true"):
+        RLSpec(signal={"masa": {"difficulty_base": 0.5}})
+    assert RLSpec(signal={"masa": {"difficulty_base": 0.5}}, masa={"enable": True}).signal.masa.difficulty_base == 0.5
+
+
 def test_masa_efficient_with_dynamic_sampling_is_refused():
     from infra.spec import RLSpec
 
