@@ -12,6 +12,7 @@ environment's tool loop (evals/tools.py) stops at its marker this way.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
@@ -64,6 +65,41 @@ def finished(tokenizer: "PreTrainedTokenizerFast", row: Iterable[int], stop: lis
     lps = tuple(list(logprobs)[:len(ids)]) if logprobs is not None else None
     return Generation(text=tokenizer.decode(ids, skip_special_tokens=True), token_ids=tuple(ids),
                       truncated=end is None, logprobs=lps)
+
+
+def check_request(prompts: list[str], n: int, temperature: float, top_p: float, top_k: int, max_new_tokens: int,
+                  banned_tokens: list[int] | None, stop_tokens: list[int] | None, vocab_size: int | None = None
+                  ) -> None:
+    """Raises ValueError, naming the argument and what was expected, for a generate() request an engine cannot
+    serve as asked: a prompt that is not a non-empty string (an empty one has no position to continue from); n or
+    max_new_tokens < 1 (nothing would be generated, silently); a temperature that is negative or not finite (read
+    as greedy); top_p outside (0, 1]; top_k < 0 (0 is off here; verl's -1 converts through rl.schedule.hf_top_k);
+    with `vocab_size` (the logits' width), a banned or stop id outside [0, vocab_size) (never matched, silently),
+    or banned ids covering the whole vocabulary (nothing left to sample)."""
+    if not isinstance(prompts, (list, tuple)):
+        raise ValueError(f"prompts: expected a list of rendered prompt strings, got {type(prompts).__name__}")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p:
+            raise ValueError(f"prompts[{i}]: expected a non-empty rendered prompt string, got {p!r}")
+    for name, value in (("n", n), ("max_new_tokens", max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected an integer ≥ 1, got {value!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise ValueError(f"temperature: expected a finite number ≥ 0 (0 = greedy), got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k: expected an integer ≥ 0 (0 = no top-k; verl's -1 converts through "
+                         f"rl.schedule.hf_top_k), got {top_k!r}")
+    for name, ids in (("banned_tokens", banned_tokens), ("stop_tokens", stop_tokens)):
+        bad = [t for t in ids or () if isinstance(t, bool) or not isinstance(t, int) or t < 0
+               or (vocab_size is not None and t >= vocab_size)]
+        if bad:
+            raise ValueError(f"{name}: expected token ids in [0, {vocab_size if vocab_size is not None else 'vocab'})"
+                             f", got {bad[:5]}")
+    if vocab_size is not None and banned_tokens and len(set(banned_tokens)) >= vocab_size:
+        raise ValueError(f"banned_tokens: all {vocab_size} token ids are banned; nothing is left to generate")
 
 
 def seed_for(*parts: Any) -> int:
@@ -125,14 +161,20 @@ class HFEngine:
 
     def __init__(self, model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerFast", device: str = "cpu",
                  precision: str = "fp32", batch_size: int = 256):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected an integer ≥ 1 (sequences per forward pass), got {batch_size!r}")
         self.model, self.tokenizer = model, tokenizer
         self.device, self.precision, self.batch_size = device, precision, batch_size
 
     def generate(self, prompts: list[str], n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, max_new_tokens: int = 128, seed: int = 0, banned_tokens: list[int] | None = None,
                  logprobs: bool = False, stop_tokens: list[int] | None = None) -> list[list[Generation]]:
+        """n generations per rendered prompt (GenerationEngine.generate); raises ValueError for a request
+        check_request refuses (ids checked against the model's vocabulary)."""
         from worlds.model import seeded
 
+        check_request(prompts, n, temperature, top_p, top_k, max_new_tokens, banned_tokens, stop_tokens,
+                      self.model.config.vocab_size)
         tok = self.tokenizer
         stop = sorted(set(stop_ids(tok)) | set(stop_tokens or ()))
         flat = [p for p in prompts for _ in range(n)]

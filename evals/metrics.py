@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import numbers
 from statistics import NormalDist
 from collections import defaultdict
 from dataclasses import dataclass
@@ -426,16 +427,27 @@ def minimum_detectable_delta(grid: PairedGrid, alpha: float = 0.05, power: float
             "problems": n_problems, "samples": grid.samples, **comps, "sampling": sampling, "seed_variance_estimated": n_seeds > 1}
 
 
+def _check_margin(margin: Any, what: str, zero_ok: bool) -> None:
+    """Raises ValueError unless `margin` is None or a real number (not a bool) in [0, 1) (zero_ok) or (0, 1): a
+    difference of accuracies lies in [-1, 1], so a margin of 1 or more, or NaN, decides every comparison alike."""
+    low = "≥ 0" if zero_ok else "> 0"
+    if margin is None:
+        return
+    if isinstance(margin, (bool, np.bool_)) or not isinstance(margin, numbers.Real) or math.isnan(margin):
+        raise ValueError(f"{what} must be a number {low} and < 1 (a fraction of accuracy), got {margin!r}")
+    if margin < 0 or (margin == 0 and not zero_ok) or margin >= 1:
+        raise ValueError(f"{what} must be {low} and < 1 (a fraction of accuracy), got {margin}")
+
+
 def interval_reading(lo: float, hi: float, margin: float | None) -> str:
     """What a CI [lo, hi] of Δ says, never nothing: 'better' (lo > 0), 'worse' (hi < 0), 'equivalent' (the CI
     holds 0 and lies strictly inside (-margin, +margin): two one-sided tests, Schuirmann 1987, J. Pharmacokinet.
     Biopharm. 15(6):657-680, here on the report's (1 - alpha) interval, i.e. at level alpha/2 per side, a
     conservative TOST; Lakens 2017, Soc. Psychol. Personal. Sci. 8(4):355-362), else 'inconclusive' (also when no
-    margin is declared). Raises ValueError when lo > hi or margin <= 0."""
+    margin is declared). Raises ValueError when lo > hi, or for a margin that is not a number in (0, 1)."""
     if lo > hi:
         raise ValueError(f"interval [{lo}, {hi}] has lo > hi")
-    if margin is not None and margin <= 0:
-        raise ValueError(f"equivalence margin must be > 0, got {margin}")
+    _check_margin(margin, "equivalence margin", zero_ok=False)
     if lo > 0:
         return "better"
     if hi < 0:
@@ -464,9 +476,9 @@ def simpson(strata: Sequence[Row], margin: float | None = None) -> Row:
     a stratum within ±margin is equivalent to 0 by the verdict's own reading (TOST), so it reverses nothing.
     kind is 'reversal' when every stratum opposes it (Simpson's paradox proper, possible when the arms' problem
     mixes differ), 'disagreement' when some do (the headline averages strata that go opposite ways), else None.
-    Raises DataError on an empty list or a stratum where an arm has no problem, ValueError on a negative margin."""
-    if margin is not None and margin < 0:
-        raise ValueError(f"Simpson check: margin must be ≥ 0 (a fraction of accuracy), got {margin}")
+    Raises DataError on an empty list or a stratum where an arm has no problem, ValueError for a margin that is
+    not a number in [0, 1) (NaN would silence every stratum, ≥ 1 every possible one)."""
+    _check_margin(margin, "Simpson check: margin", zero_ok=True)
     table = []
     for s in strata:
         if min(s["n_t"], s["n_c"]) <= 0:

@@ -204,9 +204,10 @@ class VLLMEngine:
                  top_k: int = 0, max_new_tokens: int = 128, seed: int = 0, banned_tokens: list[int] | None = None,
                  logprobs: bool = False, stop_tokens: list[int] | None = None) -> list[list["Generation"]]:
         """n generations per rendered prompt (see GenerationEngine); raises EngineError if the engine dies,
-        stalls or refuses the request."""
-        from evals.engine import finished, seed_for, stop_ids
+        stalls or refuses the request; ValueError for a request evals.engine.check_request refuses."""
+        from evals.engine import check_request, finished, seed_for, stop_ids
 
+        check_request(prompts, n, temperature, top_p, top_k, max_new_tokens, banned_tokens, stop_tokens)
         if self.proc.poll() is not None:
             raise self._fail(f"process is not running (exit code {self.proc.returncode})")
         stop = sorted(set(stop_ids(self.tokenizer)) | set(stop_tokens or ()))

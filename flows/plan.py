@@ -121,9 +121,9 @@ def print_plan(spec_file: str, address: str | None, root: str | None, console: A
     from rich.table import Table
 
     from infra.home import home
-    from infra.spec import load_spec
+    from tasks.stages import load_checked_spec
 
-    spec = load_spec(spec_file)
+    spec = load_checked_spec(spec_file)  # `twinarm validate`'s checks: a reward no registry holds is a SpecError
     address = address or spec.base.executor.ray_address or os.environ.get("RAY_ADDRESS") or "http://HEAD:8265"
     if "://" not in address:
         address = "http://HEAD:8265" if address == "auto" else f"http://{address}"

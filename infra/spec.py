@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from infra.errors import SpecError
 from infra.hashing import hash_json
 
 
 class Strict(BaseModel):
-    """Unknown keys are errors; assignment is validated too."""
+    """Unknown keys are errors; assignment is validated too; values are not coerced across types (pydantic strict
+    mode: '60', 1.0 or true for an integer, 'yes' or 1 for a boolean, '0.3' or true for a number are refused, an
+    integer for a number is accepted)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 # ---------------------------------------------------------------- executor / compute
@@ -114,6 +117,14 @@ class ArithWorldSpec(Strict):
     levels: list[Literal[1, 2, 3]] = Field(
         [1, 2, 3], min_length=1, description="the difficulty levels every split draws from, round-robin (held-out "
         "adds its harder band); [1] is the easiest world, which a CI-sized model gets partly right")
+
+    @field_validator("levels", mode="before")
+    @classmethod
+    def _integer_levels(cls, value: Any) -> Any:
+        # Literal[1, 2, 3] matches by equality, so true and 1.0 would pass as level 1 even in strict mode
+        if isinstance(value, list) and (bad := [v for v in value if isinstance(v, bool) or not isinstance(v, int)]):
+            raise ValueError(f"expected integers among 1, 2, 3, got {bad!r}")
+        return value
 
     @model_validator(mode="after")
     def _distinct_levels(self) -> "ArithWorldSpec":
@@ -395,7 +406,7 @@ class RLSpec(Strict):
     data: DataSourceSpec = DataSourceSpec()
     val: DataSourceSpec = DataSourceSpec()
     reward: str = Field("vanilla", description="reward signal from the registry: vanilla, pmishift, pmi, gm, cf, "
-                                               "asym_cf, masa")
+                                               "asym_cf (masa is refused: MASA runs as rl.masa.enable)")
     signal: SignalParams = SignalParams()
     heads: HeadsSpec = HeadsSpec()
     adv_norm_std: bool = Field(False, description="divide group-centred advantages by the group std (every arm alike)")
@@ -442,6 +453,12 @@ class RLSpec(Strict):
                              f"{self.mini_batch_size}")
         if self.top_k == 0:
             raise ValueError("top_k: 0 is not a top-k; use -1 for no top-k filtering")
+        if self.reward == "masa":
+            raise ValueError("reward 'masa' scores meta-prediction rollouts in a solution group, and no executor puts "
+                             "any there (every rollout would be skipped: vanilla GRPO under another name); MASA runs "
+                             "as rl.masa.enable: true, which rewards its own meta rollouts, next to any rl.reward")
+        if not self.masa.enable and self.signal.masa != MASAParams():
+            raise ValueError("signal.masa is read only with masa.enable: true (rl.masa's meta rollouts)")
         if not self.filter_groups.enable and self.filter_groups != FilterGroupsSpec():
             raise ValueError("filter_groups.max_num_gen_batches is read only with filter_groups.enable: true")
         if self.filter_groups.enable and self.n < 2:
@@ -809,6 +826,22 @@ def format_validation_errors(exc: ValidationError, file: str, lines: dict[tuple,
 ENVIRONMENT_KEYS = {"tool"}  # what every arm is generated and measured in: base only, never an arm's override
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: `1e-6` is a number (YAML 1.1, PyYAML's default, reads it as the
+    string '1e-6', which the strict spec would refuse), as it is in 1.0e-6."""
+
+
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
 def load_spec(path: str | Path) -> AblationSpec:
     """Load, validate and check an ablation spec; every arm is resolved once so bad overrides fail here."""
     path = Path(path)
@@ -817,7 +850,7 @@ def load_spec(path: str | Path) -> AblationSpec:
         raise SpecError(f"{file}: spec file not found")
     text = path.read_text()
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader (below)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{file}:{mark.line + 1}" if mark else file

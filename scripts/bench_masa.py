@@ -43,10 +43,17 @@ VAL_KEY = "val/accuracy/pure"
 
 
 def bench_rl(spec_file: str, arm: str, a: argparse.Namespace):
-    """The arm's resolved RLSpec with the bench's sizes (MASA keys only where the arm has MASA on), and its config."""
+    """The arm's resolved RLSpec with the bench's sizes (MASA keys only where the arm has MASA on), and its config.
+    Raises SpecError naming the arm and the option for an arm the spec lacks or sizes the RL spec refuses."""
+    from pydantic import ValidationError
+
+    from infra.errors import SpecError
     from infra.spec import RLSpec, load_spec, resolved_arms
 
-    cfg = resolved_arms(load_spec(spec_file))[arm]
+    arms = resolved_arms(load_spec(spec_file))
+    if arm not in arms:
+        raise SpecError(f"arm '{arm}' (--control / --treatment) is not in {spec_file} (arms: {', '.join(arms)})")
+    cfg = arms[arm]
     d = cfg.rl.model_dump()
     d.update(steps=a.steps, batch_size=a.batch_size, mini_batch_size=a.mini_batch_size, test_freq=a.test_freq,
              save_freq=a.steps)
@@ -54,7 +61,22 @@ def bench_rl(spec_file: str, arm: str, a: argparse.Namespace):
         d["masa"]["efficient"].update(start_step=a.start_step, audit_prompts=a.audit_prompts)
     if d["masa"]["expert"]["enable"]:
         d["masa"]["expert"]["buffer_size"] = a.buffer_size
-    return RLSpec(**d), cfg
+    try:
+        return RLSpec(**d), cfg
+    except ValidationError as exc:
+        problems = []
+        for e in exc.errors():
+            key = ".".join(map(str, e["loc"]))
+            option = OPTIONS.get(str(e["loc"][-1])) if e["loc"] else None
+            problems.append(f"rl{'.' + key if key else ''}{f' ({option})' if option else ''}: "
+                            f"{e['msg'].removeprefix('Value error, ')}")
+        raise SpecError(f"arm '{arm}' with this bench's options: " + "; ".join(problems)) from None
+
+
+# the RL spec keys this bench sets from its options (a refused value names the option)
+OPTIONS = {"steps": "--steps", "save_freq": "--steps", "batch_size": "--batch-size",
+           "mini_batch_size": "--mini-batch-size", "test_freq": "--test-freq", "start_step": "--start-step",
+           "audit_prompts": "--audit-prompts", "buffer_size": "--buffer-size"}
 
 
 def run(a: argparse.Namespace) -> None:
@@ -62,6 +84,7 @@ def run(a: argparse.Namespace) -> None:
     from rl.grpo import train_grpo
     from worlds.model import set_threads
 
+    rls = {arm: bench_rl(a.spec, arm, a) for arm in (a.control, a.treatment)}  # both checked before any run
     init, prompts_path, val_path = a.init, a.prompts, a.val
     if not (init and prompts_path and val_path):
         import os
@@ -88,7 +111,7 @@ def run(a: argparse.Namespace) -> None:
             if done.exists():
                 print(f"{done.name}: done, kept")
                 continue
-            rl, cfg = bench_rl(a.spec, arm, a)
+            rl, cfg = rls[arm]
             set_threads(cfg.executor.compute.cpu_threads)
             t0 = time.time()
             res = train_grpo(Path(init), prompts, val, rl, cfg.grader, cfg.executor.compute, seed,
@@ -266,9 +289,14 @@ def main() -> None:
     p.add_argument("--test-freq", type=int, default=2, help="validate every this many steps")
     p.add_argument("--val-rows", type=int, default=36, help="val problems (spread over the domains)")
     a = p.parse_args()
-    if a.command == "run":
-        run(a)
-    analyse(a)
+    from infra.errors import TwinarmError
+
+    try:
+        if a.command == "run":
+            run(a)
+        analyse(a)
+    except TwinarmError as exc:  # a bad option, spec or home: its message, not a traceback
+        sys.exit(f"error: {exc}")
 
 
 if __name__ == "__main__":

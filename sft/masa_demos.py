@@ -28,7 +28,8 @@ def with_meta_predictions(rows: list[dict[str, Any]], share: float, seed: int, t
     'meta_prediction', no wrong prefix and the row's other metadata. solution_length = the tokens of the row's
     assistant response plus its end-of-turn token (as rollouts count n_tokens).
     Facts: meta_prediction_rows, meta_prediction_candidates, meta_prediction_pass_rates (count per value).
-    Raises DataError when share > 0 and no row can be demonstrated (the key would not act)."""
+    Raises DataError when share > 0 and no row can be demonstrated, or the share rounds to no row (the key would not
+    act)."""
     from worlds import arith
 
     empty = {"meta_prediction_rows": 0, "meta_prediction_candidates": 0, "meta_prediction_pass_rates": {}}
@@ -43,7 +44,12 @@ def with_meta_predictions(rows: list[dict[str, Any]], share: float, seed: int, t
     if not problems:
         raise DataError(f"sft.meta_predictions {share}: none of the {len(rows)} SFT rows is a problem a world can "
                         f"write a meta-prediction demonstration for (arith rows only); set it to 0")
-    chosen = sorted(random.Random(f"masa-demos:{seed}").sample(sorted(problems), round(share * len(problems))))
+    k = round(share * len(problems))
+    if k == 0:
+        n = len(problems)
+        raise DataError(f"sft.meta_predictions {share}: round({share} × {n} demonstrable SFT rows) = 0 "
+                        f"demonstrations (the key would not act); set it to at least 1/{n} = {1 / n:.3g}, or 0")
+    chosen = sorted(random.Random(f"masa-demos:{seed}").sample(sorted(problems), k))
     lengths = tokenizer([rows[i]["messages"][-1]["content"] for i in chosen], add_special_tokens=False)["input_ids"]
     demos: dict[int, dict[str, Any]] = {}
     rates: dict[str, int] = {}

@@ -59,6 +59,19 @@ def _blocks_beside_prefix(row: Row, where: str) -> list[MetaBlock]:
     return blocks
 
 
+def _paired_tags(row: Row, form: str, where: str) -> None:
+    """Raises DataError when the row's response holds a meta tag outside a closed, un-nested block (an unclosed or
+    doubled open tag, a stray close, a nested block): a form rewrites closed blocks only, so such a tag and the
+    text after it would stay as written (a placebo that still carries the row's meta content)."""
+    text = row["messages"][-1]["content"]
+    tags = text.count(META_OPEN) + text.count(META_CLOSE)
+    blocks = len(find_blocks(text, META_OPEN, META_CLOSE))
+    if tags != 2 * blocks:
+        raise DataError(f"{where}: row id {row.get('id')!r}: field 'messages[-1].content': {tags} meta tags make "
+                        f"{blocks} closed block(s); expected every tag in a closed, un-nested block (an unclosed, "
+                        f"doubled or stray tag would keep its text as written under sft.meta_blocks '{form}')")
+
+
 def _with_contents(row: Row, contents: list[str], where: str) -> Row:
     """The row with its response's block contents replaced; the wrong prefix (a prefix of the response) gets the
     same contents for the blocks it holds. Raises DataError for a block that straddles the wrong prefix's end."""
@@ -161,8 +174,12 @@ META_BLOCK_FORMS: dict[str, Callable[[Rows, str, int], tuple[Rows, dict[str, Any
 def meta_block_form(rows: Rows, form: str, where: str = "sft rows", seed: int = 0) -> tuple[Rows, dict[str, Any]]:
     """(rows with their meta blocks in `form`, facts of the transform: form, and e.g. blocks changed). `seed` seeds a
     random form (the arm's seed, so each seed draws its own placebo). Rows keep their order and ids. Raises
-    ValueError for an unknown form; DataError for rows a form cannot handle, naming `where` and the row id."""
+    ValueError for an unknown form; DataError for rows a form cannot handle (a tag outside a closed, un-nested
+    block; a block straddling the wrong prefix's end), naming `where` and the row id."""
     if form not in META_BLOCK_FORMS:
         raise ValueError(f"sft.meta_blocks: unknown form {form!r}; expected one of {', '.join(META_BLOCK_FORMS)}")
+    if form != "as_written":
+        for r in rows:
+            _paired_tags(r, form, where)
     out, facts = META_BLOCK_FORMS[form](rows, where, seed)
     return out, {"meta_blocks": form, **facts}

@@ -43,3 +43,34 @@ def test_t_interval_of_log_ratios():
     lo, hi = bench.t_interval([1.0, math.e])  # logs 0, 1: mean 0.5, sd 1/√2, t(0.975, 1) = 12.706
     h = 12.7062 * (1 / math.sqrt(2)) / math.sqrt(2)
     assert (lo, hi) == pytest.approx((math.exp(0.5 - h), math.exp(0.5 + h)), rel=1e-4)
+
+
+def _options(**kw):
+    import argparse
+
+    base = dict(spec=str(Path(__file__).resolve().parent.parent / "configs" / "masa.yaml"), control="grpo",
+                treatment="masa_efficient", out="unused", home="unused", ablation="masa", init="missing-init",
+                prompts="missing.parquet", val="missing.parquet", seeds=[0], steps=12, batch_size=8,
+                mini_batch_size=4, start_step=4, audit_prompts=4, buffer_size=16, test_freq=2, val_rows=36)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_bench_options_the_rl_spec_refuses_are_spec_errors_naming_the_option():
+    from infra.errors import SpecError
+
+    rl, _ = bench.bench_rl(_options().spec, "masa_efficient", _options())
+    assert (rl.steps, rl.batch_size, rl.masa.efficient.start_step, rl.masa.expert.buffer_size) == (12, 8, 4, 16)
+    with pytest.raises(SpecError, match=r"arm 'grpo' with this bench's options: rl.steps \(--steps\): Input should "
+                                        r"be greater than or equal to 1"):
+        bench.bench_rl(_options().spec, "grpo", _options(steps=0))
+    with pytest.raises(SpecError, match=r"arm 'nope' \(--control / --treatment\) is not in .*masa.yaml \(arms: grpo, "):
+        bench.bench_rl(_options().spec, "nope", _options())
+
+
+def test_bench_run_checks_both_arms_before_it_reads_or_trains_anything():
+    # was: the control arm trained for a seed, then the treatment's RLSpec raised a pydantic traceback
+    from infra.errors import SpecError
+
+    with pytest.raises(SpecError, match=r"arm 'masa_efficient' with this bench's options: rl: "
+                                        r"masa.efficient.start_step 99: .*steps is 5"):
+        bench.run(_options(start_step=99, steps=5))  # the missing init and parquet files are never reached

@@ -228,6 +228,56 @@ def test_banned_tokens_never_sampled(engine, rendered):
 
 # ------------------------------------------------------------------ failure modes
 
+@pytest.mark.parametrize("kw,match", [
+    ({"max_new_tokens": 0}, r"max_new_tokens: expected an integer ≥ 1, got 0"),  # was: empty, 'truncated' rows
+    ({"max_new_tokens": -1}, r"max_new_tokens: expected an integer ≥ 1, got -1"),
+    ({"n": 0}, r"n: expected an integer ≥ 1, got 0"),  # was: no generation for any prompt, silently
+    ({"temperature": -1.0}, r"temperature: expected a finite number ≥ 0"),  # was: greedy, silently
+    ({"temperature": float("nan")}, r"temperature: expected a finite number ≥ 0"),
+    ({"top_p": 0.0}, r"top_p: expected a number in \(0, 1\], got 0.0"),
+    ({"top_p": 1.5}, r"top_p: expected a number in \(0, 1\], got 1.5"),  # was: no top-p, silently
+    ({"top_k": -1}, r"top_k: expected an integer ≥ 0 .*hf_top_k"),  # was: transformers' own ValueError
+    ({"banned_tokens": [10 ** 6, -5]}, r"banned_tokens: expected token ids in \[0, \d+\), got \[1000000, -5\]"),
+    ({"stop_tokens": [10 ** 6]}, r"stop_tokens: expected token ids in \[0, \d+\), got \[1000000\]"),
+])
+def test_a_request_the_engine_cannot_serve_is_a_clear_error(hf, rendered, kw, match):
+    with pytest.raises(ValueError, match=match):
+        hf.generate(rendered[:2], **{"max_new_tokens": 4, **kw})
+
+
+def test_empty_prompts_and_a_fully_banned_vocabulary_are_clear_errors(hf, rendered):
+    # an empty prompt was a torch reshape error alone, and garbage beside a real prompt (an all-padding row)
+    with pytest.raises(ValueError, match=r"prompts\[1\]: expected a non-empty rendered prompt string, got ''"):
+        hf.generate([rendered[0], ""], max_new_tokens=3)
+    vocab = hf.model.config.vocab_size
+    # sampling raised torch's 'probability tensor contains inf'; greedy returned id 0, a banned id
+    for temperature in (0.0, 1.0):
+        with pytest.raises(ValueError, match=rf"banned_tokens: all {vocab} token ids are banned"):
+            hf.generate(rendered[:1], temperature=temperature, max_new_tokens=3, banned_tokens=list(range(vocab)))
+    with pytest.raises(ValueError, match=r"batch_size: expected an integer ≥ 1"):
+        type(hf)(hf.model, hf.tokenizer, batch_size=0)
+
+
+def test_edge_requests_that_are_valid_still_generate(hf, tokenizer, rendered):
+    from evals.engine import stop_ids
+
+    assert hf.generate([], max_new_tokens=4) == []
+    one = hf.generate(rendered[:3], max_new_tokens=1, logprobs=True)
+    assert all(len(g.token_ids) == 1 and len(g.logprobs) == 1 for gs in one for g in gs)
+    # every row stops at its first token (every id a stop id): one id each, none truncated
+    first = hf.generate(rendered[:3], n=2, max_new_tokens=5, stop_tokens=list(range(hf.model.config.vocab_size)))
+    assert all(len(g.token_ids) == 1 and not g.truncated for gs in first for g in gs)
+    # the stop ids banned: no row can stop, each runs to max_new_tokens
+    banned = hf.generate(rendered[:3], max_new_tokens=5, banned_tokens=stop_ids(tokenizer))
+    assert all(len(g.token_ids) == 5 and g.truncated for gs in banned for g in gs)
+    # top_k 1 and a tiny top_p sample the greedy token
+    greedy = [g.token_ids for gs in hf.generate(rendered, max_new_tokens=6) for g in gs]
+    for kw in ({"top_k": 1}, {"top_p": 1e-9}):
+        sampled = hf.generate(rendered, n=2, temperature=1.0, max_new_tokens=6, seed=4, **kw)
+        assert [g.token_ids for gs in sampled for g in gs] == [t for t in greedy for _ in range(2)]
+
+
+
 def test_missing_engine_env_is_a_clear_error(monkeypatch, tmp_path, checkpoint, tokenizer):
     from evals.engines import engine_identity
     from evals.vllm_engine import EngineError, VLLMEngine

@@ -101,6 +101,18 @@ def test_with_meta_predictions_off_and_refused():
         with_meta_predictions(foreign, 0.5, seed=0, tokenizer=CharTokenizer())
 
 
+def test_a_share_that_rounds_to_no_demonstration_is_refused():
+    # 40 demonstrable rows: 0.01 × 40 = 0.4 rounds to 0 (was: no demonstration, facts meta_prediction_rows 0);
+    # 0.0125 × 40 = 0.5 rounds to 0 too (half to even), 0.02 × 40 = 0.8 to one
+    rows = _rows()
+    for share in (0.01, 0.0125):
+        with pytest.raises(DataError, match=rf"sft.meta_predictions {share}: round\({share} × 40 demonstrable SFT "
+                                            r"rows\) = 0 demonstrations .*set it to at least 1/40 = 0.025, or 0"):
+            with_meta_predictions(rows, share, seed=0, tokenizer=CharTokenizer())
+    out, facts = with_meta_predictions(rows, 0.02, seed=0, tokenizer=CharTokenizer())
+    assert facts["meta_prediction_rows"] == 1 and len(out) == len(rows) + 1
+
+
 def test_spec_key_refusal_and_mechanism():
     assert SFTSpec(meta_predictions=0.3).meta_predictions == 0.3
     with pytest.raises(ValueError, match="meta_predictions demonstrations think in a meta block"):

@@ -136,3 +136,19 @@ def test_a_placebo_with_strip_meta_is_refused():
         SFTSpec(meta_blocks="random")
     with pytest.raises(ValueError, match="sft.meta_blocks: unknown form 'random'; expected one of as_written, fixed"):
         meta_block_form(ROWS, "random")
+
+
+@pytest.mark.parametrize("response,tags,blocks", [
+    ("1+1=2|\n<|meta|>check 1+1: 2 <|meta|>ok<|/meta|>\\boxed{2}", 3, 1),  # doubled open: 'check 1+1: 2' kept
+    ("1+1=2|\n<|meta|>check 1+1: 2\n\\boxed{2}", 1, 0),  # never closed
+    ("1+1=2|\ncheck 1+1: 2<|/meta|>\n\\boxed{2}", 1, 0),  # stray close
+    ("1+1=2|\n<|meta|>a <|meta|>b<|/meta|> c<|/meta|>\\boxed{2}", 4, 1),  # nested: 'a  c' kept
+])
+@pytest.mark.parametrize("kind", [k for k in META_BLOCK_FORMS if k != "as_written"])
+def test_a_tag_outside_a_closed_block_is_a_data_error_not_a_leaking_placebo(kind, response, tags, blocks):
+    # a form rewrites closed blocks only: an unpaired tag's text would stay in the placebo as written
+    bad = {**ROWS[4], "messages": [ROWS[4]["messages"][0], {"role": "assistant", "content": response}]}
+    with pytest.raises(DataError, match=rf"sft1: row id 'r4': field 'messages\[-1\]\.content': {tags} meta tags "
+                                        rf"make {blocks} closed block\(s\).*sft.meta_blocks '{kind}'"):
+        meta_block_form([*ROWS, bad], kind, "sft1")
+    assert meta_block_form([bad], "as_written")[0] == [bad]  # the rows as written are not reshaped

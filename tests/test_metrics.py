@@ -429,3 +429,22 @@ def test_regrade_stripped_finds_answers_carried_by_meta_blocks():
     assert n_flips == 1 and flips[0]["sample"] == 0
     assert flips[0]["correct"] is True and flips[0]["correct_stripped"] is False
     assert calls == ["x  done", " so \\boxed{5}"]  # the unchanged response is not regraded
+
+
+@pytest.mark.parametrize("margin", [float("nan"), float("inf"), 1.0, 1.5, True, "0.05", -0.01])
+def test_a_margin_that_would_decide_every_comparison_alike_is_refused(margin):
+    # NaN made `|delta| > margin` false for every stratum (the check never flags) and `-margin < lo` false (never
+    # equivalent); a margin ≥ 1 (or True, read as 1) holds every possible difference of accuracies
+    rows = constructed_rows()
+    with pytest.raises(ValueError, match=r"Simpson check: margin must be (a number )?≥ 0 and < 1"):
+        quartile_simpson(rows, "t", "c", margin=margin)
+    with pytest.raises(ValueError, match=r"equivalence margin must be (a number )?> 0 and < 1"):
+        interval_reading(-0.01, 0.01, margin)
+
+
+def test_a_margin_inside_the_unit_interval_is_read():
+    rows = constructed_rows()
+    assert quartile_simpson(rows, "t", "c", margin=0)["flag"]  # 0: the strict sign rule
+    assert not quartile_simpson(rows, "t", "c", margin=np.float32(0.05))["flag"]  # numpy scalars are numbers
+    assert interval_reading(-0.01, 0.01, np.float64(0.02)) == "equivalent"
+    assert interval_reading(-0.01, 0.01, None) == "inconclusive"

@@ -67,6 +67,42 @@ def test_wrong_type_names_file_key_and_expectation(tmp_path):
     assert f"{path}:4" in msg and "base.rl.lr" in msg and "number" in msg and "'fast'" in msg
 
 
+@pytest.mark.parametrize("line,key,shown", [
+    ("    steps: '60'", "base.rl.steps", "'60'"),  # was 60: a quoted number passed for an integer
+    ("    steps: 60.0", "base.rl.steps", "60.0"),
+    ("    kl_loss: 1", "base.rl.kl_loss", "1"),  # was true
+    ("    kl_loss: 'yes'", "base.rl.kl_loss", "'yes'"),
+    ("    entropy_coeff: '0.3'", "base.rl.entropy_coeff", "'0.3'"),
+    ("    entropy_coeff: true", "base.rl.entropy_coeff", "True"),  # was 1.0
+])
+def test_a_value_of_another_type_is_refused_not_coerced(tmp_path, line, key, shown):
+    path = write(tmp_path, GOOD.replace("    reward: pmishift", f"    reward: pmishift\n{line}"))
+    msg = error_of(path)
+    assert f"{path}:6" in msg and key in msg and f"(got {shown})" in msg
+
+
+@pytest.mark.parametrize("levels,shown", [("[true]", "True"), ("[1.0]", "1.0"), ("['2']", "'2'"),
+                                          ("[1, true]", "True")])
+def test_world_levels_are_integers_not_values_equal_to_one(tmp_path, levels, shown):
+    # Literal[1, 2, 3] matches by equality: true and 1.0 passed as level 1 (and '2' is no level)
+    text = GOOD.replace("base:\n", f"base:\n  world:\n    levels: {levels}\n")
+    msg = error_of(write(tmp_path, text))
+    assert "base.world.levels" in msg and "expected integers among 1, 2, 3" in msg and shown in msg
+    arm = GOOD.replace("rl.reward: pmishift}", f"rl.reward: pmishift, world.levels: {levels}}}")
+    assert "arms.pmishift.overrides: world.levels" in error_of(write(tmp_path, arm))
+    assert load_spec(write(tmp_path, text.replace(levels, "[2, 1]"))).base.world.levels == [2, 1]
+
+
+def test_exponent_floats_without_a_point_are_numbers(tmp_path):
+    # YAML 1.1 (PyYAML's default) reads 1e-6 as a string; the spec reads it as YAML 1.2 does
+    text = GOOD.replace("lr: 2.0e-5", "lr: 2e-5\n    entropy_coeff: 1E-3\n    kl_coef: +1e-2\n    kl_loss: true")
+    text = text.replace("rl.reward: vanilla}", "rl.reward: vanilla, rl.lr: 3e-6}")
+    spec = load_spec(write(tmp_path, text))
+    rl = spec.base.rl
+    assert (rl.lr, rl.entropy_coeff, rl.kl_coef) == (2e-5, 1e-3, 1e-2)
+    assert resolve_arm(spec, "control").rl.lr == 3e-6 and isinstance(resolve_arm(spec, "control").rl.lr, float)
+
+
 def test_override_of_missing_key_is_refused(tmp_path):
     path = write(tmp_path, GOOD.replace("rl.reward: vanilla}", "rl.rewrd: vanilla}"))
     msg = error_of(path)
@@ -179,6 +215,19 @@ def test_masa_efficient_values_that_could_not_act_are_refused(rl, match):
     ok = RLSpec(steps=11, batch_size=8, masa={"enable": True, "efficient": {"gate": True, "start_step": 10,
                                                                             "audit_prompts": 8}})
     assert (ok.masa.efficient.start_step, ok.masa.efficient.audit_prompts) == (10, 8)
+
+
+def test_masa_reward_signal_and_its_parameters_without_masa_arms_are_refused(tmp_path):
+    # rl.reward 'masa' skipped every rollout of a GRPO group (no meta-prediction row is ever in one): the arm ran
+    # vanilla GRPO under MASA's name; rl.signal.masa is read only by rl.masa's meta rollouts
+    from infra.spec import RLSpec
+
+    msg = error_of(write(tmp_path, GOOD.replace("{rl.reward: pmishift}", "{rl.reward: masa}")))
+    assert "arms.pmishift.overrides: rl: reward 'masa' scores meta-prediction rollouts" in msg
+    assert "rl.masa.enable: true" in msg
+    with pytest.raises(ValueError, match=r"signal.masa is read only with masa.enable: true"):
+        RLSpec(signal={"masa": {"difficulty_base": 0.5}})
+    assert RLSpec(signal={"masa": {"difficulty_base": 0.5}}, masa={"enable": True}).signal.masa.difficulty_base == 0.5
 
 
 def test_masa_efficient_with_dynamic_sampling_is_refused():

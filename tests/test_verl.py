@@ -154,6 +154,25 @@ def test_plan_command(qwen, home):
     assert res.output.count("equals the declared diff") == 2
 
 
+def test_plan_refuses_what_validate_refuses(home, tmp_path):
+    # an unregistered rl.reward was a bare KeyError from the signal registry (traceback saved), not the spec error
+    # naming the file, the line and the arm that `twinarm validate` gives
+    import yaml
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    doc = yaml.safe_load(open(QWEN))
+    doc["arms"]["pmishift"]["overrides"]["rl.reward"] = "pmishfit"
+    bad = tmp_path / "typo.yaml"
+    bad.write_text(yaml.safe_dump(doc, sort_keys=False))
+    res = CliRunner().invoke(app, ["plan", str(bad)], env={"COLUMNS": "250"})
+    assert res.exit_code == 2, res.output
+    assert "KeyError" not in res.output and "traceback" not in res.output
+    assert f"{bad}:" in res.output and "arm pmishift: rl.reward 'pmishfit' is not a registered reward signal" \
+        in " ".join(res.output.split())
+
+
 # ---------------------------------------------------------------- data layout
 
 
