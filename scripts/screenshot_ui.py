@@ -8,8 +8,8 @@ asks the Prefect API for the deployment named 'ablation', loads its "custom run"
 the form is rendered, checks the DOM holds the form's fields (spec_file, overrides), and saves the screenshot.
 
 Flow run (--flow-run HOME): copies HOME's Prefect database (a home where `twinarm run` or `make demo` finished;
-HOME itself is not touched) into a scratch home, starts `twinarm ui` on it, picks the latest Completed ablation
-flow run and saves two pages: the run (prefect-flow-run.png: the timeline of task runs named stage/arm/seed and
+HOME itself is not touched) into a scratch home, starts `twinarm ui` on it, picks the newest Completed ablation
+flow run that computed a stage and saves two pages: the run (prefect-flow-run.png: the timeline of task runs named stage/arm/seed and
 the run's logs with twinarm's stage lines) and its markdown artifact (prefect-flow-run-artifact.png: verdict,
 ledger counts, stage table, links). The API is asked first for task runs named stage/arm/seed and an artifact;
 each page's DOM is checked for what the screenshot is meant to show.
@@ -64,15 +64,19 @@ def find_deployment(port: int, name: str, timeout_s: float) -> dict:
                  timeout_s, f"no deployment named '{name}' appeared on the Prefect API at port {port}")
 
 
-def latest_completed_run(port: int, timeout_s: float) -> dict:
-    """The newest Completed flow run of the ablation flow on the Prefect API at `port`."""
-    def fetch() -> dict | None:
+def completed_runs(port: int, timeout_s: float) -> list[dict]:
+    """The Completed flow runs of the ablation flow on the Prefect API at `port`, newest first (at least one)."""
+    def fetch() -> list[dict] | None:
         runs = _api(port, "/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}},
                                                 "sort": "START_TIME_DESC", "limit": 20})
         flows = {f["id"]: f["name"] for f in _api(port, "/flows/filter", {})}
-        return next((r for r in runs if flows.get(r["flow_id"]) == ABLATION_FLOW), None)
+        return [r for r in runs if flows.get(r["flow_id"]) == ABLATION_FLOW] or None
 
     return _poll(fetch, timeout_s, f"no Completed '{ABLATION_FLOW}' flow run on the Prefect API at port {port}")
+
+
+def _logs(port: int, run: dict) -> list[dict]:
+    return _api(port, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200})
 
 
 def shoot(url: str, png: Path, expect: list[str]) -> None:
@@ -90,7 +94,9 @@ def shoot(url: str, png: Path, expect: list[str]) -> None:
 
 
 def flow_run_pages(port: int, out: Path) -> None:
-    run = latest_completed_run(port, 180)
+    # the newest run that computed a stage (a fully cached rerun after it has only 'cached' lines)
+    runs = completed_runs(port, 180)
+    run = next((r for r in runs if any("] computed" in e["message"] for e in _logs(port, r))), runs[0])
     tasks = _api(port, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}, "limit": 200})
     named = sorted({t["name"] for t in tasks if t["name"].count("/") == 2})  # stage/arm/seed
     if not named:
@@ -98,13 +104,16 @@ def flow_run_pages(port: int, out: Path) -> None:
     artifacts = _api(port, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
     if not any(a.get("type") == "markdown" for a in artifacts):
         sys.exit(f"flow run {run['name']}: no markdown artifact")
-    logs = _api(port, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200})
+    logs = _logs(port, run)
     stage_lines = [entry["message"] for entry in logs if "] computed" in entry["message"]]
     if not stage_lines:
         sys.exit(f"flow run {run['name']}: its logs hold no stage summary line ({len(logs)} log records)")
+    # progress lines (Ray-placed stages' too) are logged under their own stage's task run
+    progress = [e for e in logs if e.get("task_run_id") and " 100% " in e["message"]]
     print(f"flow run {run['name']} ({run['id']}): {len(tasks)} task runs, {len(named)} named stage/arm/seed "
           f"(e.g. {', '.join(named[:3])}), {len(logs)} log records (e.g. {stage_lines[0]!r}), "
-          f"{len(artifacts)} artifact(s)")
+          f"{len(progress)} finished progress lines under a task run (e.g. "
+          f"{progress[0]['message'] if progress else None!r}), {len(artifacts)} artifact(s)")
     # the UI opens a run on its Logs tab (a ?tab= query is not honoured on first load), under the timeline,
     # which draws the task runs with their names on a canvas; the run's artifact has its own page
     shoot(f"http://127.0.0.1:{port}/runs/flow-run/{run['id']}", out / "prefect-flow-run.png",
