@@ -328,3 +328,36 @@ def test_progress_of_a_ray_placed_body_reaches_its_task_runs_logs_on_twinarm_run
     assert [r["task_run_id"] for r in in_run] == [target["task_run_id"]], out["logs"]
     terminal = res.stdout + res.stderr
     assert terminal.count(line) == 1 + res.stdout.count(line), terminal  # once on the terminal (+ the JSON above)
+
+
+def test_a_sigkilled_run_does_not_leave_its_temporary_server_running(tmp_path):
+    """`twinarm run` killed by SIGKILL cannot stop its temporary Prefect server itself: the server gets SIGTERM from
+    the kernel when its parent dies (flows.ui.spawn), so its API stops answering. Before, every SIGKILLed run (the
+    SIGKILL-resume test's among them) left one running for good."""
+    import os
+    import urllib.request
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(TWINARM_HOME=str(tmp_path / "home"), PYTHONPATH=str(REPO), CI="1")
+    script = ("import os, sys, time\nfrom flows.ui import run_server\nwith run_server():\n"
+              "    print(os.environ['PREFECT_API_URL'], flush=True)\n    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        api = proc.stdout.readline().strip()
+        assert api.startswith("http://127.0.0.1:"), api
+        assert urllib.request.urlopen(f"{api}/health", timeout=10).status == 200
+    finally:
+        proc.kill()
+        proc.wait()
+
+    def answers() -> bool:
+        try:
+            urllib.request.urlopen(f"{api}/health", timeout=2)
+            return True
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 30
+    while answers() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not answers(), f"the temporary server at {api} outlived its SIGKILLed parent"
