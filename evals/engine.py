@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Protocol
 from infra.hashing import hash_json
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 
@@ -153,9 +154,9 @@ class HFEngine:
     so each decoding step costs what the rows still generating cost. HF `generate` keeps every row to the end
     (it has no such option), so the batch's longest response set the price of all of them: on a demo SFT model's
     RL batch (16 prompts × 8, ~62 tokens mean, longest 132–151, bf16, 1 thread) this loop took 3.0 s of CPU where
-    `generate` took 8.1 s (medians of 3, `scripts/bench_engines.py --decode DIR`). The rules are `generate`'s: fp32 logits of the last position,
-    then banned tokens, temperature, top-k, top-p (HF's own processors, in `generate`'s order), then a multinomial
-    draw (argmax when greedy). Greedy output equals vLLM's in fp32 (tests/test_engine_contract.py); sampled
+    `generate` took 8.1 s (medians of 3, `scripts/bench_engines.py --decode DIR`). The rules are `generate`'s:
+    fp32 logits of the last position, then banned tokens, temperature, top-k, top-p (HF's own processors, in
+    `generate`'s order), then a multinomial draw (argmax when greedy). Greedy output equals vLLM's in fp32 (tests/test_engine_contract.py); sampled
     output is a different draw from the same distribution than `generate` would make.
     """
 

@@ -95,8 +95,10 @@ def shoot(url: str, png: Path, expect: list[str]) -> None:
 
 def flow_run_pages(port: int, out: Path) -> None:
     # the newest run that computed a stage (a fully cached rerun after it has only 'cached' lines)
-    runs = completed_runs(port, 180)
-    run = next((r for r in runs if any("] computed" in e["message"] for e in _logs(port, r))), runs[0])
+    for run in completed_runs(port, 180):  # newest first; falls through to the oldest, checked below
+        logs = _logs(port, run)
+        if any("] computed" in e["message"] for e in logs):
+            break
     tasks = _api(port, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}, "limit": 200})
     named = sorted({t["name"] for t in tasks if t["name"].count("/") == 2})  # stage/arm/seed
     if not named:
@@ -104,7 +106,6 @@ def flow_run_pages(port: int, out: Path) -> None:
     artifacts = _api(port, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
     if not any(a.get("type") == "markdown" for a in artifacts):
         sys.exit(f"flow run {run['name']}: no markdown artifact")
-    logs = _logs(port, run)
     stage_lines = [entry["message"] for entry in logs if "] computed" in entry["message"]]
     if not stage_lines:
         sys.exit(f"flow run {run['name']}: its logs hold no stage summary line ({len(logs)} log records)")
