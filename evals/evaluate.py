@@ -167,12 +167,13 @@ def checkpoint_entries(inputs: dict[str, tuple[str, Path]]) -> list[Entry]:
 
 
 def evaluate_checkpoints(entries: list[Entry], suites: dict[str, list[dict[str, Any]]], protocol: Protocol,
-                         results_dir: Path, grader: Any, device: str, precision: str
+                         results_dir: Path, grader: Any, device: str, precision: str, processes: int = 1
                          ) -> tuple[list[dict[str, Any]], list[Entry], dict[str, Any]]:
     """Every entry's rows under `protocol` (one row per problem × sample, labelled arm/seed/step), evaluating only
-    those without a stored result under `results_dir`; returns (rows, entries evaluated now, engine facts)."""
+    those without a stored result under `results_dir`, up to `processes` checkpoints at a time (ResultStore.evaluate);
+    returns (rows, entries evaluated now, engine facts)."""
     store = ResultStore(results_dir, protocol)
-    done = store.evaluate(entries, suites, grader, device, precision)
+    done = store.evaluate(entries, suites, grader, device, precision, processes)
     return store.rows(entries), done, store.engine_facts
 
 
@@ -207,22 +208,113 @@ class ResultStore:
         return [e for e in entries if not self.path(e.checkpoint_id).is_file()]
 
     def evaluate(self, entries: list[Entry], suites: dict[str, list[dict[str, Any]]], grader: Any, device: str,
-                 precision: str) -> list[Entry]:
-        """Evaluate the entries without a stored result (each stored atomically as soon as it is done)."""
+                 precision: str, processes: int = 1) -> list[Entry]:
+        """Evaluate the entries without a stored result (each stored atomically as soon as it is done).
+
+        With `processes` > 1 the checkpoints are dealt round-robin to that many processes (this one and children
+        `python -m evals.evaluate`, which die with it), each with this process's torch thread count. A checkpoint's
+        rows do not depend on where it ran: its sampling is seeded from the protocol and it loads alone. Raises
+        TwinarmError naming a child's log when a child fails (checkpoints stored before that are kept)."""
         from infra.progress import progress
 
         todo = self.missing(entries)
-        with progress("checkpoints evaluated", len(todo)) as bar:
-            for entry in todo:
-                t0 = time.perf_counter()
-                rows, facts = evaluate_model(entry.model_dir, suites, self.protocol, grader, device, precision)
-                write_parquet(rows, self.path(entry.checkpoint_id))
-                self.engine_facts = {**facts, "evaluated_now": self.engine_facts["evaluated_now"] + 1}
-                bar.advance(checkpoint=f"{entry.arm}@{entry.step}",
-                            samples_per_s=len(rows) / (time.perf_counter() - t0))
+        shares = [todo[i::processes] for i in range(min(processes, len(todo)))] or [[]]
+        with progress("checkpoints evaluated", len(todo)) as bar, _Children(self, shares[1:], suites, grader, device,
+                                                                            precision) as children:
+            for entry in shares[0]:
+                self.evaluate_one(entry, suites, grader, device, precision, bar)
+            for share in children.wait():
+                for entry in share:
+                    bar.advance(checkpoint=f"{entry.arm}@{entry.step}")
+                self.engine_facts["evaluated_now"] += len(share)
         return todo
+
+    def evaluate_one(self, entry: Entry, suites: dict[str, list[dict[str, Any]]], grader: Any, device: str,
+                     precision: str, bar: Any = None) -> None:
+        """Evaluate one checkpoint and store its rows."""
+        t0 = time.perf_counter()
+        rows, facts = evaluate_model(entry.model_dir, suites, self.protocol, grader, device, precision)
+        write_parquet(rows, self.path(entry.checkpoint_id))
+        self.engine_facts = {**facts, "evaluated_now": self.engine_facts["evaluated_now"] + 1}
+        if bar is not None:
+            bar.advance(checkpoint=f"{entry.arm}@{entry.step}", samples_per_s=len(rows) / (time.perf_counter() - t0))
 
     def rows(self, entries: list[Entry]) -> list[dict[str, Any]]:
         """Stored rows of the entries, labelled with arm, seed and step."""
         return [{"arm": e.arm, "seed": e.seed, "step": e.step, **r} for e in entries
                 for r in read_parquet(self.path(e.checkpoint_id))]
+
+
+class _Children:
+    """Child processes evaluating shares of a ResultStore's checkpoints (context manager: started on entry,
+    killed on exit if still running). wait() yields each share once its child succeeded."""
+
+    def __init__(self, store: ResultStore, shares: list[list[Entry]], suites: dict[str, list[dict[str, Any]]],
+                 grader: Any, device: str, precision: str):
+        self.store, self.shares = store, shares
+        self.job = {"results_dir": store.dir.parent, "protocol": store.protocol, "suites": suites,
+                    "grader": grader.cfg, "device": device, "precision": precision}
+        self.procs: list[Any] = []
+        self.tmp: str | None = None
+
+    def __enter__(self) -> "_Children":
+        if not self.shares:
+            return self
+        import pickle
+        import sys
+        import tempfile
+
+        import torch
+
+        from infra.procs import spawn
+
+        self.tmp = tempfile.mkdtemp(prefix="twinarm-heldout-")
+        for i, share in enumerate(self.shares, start=1):
+            job = Path(self.tmp) / f"share-{i}.pkl"
+            job.write_bytes(pickle.dumps({**self.job, "entries": share, "threads": torch.get_num_threads()}))
+            self.procs.append(spawn([sys.executable, "-m", "evals.evaluate", str(job)], env=None,
+                                    log=Path(self.tmp) / f"share-{i}.log"))
+        return self
+
+    def wait(self) -> Any:
+        from infra.errors import TwinarmError
+
+        for i, (proc, share) in enumerate(zip(self.procs, self.shares), start=1):
+            if proc.wait() != 0:
+                log = Path(self.tmp or "") / f"share-{i}.log"
+                tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.is_file() else []
+                raise TwinarmError(f"held-out: the process evaluating {', '.join(f'{e.arm}@{e.step}' for e in share)} "
+                                   f"exited with code {proc.returncode}: {' '.join(tail) or 'no output'} (checkpoints "
+                                   f"stored so far are kept; run again to evaluate the rest)")
+            yield share
+
+    def __exit__(self, *exc: Any) -> None:
+        import shutil
+
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if self.tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def evaluate_share(job: dict[str, Any]) -> None:
+    """A child's part of ResultStore.evaluate: its checkpoints, stored one by one."""
+    from rewards.grader import get_grader
+    from worlds.model import set_threads
+
+    set_threads(job["threads"])
+    store = ResultStore(job["results_dir"], job["protocol"])
+    grader = get_grader(job["grader"])
+    for entry in job["entries"]:
+        store.evaluate_one(entry, job["suites"], grader, job["device"], job["precision"])
+
+
+if __name__ == "__main__":
+    import pickle
+    import sys
+
+    from evals.evaluate import evaluate_share as _share  # the module's own classes, not __main__'s copies
+
+    _share(pickle.loads(Path(sys.argv[1]).read_bytes()))

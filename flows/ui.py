@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 from infra.errors import TwinarmError
 from infra.home import Home, configure_environment
+from infra.procs import spawn
 from infra.tracking import tracking_uri
 
 STOP_GRACE_S = 20
@@ -58,28 +59,6 @@ def prefect_env(home: Home, port: int) -> dict[str, str]:
     api = f"http://127.0.0.1:{port}/api"
     return {**os.environ, "PREFECT_API_URL": api, "PREFECT_UI_API_URL": api, "PREFECT_SERVER_ANALYTICS_ENABLED":
             "false", "PREFECT_UI_STATIC_DIRECTORY": str(home.prefect / "ui-build")}
-
-
-# Linux: the child asks the kernel for SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG, kept across execve),
-# then becomes the real command. A parent killed by SIGKILL cannot stop its children itself: without this, a
-# SIGKILLed `twinarm run` left its temporary Prefect server running for good. Done in a fresh one-thread
-# interpreter, not in Popen's preexec_fn, which is unsafe in a process with threads. The parent check closes the
-# race of a parent that died before the prctl.
-_DIE_WITH_PARENT = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
-                    "os.getppid() == int(sys.argv[1]) or sys.exit(0); os.execvp(sys.argv[2], sys.argv[2:])")
-
-
-def spawn(args: list[str], env: dict[str, str], log: Path | None = None) -> subprocess.Popen:
-    """A child in its own process group (stop() ends it with everything it started) that gets SIGTERM when this
-    process dies, however it dies (Linux; elsewhere only stop() ends it)."""
-    if sys.platform == "linux":
-        args = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *args]
-    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child holds it; closed on exit
-    try:
-        return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    finally:
-        if log:
-            out.close()
 
 
 def start_prefect(home: Home, port: int, env: dict[str, str]) -> subprocess.Popen:

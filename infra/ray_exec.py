@@ -82,16 +82,21 @@ def in_run_log(target: RunLog | None, fn: Callable[..., T], *args: Any, **kwargs
         return fn(*args, **kwargs)
 
 
-def call(fn: Callable[..., T], *args: Any, executor: ExecutorSpec, **kwargs: Any) -> T:
+def call(fn: Callable[..., T], *args: Any, executor: ExecutorSpec, processes: int = 1, **kwargs: Any) -> T:
     """fn(*args, **kwargs) inline, or as a Ray task with the spec's resources whose progress lines go to the
-    logs of the calling Prefect task (or flow) run; errors surface unchanged."""
+    logs of the calling Prefect task (or flow) run; errors surface unchanged. A body that starts `processes`
+    processes (a shared stage's compute.shared_cpu_processes) reserves cpus_per_arm for each, at most every CPU
+    of the cluster (more could never be scheduled)."""
     if not executor.use_ray:
         return fn(*args, **kwargs)
     import ray
     from ray.exceptions import RayTaskError
 
     ensure_ray(executor)
-    remote = ray.remote(num_cpus=executor.cpus_per_arm, num_gpus=executor.gpus_per_arm, max_retries=0)(in_run_log)
+    cpus = executor.cpus_per_arm * processes
+    if processes > 1:
+        cpus = min(cpus, ray.cluster_resources().get("CPU", cpus))
+    remote = ray.remote(num_cpus=cpus, num_gpus=executor.gpus_per_arm, max_retries=0)(in_run_log)
     try:
         # named after fn: Ray prefixes the worker's lines on the terminal with the task name
         return ray.get(remote.options(name=getattr(fn, "__name__", "call")).remote(current_run_log(), fn, *args,

@@ -54,6 +54,12 @@ class ComputeSpec(Strict):
         None, ge=1, description="torch threads of the stages run once for every arm (base model, held-out), which "
                                 "run alone, so they may use every core; None = cpu_threads. A numerics key too: "
                                 "each stage's compute key holds the one count it runs with (stage_compute)")
+    shared_cpu_processes: int = Field(
+        1, ge=1, description="processes the stages run once for every arm split their work over, each with "
+                             "shared_cpu_threads threads: the toy base model trains data-parallel on this many "
+                             "ranks (sft.ranks; a numerics key: fp32 gradient sums in another order), the held-out "
+                             "job evaluates this many checkpoints side by side (results identical). Per-arm stages "
+                             "never see it")
 
 
 class ExecutorSpec(Strict):
@@ -993,10 +999,12 @@ def stage_compute(compute: dict[str, Any], shared: bool) -> dict[str, Any]:
     """The executor.compute section as one stage sees it: `cpu_threads` is the count that stage runs with
     (shared_cpu_threads for a shared stage when set, else cpu_threads) and shared_cpu_threads is dropped, so a
     stage's compute key holds exactly its own thread count: the base model's changes with shared_cpu_threads, the
-    per-arm stages' do not."""
-    out = {k: v for k, v in compute.items() if k != "shared_cpu_threads"}
+    per-arm stages' do not. Likewise shared_cpu_processes is kept for a shared stage only, and only when > 1."""
+    out = {k: v for k, v in compute.items() if k not in ("shared_cpu_threads", "shared_cpu_processes")}
     if shared and compute.get("shared_cpu_threads") is not None:
         out["cpu_threads"] = compute["shared_cpu_threads"]
+    if shared and compute.get("shared_cpu_processes", 1) > 1:  # absent at 1, so keys made before it stay valid
+        out["shared_cpu_processes"] = compute["shared_cpu_processes"]
     return out
 
 

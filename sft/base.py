@@ -40,14 +40,15 @@ def val_accuracy(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerFast",
 def train_base_model(base_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]], corpus: list[str],
                      toy: "ToyModelSpec", training: "BaseTrainingSpec", compute: "ComputeSpec",
                      grader_cfg: "GraderSpec", out_dir: Path, threads: int | None = None,
-                     max_new_tokens: int = 160) -> dict[str, Any]:
+                     max_new_tokens: int = 160, ranks: int = 1) -> dict[str, Any]:
     """Train the shared base model; return its metrics and save model + tokenizer to `out_dir/model`.
 
     base_rows: SFT rows without meta blocks (worlds.arith 'base' split); val_rows: prompt rows; corpus: the
     texts the tokenizer learns from (worlds.arith.world_texts). Greedy val accuracy is measured every
     `training.eval_every` steps and at the end; training stops as complete once it reaches
     `training.target_val_accuracy` or at `training.max_steps` (the cosine schedule's length); never on a wall-clock
-    budget, so the same spec gives the same model on any machine. Calling it again on the same
+    budget, so the same spec gives the same model on any machine. `ranks` > 1 trains data-parallel on that many
+    processes of `threads` threads each (sft.ranks; val is measured by this process). Calling it again on the same
     out_dir resumes (same tokenizer, latest checkpoint) and a finished run returns its saved metrics.
     Returns {val_accuracy, val_accuracy_by_domain, evals, params, vocab_size, steps, stopped, train_seconds,
     tokenizer_seconds, seconds, precision, device, model_dir}.
@@ -97,7 +98,7 @@ def train_base_model(base_rows: list[dict[str, Any]], val_rows: list[dict[str, A
         return evaluate(record["step"], record["seconds"])["accuracy"] >= training.target_val_accuracy
 
     run = train_lm(model, tokenizer, base_rows, config, out_dir / "train", training.seed, compute, on_step,
-                   where="base rows")
+                   where="base rows", ranks=ranks)
     if not evals or evals[-1]["step"] != run["steps"]:
         evaluate(run["steps"], run["seconds"])
     with atomic_path(out_dir / "model") as tmp:
@@ -107,7 +108,7 @@ def train_base_model(base_rows: list[dict[str, Any]], val_rows: list[dict[str, A
     metrics = {"val_accuracy": final["accuracy"], "val_accuracy_by_domain": final["by_domain"], "evals": evals,
                "params": n_params(model), "vocab_size": len(tokenizer), "steps": run["steps"],
                "stopped": "target" if run["stopped"] == "callback" else run["stopped"],
-               "train_seconds": run["seconds"],
+               "train_seconds": run["seconds"], "ranks": ranks,
                "tokenizer_seconds": round(tokenizer_seconds, 3),
                "seconds": round(time.perf_counter() - t_start, 3), "precision": precision, "device": device,
                "model_dir": str(out_dir / "model")}

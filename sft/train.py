@@ -116,6 +116,40 @@ def lm_loss(model: "PreTrainedModel", ids: "torch.Tensor", labels: "torch.Tensor
     return loss / max(n, 1), n
 
 
+def step_parts(encoded: list[tuple[list[int], list[int]]], step: int, batch_size: int, seed: int
+               ) -> tuple[list[list[tuple[list[int], list[int]]]], int]:
+    """Optimizer step `step`'s batch as length-sorted micro-batches, and its trained-token count (the loss
+    weights' denominator)."""
+    batch = [encoded[i] for i in batch_indices(step, len(encoded), batch_size, seed)]
+    return micro_batches(batch), sum(sum(t != IGNORE for t in labels[1:]) for _, labels in batch)
+
+
+def accumulate(model: "PreTrainedModel", parts: list[list[tuple[list[int], list[int]]]], pad: int, n_tokens: int,
+               device: str, precision: str) -> float:
+    """Forward and backward over micro-batches, each loss weighted by its share of the batch's `n_tokens` trained
+    tokens, so the accumulated .grad is the batch's token-mean gradient; returns the summed token loss."""
+    from worlds.model import autocast
+
+    loss_sum = 0.0
+    for part in parts:
+        ids, labels, mask = _collate(part, pad)
+        with autocast(device, precision):
+            loss, n = lm_loss(model, ids.to(device), labels.to(device), mask.to(device))
+        (loss * (n / max(n_tokens, 1))).backward()
+        loss_sum += loss.item() * n
+    return loss_sum
+
+
+def follower_job(model: "PreTrainedModel", encoded: list[tuple[list[int], list[int]]], config: TrainConfig,
+                 seed: int, pad: int, device: str, precision: str) -> dict[str, Any]:
+    """What a data-parallel follower (sft.ranks.follow) needs to rebuild the model and every step's batch."""
+    import torch
+
+    return {"model_class": type(model), "model_config": model.config, "encoded": encoded,
+            "batch_size": config.batch_size, "seed": seed, "pad": pad, "device": device, "precision": precision,
+            "threads": torch.get_num_threads()}
+
+
 def _optimizer(model: "PreTrainedModel", config: TrainConfig) -> "torch.optim.Optimizer":
     import torch
 
@@ -126,9 +160,12 @@ def _optimizer(model: "PreTrainedModel", config: TrainConfig) -> "torch.optim.Op
                              lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-def _fingerprint(config: TrainConfig, seed: int, encoded: list[tuple[list[int], list[int]]]) -> str:
-    """What a checkpoint must match to be resumed: config, seed, and every row's ids and labels."""
-    digest = hashlib.sha256(canonical_json({"config": asdict(config), "seed": seed}).encode())
+def _fingerprint(config: TrainConfig, seed: int, encoded: list[tuple[list[int], list[int]]], ranks: int = 1
+                 ) -> str:
+    """What a checkpoint must match to be resumed: config, seed, rank count (when > 1) and every row's ids and
+    labels."""
+    head = {"config": asdict(config), "seed": seed, **({"ranks": ranks} if ranks > 1 else {})}
+    digest = hashlib.sha256(canonical_json(head).encode())
     for ids, labels in encoded:
         digest.update(array("q", ids).tobytes() + b"|" + array("q", labels).tobytes() + b"\n")
     return digest.hexdigest()[:16]
@@ -136,28 +173,31 @@ def _fingerprint(config: TrainConfig, seed: int, encoded: list[tuple[list[int], 
 
 def train_lm(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerFast", rows: list[dict[str, Any]],
              config: TrainConfig, out_dir: Path, seed: int, compute: "ComputeSpec",
-             on_step: Callable[[dict[str, Any]], bool | None] | None = None, where: str = "rows"
-             ) -> dict[str, Any]:
+             on_step: Callable[[dict[str, Any]], bool | None] | None = None, where: str = "rows",
+             ranks: int = 1) -> dict[str, Any]:
     """Train `model` in place on SFT rows (the SFT-row contract of `sft.twins.validate_rows`) and return the run's metrics.
 
     Checkpoints (HF weights + optimizer + RNG + state) go to `out_dir/checkpoints/step-N`, written atomically
     every `config.checkpoint_every` steps and at the end. Called again on the same out_dir it resumes from the
     latest complete checkpoint (a finished run returns at once); a checkpoint of a different run (rows, config
     or seed) is an error. `on_step(record)` runs after every step (record: step, lr, tokens, loss, seconds);
-    returning True ends the run early as complete. Returns {steps, stopped, seconds, tokens, final_loss,
-    history, device, precision, resumed_from}.
+    returning True ends the run early as complete. `ranks` > 1 trains data-parallel on that many processes of
+    this process's torch thread count (sft.ranks; this process is rank 0; numerics differ from one rank in
+    low-order bits, so a run's checkpoints resume only with the same count). Returns {steps, stopped, seconds,
+    tokens, final_loss, history, device, precision, resumed_from, ranks}.
     """
     import torch
 
+    from sft.ranks import Ranks
     from sft.twins import validate_rows
-    from worlds.model import autocast, resolve_device, resolve_precision
+    from worlds.model import resolve_device, resolve_precision
 
     validate_rows(rows, where)
     out_dir = Path(out_dir)
     device = resolve_device(compute)
     precision = resolve_precision(compute, device)
     encoded = encode_rows(tokenizer, rows, config.max_length, where)
-    fingerprint = _fingerprint(config, seed, encoded)
+    fingerprint = _fingerprint(config, seed, encoded, ranks)
     model.to(device).train()
     opt = _optimizer(model, config)
     state: dict[str, Any] = {"step": 0, "done": False, "stopped": None, "history": [], "seconds": 0.0,
@@ -165,48 +205,46 @@ def train_lm(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerFast", row
     resumed_from = None
     if (ckpt := latest_checkpoint(out_dir)) is not None:
         if read_json(ckpt / "state.json").get("fingerprint") != fingerprint:
-            raise DataError(f"{out_dir}: holds checkpoints of a different training run (rows, config or seed "
-                            f"differ); use a fresh directory")
+            raise DataError(f"{out_dir}: holds checkpoints of a different training run (rows, config, seed or "
+                            f"data-parallel rank count differ); use a fresh directory")
         state = load_checkpoint(ckpt, model, opt)
         resumed_from = state["step"]
     pad = tokenizer.pad_token_id
     last_ckpt = state["step"]
     bar = Progress("train steps", config.max_steps, start=state["step"])
-    while not state["done"]:
-        step = state["step"]
-        t0 = time.perf_counter()
-        lr = lr_at(step, config)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        batch = [encoded[i] for i in batch_indices(step, len(rows), config.batch_size, seed)]
-        n_tokens = sum(sum(t != IGNORE for t in labels[1:]) for _, labels in batch)
-        opt.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for part in micro_batches(batch):  # token-weighted: the gradient of the batch's token-mean loss
-            ids, labels, mask = _collate(part, pad)
-            with autocast(device, precision):
-                loss, n = lm_loss(model, ids.to(device), labels.to(device), mask.to(device))
-            (loss * (n / max(n_tokens, 1))).backward()
-            loss_sum += loss.item() * n
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        opt.step()
-        state["seconds"] += time.perf_counter() - t0
-        record = {"step": step + 1, "lr": lr, "tokens": n_tokens, "loss": loss_sum / max(n_tokens, 1),
-                  "seconds": round(state["seconds"], 4)}
-        state["history"].append(record)
-        state["step"] = step + 1
-        limit = "max_steps" if state["step"] >= config.max_steps else None
-        if limit is None and state["step"] - last_ckpt >= config.checkpoint_every:
-            save_checkpoint(out_dir, state["step"], model, opt, state, keep=KEEP_CHECKPOINTS)  # before the callback, which may be slow or fail
-            last_ckpt = state["step"]
-        bar.advance(loss=record["loss"])
-        stop = bool(on_step(record)) if on_step else False
-        state["stopped"] = "callback" if stop else limit
-        state["done"] = state["stopped"] is not None
-        if state["done"]:
-            save_checkpoint(out_dir, state["step"], model, opt, state, keep=KEEP_CHECKPOINTS)
+    job = follower_job(model, encoded, config, seed, pad, device, precision)
+    with Ranks(1 if state["done"] else ranks, job, out_dir) as group:  # a finished run starts no rank
+        while not state["done"]:
+            step = state["step"]
+            t0 = time.perf_counter()
+            lr = lr_at(step, config)
+            for param_group in opt.param_groups:
+                param_group["lr"] = lr
+            parts, n_tokens = step_parts(encoded, step, config.batch_size, seed)
+            opt.zero_grad(set_to_none=True)
+            mine = group.begin_step(step, model, len(parts))
+            loss_sum = group.end_step(model, accumulate(model, [parts[i] for i in mine], pad, n_tokens, device,
+                                                        precision))
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            opt.step()
+            state["seconds"] += time.perf_counter() - t0
+            record = {"step": step + 1, "lr": lr, "tokens": n_tokens, "loss": loss_sum / max(n_tokens, 1),
+                      "seconds": round(state["seconds"], 4)}
+            state["history"].append(record)
+            state["step"] = step + 1
+            limit = "max_steps" if state["step"] >= config.max_steps else None
+            if limit is None and state["step"] - last_ckpt >= config.checkpoint_every:
+                save_checkpoint(out_dir, state["step"], model, opt, state, keep=KEEP_CHECKPOINTS)  # before the callback, which may be slow or fail
+                last_ckpt = state["step"]
+            bar.advance(loss=record["loss"])
+            stop = bool(on_step(record)) if on_step else False
+            state["stopped"] = "callback" if stop else limit
+            state["done"] = state["stopped"] is not None
+            if state["done"]:
+                save_checkpoint(out_dir, state["step"], model, opt, state, keep=KEEP_CHECKPOINTS)
     bar.close()
     history = state["history"]
     return {"steps": state["step"], "stopped": state["stopped"], "seconds": round(state["seconds"], 3),
             "tokens": sum(r["tokens"] for r in history), "final_loss": history[-1]["loss"] if history else None,
-            "history": history, "device": device, "precision": precision, "resumed_from": resumed_from}
+            "history": history, "device": device, "precision": precision, "resumed_from": resumed_from,
+            "ranks": ranks}

@@ -31,7 +31,8 @@ def base_model_body(call: StageCall) -> StageOutput:
     splits = {role: read_parquet(call.input_path(role)) for role in CORPUS_ROLES if role in call.inputs}
     grader = GraderSpec(**cfg["grader"])
     metrics = train_base_model(splits["base"], splits["val"], world_texts(splits), model.toy, model.base_training,
-                               compute, grader, call.workdir, threads=compute.cpu_threads)
+                               compute, grader, call.workdir, threads=compute.cpu_threads,
+                               ranks=compute.shared_cpu_processes)
     art = store(call).describe(call.workdir / "model", kind="checkpoint", step=metrics["steps"])
     rows = [("base/val_accuracy", e["accuracy"], e["step"]) for e in metrics["evals"]]
     facts = {k: metrics[k] for k in ("params", "vocab_size", "steps", "stopped", "val_accuracy",

@@ -266,7 +266,8 @@ def placed(stage: Stage, call: StageCall, executor: dict[str, Any]) -> StageOutp
 
     spec = ExecutorSpec(**executor)
     if spec.use_ray:
-        return place(run_stage, call, stage.body, executor=spec)
+        processes = call.config.get("executor.compute", {}).get("shared_cpu_processes", 1)  # shared stages only
+        return place(run_stage, call, stage.body, executor=spec, processes=processes)
     with _inline:
         return run_stage(call, stage.body)
 

@@ -33,7 +33,7 @@ def heldout_body(call: StageCall) -> StageOutput:
     todo = checkpoint_entries({r: (a.artifact_id, call.input_path(r)) for r, a in call.inputs.items()})
     rows, done, engine_facts = evaluate_checkpoints(
         todo, {name: read_parquet(call.input_path(role)) for name, role in suites.items()}, protocol,
-        Path(call.home) / "results" / "heldout", grader, device, precision)
+        Path(call.home) / "results" / "heldout", grader, device, precision, processes=compute.shared_cpu_processes)
     write_parquet(rows, call.workdir / "heldout.parquet")
     ks = sorted({1, *protocol.n.values()})
     table = aggregate(rows, by=("suite",), ks=ks)

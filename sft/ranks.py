@@ -1,0 +1,210 @@
+"""Data-parallel training on CPU cores: rank 0 is the calling process (it owns the optimizer, the checkpoints and
+the callbacks); ranks 1..n-1 are processes started here that only compute gradients. Collectives are
+torch.distributed over gloo, rendezvous through a FileStore in a fresh temporary directory.
+
+One optimizer step with n ranks:
+1. rank 0 broadcasts [step, go] and its parameters as one flat fp32 vector;
+2. every rank builds the step's batch itself (`sft.train.batch_indices`: a function of step, seed and rows only),
+   cuts it into the same length-sorted micro-batches as one process would, and runs its share of them, dealt
+   snake-wise (0, 1, …, n-1, n-1, …, 0, …) so that short and long micro-batches are spread evenly; each
+   micro-batch's loss has the same token weight (its trained tokens / the batch's) as in one process;
+3. the flat gradients (zeros where a rank ran nothing) and the loss sums are summed onto rank 0 (`dist.reduce`),
+   which clips, steps, checkpoints and evaluates exactly as with one process.
+
+The gradient equals the one-process gradient up to the order of fp32 summation across micro-batches, so the rank
+count changes low-order bits: it is part of the compute key (`executor.compute.shared_cpu_processes`).
+
+Why not torch's DistributedDataParallel: DDP keeps an optimizer replica per rank and all-reduces inside backward,
+which needs every rank to run the same number of backward passes; a batch's micro-batches divide unevenly (an
+epoch's last batch may be a single micro-batch) and only rank 0 checkpoints and evaluates. Followers here hold no
+optimizer state, so resuming is rank 0's alone (it loads its checkpoint and the next broadcast carries the
+weights). Followers die with rank 0 (infra.procs.spawn), and rank 0 raises TwinarmError naming a follower's log
+when a collective fails because a follower died.
+"""
+from __future__ import annotations
+
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from infra.errors import TwinarmError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
+# rank 0 may evaluate between two steps (the base model's greedy val) while followers wait in a collective
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+STOP = -1
+
+
+def deal(n_parts: int, world: int) -> list[list[int]]:
+    """Micro-batch indices per rank, dealt snake-wise over length-sorted micro-batches: with 4 parts and 2 ranks,
+    rank 0 gets [0, 3] and rank 1 [1, 2]. A rank may get none (a short batch)."""
+    out: list[list[int]] = [[] for _ in range(world)]
+    for i in range(n_parts):
+        lap, pos = divmod(i, world)
+        out[pos if lap % 2 == 0 else world - 1 - pos].append(i)
+    return out
+
+
+def flat_grads(params: list["torch.Tensor"]) -> "torch.Tensor":
+    """All parameter gradients as one fp32 vector (zeros for a parameter without a gradient)."""
+    import torch
+
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params])
+
+
+class Ranks:
+    """Rank 0's side of a data-parallel run with `world` ranks (context manager; `world` 1 does nothing).
+
+    `job` is what a follower needs to rebuild every step's batch (sft.train.follower_job); `log_dir` gets one
+    `rank-N.log` per follower."""
+
+    def __init__(self, world: int, job: dict[str, Any], log_dir: Path):
+        self.world = world
+        self.job = job
+        self.log_dir = Path(log_dir)
+        self.procs: list[subprocess.Popen] = []
+        self.tmp: str | None = None
+
+    def __enter__(self) -> "Ranks":
+        if self.world == 1:
+            return self
+        import torch.distributed as dist
+
+        from infra.procs import spawn
+
+        self.tmp = tempfile.mkdtemp(prefix="twinarm-ranks-")
+        store_path = str(Path(self.tmp) / "store")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for rank in range(1, self.world):
+            job_file = Path(self.tmp) / f"job-{rank}.pkl"
+            job_file.write_bytes(pickle.dumps({**self.job, "rank": rank, "world": self.world, "store": store_path}))
+            self.procs.append(spawn([sys.executable, "-m", "sft.ranks", str(job_file)], env=None,
+                                    log=self.log_dir / f"rank-{rank}.log"))
+        try:
+            dist.init_process_group("gloo", store=dist.FileStore(store_path, self.world), rank=0,
+                                    world_size=self.world, timeout=COLLECTIVE_TIMEOUT)
+        except BaseException:
+            self._stop()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        import torch.distributed as dist
+
+        if self.world == 1:
+            return
+        try:
+            if exc_type is None:
+                self._control(STOP)
+                for proc in self.procs:
+                    proc.wait(timeout=60)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            self._stop()
+
+    def _stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if self.tmp:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _control(self, step: int) -> None:
+        import torch
+
+        self._collective("broadcast", torch.tensor([step], dtype=torch.long))
+
+    def _collective(self, what: str, tensor: "torch.Tensor") -> None:
+        import torch.distributed as dist
+
+        try:
+            dist.broadcast(tensor, src=0) if what == "broadcast" else dist.reduce(tensor, dst=0)
+        except RuntimeError as exc:
+            for proc in self.procs:  # a peer's socket closes while its process is still being torn down
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass
+            dead = [(i + 1, p.returncode) for i, p in enumerate(self.procs) if p.poll() is not None]
+            who = ", ".join(f"rank {r} exited with code {c} (log: {self.log_dir / f'rank-{r}.log'})"
+                            for r, c in dead) or "no follower has exited"
+            raise TwinarmError(f"data-parallel training ({self.world} ranks): {what} failed: "
+                               f"{str(exc).splitlines()[0]}; {who}") from None
+
+    def begin_step(self, step: int, model: "PreTrainedModel", n_parts: int) -> list[int]:
+        """Send the step (0-based) and the weights; returns the indices of the step's `n_parts` micro-batches that
+        rank 0 runs itself (all of them with one rank)."""
+        if self.world == 1:
+            return list(range(n_parts))
+        from torch.nn.utils import parameters_to_vector
+
+        self._control(step)
+        self._collective("broadcast", parameters_to_vector(model.parameters()).detach().float().contiguous())
+        return deal(n_parts, self.world)[0]
+
+    def end_step(self, model: "PreTrainedModel", loss_sum: float) -> float:
+        """Sum every rank's gradients into rank 0's parameters' .grad; returns the summed loss."""
+        if self.world == 1:
+            return loss_sum
+        import torch
+
+        params = list(model.parameters())
+        grads = flat_grads(params)
+        self._collective("reduce", grads)
+        losses = torch.tensor([loss_sum], dtype=torch.float64)
+        self._collective("reduce", losses)
+        offset = 0
+        for p in params:
+            p.grad = grads[offset:offset + p.numel()].view_as(p).to(p.dtype).clone()
+            offset += p.numel()
+        return float(losses[0])
+
+
+def follow(job: dict[str, Any]) -> None:
+    """A follower's loop: wait for a step (or STOP), take rank 0's weights, run this rank's micro-batches, send
+    the gradients. `job`: model class and config, encoded rows, batch size, seed, pad id, device, precision,
+    threads, rank, world, store (see sft.train.follower_job)."""
+    import torch
+    import torch.distributed as dist
+    from torch.nn.utils import vector_to_parameters
+
+    from sft.train import accumulate, step_parts
+    from worlds.model import set_threads
+
+    set_threads(job["threads"])
+    model = job["model_class"](job["model_config"]).to(torch.float32).to(job["device"]).train()
+    params = list(model.parameters())
+    dist.init_process_group("gloo", store=dist.FileStore(job["store"], job["world"]), rank=job["rank"],
+                            world_size=job["world"], timeout=COLLECTIVE_TIMEOUT)
+    try:
+        while True:
+            control = torch.zeros(1, dtype=torch.long)
+            dist.broadcast(control, src=0)
+            step = int(control[0])
+            if step == STOP:
+                return
+            weights = torch.empty(sum(p.numel() for p in params), dtype=torch.float32)
+            dist.broadcast(weights, src=0)
+            vector_to_parameters(weights, params)
+            model.zero_grad(set_to_none=True)
+            parts, n_tokens = step_parts(job["encoded"], step, job["batch_size"], job["seed"])
+            mine = [parts[i] for i in deal(len(parts), job["world"])[job["rank"]]]
+            loss_sum = accumulate(model, mine, job["pad"], n_tokens, job["device"], job["precision"])
+            dist.reduce(flat_grads(params), dst=0)
+            dist.reduce(torch.tensor([loss_sum], dtype=torch.float64), dst=0)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    follow(pickle.loads(Path(sys.argv[1]).read_bytes()))
