@@ -16,7 +16,6 @@ import sys
 import time
 import urllib.request
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterator
 
 from infra.errors import TwinarmError
