@@ -16,7 +16,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONDONTWRITEBYTECODE := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help setup setup-vllm demo test test-fast ui bench-grader grader-differential bench-decoys bench-rl bench-cost bench-peer bench-engines bench-masa faults signal-cases mutation-resume screenshots clean-home sensitivity
+.PHONY: help setup setup-vllm demo test test-fast ui bench-grader grader-differential bench-decoys bench-rl bench-cost bench-peer bench-engines bench-ranks bench-masa faults signal-cases mutation-resume screenshots clean-home sensitivity
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[1m%-20s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -81,6 +81,9 @@ bench-rl: setup ## GRPO step time vanilla vs PMI-shift (needs `make demo` first)
 
 bench-cost: setup ## cost growth on the demo's model (needs `make demo` first): GRPO step vs batch and length, held-out vs suite size -> docs/cost-growth.png
 	$(BIN)/python scripts/bench_cost.py --home $${TWINARM_HOME:-.twinarm}
+
+bench-ranks: setup ## the demo's base model trained on 1 vs 2 data-parallel ranks (sft/ranks.py): seconds per step, speedup
+	$(BIN)/python scripts/bench_ranks.py
 
 bench-masa: setup ## MASA-efficient vs GRPO, 3 seeds: gating/cutoff precision and F1, tokens saved, time-to-baseline (needs configs/masa.yaml's SFT in TWINARM_HOME: twinarm run configs/masa.yaml --arms grpo --seeds 0 --rl-steps 11)
 	$(BIN)/python scripts/bench_masa.py run --home $${TWINARM_HOME:-.twinarm} --out $${TWINARM_HOME:-.twinarm}/bench-masa

@@ -1,11 +1,11 @@
 """The twin-arm ablation flow, top to bottom:
 
-spec → resolved arms → data → base model → twins → SFT per arm → GRPO per arm → checkpoint sweeps per arm →
+spec → resolved arms → data → base model → twins → per arm × seed: SFT → GRPO → checkpoint sweeps →
 held-out (all arms, one job) → summary
 
 Thin on purpose: each stage is a task in tasks/ that returns a StageOutput; the Session (the one lineage writer)
 records it. Shared stages run once for every group of arms whose slice of the config and inputs are equal;
-per-arm stages run concurrently (as Ray tasks when the executor says so).
+per-arm stages run concurrently (as Ray tasks when the executor says so), each arm's chain at its own pace.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from infra.spec import AblationSpec, BaseSpec, resolved_arms  # noqa: E402
 from tasks import report as report_stage  # noqa: E402
 from tasks import rl_verl  # noqa: E402
 from tasks.base_model import CORPUS_ROLES  # noqa: E402
-from tasks.common import SHARED, Session, Stage, StageOutput, run_calls, run_task  # noqa: E402
+from tasks.common import SHARED, Session, Stage, StageOutput, run_chains, run_task  # noqa: E402
 from tasks.stages import STAGES, load_checked_spec  # noqa: E402
 from tasks.twins import TWIN_SOURCES  # noqa: E402
 
@@ -94,14 +94,6 @@ def one_protocol(arms: Arms) -> dict[str, Any]:
     return first
 
 
-def per_arm(s: Session, stage: Stage, arms: Arms, inputs_for: Callable[[str, int], Outputs],
-            **kwargs: Any) -> dict[tuple[str, int], StageOutput]:
-    """Run a stage for every arm × seed, concurrently; equal computations run once."""
-    calls = [s.begin(s.stage_call(stage, arm, seed, stage.config(cfg, seed), inputs_for(arm, seed)))
-             for arm, cfg in arms.items() for seed in cfg.seeds]
-    return {(c.arm, c.seed): o for c, o in zip(calls, run_calls(s, stage.task, calls, **kwargs))}
-
-
 def preflight(spec_file: str, arms: Arms, ablation_name: str | None = None) -> None:
     """Refuse what would fail late, before any compute."""
     from infra.ray_exec import check_reachable, ray_address
@@ -140,25 +132,28 @@ def ablation(spec_file: str = "configs/demo.yaml", overrides: RunOverrides = Run
             "base_model": base[arm].outputs["model"],
             **{n: data[arm].outputs[n] for n in TWIN_SOURCES if n in data[arm].outputs}}, **placement)
 
-        def sft_inputs(arm: str, seed: int) -> Outputs:
+        def sft_inputs(arm: str, seed: int, earlier: list[StageOutput]) -> Outputs:
             side = twin_side(arms[arm].sft.strip_meta)
             return {"init": base[arm].outputs["model"],
                     **{n: twins[arm].outputs[f"{n}_{side}"] for n in TWIN_SOURCES
                        if f"{n}_{side}" in twins[arm].outputs}}
 
-        sft = per_arm(s, STAGES["sft"], arms, sft_inputs, **placement)
         on_verl = next(iter(arms.values())).executor.kind == "verl"  # preflight: one executor for every arm
-        rl = per_arm(s, rl_verl.STAGE if on_verl else STAGES["rl"], arms, lambda arm, seed: {
-            "init": sft[arm, seed].outputs["model"], "prompts": data[arm].outputs["rl_prompts"],
-            "val": data[arm].outputs["val"]}, **placement)
 
-        def saved(arm: str, seed: int) -> Outputs:
-            return {str(CheckpointRole(arm, seed, ref.step)): art
-                    for role, art in rl[arm, seed].outputs.items() if (ref := StepRole.parse(role))}
+        def rl_inputs(arm: str, seed: int, earlier: list[StageOutput]) -> Outputs:
+            return {"init": earlier[0].outputs["model"], "prompts": data[arm].outputs["rl_prompts"],
+                    "val": data[arm].outputs["val"]}
 
-        if spec.base.eval.sweep:
-            per_arm(s, STAGES["sweep"], arms,
-                    lambda arm, seed: {"val": data[arm].outputs["val"], **saved(arm, seed)}, **placement)
+        def saved(arm: str, seed: int, earlier: list[StageOutput]) -> Outputs:
+            return {"val": data[arm].outputs["val"],
+                    **{str(CheckpointRole(arm, seed, ref.step)): art
+                       for role, art in earlier[1].outputs.items() if (ref := StepRole.parse(role))}}
+
+        # each arm × seed goes SFT -> RL -> sweep on its own, never waiting for a slower arm's stage
+        sft, rl, *_ = run_chains(s, arms, [
+            (STAGES["sft"], sft_inputs),
+            (rl_verl.STAGE if on_verl else STAGES["rl"], rl_inputs),
+            *([(STAGES["sweep"], saved)] if spec.base.eval.sweep else [])], **placement)
         first = next(iter(arms))
         suites = {r: a for r, a in data[first].outputs.items() if SuiteRole.parse(r)}
         starts_and_ends = {}

@@ -61,6 +61,13 @@ class ComputeSpec(Strict):
                              "job evaluates this many checkpoints side by side (results identical). Per-arm stages "
                              "never see it")
 
+    @model_validator(mode="after")
+    def _processes_on_cpu(self) -> "ComputeSpec":
+        if self.device == "cuda" and self.shared_cpu_processes > 1:
+            raise ValueError("shared_cpu_processes > 1 splits CPU work (data-parallel base model ranks over gloo); "
+                             "with device cuda set it to 1")
+        return self
+
 
 class ExecutorSpec(Strict):
     """Where the arms run. Placement keys (ray, cpus, gpus) do not change results and are not in cache keys;

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from infra.artifacts import read_json
 from infra.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from infra.errors import DataError
+from infra.errors import DataError, TwinarmError
 from infra.progress import Progress
 from infra.hashing import canonical_json
 from sft.masks import IGNORE, encode_rows
@@ -196,6 +196,9 @@ def train_lm(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerFast", row
     out_dir = Path(out_dir)
     device = resolve_device(compute)
     precision = resolve_precision(compute, device)
+    if ranks > 1 and device != "cpu":
+        raise TwinarmError(f"data-parallel training on {ranks} ranks runs on CPU only, but the device resolved to "
+                           f"{device}: set executor.compute.shared_cpu_processes to 1")
     encoded = encode_rows(tokenizer, rows, config.max_length, where)
     fingerprint = _fingerprint(config, seed, encoded, ranks)
     model.to(device).train()

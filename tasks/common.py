@@ -382,44 +382,101 @@ class Session:
         self.status[call.label] = "failed"
 
 
+def _settle(session: Session, call: StageCall, state: Any, first: StageCall, submitted: str
+            ) -> tuple[StageOutput | None, BaseException | None]:
+    """Record one call from the final state of the task that ran its compute key: (output, None) when it
+    completed, (None, the task's exception) when it failed (recorded as failed)."""
+    if state.is_failed() or state.is_crashed() or state.is_cancelled():
+        try:
+            state.result()
+            exc: BaseException = RuntimeError(f"stage {call.stage} ended in state {state.name}")
+        except BaseException as raised:  # the task's own exception, re-raised by the caller
+            exc = raised
+        session.fail(call, exc)
+        return None, exc
+    out = state.result()
+    # computed here: this call's own task ran the body now. A Prefect cache hit, a duplicate call, or an output
+    # reused from its completion marker (the body skipped: run_stage) is cached, whatever Prefect's state says
+    ran_here = first is call and state.name != "Cached" and (out.started_at or "") >= submitted
+    return session.finish(call, out, cached=not ran_here), None
+
+
+def _submit(session: Session, task: Any, call: StageCall, **kwargs: Any) -> tuple[Any, StageCall, str]:
+    future = task.with_options(refresh_cache=session.fresh, task_run_name=call.label).submit(call=call, **kwargs)
+    return future, call, utcnow().isoformat()
+
+
 def run_calls(session: Session, task: Any, calls: list[StageCall], **kwargs: Any) -> list[StageOutput]:
     """Run stage calls through Prefect and record each; calls with the same compute key run once.
 
     The unique calls are submitted together, so independent arms run concurrently (each task body may hand
     its work to a Ray worker). A failure is recorded against every call that needed it, then re-raised.
     """
-    unique: dict[str, StageCall] = {}
+    submitted: dict[str, tuple[Any, StageCall, str]] = {}
     for call in calls:
-        unique.setdefault(call.key, call)
-    submitted = utcnow().isoformat()
-    futures = {key: task.with_options(refresh_cache=session.fresh, task_run_name=call.label).submit(call=call,
-                                                                                                  **kwargs)
-               for key, call in unique.items()}
-    states = {}
-    for key, future in futures.items():
+        if call.key not in submitted:
+            submitted[call.key] = _submit(session, task, call, **kwargs)
+    for future, _, _ in submitted.values():
         future.wait()
-        states[key] = future.state
     outputs: list[StageOutput] = []
     failure: BaseException | None = None
     for call in calls:
-        state = states[call.key]
-        if state.is_failed() or state.is_crashed() or state.is_cancelled():
-            try:
-                state.result()
-                exc: BaseException = RuntimeError(f"stage {call.stage} ended in state {state.name}")
-            except BaseException as raised:  # the task's own exception, re-raised below
-                exc = raised
-            session.fail(call, exc)
-            failure = failure or exc
-            continue
-        out = state.result()
-        # computed here: this call's own task ran the body now. A Prefect cache hit, a duplicate call, or an output
-        # reused from its completion marker (the body skipped: run_stage) is cached, whatever Prefect's state says
-        ran_here = unique[call.key] is call and state.name != "Cached" and (out.started_at or "") >= submitted
-        outputs.append(session.finish(call, out, cached=not ran_here))
+        future, first, at = submitted[call.key]
+        out, exc = _settle(session, call, future.state, first, at)
+        if out is not None:
+            outputs.append(out)
+        failure = failure or exc
     if failure is not None:
         raise failure
     return outputs
+
+
+Link = tuple[Stage, Callable[[str, int, list[StageOutput]], dict[str, Artifact]]]
+
+
+def run_chains(session: Session, arms: dict[str, BaseSpec], links: list[Link], **kwargs: Any
+               ) -> list[dict[tuple[str, int], StageOutput]]:
+    """Per-arm stages in order (`links`: each stage with its inputs from the arm, seed and that chain's earlier
+    outputs) for every arm × seed, each chain's next stage submitted as soon as its own previous one finished,
+    never waiting for another arm's: an arm whose SFT ends first starts its RL at once. Calls with the same compute
+    key run once, whenever they are asked for. A failed stage ends its chain; the others run on, then the first
+    failure is raised (every call recorded: completed, cached or failed). Returns one {(arm, seed): output} per
+    link."""
+    from prefect.futures import as_completed
+
+    chains = [(arm, seed) for arm, cfg in arms.items() for seed in cfg.seeds]
+    done: dict[tuple[str, int], list[StageOutput]] = {chain: [] for chain in chains}
+    submitted: dict[str, tuple[Any, StageCall, str]] = {}
+    waiting: dict[str, list[tuple[tuple[str, int], StageCall]]] = {}
+    failure: BaseException | None = None
+
+    def advance(chain: tuple[str, int]) -> None:
+        if len(done[chain]) == len(links):
+            return
+        stage, inputs_for = links[len(done[chain])]
+        arm, seed = chain
+        call = session.begin(session.stage_call(stage, arm, seed, stage.config(arms[arm], seed),
+                                                inputs_for(arm, seed, done[chain])))
+        if call.key not in submitted:
+            submitted[call.key] = _submit(session, stage.task, call, **kwargs)
+        waiting.setdefault(call.key, []).append((chain, call))
+
+    for chain in chains:
+        advance(chain)
+    while waiting:
+        future = next(as_completed([submitted[key][0] for key in waiting]))
+        future.wait()
+        key = next(k for k in waiting if submitted[k][0] is future)
+        _, first, at = submitted[key]
+        for chain, call in waiting.pop(key):
+            out, exc = _settle(session, call, future.state, first, at)
+            failure = failure or exc
+            if out is not None:
+                done[chain].append(out)
+                advance(chain)
+    if failure is not None:
+        raise failure
+    return [{chain: outs[i] for chain, outs in done.items() if len(outs) > i} for i in range(len(links))]
 
 
 def run_task(session: Session, task: Any, call: StageCall, **kwargs: Any) -> StageOutput:

@@ -160,7 +160,7 @@ def test_validate_on_an_80_column_terminal_prints_every_differing_key_whole(tmp_
 
 @pytest.mark.parametrize("script", [("screenshot_ui.py",), ("sensitivity.py",), ("bench_cost.py",),
                                     ("bench_rl.py", "step"), ("bench_rl.py", "demo"),
-                                    ("bench_masa.py", "run")])
+                                    ("bench_masa.py", "run"), ("bench_ranks.py",)])
 def test_benchmark_scripts_describe_themselves_and_every_option(tmp_path, script):
     import re
 

@@ -66,6 +66,26 @@ def test_shared_stages_key_holds_its_own_thread_count(shared_threads, base_threa
     assert (_key("base_model", more) == _key("base_model", other)) == (shared_threads is not None)
 
 
+def test_shared_stages_key_holds_its_process_count():
+    """shared_cpu_processes reaches the base model and held-out only, and only when > 1 (1 is the layout every
+    key had before the field existed); a CUDA device refuses it (data-parallel ranks are CPU processes)."""
+    from pydantic import ValidationError
+
+    one = resolve_arm(load_spec(DEMO), "control").model_copy(deep=True)
+    one.executor.compute.shared_cpu_processes = 1
+    three = one.model_copy(deep=True)
+    three.executor.compute.shared_cpu_processes = 3
+    for shared in ("base_model", "heldout"):
+        assert "shared_cpu_processes" not in STAGES[shared].config(one)["executor.compute"]
+        assert ComputeSpec(**STAGES[shared].config(three)["executor.compute"]).shared_cpu_processes == 3
+        assert _key(shared, one) != _key(shared, three)
+    for per_arm in ("sft", "rl", "sweep"):
+        assert "shared_cpu_processes" not in STAGES[per_arm].config(three)["executor.compute"]
+        assert _key(per_arm, one) == _key(per_arm, three)
+    with pytest.raises(ValidationError, match="with device cuda set it to 1"):
+        ComputeSpec(device="cuda", shared_cpu_processes=2)
+
+
 class _Stop(Exception):
     pass
 
@@ -216,7 +236,7 @@ def _names_read(stage_modules: list[str]) -> set[str]:
 # keys Stage.config folds into another before a body sees them (infra.spec.stage_compute: a shared stage's
 # cpu_threads); that they act is test_every_leaf_of_the_demo_spec_acts_or_is_declared's and
 # test_shared_stages_key_holds_its_own_thread_count's
-PROJECTED = {"executor.compute.shared_cpu_threads"}
+PROJECTED = {"executor.compute.shared_cpu_threads", "executor.compute.shared_cpu_processes"}
 
 
 def _covered_by(key: str, declared: tuple[str, ...]) -> bool:
@@ -258,6 +278,7 @@ def test_every_leaf_of_the_demo_spec_acts_or_is_declared():
     # each stage's key holds the thread count it runs with: shared stages run alone, per-arm ones side by side
     assert sorted(outcome["executor.compute.shared_cpu_threads"]) == ["base_model", "heldout"]
     assert sorted(outcome["executor.compute.cpu_threads"]) == ["rl", "sft", "sweep"]
+    assert sorted(outcome["executor.compute.shared_cpu_processes"]) == ["base_model", "heldout"]
 
 
 def test_every_stage_config_key_is_read_by_a_stage_that_declares_it():

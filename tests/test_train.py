@@ -256,3 +256,14 @@ def test_base_model_stage(world, tmp_path, monkeypatch):
     assert len(tok) == model.config.vocab_size
     assert train_base_model(world["base"], world["val"], [], TINY, training, FP32, GraderSpec(workers=1),
                             tmp_path / "base") == metrics  # a finished stage returns its metrics
+
+
+def test_data_parallel_ranks_refuse_a_gpu(world, tokenizer, tmp_path, monkeypatch):
+    import worlds.model
+
+    from infra.errors import TwinarmError
+
+    monkeypatch.setattr(worlds.model, "resolve_device", lambda compute: "cuda")  # device: auto on a GPU machine
+    with pytest.raises(TwinarmError, match="runs on CPU only, but the device resolved to cuda"):
+        _train(world, tokenizer, tmp_path, "gpu", ranks=2, **DP)
+    assert not (tmp_path / "gpu").exists()
