@@ -236,39 +236,75 @@ def grpo_loss(old_lp: "torch.Tensor", new_lp: "torch.Tensor", adv: "torch.Tensor
     return loss + kl_loss * actor_cfg.kl_loss_coef, metrics
 
 
+# A mini-batch runs as length-sorted micro-batches of at most this many rollouts, each padded only to its own
+# longest, with verl's global-batch normalisation (agg_loss's batch_num_tokens / global_batch_size, as verl's
+# engines pass them to micro-batches), so the accumulated gradient is the mini-batch's one-pass gradient up to
+# fp32 summation order. One padded pass over 64 rollouts pads every row to the longest response.
+UPDATE_MICRO_ROWS = 16
+# losses agg_loss normalises by the global batch: micro-batch values are partial sums (verl: AggregationType.SUM);
+# every other metric is a per-micro-batch mean, averaged (verl: AggregationType.MEAN)
+_SUMMED = ("actor/pg_loss", "actor/entropy_loss", "actor/kl_loss")
+
+
+def update_micro_batches(rows: list[tuple], rows_per_micro: int | None = None) -> list[list[tuple]]:
+    """A mini-batch's rows sorted by prompt + response length (stable) and cut into chunks of at most
+    `rows_per_micro` rows (default UPDATE_MICRO_ROWS)."""
+    rows_per_micro = rows_per_micro or UPDATE_MICRO_ROWS
+    ordered = sorted(rows, key=lambda row: len(row[0]) + len(row[1]))
+    return [ordered[i:i + rows_per_micro] for i in range(0, len(ordered), rows_per_micro)]
+
+
 def ppo_update(model: "PreTrainedModel", optimizer: "torch.optim.Optimizer", rows: list[tuple], rl: RLSpec,
                actor_cfg: Any, pad_id: int, device: str, precision: str,
                ref_model: "PreTrainedModel | None" = None) -> dict[str, float]:
-    """One PPO pass over the batch in mini-batches of mini_batch_size prompts × n samples (verl's layout). Rows as
-    `_collate` takes them (an optional per-token mask leaves environment tokens out of every term).
-    `ref_model` (frozen) is run only when the KL loss is on (actor_cfg.use_kl_loss); then it is required.
-    Returns each metric's mean over the mini-batches, and actor/param_norm_change over the whole pass (_param_norm)."""
+    """One PPO pass over the batch in mini-batches of mini_batch_size prompts × n samples (verl's layout), one
+    optimizer step each; a mini-batch's gradient is accumulated over length-sorted micro-batches
+    (UPDATE_MICRO_ROWS) under the mini-batch's token and sequence counts (actor_cfg.global_batch_info, verl's
+    agg_loss normalisation). Rows as `_collate` takes them (an optional per-token mask leaves environment tokens
+    out of every term). `ref_model` (frozen) is run only when the KL loss is on (actor_cfg.use_kl_loss); then it is
+    required. Returns each metric per mini-batch (losses summed over its micro-batches, other metrics averaged, as
+    verl aggregates them), averaged over the mini-batches, and actor/param_norm_change over the whole pass
+    (_param_norm)."""
     import torch
 
     if actor_cfg.use_kl_loss and ref_model is None:
         raise ValueError("rl.kl_loss needs the frozen reference model")
     size = rl.mini_batch_size * rl.n
-    minis = [_collate(rows[i:i + size], pad_id, device) for i in range(0, len(rows), size)]
+    minis = [[_collate(micro, pad_id, device) for micro in update_micro_batches(rows[i:i + size])]
+             for i in range(0, len(rows), size)]
     with torch.no_grad():  # the behaviour policy: the weights that sampled the batch
         # the first mini-batch is updated before the weights move: its old log-probs are its new ones, detached
         # (ratio exactly 1, as verl's on-policy path), so only the later mini-batches need an old-log-prob pass
-        old = [None] + [response_logprobs(model, mb, device, precision, rl.temperature) for mb in minis[1:]]
-        refs = [response_logprobs(ref_model, mb, device, precision, rl.temperature) if actor_cfg.use_kl_loss
-                else None for mb in minis]
+        old = [[None] * len(minis[0])] + [[response_logprobs(model, mb, device, precision, rl.temperature)
+                                            for mb in micros] for micros in minis[1:]]
+        refs = [[response_logprobs(ref_model, mb, device, precision, rl.temperature) if actor_cfg.use_kl_loss
+                 else None for mb in micros] for micros in minis]
     stats: dict[str, list[float]] = defaultdict(list)
     norm_before = _param_norm(model)
-    for mb, old_lp, ref_lp in zip(minis, old, refs):
-        new_lp, ent = response_logprobs(model, mb, device, precision, rl.temperature, with_entropy=True) \
-            if actor_cfg.entropy_coeff > 0 else (response_logprobs(model, mb, device, precision, rl.temperature), None)
-        loss, metrics = grpo_loss(new_lp.detach() if old_lp is None else old_lp, new_lp, mb["adv"],
-                                  mb["resp_mask"], actor_cfg, ref_lp, ent)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rl.grad_clip)
-        optimizer.step()
-        stats["actor/grad_norm"].append(float(grad_norm))
-        for key, value in metrics.items():
-            stats[key].append(float(value))
+    try:
+        for micros, olds, ref_lps in zip(minis, old, refs):
+            masks = [mb["resp_mask"] for mb in micros]
+            actor_cfg.global_batch_info.update(
+                dp_size=1, batch_num_tokens=float(sum(m.sum() for m in masks)),
+                global_batch_size=int(sum(int((m.sum(-1) > 0).sum()) for m in masks)))
+            optimizer.zero_grad(set_to_none=True)
+            parts: dict[str, list[float]] = defaultdict(list)
+            for mb, old_lp, ref_lp in zip(micros, olds, ref_lps):
+                new_lp, ent = response_logprobs(model, mb, device, precision, rl.temperature, with_entropy=True) \
+                    if actor_cfg.entropy_coeff > 0 else (response_logprobs(model, mb, device, precision,
+                                                                           rl.temperature), None)
+                loss, metrics = grpo_loss(new_lp.detach() if old_lp is None else old_lp, new_lp, mb["adv"],
+                                          mb["resp_mask"], actor_cfg, ref_lp, ent)
+                loss.backward()
+                for key, value in metrics.items():
+                    parts[key].append(float(value))
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rl.grad_clip)
+            optimizer.step()
+            stats["actor/grad_norm"].append(float(grad_norm))
+            for key, values in parts.items():
+                stats[key].append(sum(values) if key in _SUMMED else sum(values) / len(values))
+    finally:
+        actor_cfg.global_batch_info.clear()
     return {**{k: sum(v) / len(v) for k, v in stats.items()},
             "actor/param_norm_change": _param_norm(model) - norm_before}
 

@@ -391,7 +391,7 @@ def test_first_mini_batch_skips_the_old_log_prob_pass(tiny_lm, monkeypatch):
         monkeypatch.setattr(grpo, "response_logprobs", counted)
         if not skip:  # the previous behaviour: every mini-batch's old log-probs from a no-grad pass up front
             real_loss = grpo.grpo_loss
-            minis = [grpo._collate(rows[i:i + 2], 0, "cpu") for i in (0, 2)]
+            minis = [grpo._collate(grpo.update_micro_batches(rows[i:i + 2])[0], 0, "cpu") for i in (0, 2)]
             with torch.no_grad():
                 first_old = real(model, minis[0], "cpu", "fp32", 0.7)
             seen = []
@@ -411,6 +411,56 @@ def test_first_mini_batch_skips_the_old_log_prob_pass(tiny_lm, monkeypatch):
     for p1, p2 in zip(fast.parameters(), slow.parameters()):
         assert torch.equal(p1, p2)  # bit-identical: the grad and no-grad forwards give the same log-probs
     assert fast_stats == slow_stats
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"])
+@pytest.mark.parametrize("kl_coef, entropy_coeff", [(0.0, 0.0), (0.1, 0.01)])
+def test_micro_batched_update_is_the_one_pass_update(tiny_lm, monkeypatch, loss_agg, kl_coef, entropy_coeff):
+    """Mini-batches of 10 rollouts of very different lengths (one with every response token masked: environment
+    output only) run as micro-batches of 3 (rl.grpo.UPDATE_MICRO_ROWS): the weights after two mini-batch steps and
+    the losses equal one padded pass per mini-batch (fp32, up to summation order), for every loss aggregation, with
+    the KL and entropy terms on. Normalising each micro-batch by its own tokens instead (the mistake this guards)
+    moves the weights."""
+    import copy
+
+    import torch
+
+    import rl.grpo as grpo
+
+    rng = np.random.default_rng(3)
+    rows = [(rng.integers(1, VOCAB, int(rng.integers(2, 9))).tolist(), rng.integers(1, VOCAB, n).tolist(),
+             rng.normal(size=n).tolist()) for n in rng.integers(1, 30, 20)]
+    rows[4] = (*rows[4], [0.0] * len(rows[4][1]))  # environment output only: in no loss term
+    rl = RLSpec(batch_size=4, mini_batch_size=2, n=5, temperature=0.7, loss_agg=loss_agg, kl_loss=kl_coef > 0,
+                kl_coef=kl_coef, entropy_coeff=entropy_coeff)
+
+    def run(micro_rows):
+        monkeypatch.setattr(grpo, "UPDATE_MICRO_ROWS", micro_rows)
+        model = copy.deepcopy(tiny_lm).train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)  # moves with the gradient's scale (Adam would not)
+        stats = grpo.ppo_update(model, opt, rows, rl, grpo._actor_config(rl), 0, "cpu", "fp32",
+                                ref_model=copy.deepcopy(tiny_lm) if kl_coef else None)
+        return model, stats
+
+    (one, one_stats), (micro, micro_stats) = run(10 ** 6), run(3)
+    assert len(grpo.update_micro_batches(rows[:10], 3)) == 4
+    for p1, p2 in zip(one.parameters(), micro.parameters()):
+        assert torch.allclose(p1, p2, rtol=1e-4, atol=1e-6)
+    for key in ("actor/pg_loss", *(["actor/kl_loss"] if kl_coef else []),
+                *(["actor/entropy_loss"] if entropy_coeff else [])):
+        assert micro_stats[key] == pytest.approx(one_stats[key], rel=1e-4, abs=1e-7), key
+    assert grpo._actor_config(rl).global_batch_info == {}  # the normalisation never leaks past the update
+
+    real_loss = grpo.grpo_loss
+
+    def local(old_lp, new_lp, adv, mask, cfg, *a):  # each micro-batch normalised by its own tokens and sequences
+        cfg.global_batch_info.clear()
+        return real_loss(old_lp, new_lp, adv, mask, cfg, *a)
+
+    monkeypatch.setattr(grpo, "grpo_loss", local)
+    wrong, _ = run(3)
+    assert not all(torch.allclose(p1, p2, rtol=1e-4, atol=1e-6) for p1, p2 in zip(one.parameters(),
+                                                                                  wrong.parameters()))
 
 
 # ---------------------------------------------------------------- DAPO dynamic sampling, end to end (tiny)
