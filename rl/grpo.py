@@ -7,7 +7,9 @@ the one the verl executor runs. The control arm takes the same path with the van
 loaded, and "scorer calls = 0" is recorded).
 
 Log-probs: old, new and reference log-probs are taken at the sampling temperature (logits / rl.temperature), as
-verl's actor computes them.
+verl's actor computes them. Each mini-batch runs as length-sorted micro-batches (UPDATE_MICRO_ROWS) whose losses
+are normalised by the whole mini-batch's tokens / sequences (verl's global_batch_info), so the gradient is the
+one-pass gradient without padding every rollout to the longest.
 
 KL: `rl.kl_loss` is verl's `use_kl_loss` with `kl_loss_type: low_var_kl`: rl.kl_coef · token-mean k3 estimate of
 KL(π‖π_ref) added to the actor loss (kl_coef > 0 without kl_loss is refused by the spec), π_ref the frozen SFT
