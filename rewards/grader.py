@@ -346,7 +346,11 @@ class _Worker:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from rewards.grader import _worker_entry; _worker_entry()",
              str(theirs.fileno()), json.dumps(asdict(semantics)), repr(soft_s)],
-            pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            # its own session: a terminal's Ctrl-C (SIGINT to the foreground process group) reaching a worker that
+            # is still starting, before it ignores SIGINT, printed "Fatal Python error"; the parent stops workers
+            # itself, and an orphan exits at its socket's EOF
+            start_new_session=True)
         theirs.close()  # the worker's end lives only in the worker, so its death reads as EOF here
         self.conn = Connection(ours.detach())
         self.started = time.monotonic()

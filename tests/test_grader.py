@@ -6,6 +6,7 @@ needs its own timeout config.
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import re
 import time
@@ -394,3 +395,17 @@ def test_real_golds_match_equivalent_renderings(grader, real_golds):
     failures = {(s, i, name): (gold, text, g) for (s, i, gold, name, text), g in zip(cases, grades) if not g.correct}
     assert not [f for f in failures.values() if f[2].timed_out or f[2].error]
     assert set(failures) == set(KNOWN_RENDERING_FAILURES), failures
+
+
+def test_workers_never_share_the_terminals_process_group():
+    """A terminal's Ctrl-C goes to the foreground process group; a worker in it that is still starting (before it
+    ignores SIGINT) died with "Fatal Python error" on the user's terminal. Workers run in their own session; the
+    parent stops them, and a worker whose parent is gone exits (its socket reads EOF)."""
+    g = Grader(GraderSpec(timeout_s=5.0, workers=2))
+    try:
+        g.grade(["\\boxed{1}", "\\boxed{2}"], ["1", "2"])
+        procs = [w.proc for w in g._workers]
+        assert procs and all(os.getsid(p.pid) == p.pid != os.getsid(0) for p in procs)
+        assert all(os.getpgid(p.pid) != os.getpgid(0) for p in procs)
+    finally:
+        g.close()
