@@ -10,6 +10,7 @@ of the solution rollouts, reported apart from any shaped reward.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,8 +19,8 @@ from typing import Any, Callable, Literal, Sequence
 from infra.spec import HEADS, REGIONS, RLSpec
 from rewards.heads import centre_heads, gain_matrix, head_weights, overlong_penalty, rollout_heads, \
     token_advantages, token_offsets, token_regions
-from rewards.scorer import Scorer
-from rewards.signals import Rollout, SignalContext, get_signal, score_group
+from rewards.scorer import BatchedRequests, Scorer
+from rewards.signals import Rollout, SignalContext, SignalResult, get_signal, score_group
 from meta.grammar import META_CLOSE, META_OPEN, find_blocks, format_class
 
 
@@ -108,10 +109,23 @@ def score_batch(groups: Sequence[Sequence[Sample]], *, rl: RLSpec, step: int, gr
 
     calls0, forwards0 = (scorer.calls, scorer.forwards) if scorer is not None else (0, 0)
     t0 = time.perf_counter()
-    results, start = [], 0
-    for group in groups:
-        results += score_group(rl.reward, rollouts[start:start + len(group)], ctx)
-        start += len(group)
+
+    def by_group(context: SignalContext) -> list[SignalResult]:
+        out, start = [], 0
+        for group in groups:
+            out += score_group(rl.reward, rollouts[start:start + len(group)], context)
+            start += len(group)
+        return out
+
+    if scorer is not None and "scorer" in signal.needs and not {"regenerate", "grade"} & set(signal.needs):
+        # every group's requests in one scorer call (record, score, replay): contexts of different groups share
+        # forward passes. Signals that regenerate or grade are scored group by group (no second pass of those)
+        batched = BatchedRequests()
+        by_group(dataclasses.replace(ctx, scorer=batched.recording, counters=Counter()))
+        batched.run(scorer)
+        results = by_group(dataclasses.replace(ctx, scorer=batched.replaying))
+    else:
+        results = by_group(ctx)
     t_score = time.perf_counter() - t0
 
     values = [rollout_heads(r, res.value, meta_open, meta_close) for r, res in zip(rollouts, results)]

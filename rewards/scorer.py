@@ -50,6 +50,65 @@ def text_logprobs(scorer: Scorer, tokenizer: Any, contexts: Sequence[str], targe
     return scorer.target_logprobs([ids(c) for c in contexts], [ids(t) for t in targets])
 
 
+class BatchedRequests:
+    """One scorer call for many signal calls (a batch's groups), by record and replay.
+
+    `recording` is a Scorer that serves nothing real: it notes each (context, target) request and answers 0.0 per
+    target token. `run(scorer)` then sends every noted request to the real scorer in ONE target_logprobs call (so
+    contexts of all groups share forward passes, packed by its token budget); `replaying` answers each request from
+    those results, and asks the real scorer itself for a request it has not seen (a signal whose later requests
+    depend on earlier answers stays correct, only unbatched). A request's log-probs do not depend on its batch mates
+    (HFScorer: to fp rounding), so replayed values are what a per-group call returns. Counts: the real scorer's
+    `calls` grow by every request sent, as with per-group calls; `forwards` by the batches it needed."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+        self.answers: dict[tuple[tuple[int, ...], tuple[int, ...]], list[float]] = {}
+        self.recording = _Recording(self)
+        self.replaying: Scorer | None = None
+
+    def run(self, scorer: Scorer) -> None:
+        if self.requests:
+            got = scorer.target_logprobs([c for c, _ in self.requests], [t for _, t in self.requests])
+            self.answers = dict(zip(self.requests, got))
+        self.replaying = _Replaying(self, scorer)
+
+
+class _Recording:
+    calls = forwards = 0
+
+    def __init__(self, owner: BatchedRequests) -> None:
+        self.owner = owner
+
+    def target_logprobs(self, contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]
+                        ) -> list[list[float]]:
+        _check(contexts, targets)
+        self.owner.requests += [(tuple(c), tuple(t)) for c, t in zip(contexts, targets)]
+        return [[0.0] * len(t) for t in targets]
+
+
+class _Replaying:
+    def __init__(self, owner: BatchedRequests, scorer: Scorer) -> None:
+        self.owner, self.scorer = owner, scorer
+
+    @property
+    def calls(self) -> int:
+        return self.scorer.calls
+
+    @property
+    def forwards(self) -> int:
+        return self.scorer.forwards
+
+    def target_logprobs(self, contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]
+                        ) -> list[list[float]]:
+        keys = [(tuple(c), tuple(t)) for c, t in zip(contexts, targets)]
+        missing = [k for k in keys if k not in self.owner.answers]
+        if missing:
+            got = self.scorer.target_logprobs([c for c, _ in missing], [t for _, t in missing])
+            self.owner.answers.update(zip(missing, got))
+        return [list(self.owner.answers[k]) for k in keys]
+
+
 def _check(contexts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]) -> None:
     if len(contexts) != len(targets):
         raise ValueError(f"{len(contexts)} contexts but {len(targets)} targets")

@@ -363,3 +363,53 @@ def test_pipeline_vanilla_no_scorer_calls():
     assert out.facts["signal/skip/vanilla"] == 2 and out.facts["accuracy/pure"] == 1.0
     # both correct → correctness advantage 0 on every token
     assert all(a == 0.0 for row in out.token_advantages for a in row)
+
+
+class CountingScorer(TableScorer):
+    """A TableScorer that also counts target_logprobs invocations."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.invocations = 0
+
+    def target_logprobs(self, contexts, targets):
+        self.invocations += 1
+        return super().target_logprobs(contexts, targets)
+
+
+@pytest.mark.parametrize("reward", ["pmishift", "pmi", "gm"])
+def test_pipeline_scores_every_group_in_one_scorer_call(reward):
+    """Three groups (the pipeline's batch): one target_logprobs call for all of them (record, score, replay), the
+    same values and scorer/calls as scoring group by group."""
+    responses = [P_SAVE + M_SAVE + C_SAVE, P_DER + M_DER + C_DER, P_DEC + M_DEC + C_DEC, NO_BLOCK]
+    groups = [samples(responses), samples(responses[::-1]), samples(responses[1:3])]
+    rl = RLSpec(reward=reward)
+    scorer = CountingScorer(TOK, TABLE)
+    out = score_batch(groups, rl=rl, step=0, grader=FakeGrader(), tokenizer=TOK, scorer=scorer,
+                      make_decoys=lambda golds: ["-2" for _ in golds])
+    assert scorer.invocations == 1
+    per_group, c = [], ctx()
+    for grp in groups:
+        per_group += score_group(reward, [rollout(s.response, last_boxed(s.response) == "16") for s in grp], c)
+    assert [r["signal_value"] for r in out.records] == pytest.approx(values(per_group), abs=1e-12)
+    assert out.facts["scorer/calls"] == c.scorer.calls > 0
+
+
+def test_batched_requests_replay_and_fall_back_to_the_scorer():
+    """Replay answers recorded requests from the one batched call; a request first seen at replay (a signal whose
+    later requests depend on earlier answers) is asked of the real scorer then, not answered with a stale 0."""
+    from rewards.scorer import BatchedRequests, encode
+
+    scorer = CountingScorer(TOK, TABLE)
+    batched = BatchedRequests()
+    ids = lambda text: encode(TOK, text)  # noqa: E731
+    seen = batched.recording.target_logprobs([ids(X + P_SAVE)], [ids("\\boxed{16}")])
+    assert seen == [[0.0] * len(ids("\\boxed{16}"))] and scorer.invocations == 0
+    batched.run(scorer)
+    assert scorer.invocations == 1 and scorer.calls == 1
+    direct = TableScorer(TOK, TABLE).target_logprobs([ids(X + P_SAVE)], [ids("\\boxed{16}")])
+    assert batched.replaying.target_logprobs([ids(X + P_SAVE)], [ids("\\boxed{16}")]) == direct
+    assert scorer.invocations == 1  # served from the batch
+    late = batched.replaying.target_logprobs([ids(X + P_DER)], [ids("\\boxed{-2}")])
+    assert late == TableScorer(TOK, TABLE).target_logprobs([ids(X + P_DER)], [ids("\\boxed{-2}")])
+    assert scorer.invocations == 2 and batched.replaying.calls == 2
