@@ -277,8 +277,8 @@ def ppo_update(model: "PreTrainedModel", optimizer: "torch.optim.Optimizer", row
     with torch.no_grad():  # the behaviour policy: the weights that sampled the batch
         # the first mini-batch is updated before the weights move: its old log-probs are its new ones, detached
         # (ratio exactly 1, as verl's on-policy path), so only the later mini-batches need an old-log-prob pass
-        old = [[None] * len(minis[0])] + [[response_logprobs(model, mb, device, precision, rl.temperature)
-                                            for mb in micros] for micros in minis[1:]]
+        old = [[None if k == 0 else response_logprobs(model, mb, device, precision, rl.temperature) for mb in micros]
+               for k, micros in enumerate(minis)]
         refs = [[response_logprobs(ref_model, mb, device, precision, rl.temperature) if actor_cfg.use_kl_loss
                  else None for mb in micros] for micros in minis]
     stats: dict[str, list[float]] = defaultdict(list)
