@@ -188,16 +188,27 @@ class HFScorer:
         for i, t in enumerate(targets):
             if len(t):
                 by_context.setdefault(tuple(contexts[i]), []).append(i)
-        groups = list(by_context.items())
+        # a context that is a prefix of another (PMI-shift's x∘p of x∘p∘m) is served by the longer one's forward:
+        # causal attention makes its hidden states at the prefix's positions the prefix's own. In sorted order a
+        # prefix of any context is a prefix of the next one, so each context's host is found by walking forward
+        ordered = sorted(by_context)
+        host = {c: c for c in ordered}
+        for a, b in zip(reversed(ordered[:-1]), reversed(ordered[1:])):
+            if len(a) < len(b) and b[:len(a)] == a:
+                host[a] = host[b]
+        hosted: dict[tuple[int, ...], list[tuple[int, int]]] = {}  # host -> (request, its context length)
+        for ctx, members in by_context.items():
+            hosted.setdefault(host[ctx], []).extend((i, len(ctx)) for i in members)
+        groups = list(hosted.items())
         for batch in self._batches([len(c) for c, _ in groups], [1 + len(reqs) for _, reqs in groups]):
             self._score([groups[j] for j in batch], targets, out)
         self.calls += len(contexts)
         return out
 
-    def _score(self, groups: list[tuple[tuple[int, ...], list[int]]], targets: Sequence[Sequence[int]],
+    def _score(self, groups: list[tuple[tuple[int, ...], list[tuple[int, int]]]], targets: Sequence[Sequence[int]],
                out: list[list[float]]) -> None:
-        """One batch: the contexts' forward with a cache, then every target's continuation on its context's cache
-        (the last target token is never an input)."""
+        """One batch: the host contexts' forward with a cache, then every target's continuation on its context's
+        cache (its own context: the host's first `n` positions; the last target token is never an input)."""
         import torch
 
         dev = self.device
@@ -207,38 +218,40 @@ class HFScorer:
         for b, (ctx, _) in enumerate(groups):
             ids[b, :len(ctx)] = torch.tensor(ctx, dtype=torch.long)
             mask[b, :len(ctx)] = 1
-        reqs = [(b, i) for b, (_, members) in enumerate(groups) for i in members]
-        t_width = max(len(targets[i]) - 1 for _, i in reqs)
+        reqs = [(b, i, n) for b, (_, members) in enumerate(groups) for i, n in members]
+        t_width = max(len(targets[i]) - 1 for _, i, _ in reqs)
         with torch.inference_mode():
             first = self.decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=t_width > 0)
-            ctx_len = mask.sum(1)
-            last = first.last_hidden_state[torch.arange(len(groups)), ctx_len - 1]  # predicts each target's 1st token
+            row_ctx = torch.tensor([b for b, _, _ in reqs], dtype=torch.long)
+            ctx_len = torch.tensor([n for _, _, n in reqs], dtype=torch.long)
+            # the hidden state at each request's last context position predicts its target's first token
+            last = first.last_hidden_state[row_ctx.to(dev), (ctx_len - 1).to(dev)]
             rest = None
             if t_width > 0:
-                row_ctx = torch.tensor([b for b, _ in reqs], dtype=torch.long)
                 cache = first.past_key_values
-                cache.batch_select_indices(row_ctx.to(dev))  # one copy of the context cache per target
+                cache.batch_select_indices(row_ctx.to(dev))  # one copy of the host's cache per target
                 t_ids = torch.full((len(reqs), t_width), self.pad_id, dtype=torch.long)
                 t_mask = torch.zeros((len(reqs), t_width), dtype=torch.long)
-                for r, (_, i) in enumerate(reqs):
+                for r, (_, i, _) in enumerate(reqs):
                     n = len(targets[i]) - 1
                     t_ids[r, :n] = torch.tensor(list(targets[i][:-1]), dtype=torch.long)
                     t_mask[r, :n] = 1
-                pos = ctx_len[row_ctx, None] + torch.arange(t_width)[None, :]
-                full_mask = torch.cat([mask[row_ctx], t_mask], 1)  # context padding stays masked for the targets
+                pos = ctx_len[:, None] + torch.arange(t_width)[None, :]
+                own = (torch.arange(width)[None, :] < ctx_len[:, None]).long()  # the host past the context is masked
+                full_mask = torch.cat([own, t_mask], 1)  # so is context padding, for the targets
                 rest = self.decoder(input_ids=t_ids.to(dev), attention_mask=full_mask.to(dev), position_ids=pos.to(dev),
                                     past_key_values=cache, use_cache=True).last_hidden_state
             picked = []
-            for r, (b, i) in enumerate(reqs):
-                picked.append(last[b:b + 1])
+            for r, (_, i, _) in enumerate(reqs):
+                picked.append(last[r:r + 1])
                 if len(targets[i]) > 1:
                     picked.append(rest[r, :len(targets[i]) - 1])
-            t_ids_all = torch.tensor([t for _, i in reqs for t in targets[i]], device=dev)
+            t_ids_all = torch.tensor([t for _, i, _ in reqs for t in targets[i]], device=dev)
             logp = self.head(torch.cat(picked)).float().log_softmax(-1)
             lp = logp.gather(-1, t_ids_all[:, None])[:, 0].tolist()
         self.forwards += 1
         k = 0
-        for _, i in reqs:
+        for _, i, _ in reqs:
             out[i] = lp[k:k + len(targets[i])]
             k += len(targets[i])
 

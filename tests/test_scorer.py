@@ -64,8 +64,9 @@ def test_hf_scorer_batching_invariance(tiny_model):
 
 def test_shared_contexts_give_the_unbatched_beliefs(tiny_model):
     """PMI-shift's requests: per rollout, gold and decoy after a before-context and after an after-context. Shared
-    contexts run once (4 requests → 2 context rows); every belief B = Σ_D [lp(gold) − lp(decoy)] equals the one
-    from unpadded single forwards to 1e-5, with one forward for the whole call."""
+    contexts run once, and a before-context rides on its after-context's forward (a prefix of it: 4 requests → 1
+    context row); every belief B = Σ_D [lp(gold) − lp(decoy)] equals the one from unpadded single forwards to 1e-5,
+    with one forward for the whole call."""
     prefix = "Q: 7-3*(2-5)=?\nA: 2-5=3, 7-9=-2."
     befores = [prefix + "\n", prefix + " so", prefix[:20] + "\n"]
     afters = [c + "<|meta|>sign slip<|/meta|>" for c in befores]
@@ -81,12 +82,31 @@ def test_shared_contexts_give_the_unbatched_beliefs(tiny_model):
     real = scorer.decoder.forward
     scorer.decoder.forward = lambda *a, **k: widths.append(k["input_ids"].shape) or real(*a, **k)
     scorer.target_logprobs(ctxs, tgts)
-    assert widths[0][0] == 2 * len(befores) and widths[1][0] == len(ctxs)  # 6 context rows, 12 target rows
+    # 3 context rows, 12 target rows: each before-context is a prefix of its after-context, whose forward serves it
+    assert widths[0][0] == len(befores) and widths[1][0] == len(ctxs)
     for k in range(0, len(ctxs), 2):
         ours = sum(got[k][t] - got[k + 1][t] for t in diff)
         alone = [reference(tiny_model, ctxs[k + j], tgts[k + j]) for j in (0, 1)]
         assert ours == pytest.approx(sum(alone[0][t] - alone[1][t] for t in diff), abs=1e-5)
         assert got[k] == pytest.approx(alone[0], abs=1e-5) and got[k + 1] == pytest.approx(alone[1], abs=1e-5)
+
+
+def test_prefix_contexts_ride_on_their_longest_extension(tiny_model):
+    """Contexts A ⊂ A∘x ⊂ A∘x∘y, A∘z and an unrelated B: A and A∘x are served by A∘x∘y's forward (3 context rows,
+    not 5); every request, one-token targets included, equals its own unpadded forward to 1e-5."""
+    a = encode(TOK, "Q: 7-3*(2-5)=?\nA: 2-5=")
+    ax, axy, az = a + encode(TOK, "-3"), a + encode(TOK, "-3, 3*(-3)=-9"), a + encode(TOK, "3?")
+    b = encode(TOK, "Compute 1+2.")
+    ctxs = [a, ax, axy, az, b, a, axy]
+    tgts = [encode(TOK, t) for t in ("-3", "\\boxed{16}", "7", "\\boxed{-2}", "3", "x", "\\boxed{16}")]
+    scorer = HFScorer(tiny_model)
+    widths = []
+    real = scorer.decoder.forward
+    scorer.decoder.forward = lambda *args, **k: widths.append(k["input_ids"].shape) or real(*args, **k)
+    got = scorer.target_logprobs(ctxs, tgts)
+    assert widths[0] == (3, len(axy)) and scorer.forwards == 1
+    for ctx, tgt, ours in zip(ctxs, tgts, got):
+        assert ours == pytest.approx(reference(tiny_model, ctx, tgt), abs=1e-5)
 
 
 def test_hf_scorer_edges(tiny_model):
