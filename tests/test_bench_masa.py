@@ -51,7 +51,8 @@ def _options(**kw):
     base = dict(spec=str(Path(__file__).resolve().parent.parent / "configs" / "masa.yaml"), control="grpo",
                 treatment="masa_efficient", out="unused", home="unused", ablation="masa", init="missing-init",
                 prompts="missing.parquet", val="missing.parquet", seeds=[0], steps=12, batch_size=8,
-                mini_batch_size=4, start_step=4, audit_prompts=4, buffer_size=16, test_freq=2, val_rows=36)
+                mini_batch_size=4, start_step=4, audit_prompts=4, buffer_size=16, test_freq=2, val_rows=36,
+                val_n=2, val_temperature=0.7)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -60,6 +61,11 @@ def test_bench_options_the_rl_spec_refuses_are_spec_errors_naming_the_option():
 
     rl, _ = bench.bench_rl(_options().spec, "masa_efficient", _options())
     assert (rl.steps, rl.batch_size, rl.masa.efficient.start_step, rl.masa.expert.buffer_size) == (12, 8, 4, 16)
+    assert (rl.val_n, rl.val_temperature) == (2, 0.7)  # both arms validate the same way, as the bench says
+    control, _ = bench.bench_rl(_options().spec, "grpo", _options(val_n=3, val_temperature=0.0))
+    assert (control.val_n, control.val_temperature, control.masa.enable) == (3, 0.0, False)
+    with pytest.raises(SpecError, match=r"rl.val_n \(--val-n\): Input should be greater than or equal to 1"):
+        bench.bench_rl(_options().spec, "grpo", _options(val_n=0))
     with pytest.raises(SpecError, match=r"arm 'grpo' with this bench's options: rl.steps \(--steps\): Input should "
                                         r"be greater than or equal to 1"):
         bench.bench_rl(_options().spec, "grpo", _options(steps=0))
