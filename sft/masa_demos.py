@@ -42,8 +42,8 @@ def with_meta_predictions(rows: list[dict[str, Any]], share: float, seed: int, t
     `calibrate_slips` fits to `model` (the init model; `compute` its device and precision).
     Facts: meta_prediction_rows, meta_prediction_candidates, meta_prediction_pass_rates (count per value),
     meta_prediction_slips (the slip rates used), and with `fit` meta_prediction_fit (see `calibrate_slips`).
-    Raises ValueError when `fit` is given without `model` and `compute`; DataError when share > 0 and no row can be demonstrated, or the share rounds to no row (the key would not
-    act)."""
+    Raises ValueError when `fit` is given without `model` and `compute`; DataError when share > 0 and no row can be
+    demonstrated, or the share rounds to no row (the key would not act)."""
     from worlds import arith
 
     if fit is not None and (model is None or compute is None):
@@ -92,12 +92,11 @@ def calibration_table(counts: list[tuple[int, ...]], correct: list[int], samples
     round(out_of × p), with per group the problems, the measured accuracy (correct samples / samples) and the
     share of problems whose samples were all wrong or all right (zero variance, what MASA's gating predicts);
     sorted by predicted pass rate."""
-    import math
+    from worlds.arith import pass_probability_of
 
     groups: dict[int, list[int]] = {}
     for n_c, k in zip(counts, correct, strict=True):
-        p = math.prod((1 - s) ** n for s, n in zip(slips, n_c, strict=True))
-        groups.setdefault(round(out_of * p), []).append(k)
+        groups.setdefault(round(out_of * pass_probability_of(n_c, slips)), []).append(k)
     return [{"pass_rate": r, "problems": len(ks), "accuracy": sum(ks) / (samples * len(ks)),
              "all_wrong": sum(k == 0 for k in ks) / len(ks), "all_right": sum(k == samples for k in ks) / len(ks)}
             for r, ks in sorted(groups.items())]

@@ -939,13 +939,16 @@ def risk_counts(problem: Problem) -> tuple[int, ...]:
     return tuple(counts)
 
 
+def pass_probability_of(counts: Sequence[int], slips: Sequence[float]) -> float:
+    """Π_c (1 − slips[c])^counts[c]: the chance that all steps are right when a problem has counts[c] steps of risk
+    class c and each slips independently with probability slips[c]."""
+    return math.prod((1 - s) ** n for s, n in zip(slips, counts, strict=True))
+
+
 def pass_probability(problem: Problem, slips: Sequence[float] = SLIP_BY_RISK) -> float:
-    """Π over the steps of (1 − slips[risk(step)]): the chance that all steps are right if each step of risk class
-    c slips independently with probability slips[c] (the declared model behind the demonstrations' pass rate)."""
-    p = 1.0
-    for c, k in enumerate(risk_counts(problem)):
-        p *= (1 - slips[c]) ** k
-    return p
+    """`pass_probability_of` the problem's `risk_counts` (the declared model behind the demonstrations' pass
+    rate)."""
+    return pass_probability_of(risk_counts(problem), slips)
 
 
 def pass_rate_proxy(problem: Problem, out_of: int, slips: Sequence[float] = SLIP_BY_RISK) -> int:
@@ -980,7 +983,7 @@ def binomial_log_lik(counts: Sequence[Sequence[int]], correct: Sequence[int], sa
     with a wrong sample has pass probability 1."""
     total = 0.0
     for n_c, k in zip(counts, correct, strict=True):
-        p = math.prod((1 - s) ** n for s, n in zip(slips, n_c, strict=True))
+        p = pass_probability_of(n_c, slips)
         for hits, prob in ((k, p), (samples - k, 1 - p)):
             if hits:
                 total += hits * math.log(prob) if prob > 0 else -math.inf
