@@ -193,6 +193,21 @@ class ModelSpec(Strict):
 
 # ---------------------------------------------------------------- SFT
 
+class MetaPredictionFitSpec(Strict):
+    """How the meta-prediction demonstrations' pass rates are calibrated to the model SFT starts from
+    (sft/masa_demos.py): `problems` of the demonstrated problems (a seeded sample), `samples` solutions each from
+    the init model at `temperature` with at most `max_new_tokens`, graded; the per-risk-class slip rates of
+    worlds.arith's pass model are fitted to them by maximum likelihood (worlds.arith.fit_slip_by_risk) and every
+    demonstration's pass_rate comes from the fit. temperature and max_new_tokens must equal rl.temperature and
+    rl.max_response_length (checked in BaseSpec): the pass rate a prediction is scored against is the RL
+    rollouts'."""
+
+    problems: int = Field(256, ge=1, description="demonstrated problems sampled to fit the slip rates")
+    samples: int = Field(8, ge=1, description="solutions sampled per problem")
+    temperature: float = Field(0.7, gt=0, description="sampling temperature (= rl.temperature)")
+    max_new_tokens: int = Field(160, ge=8, description="max new tokens per solution (= rl.max_response_length)")
+
+
 class SFTSpec(Strict):
     """The SFT stage: SFT-1 and optional SFT-2 data (None: no SFT-2), strip_meta (train on the no-meta twin),
     meta_blocks (what the meta side's block contents are: sft/meta_blocks.py), meta_predictions (share of the SFT
@@ -211,6 +226,9 @@ class SFTSpec(Strict):
     meta_predictions: float = Field(
         0.0, ge=0, le=1, description="share of the SFT problems that also get a MASA meta-prediction demonstration "
                                      "row (rl.masa's template answered by the world: sft/masa_demos.py); 0 = none")
+    meta_prediction_fit: MetaPredictionFitSpec | None = Field(
+        None, description="calibrate the demonstrations' pass rates to the init model's sampled solutions "
+                          "(sft/masa_demos.py); unset: the world's declared proxy (worlds.arith.SLIP_BY_RISK)")
     epochs: int = Field(2, ge=1)
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(32, ge=1)
@@ -227,6 +245,9 @@ class SFTSpec(Strict):
         if self.strip_meta and self.meta_predictions:
             raise ValueError("meta_predictions demonstrations think in a meta block, but strip_meta trains on the "
                              "no-meta twin, which has none: remove one of them")
+        if self.meta_prediction_fit is not None and not self.meta_predictions:
+            raise ValueError("meta_prediction_fit calibrates the meta-prediction demonstrations, but "
+                             "meta_predictions is 0 (there are none): set meta_predictions or remove it")
         return self
 
 
@@ -582,6 +603,16 @@ class BaseSpec(Strict):
         if self.rl.rollout_engine != "hf" and self.executor.kind == "verl":
             raise ValueError("rl.rollout_engine is read only by the local executor; verl's rollouts are "
                              "executor.verl.rollout_engine")
+        fit = self.sft.meta_prediction_fit
+        if fit is not None and (fit.temperature, fit.max_new_tokens) != (self.rl.temperature,
+                                                                          self.rl.max_response_length):
+            raise ValueError(f"sft.meta_prediction_fit samples at temperature {fit.temperature} with at most "
+                             f"{fit.max_new_tokens} tokens, but RL's rollouts (what a predicted pass rate is scored "
+                             f"against) use rl.temperature {self.rl.temperature} and rl.max_response_length "
+                             f"{self.rl.max_response_length}: set them equal")
+        if fit is not None and self.tool != "none":
+            raise ValueError(f"sft.meta_prediction_fit samples without the environment's tool, but tool is "
+                             f"'{self.tool}' (RL's rollouts use it): use tool: none or remove the fit")
         if self.tool != "none" and self.executor.kind == "verl":
             raise ValueError(f"tool '{self.tool}': the verl executor's rollouts have no tool loop yet (the local "
                              f"executor's have); use executor.kind: local or tool: none")
@@ -636,6 +667,7 @@ _MECHANISMS = [
     ("sft.strip_meta", "meta_sft"),
     ("sft.meta_blocks", "meta_blocks"),
     ("sft.meta_predictions", "masa_prediction_sft"),
+    ("sft.meta_prediction_fit", "masa_prediction_sft"),
     ("sft.sft1", "sft_data"),
     ("sft.sft2", "sft_data"),
     ("rl.reward", "meta_reward"),

@@ -9,17 +9,21 @@
 
 Arms are configs/masa.yaml's `grpo` and `masa_efficient` (--spec, --control, --treatment), with the bench's sizes
 applied to both (--steps, --batch-size, --mini-batch-size, --start-step, --audit-prompts, --buffer-size,
---test-freq, --val-rows; the defaults fit a shared 2-core box). Seeds vary the RL run only (prompt order,
-sampling); every run starts from the one SFT checkpoint.
+--test-freq, --val-rows, --val-n, --val-temperature; the defaults fit a shared 2-core box: 30 steps of 16 prompts
+× 8, the spec's lr 2e-5, validation on all 216 val rows, 2 samples each at the rollouts' temperature 0.7, so that
+the control's val accuracy moves by more than its noise). Seeds vary the RL run only (prompt order, sampling);
+every run starts from the one SFT checkpoint.
 
 Printed:
-- per step after k (start_step), pooled over seeds: precision and F1 of gating against the truly zero-variance
+- per step, pooled over seeds: precision and F1 of gating against the truly zero-variance
   prompts and of the early cutoff against the truly incorrect rollouts (decisions scored on the audit prompts,
   sampled again at full length and not trained on; steps ≤ k: shadow decisions on every prompt), the share of
-  prompts gated and the generation budget saved (masa/token_budget_saved);
+  prompts gated and the generation budget saved (masa/token_budget_saved); pooled after k (audit prompts) and
+  pooled on steps ≤ k (shadow decisions on every prompt: more prompts, same decision rule);
 - tokens generated per step (solution + meta rollouts, audit rollouts apart) against the control's;
 - time-to-baseline (flagged degenerate when the control's final val accuracy is no better than its start): the
-  control's val accuracy (greedy, the val rows) at its final step is the baseline; per
+  control's val accuracy (mean correctness of --val-n samples per val row at --val-temperature; 0 = greedy) at
+  its final step is the baseline; per
   seed, the treatment's first validated step at or above it; speedup in steps = control steps / treatment steps,
   in wall time = control's summed step seconds / treatment's summed step seconds up to that step, audit seconds
   (measurement, not method) taken out. Mean over the seeds that reach it, with a 95 % Student-t interval across
@@ -56,7 +60,7 @@ def bench_rl(spec_file: str, arm: str, a: argparse.Namespace):
     cfg = arms[arm]
     d = cfg.rl.model_dump()
     d.update(steps=a.steps, batch_size=a.batch_size, mini_batch_size=a.mini_batch_size, test_freq=a.test_freq,
-             save_freq=a.steps)
+             save_freq=a.steps, val_n=a.val_n, val_temperature=a.val_temperature)
     if d["masa"]["enable"] and d["masa"]["efficient"]["start_step"]:
         d["masa"]["efficient"].update(start_step=a.start_step, audit_prompts=a.audit_prompts)
     if d["masa"]["expert"]["enable"]:
@@ -76,7 +80,8 @@ def bench_rl(spec_file: str, arm: str, a: argparse.Namespace):
 # the RL spec keys this bench sets from its options (a refused value names the option)
 OPTIONS = {"steps": "--steps", "save_freq": "--steps", "batch_size": "--batch-size",
            "mini_batch_size": "--mini-batch-size", "test_freq": "--test-freq", "start_step": "--start-step",
-           "audit_prompts": "--audit-prompts", "buffer_size": "--buffer-size"}
+           "audit_prompts": "--audit-prompts", "buffer_size": "--buffer-size", "val_n": "--val-n",
+           "val_temperature": "--val-temperature"}
 
 
 def run(a: argparse.Namespace) -> None:
@@ -204,14 +209,21 @@ def analyse(a: argparse.Namespace) -> dict:
             "budget_saved_tokens": c["token_budget_saved"] / len(seeds),
             "malformed_rate": c["malformed"] / c["meta_rollouts"] if c["meta_rollouts"] else math.nan,
             "tokens_treatment": statistics.fmean(tok_t), "tokens_control": statistics.fmean(tok_c),
-            "audit_tokens": statistics.fmean(treat[s][step].get("masa/audit_tokens", 0.0) for s in seeds)})
+            "audit_tokens": statistics.fmean(treat[s][step].get("masa/audit_tokens", 0.0) for s in seeds),
+            # calibration: the mean predicted pass rate (fraction) against the share of solution rollouts right
+            "pred_pass": _nanmean(treat[s][step].get("masa/pred_pass_rate/mean", math.nan) for s in seeds),
+            "train_accuracy": _nanmean(treat[s][step].get("train/accuracy/pure", math.nan) for s in seeds)})
     after = [p for p in per_step if p["after_k"]]
-    tot = {d: [sum(p[f"{d}_counts"][i] for p in after) for i in range(4)] for d in ("gate", "cutoff")}
+    before = [p for p in per_step if not p["after_k"]]
+
+    def pooled(points: list[dict]) -> dict[str, dict]:
+        tot = {d: [sum(p[f"{d}_counts"][i] for p in points) for i in range(4)] for d in ("gate", "cutoff")}
+        return {d: dict(zip(("precision", "f1"), precision_f1(tot[d][0], tot[d][1], tot[d][2])),
+                        counts=dict(zip(("tp", "fp", "fn", "tn"), tot[d]))) for d in tot}
     ttb = {s: time_to_baseline(ctrl[s], treat[s]) for s in seeds}
     reached = [s for s in seeds if ttb[s]["speedup_steps"] is not None]
     summary = {"seeds": seeds, "k": k, "batch": f"{b} prompts x {n}", "steps": max(steps),
-               "after_k": {d: dict(zip(("precision", "f1"), precision_f1(tot[d][0], tot[d][1], tot[d][2])),
-                                   counts=dict(zip(("tp", "fp", "fn", "tn"), tot[d]))) for d in tot},
+               "after_k": pooled(after), "shadow_to_k": pooled(before),
                "share_gated_after_k": statistics.fmean(p["share_gated"] for p in after) if after else None,
                "budget_saved_tokens_per_step_after_k": statistics.fmean(p["budget_saved_tokens"] for p in after)
                if after else None,
@@ -231,6 +243,12 @@ def analyse(a: argparse.Namespace) -> dict:
     return result
 
 
+def _nanmean(values) -> float:
+    """Mean of the values that are not NaN; NaN when none is."""
+    kept = [v for v in values if not math.isnan(v)]
+    return statistics.fmean(kept) if kept else math.nan
+
+
 def _f(x: float | None, fmt: str = ".2f") -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
@@ -239,15 +257,17 @@ def _print(result: dict, a: argparse.Namespace) -> None:
     s = result["summary"]
     print(f"{a.treatment} vs {a.control}: seeds {s['seeds']}, {s['batch']}, {s['steps']} steps, k = {s['k']}")
     print("step  k<  gate P/F1 [tp fp fn tn]         cutoff P/F1 [tp fp fn tn]          gated  budget_saved  "
-          "tokens t/c       malformed")
+          "tokens t/c       malformed  pred/acc")
     for p in result["per_step"]:
         g, c = p["gate_counts"], p["cutoff_counts"]
         print(f"{p['step']:>4}  {'>' if p['after_k'] else ' '}   {_f(p['gate_precision'])}/{_f(p['gate_f1'])} "
               f"[{' '.join(str(int(x)) for x in g):<11}]  {_f(p['cutoff_precision'])}/{_f(p['cutoff_f1'])} "
               f"[{' '.join(str(int(x)) for x in c):<15}]  {p['share_gated']:.2f}  {p['budget_saved_tokens']:>10.0f}  "
-              f"{p['tokens_treatment']:>6.0f}/{p['tokens_control']:<6.0f}  {_f(p['malformed_rate'])}")
-    for d, v in s["after_k"].items():
-        print(f"after k, pooled: {d} precision {_f(v['precision'])}, F1 {_f(v['f1'])}, counts {v['counts']}")
+              f"{p['tokens_treatment']:>6.0f}/{p['tokens_control']:<6.0f}  {_f(p['malformed_rate'])}       "
+              f"{_f(p['pred_pass'])}/{_f(p['train_accuracy'])}")
+    for when, label in (("after_k", "after k (audit prompts)"), ("shadow_to_k", "steps ≤ k (shadow, every prompt)")):
+        for d, v in s[when].items():
+            print(f"{label}, pooled: {d} precision {_f(v['precision'])}, F1 {_f(v['f1'])}, counts {v['counts']}")
     print(f"share gated after k {_f(s['share_gated_after_k'])}; generation budget saved per step after k "
           f"{_f(s['budget_saved_tokens_per_step_after_k'], '.0f')} tokens; tokens generated per step after k "
           f"{json.dumps(s['tokens_per_step_after_k'])}")
@@ -280,14 +300,16 @@ def main() -> None:
     p.add_argument("--prompts", help="run: RL prompts parquet (instead of --home's)")
     p.add_argument("--val", help="run: val parquet (instead of --home's)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="RL seeds (each runs both arms)")
-    p.add_argument("--steps", type=int, default=12, help="RL steps of each run")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per step")
-    p.add_argument("--mini-batch-size", type=int, default=4, help="prompts per PPO mini-batch")
-    p.add_argument("--start-step", type=int, default=4, help="k: gating and cutoff act after it")
-    p.add_argument("--audit-prompts", type=int, default=4, help="prompts per step re-solved in full after k")
-    p.add_argument("--buffer-size", type=int, default=16, help="expert SFT buffer size")
-    p.add_argument("--test-freq", type=int, default=2, help="validate every this many steps")
-    p.add_argument("--val-rows", type=int, default=36, help="val problems (spread over the domains)")
+    p.add_argument("--steps", type=int, default=30, help="RL steps of each run")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per step")
+    p.add_argument("--mini-batch-size", type=int, default=8, help="prompts per PPO mini-batch")
+    p.add_argument("--start-step", type=int, default=10, help="k: gating and cutoff act after it")
+    p.add_argument("--audit-prompts", type=int, default=2, help="prompts per step re-solved in full after k")
+    p.add_argument("--buffer-size", type=int, default=32, help="expert SFT buffer size")
+    p.add_argument("--test-freq", type=int, default=5, help="validate every this many steps")
+    p.add_argument("--val-rows", type=int, default=216, help="val problems (spread over the domains)")
+    p.add_argument("--val-n", type=int, default=2, help="val samples per problem")
+    p.add_argument("--val-temperature", type=float, default=0.7, help="val sampling temperature (0 = greedy)")
     a = p.parse_args()
     from infra.errors import TwinarmError
 

@@ -26,7 +26,8 @@ def sft_body(call: StageCall) -> StageOutput:
     rows, form_facts = meta_block_form(rows, cfg.meta_blocks, seed=seed)  # the meta side's block form
     init = call.input_path("init")
     tokenizer, model = load_tokenizer(init), load_model(init)
-    rows, demo_facts = with_meta_predictions(rows, cfg.meta_predictions, seed, tokenizer)  # MASA's template
+    rows, demo_facts = with_meta_predictions(rows, cfg.meta_predictions, seed, tokenizer, cfg.meta_prediction_fit,
+                                             model, ComputeSpec(**call.config["executor.compute"]))  # MASA's template
     config = TrainConfig.from_sft(cfg, len(rows))
     log = live_metrics(call)
 

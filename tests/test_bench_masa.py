@@ -51,7 +51,8 @@ def _options(**kw):
     base = dict(spec=str(Path(__file__).resolve().parent.parent / "configs" / "masa.yaml"), control="grpo",
                 treatment="masa_efficient", out="unused", home="unused", ablation="masa", init="missing-init",
                 prompts="missing.parquet", val="missing.parquet", seeds=[0], steps=12, batch_size=8,
-                mini_batch_size=4, start_step=4, audit_prompts=4, buffer_size=16, test_freq=2, val_rows=36)
+                mini_batch_size=4, start_step=4, audit_prompts=4, buffer_size=16, test_freq=2, val_rows=36,
+                val_n=2, val_temperature=0.7)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -60,6 +61,11 @@ def test_bench_options_the_rl_spec_refuses_are_spec_errors_naming_the_option():
 
     rl, _ = bench.bench_rl(_options().spec, "masa_efficient", _options())
     assert (rl.steps, rl.batch_size, rl.masa.efficient.start_step, rl.masa.expert.buffer_size) == (12, 8, 4, 16)
+    assert (rl.val_n, rl.val_temperature) == (2, 0.7)  # both arms validate the same way, as the bench says
+    control, _ = bench.bench_rl(_options().spec, "grpo", _options(val_n=3, val_temperature=0.0))
+    assert (control.val_n, control.val_temperature, control.masa.enable) == (3, 0.0, False)
+    with pytest.raises(SpecError, match=r"rl.val_n \(--val-n\): Input should be greater than or equal to 1"):
+        bench.bench_rl(_options().spec, "grpo", _options(val_n=0))
     with pytest.raises(SpecError, match=r"arm 'grpo' with this bench's options: rl.steps \(--steps\): Input should "
                                         r"be greater than or equal to 1"):
         bench.bench_rl(_options().spec, "grpo", _options(steps=0))
@@ -74,3 +80,42 @@ def test_bench_run_checks_both_arms_before_it_reads_or_trains_anything():
     with pytest.raises(SpecError, match=r"arm 'masa_efficient' with this bench's options: rl: "
                                         r"masa.efficient.start_step 99: .*steps is 5"):
         bench.run(_options(start_step=99, steps=5))  # the missing init and parquet files are never reached
+
+
+def test_analyse_pools_gating_and_cutoff_after_k_and_in_shadow(tmp_path, capsys):
+    """Two seeds, k = 1: step 1's shadow decisions and step 2's audit decisions are pooled apart, with precision and
+    F1 from the pooled counts; the calibration column is the mean predicted pass rate against train accuracy."""
+    import json
+
+    def run(arm, seed, per_step):
+        metrics = [[key, value, step] for step, d in per_step.items() for key, value in d.items()]
+        (tmp_path / f"{arm}-seed{seed}.json").write_text(json.dumps(
+            {"arm": arm, "seed": seed, "rl": {"batch_size": 4, "n": 8, "masa": {"efficient": {"start_step": 1}}},
+             "metrics": metrics}))
+
+    def masa(gate, cutoff, pred, acc):
+        return {**{f"masa/gate/{c}": v for c, v in zip(("tp", "fp", "fn", "tn"), gate)},
+                **{f"masa/cutoff/{c}": v for c, v in zip(("tp", "fp", "fn", "tn"), cutoff)},
+                "masa/gated_prompts": gate[0] + gate[1], "masa/pred_pass_rate/mean": pred,
+                "train/accuracy/pure": acc, "time/step_s": 1.0}
+
+    for seed in (0, 1):
+        run("grpo", seed, {0: {V: 0.3}, 1: {"time/step_s": 1.0}, 2: {"time/step_s": 1.0, V: 0.4}})
+        # shadow at step 1: seed 0 gate tp 1 fp 1 fn 2 tn 0; seed 1 tp 0 fp 0 fn 1 tn 3
+        run("masa_efficient", seed, {0: {V: 0.3},
+                                     1: masa((1, 1, 2, 0) if seed == 0 else (0, 0, 1, 3), (2, 0, 2, 4), 0.5, 0.25),
+                                     2: {**masa((1, 0, 0, 1), (1, 1, 0, 2), 0.3, 0.35), V: 0.45}})
+    args = _options(out=str(tmp_path))
+    result = bench.analyse(args)
+    s = result["summary"]
+    assert s["shadow_to_k"]["gate"]["counts"] == {"tp": 1, "fp": 1, "fn": 3, "tn": 3}
+    assert s["shadow_to_k"]["gate"]["precision"] == 0.5 and s["shadow_to_k"]["gate"]["f1"] == pytest.approx(
+        2 * 0.5 * 0.25 / 0.75)  # recall 1/4
+    assert s["after_k"]["gate"]["counts"] == {"tp": 2, "fp": 0, "fn": 0, "tn": 2}
+    assert s["after_k"]["gate"]["precision"] == 1.0 and s["after_k"]["gate"]["f1"] == 1.0
+    assert s["after_k"]["cutoff"]["precision"] == 0.5 and s["after_k"]["cutoff"]["f1"] == pytest.approx(2 / 3)
+    assert s["share_gated_after_k"] == 2 / 8  # 2 gated of 4 prompts × 2 seeds
+    step1 = result["per_step"][0]
+    assert (step1["pred_pass"], step1["train_accuracy"]) == (0.5, 0.25)
+    assert s["time_to_baseline"][0]["treatment_step"] == 2 and s["time_to_baseline"][0]["degenerate"] is False
+    assert "steps ≤ k (shadow, every prompt), pooled: gate precision 0.50" in capsys.readouterr().out

@@ -37,11 +37,12 @@ solution with the same boxed answer. Blocks never hold the boxed answer.
 """
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from infra.errors import DataError
 from meta.grammar import CALC_CLOSE, CALC_OPEN, META_CLOSE, META_OPEN, find_blocks
@@ -930,27 +931,130 @@ def problem_of(prompt: str, domain: str = "", level: int = 0) -> Problem | None:
     return Problem(domain, level, prompt, expr, tuple(steps))
 
 
-def pass_rate_proxy(problem: Problem, out_of: int) -> int:
-    """The demonstrations' pass rate: round(out_of × Π over the steps of (1 − SLIP_BY_RISK[risk(step)])), i.e.
-    the expected correct count of `out_of` attempts if each step slips independently at its risk class's rate
-    (a declared proxy of difficulty by step count and step risk, not a measurement of any model)."""
-    p = 1.0
+def risk_counts(problem: Problem) -> tuple[int, ...]:
+    """The number of the problem's steps in each `risk` class 0–3 (a tuple of len(SLIP_BY_RISK))."""
+    counts = [0] * len(SLIP_BY_RISK)
     for step in problem.steps:
-        p *= 1 - SLIP_BY_RISK[risk(step)]
-    return round(out_of * p)
+        counts[risk(step)] += 1
+    return tuple(counts)
 
 
-def meta_prediction_demo(problem: Problem, solution_length: int, out_of: int) -> str:
+def pass_probability_of(counts: Sequence[int], slips: Sequence[float]) -> float:
+    """Π_c (1 − slips[c])^counts[c]: the chance that all steps are right when a problem has counts[c] steps of risk
+    class c and each slips independently with probability slips[c]."""
+    return math.prod((1 - s) ** n for s, n in zip(slips, counts, strict=True))
+
+
+def pass_probability(problem: Problem, slips: Sequence[float] = SLIP_BY_RISK) -> float:
+    """`pass_probability_of` the problem's `risk_counts` (the declared model behind the demonstrations' pass
+    rate)."""
+    return pass_probability_of(risk_counts(problem), slips)
+
+
+def pass_rate_proxy(problem: Problem, out_of: int, slips: Sequence[float] = SLIP_BY_RISK) -> int:
+    """The demonstrations' pass rate: round(out_of × `pass_probability`), i.e. the expected correct count of
+    `out_of` attempts if each step slips independently at its risk class's rate. With the default SLIP_BY_RISK a
+    declared proxy of difficulty by step count and step risk, not a measurement of any model; with slips fitted
+    by `fit_slip_by_risk` to a model's sampled solutions, that model's expected count under the same model."""
+    return round(out_of * pass_probability(problem, slips))
+
+
+@dataclass(frozen=True)
+class SlipFit:
+    """`fit_slip_by_risk`'s result. slips: per risk class, the fitted slip rate, or None where no sampled problem
+    has a step of that class (not identified); se: its standard error (delta method on the observed Fisher
+    information; None where not identified or the rate lies on the bound 0); steps: the class's steps summed over
+    the problems; log_lik: the binomial log-likelihood at the fit."""
+
+    slips: tuple[float | None, ...]
+    se: tuple[float | None, ...]
+    steps: tuple[int, ...]
+    log_lik: float
+
+    def filled(self, default: Sequence[float] = SLIP_BY_RISK) -> tuple[float, ...]:
+        """The slips with `default`'s value where a class is not identified."""
+        return tuple(d if s is None else s for s, d in zip(self.slips, default, strict=True))
+
+
+def binomial_log_lik(counts: Sequence[Sequence[int]], correct: Sequence[int], samples: int,
+                     slips: Sequence[float]) -> float:
+    """Σ_i log Binomial(correct_i | samples, Π_c (1 − slips[c])^counts_i[c]), the binomial coefficient left out
+    (it does not depend on the slips). −inf when a problem with a correct sample has pass probability 0 or one
+    with a wrong sample has pass probability 1."""
+    total = 0.0
+    for n_c, k in zip(counts, correct, strict=True):
+        p = pass_probability_of(n_c, slips)
+        for hits, prob in ((k, p), (samples - k, 1 - p)):
+            if hits:
+                total += hits * math.log(prob) if prob > 0 else -math.inf
+    return total
+
+
+def fit_slip_by_risk(counts: Sequence[Sequence[int]], correct: Sequence[int], samples: int) -> SlipFit:
+    """Maximum-likelihood slip rate per risk class: problem i (counts[i][c] steps of class c) is solved right in
+    correct[i] of `samples` independent attempts, correct_i ~ Binomial(samples, Π_c (1 − s_c)^counts_i[c]), the
+    model `pass_probability` declares. Fitted on θ_c = −log(1 − s_c) ≥ 0, where log p_i = −Σ_c counts_i[c] θ_c is
+    linear and the negative log-likelihood convex (so the optimum is the global one); scipy's L-BFGS-B with the
+    analytic gradient. A class no problem has a step of is not identified (slip None). Raises ValueError for
+    empty or inconsistent input (a count outside 0..samples, a row of the wrong length, samples < 1)."""
+    import numpy as np
+    from scipy.optimize import minimize
+
+    n_classes = len(SLIP_BY_RISK)
+    if samples < 1 or not counts or len(counts) != len(correct):
+        raise ValueError(f"fit_slip_by_risk: need samples ≥ 1 and one correct count per problem (got samples "
+                         f"{samples}, {len(counts)} problems, {len(correct)} counts)")
+    for i, (n_c, k) in enumerate(zip(counts, correct)):
+        if len(n_c) != n_classes or min(n_c) < 0 or not 0 <= k <= samples:
+            raise ValueError(f"fit_slip_by_risk: problem {i}: expected {n_classes} step counts ≥ 0 and a correct "
+                             f"count in 0..{samples}, got {list(n_c)} and {k}")
+    x = np.asarray(counts, dtype=float)
+    k = np.asarray(correct, dtype=float)
+    seen = x.sum(axis=0) > 0
+    xs = x[:, seen]
+
+    def nll(theta: "np.ndarray") -> tuple[float, "np.ndarray"]:
+        z = np.maximum(xs @ theta, 1e-12)  # −log p_i
+        # −[k log p + (S − k) log(1 − p)], with log(1 − p) = log(−expm1(−z)); d/dz = k − (S − k) / expm1(z)
+        value = float(np.sum(k * z - (samples - k) * np.log(-np.expm1(-z))))
+        grad_z = k - (samples - k) / np.expm1(z)
+        return value, xs.T @ grad_z
+
+    res = minimize(nll, np.full(int(seen.sum()), 0.05), jac=True, method="L-BFGS-B",
+                   bounds=[(0.0, 50.0)] * int(seen.sum()))
+    theta = res.x
+    # observed Fisher information of θ: Σ_i S p_i / (1 − p_i) x_i x_iᵀ (the binomial's, p = exp(−x·θ))
+    z = np.maximum(xs @ theta, 1e-12)
+    w = samples * np.exp(-z) / -np.expm1(-z)
+    info = (xs * w[:, None]).T @ xs
+    try:
+        cov = np.linalg.inv(info)
+    except np.linalg.LinAlgError:
+        cov = np.full_like(info, np.nan)
+    slips: list[float | None] = [None] * n_classes
+    se: list[float | None] = [None] * n_classes
+    for j, c in enumerate(np.flatnonzero(seen)):
+        slips[c] = float(-np.expm1(-theta[j]))
+        var = cov[j, j]
+        se[c] = float((1 - slips[c]) * math.sqrt(var)) if theta[j] > 1e-9 and var >= 0 else None
+    filled = [d if s is None else s for s, d in zip(slips, SLIP_BY_RISK)]  # unidentified classes: no steps
+    return SlipFit(tuple(slips), tuple(se), tuple(int(v) for v in x.sum(axis=0)),
+                   binomial_log_lik(counts, correct, samples, filled))
+
+
+def meta_prediction_demo(problem: Problem, solution_length: int, out_of: int,
+                         slips: Sequence[float] = SLIP_BY_RISK) -> str:
     """A demonstration answer to rewards.masa.meta_prompt for this problem: a meta block with what the prediction
     is read from (the step count and each step's risk class), then the JSON object rewards.masa.parse_prediction
-    reads: the notions its worked solution needs that the problem does not show (sorted), `pass_rate_proxy` and
-    the given solution length (tokens of the solution this world wrote for it)."""
+    reads: the notions its worked solution needs that the problem does not show (sorted), `pass_rate_proxy` under
+    `slips` and the given solution length (tokens of the solution this world wrote for it)."""
     import json
 
     needed = sorted(notions(problem) - problem_notions(problem.expr))
     risks = " ".join(str(risk(s)) for s in problem.steps)
     return block(f"{len(problem.steps)} steps, risks {risks}") + "\n" + json.dumps(
-        {"notions": needed, "pass_rate": pass_rate_proxy(problem, out_of), "solution_length": solution_length})
+        {"notions": needed, "pass_rate": pass_rate_proxy(problem, out_of, slips),
+         "solution_length": solution_length})
 
 
 # ---------------------------------------------------------------- the world's splits
