@@ -1,5 +1,6 @@
 """Data-parallel training on CPU cores: rank 0 is the calling process (it owns the optimizer, the checkpoints and
-the callbacks); ranks 1..n-1 are processes started here that only compute gradients. Collectives are
+the callbacks); ranks 1..n-1 are processes started here that only compute gradients (the trainer's own loop,
+sft.train.follow). Collectives are
 torch.distributed over gloo, rendezvous through a FileStore in a fresh temporary directory.
 
 One optimizer step with n ranks:
@@ -86,7 +87,8 @@ class Ranks:
         for rank in range(1, self.world):
             job_file = Path(self.tmp) / f"job-{rank}.pkl"
             job_file.write_bytes(pickle.dumps({**self.job, "rank": rank, "world": self.world, "store": store_path}))
-            self.procs.append(spawn([sys.executable, "-m", "sft.ranks", str(job_file)], env=None,
+            # the follower's loop is the trainer's own (sft.train.follow); this module does not import the trainer
+            self.procs.append(spawn([sys.executable, "-m", "sft.train", str(job_file)], env=None,
                                     log=self.log_dir / f"rank-{rank}.log"))
         try:
             dist.init_process_group("gloo", store=dist.FileStore(store_path, self.world), rank=0,
@@ -168,43 +170,3 @@ class Ranks:
             p.grad = grads[offset:offset + p.numel()].view_as(p).to(p.dtype).clone()
             offset += p.numel()
         return float(losses[0])
-
-
-def follow(job: dict[str, Any]) -> None:
-    """A follower's loop: wait for a step (or STOP), take rank 0's weights, run this rank's micro-batches, send
-    the gradients. `job`: model class and config, encoded rows, batch size, seed, pad id, device, precision,
-    threads, rank, world, store (see sft.train.follower_job)."""
-    import torch
-    import torch.distributed as dist
-    from torch.nn.utils import vector_to_parameters
-
-    from sft.train import accumulate, step_parts
-    from worlds.model import set_threads
-
-    set_threads(job["threads"])
-    model = job["model_class"](job["model_config"]).to(torch.float32).to(job["device"]).train()
-    params = list(model.parameters())
-    dist.init_process_group("gloo", store=dist.FileStore(job["store"], job["world"]), rank=job["rank"],
-                            world_size=job["world"], timeout=COLLECTIVE_TIMEOUT)
-    try:
-        while True:
-            control = torch.zeros(1, dtype=torch.long)
-            dist.broadcast(control, src=0)
-            step = int(control[0])
-            if step == STOP:
-                return
-            weights = torch.empty(sum(p.numel() for p in params), dtype=torch.float32)
-            dist.broadcast(weights, src=0)
-            vector_to_parameters(weights, params)
-            model.zero_grad(set_to_none=True)
-            parts, n_tokens = step_parts(job["encoded"], step, job["batch_size"], job["seed"])
-            mine = [parts[i] for i in deal(len(parts), job["world"])[job["rank"]]]
-            loss_sum = accumulate(model, mine, job["pad"], n_tokens, job["device"], job["precision"])
-            dist.reduce(flat_grads(params), dst=0)
-            dist.reduce(torch.tensor([loss_sum], dtype=torch.float64), dst=0)
-    finally:
-        dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    follow(pickle.loads(Path(sys.argv[1]).read_bytes()))

@@ -251,3 +251,48 @@ def train_lm(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerFast", row
             "tokens": sum(r["tokens"] for r in history), "final_loss": history[-1]["loss"] if history else None,
             "history": history, "device": device, "precision": precision, "resumed_from": resumed_from,
             "ranks": ranks}
+
+
+def follow(job: dict[str, Any]) -> None:
+    """A data-parallel follower's loop (sft.ranks starts it as `python -m sft.train JOB`): wait for a step (or
+    STOP), take rank 0's weights, run this rank's micro-batches, send the gradients. `job`: model class and config,
+    encoded rows, batch size, seed, pad id, device, precision, threads, rank, world, store (follower_job)."""
+    import torch
+    import torch.distributed as dist
+    from torch.nn.utils import vector_to_parameters
+
+    from sft.ranks import COLLECTIVE_TIMEOUT, STOP, deal, flat_grads
+    from worlds.model import set_threads
+
+    set_threads(job["threads"])
+    model = job["model_class"](job["model_config"]).to(torch.float32).to(job["device"]).train()
+    params = list(model.parameters())
+    dist.init_process_group("gloo", store=dist.FileStore(job["store"], job["world"]), rank=job["rank"],
+                            world_size=job["world"], timeout=COLLECTIVE_TIMEOUT)
+    try:
+        while True:
+            control = torch.zeros(1, dtype=torch.long)
+            dist.broadcast(control, src=0)
+            step = int(control[0])
+            if step == STOP:
+                return
+            weights = torch.empty(sum(p.numel() for p in params), dtype=torch.float32)
+            dist.broadcast(weights, src=0)
+            vector_to_parameters(weights, params)
+            model.zero_grad(set_to_none=True)
+            parts, n_tokens = step_parts(job["encoded"], step, job["batch_size"], job["seed"])
+            mine = [parts[i] for i in deal(len(parts), job["world"])[job["rank"]]]
+            loss_sum = accumulate(model, mine, job["pad"], n_tokens, job["device"], job["precision"])
+            dist.reduce(flat_grads(params), dst=0)
+            dist.reduce(torch.tensor([loss_sum], dtype=torch.float64), dst=0)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import pickle
+    import sys
+
+    from sft.train import follow as _follow  # the module's own functions, not __main__'s copies
+
+    _follow(pickle.loads(Path(sys.argv[1]).read_bytes()))

@@ -221,12 +221,12 @@ def test_a_dead_rank_is_named(world, tokenizer, tmp_path):
     def kill_follower(record):
         if record["step"] == 1:
             for child in psutil.Process().children(recursive=True):
-                if "sft.ranks" in " ".join(child.cmdline()):
+                if "twinarm-ranks-" in " ".join(child.cmdline()):
                     child.kill()
 
     with pytest.raises(TwinarmError, match=r"data-parallel training \(2 ranks\).*rank 1 exited.*rank-1.log"):
         _train(world, tokenizer, tmp_path, "dead", ranks=2, on_step=kill_follower, **DP)
-    assert not [c for c in psutil.Process().children(recursive=True) if "sft.ranks" in " ".join(c.cmdline())]
+    assert not [c for c in psutil.Process().children(recursive=True) if "twinarm-ranks-" in " ".join(c.cmdline())]
 
 
 def test_early_stop_from_callback(world, tokenizer, tmp_path):
