@@ -289,14 +289,9 @@ class _Children:
             yield share
 
     def __exit__(self, *exc: Any) -> None:
-        import shutil
+        from infra.procs import kill_all
 
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        if self.tmp:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        kill_all(self.procs, self.tmp)
 
 
 def evaluate_share(job: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,3 +28,13 @@ def spawn(args: list[str], env: dict[str, str] | None, log: Path | None = None) 
     finally:
         if log:
             out.close()
+
+
+def kill_all(procs: list[subprocess.Popen], tmp: str | None = None) -> None:
+    """SIGKILL the children still running and reap them; then remove their temporary directory `tmp`, if any."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if tmp:
+        shutil.rmtree(tmp, ignore_errors=True)

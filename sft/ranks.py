@@ -25,7 +25,6 @@ when a collective fails because a follower died.
 from __future__ import annotations
 
 import pickle
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from infra.errors import TwinarmError
+from infra.procs import kill_all, spawn
 
 if TYPE_CHECKING:
     import torch
@@ -79,8 +79,6 @@ class Ranks:
             return self
         import torch.distributed as dist
 
-        from infra.procs import spawn
-
         self.tmp = tempfile.mkdtemp(prefix="twinarm-ranks-")
         store_path = str(Path(self.tmp) / "store")
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -94,7 +92,7 @@ class Ranks:
             dist.init_process_group("gloo", store=dist.FileStore(store_path, self.world), rank=0,
                                     world_size=self.world, timeout=COLLECTIVE_TIMEOUT)
         except BaseException:
-            self._stop()
+            kill_all(self.procs, self.tmp)
             raise
         return self
 
@@ -111,15 +109,7 @@ class Ranks:
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
-            self._stop()
-
-    def _stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        if self.tmp:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            kill_all(self.procs, self.tmp)
 
     def _control(self, step: int) -> None:
         import torch
