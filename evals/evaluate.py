@@ -251,7 +251,7 @@ class _Children:
 
     def __init__(self, store: ResultStore, shares: list[list[Entry]], suites: dict[str, list[dict[str, Any]]],
                  grader: Any, device: str, precision: str):
-        self.store, self.shares = store, shares
+        self.shares = shares
         self.job = {"results_dir": store.dir.parent, "protocol": store.protocol, "suites": suites,
                     "grader": grader.cfg, "device": device, "precision": precision}
         self.procs: list[Any] = []
@@ -260,28 +260,27 @@ class _Children:
     def __enter__(self) -> "_Children":
         if not self.shares:
             return self
-        import pickle
-        import sys
         import tempfile
 
         import torch
 
-        from infra.procs import spawn
+        from infra.procs import spawn_jobs
 
         self.tmp = tempfile.mkdtemp(prefix="twinarm-heldout-")
-        for i, share in enumerate(self.shares, start=1):
-            job = Path(self.tmp) / f"share-{i}.pkl"
-            job.write_bytes(pickle.dumps({**self.job, "entries": share, "threads": torch.get_num_threads()}))
-            self.procs.append(spawn([sys.executable, "-m", "evals.evaluate", str(job)], env=None,
-                                    log=Path(self.tmp) / f"share-{i}.log"))
+        self.procs = spawn_jobs("evals.evaluate", [{**self.job, "entries": share, "threads": torch.get_num_threads()}
+                                                   for share in self.shares],
+                                self.tmp, [self._log(n) for n in range(1, len(self.shares) + 1)])
         return self
+
+    def _log(self, n: int) -> Path:
+        return Path(self.tmp or "") / f"share-{n}.log"
 
     def wait(self) -> Any:
         from infra.errors import TwinarmError
 
-        for i, (proc, share) in enumerate(zip(self.procs, self.shares), start=1):
+        for n, (proc, share) in enumerate(zip(self.procs, self.shares), start=1):
             if proc.wait() != 0:
-                log = Path(self.tmp or "") / f"share-{i}.log"
+                log = self._log(n)
                 tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.is_file() else []
                 raise TwinarmError(f"held-out: the process evaluating {', '.join(f'{e.arm}@{e.step}' for e in share)} "
                                    f"exited with code {proc.returncode}: {' '.join(tail) or 'no output'} (checkpoints "
@@ -307,9 +306,7 @@ def evaluate_share(job: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    import pickle
-    import sys
-
     from evals.evaluate import evaluate_share as _share  # the module's own classes, not __main__'s copies
+    from infra.procs import load_job
 
-    _share(pickle.loads(Path(sys.argv[1]).read_bytes()))
+    _share(load_job())

@@ -1,8 +1,9 @@
-"""Child processes that die with their parent: servers twinarm starts (flows.ui) and data-parallel training ranks
-(sft.ranks)."""
+"""Child processes that die with their parent: servers twinarm starts (flows.ui), data-parallel training ranks
+(sft.ranks) and held-out evaluation shares (evals.evaluate), the last two as `python -m MODULE JOB` jobs."""
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,22 @@ def spawn(args: list[str], env: dict[str, str] | None, log: Path | None = None) 
     finally:
         if log:
             out.close()
+
+
+def spawn_jobs(module: str, jobs: list[dict], tmp: str, logs: list[Path]) -> list[subprocess.Popen]:
+    """Start `python -m module JOB` once per job (pickled to `tmp`/job-N.pkl, N from 1), each dying with this
+    process (`spawn`), output to its log. The module's `__main__` reads its job with `load_job`."""
+    procs = []
+    for n, (job, log) in enumerate(zip(jobs, logs, strict=True), start=1):
+        path = Path(tmp) / f"job-{n}.pkl"
+        path.write_bytes(pickle.dumps(job))
+        procs.append(spawn([sys.executable, "-m", module, str(path)], env=None, log=log))
+    return procs
+
+
+def load_job() -> dict:
+    """The job a `spawn_jobs` child was started with (its command line's path)."""
+    return pickle.loads(Path(sys.argv[1]).read_bytes())
 
 
 def kill_all(procs: list[subprocess.Popen], tmp: str | None = None) -> None:

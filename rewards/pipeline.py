@@ -122,8 +122,7 @@ def score_batch(groups: Sequence[Sequence[Sample]], *, rl: RLSpec, step: int, gr
         # forward passes. Signals that regenerate or grade are scored group by group (no second pass of those)
         batched = BatchedRequests()
         by_group(dataclasses.replace(ctx, scorer=batched.recording, counters=Counter()))
-        batched.run(scorer)
-        results = by_group(dataclasses.replace(ctx, scorer=batched.replaying))
+        results = by_group(dataclasses.replace(ctx, scorer=batched.run(scorer)))
     else:
         results = by_group(ctx)
     t_score = time.perf_counter() - t0

@@ -55,8 +55,8 @@ class BatchedRequests:
 
     `recording` is a Scorer that serves nothing real: it notes each (context, target) request and answers 0.0 per
     target token. `run(scorer)` then sends every noted request to the real scorer in ONE target_logprobs call (so
-    contexts of all groups share forward passes, packed by its token budget); `replaying` answers each request from
-    those results, and asks the real scorer itself for a request it has not seen (a signal whose later requests
+    contexts of all groups share forward passes, packed by its token budget) and returns the replaying Scorer,
+    which answers each request from those results, and asks the real scorer itself for a request it has not seen (a signal whose later requests
     depend on earlier answers stays correct, only unbatched). A request's log-probs do not depend on its batch mates
     (HFScorer: to fp rounding), so replayed values are what a per-group call returns. Counts: the real scorer's
     `calls` grow by every request sent, as with per-group calls; `forwards` by the batches it needed."""
@@ -65,13 +65,12 @@ class BatchedRequests:
         self.requests: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
         self.answers: dict[tuple[tuple[int, ...], tuple[int, ...]], list[float]] = {}
         self.recording = _Recording(self)
-        self.replaying: Scorer | None = None
 
-    def run(self, scorer: Scorer) -> None:
+    def run(self, scorer: Scorer) -> Scorer:
         if self.requests:
             got = scorer.target_logprobs([c for c, _ in self.requests], [t for _, t in self.requests])
             self.answers = dict(zip(self.requests, got))
-        self.replaying = _Replaying(self, scorer)
+        return _Replaying(self, scorer)
 
 
 class _Recording:

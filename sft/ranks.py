@@ -1,10 +1,10 @@
 """Data-parallel training on CPU cores: rank 0 is the calling process (it owns the optimizer, the checkpoints and
 the callbacks); ranks 1..n-1 are processes started here that only compute gradients (the trainer's own loop,
-sft.train.follow). Collectives are
-torch.distributed over gloo, rendezvous through a FileStore in a fresh temporary directory.
+sft.train.follow). Collectives are torch.distributed over gloo, rendezvous through a FileStore in a fresh
+temporary directory.
 
 One optimizer step with n ranks:
-1. rank 0 broadcasts [step, go] and its parameters as one flat fp32 vector;
+1. rank 0 broadcasts the step (or STOP) and its parameters as one flat fp32 vector;
 2. every rank builds the step's batch itself (`sft.train.batch_indices`: a function of step, seed and rows only),
    cuts it into the same length-sorted micro-batches as one process would, and runs its share of them, dealt
    snake-wise (0, 1, …, n-1, n-1, …, 0, …) so that short and long micro-batches are spread evenly; each
@@ -24,16 +24,14 @@ when a collective fails because a follower died.
 """
 from __future__ import annotations
 
-import pickle
 import subprocess
-import sys
 import tempfile
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from infra.errors import TwinarmError
-from infra.procs import kill_all, spawn
+from infra.procs import kill_all, spawn_jobs
 
 if TYPE_CHECKING:
     import torch
@@ -82,12 +80,10 @@ class Ranks:
         self.tmp = tempfile.mkdtemp(prefix="twinarm-ranks-")
         store_path = str(Path(self.tmp) / "store")
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        for rank in range(1, self.world):
-            job_file = Path(self.tmp) / f"job-{rank}.pkl"
-            job_file.write_bytes(pickle.dumps({**self.job, "rank": rank, "world": self.world, "store": store_path}))
-            # the follower's loop is the trainer's own (sft.train.follow); this module does not import the trainer
-            self.procs.append(spawn([sys.executable, "-m", "sft.train", str(job_file)], env=None,
-                                    log=self.log_dir / f"rank-{rank}.log"))
+        # the follower's loop is the trainer's own (sft.train.follow); this module does not import the trainer
+        self.procs = spawn_jobs("sft.train", [{**self.job, "rank": rank, "world": self.world, "store": store_path}
+                                              for rank in range(1, self.world)],
+                                self.tmp, [self.log_dir / f"rank-{rank}.log" for rank in range(1, self.world)])
         try:
             dist.init_process_group("gloo", store=dist.FileStore(store_path, self.world), rank=0,
                                     world_size=self.world, timeout=COLLECTIVE_TIMEOUT)

@@ -142,7 +142,7 @@ def accumulate(model: "PreTrainedModel", parts: list[list[tuple[list[int], list[
 
 def follower_job(model: "PreTrainedModel", encoded: list[tuple[list[int], list[int]]], config: TrainConfig,
                  seed: int, pad: int, device: str, precision: str) -> dict[str, Any]:
-    """What a data-parallel follower (sft.ranks.follow) needs to rebuild the model and every step's batch."""
+    """What a data-parallel follower (`follow`) needs to rebuild the model and every step's batch."""
     import torch
 
     return {"model_class": type(model), "model_config": model.config, "encoded": encoded,
@@ -290,9 +290,7 @@ def follow(job: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    import pickle
-    import sys
-
+    from infra.procs import load_job
     from sft.train import follow as _follow  # the module's own functions, not __main__'s copies
 
-    _follow(pickle.loads(Path(sys.argv[1]).read_bytes()))
+    _follow(load_job())

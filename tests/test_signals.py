@@ -405,11 +405,11 @@ def test_batched_requests_replay_and_fall_back_to_the_scorer():
     ids = lambda text: encode(TOK, text)  # noqa: E731
     seen = batched.recording.target_logprobs([ids(X + P_SAVE)], [ids("\\boxed{16}")])
     assert seen == [[0.0] * len(ids("\\boxed{16}"))] and scorer.invocations == 0
-    batched.run(scorer)
+    replaying = batched.run(scorer)
     assert scorer.invocations == 1 and scorer.calls == 1
     direct = TableScorer(TOK, TABLE).target_logprobs([ids(X + P_SAVE)], [ids("\\boxed{16}")])
-    assert batched.replaying.target_logprobs([ids(X + P_SAVE)], [ids("\\boxed{16}")]) == direct
+    assert replaying.target_logprobs([ids(X + P_SAVE)], [ids("\\boxed{16}")]) == direct
     assert scorer.invocations == 1  # served from the batch
-    late = batched.replaying.target_logprobs([ids(X + P_DER)], [ids("\\boxed{-2}")])
+    late = replaying.target_logprobs([ids(X + P_DER)], [ids("\\boxed{-2}")])
     assert late == TableScorer(TOK, TABLE).target_logprobs([ids(X + P_DER)], [ids("\\boxed{-2}")])
-    assert scorer.invocations == 2 and batched.replaying.calls == 2
+    assert scorer.invocations == 2 and replaying.calls == 2

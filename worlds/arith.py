@@ -37,6 +37,7 @@ solution with the same boxed answer. Blocks never hold the boxed answer.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import re
@@ -1037,9 +1038,9 @@ def fit_slip_by_risk(counts: Sequence[Sequence[int]], correct: Sequence[int], sa
         slips[c] = float(-np.expm1(-theta[j]))
         var = cov[j, j]
         se[c] = float((1 - slips[c]) * math.sqrt(var)) if theta[j] > 1e-9 and var >= 0 else None
-    filled = [d if s is None else s for s, d in zip(slips, SLIP_BY_RISK)]  # unidentified classes: no steps
-    return SlipFit(tuple(slips), tuple(se), tuple(int(v) for v in x.sum(axis=0)),
-                   binomial_log_lik(counts, correct, samples, filled))
+    fit = SlipFit(tuple(slips), tuple(se), tuple(int(v) for v in x.sum(axis=0)), log_lik=math.nan)
+    # unidentified classes have no steps, so the value filled in for them does not change the likelihood
+    return dataclasses.replace(fit, log_lik=binomial_log_lik(counts, correct, samples, fit.filled()))
 
 
 def meta_prediction_demo(problem: Problem, solution_length: int, out_of: int,
