@@ -142,7 +142,7 @@ def stop_ids(tokenizer: "PreTrainedTokenizerFast") -> list[int]:
 
 # the HF engine's own decoding loop (below): part of the evaluation protocol (evals.engines.engine_identity), so
 # samples it drew never share a stored result with those of another loop (HF generate's, before it)
-HF_DECODE = "hf-engine-decode/2: stopped rows leave the batch"
+HF_DECODE = "hf-engine-decode/3: stopped rows leave the batch; grouped-query decoding attention"
 
 
 class HFEngine:

@@ -141,3 +141,58 @@ def test_engine_generates_deterministically(tokenizer):
     banned = engine.generate(prompts[:1], n=4, temperature=1.0, max_new_tokens=6, seed=0, banned_tokens=[top])
     assert all(top not in g.token_ids for g in banned[0])
     assert model.training  # the engine restores the caller's mode
+
+
+def test_grouped_decode_attention_matches_eager():
+    """A decoding step's grouped attention computes eager's values (up to summation order); other calls are eager's."""
+    import torch
+
+    from worlds.model import autocast, grouped_decode_attention
+
+    class Attn(torch.nn.Module):  # what the attention functions read of a Qwen2Attention
+        num_key_value_groups = 3
+    Attn.__module__ = "transformers.models.qwen2.modeling_qwen2"
+    from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward as eager
+
+    module = Attn().eval()
+    gen = torch.Generator().manual_seed(0)
+    for length in (1, 5):  # a decoding step, a prefill
+        q = torch.randn(4, 6, length, 8, generator=gen)
+        k, v = torch.randn(4, 2, 9, 8, generator=gen), torch.randn(4, 2, 9, 8, generator=gen)
+        mask = torch.zeros(4, 1, length, 9)
+        mask[1, ..., :3] = torch.finfo(torch.float32).min  # a left-padded row
+        for precision in ("fp32", "bf16"):
+            with autocast("cpu", precision):
+                want, want_w = eager(module, q, k, v, mask, scaling=0.3)
+                got, got_w = grouped_decode_attention(module, q, k, v, mask, scaling=0.3)
+            assert got.shape == want.shape == (4, length, 6, 8) and got_w.shape == want_w.shape == (4, 6, length, 9)
+            tol = 1e-6 if precision == "fp32" else 1e-2
+            torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+            torch.testing.assert_close(got_w.float(), want_w.float(), atol=tol, rtol=tol)
+            if length > 1:  # not a decoding step: eager's own function ran
+                assert torch.equal(got, want)
+    # no mask (a batch without padding)
+    q = torch.randn(2, 6, 1, 8, generator=gen)
+    k, v = torch.randn(2, 2, 5, 8, generator=gen), torch.randn(2, 2, 5, 8, generator=gen)
+    out, _ = grouped_decode_attention(module, q, k, v, None, scaling=1.0)
+    want, _ = eager(module, q, k, v, None, scaling=1.0)
+    torch.testing.assert_close(out, want)
+
+
+def test_models_decode_the_same_with_grouped_attention(tokenizer):
+    import copy
+
+    from evals.engine import HFEngine, render_prompt
+    from worlds.model import ATTENTION, toy_model
+
+    model = toy_model(TINY, tokenizer, seed=0)
+    assert model.config._attn_implementation == ATTENTION
+    stock = copy.deepcopy(model)
+    stock.set_attn_implementation("eager")
+    prompts = [render_prompt(tokenizer, p) for p in ("Compute 1+2.", "What is 3*4-5?", "Evaluate 19-8*2.")]
+    for precision in ("fp32", "bf16"):
+        a, b = (HFEngine(m, tokenizer, precision=precision).generate(prompts, n=3, temperature=1.0, max_new_tokens=12,
+                                                                     seed=3, logprobs=True) for m in (model, stock))
+        assert [[g.token_ids for g in gs] for gs in a] == [[g.token_ids for g in gs] for gs in b]
+        diffs = [abs(x - y) for ga, gb in zip(a, b) for g, h in zip(ga, gb) for x, y in zip(g.logprobs, h.logprobs)]
+        assert diffs and max(diffs) < 1e-3

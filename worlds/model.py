@@ -19,9 +19,56 @@ if TYPE_CHECKING:
     from infra.spec import ComputeSpec, ToyModelSpec
 
 
+# The attention every model twinarm trains or samples from uses (toy_model, load_model): transformers' eager attention,
+# except that a one-token query (a decoding step) of a grouped-query model attends per key/value head
+# (grouped_decode_attention). Registered with transformers' AttentionInterface under this name when a model is made.
+ATTENTION = "twinarm_eager"
+
+
+def grouped_decode_attention(module: "torch.nn.Module", query: "torch.Tensor", key: "torch.Tensor",
+                             value: "torch.Tensor", attention_mask: "torch.Tensor | None", scaling: float,
+                             dropout: float = 0.0, **kwargs: object) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Eager attention (transformers' `eager_attention_forward` of the module's own model family) with one
+    deviation for decoding under grouped-query attention (GQA; Ainslie et al. 2023, arXiv 2305.13245).
+
+    query [B, H, L, D], key/value [B, KV, T, D] with H = KV·g, attention_mask additive [B, 1, L, T] or None.
+    Eager attention first copies every key/value head g times (`repeat_kv`: the whole KV cache, at every decoding
+    step) and then runs B·H matrix products of one row. When L == 1 the g query heads that share a key/value head
+    are instead stacked as g rows of one product against that head: query [B, KV, g, D] @ key^T [B, KV, D, T]. Every
+    output element is the same dot product, softmax and weighted sum as eager's, so outputs are bit-identical
+    (tests/test_model.py checks bf16 and fp32), without the copy: a demo RL batch (16 prompts × 8, bf16, 1 thread)
+    decodes in about half the CPU time. Returns (output [B, L, H, D], weights [B, H, L, T]) like eager."""
+    import importlib
+
+    import torch
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if query.shape[2] != 1 or groups == 1 or (dropout and module.training):
+        eager = importlib.import_module(type(module).__module__).eager_attention_forward
+        return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    b, h, _, d = query.shape
+    weights = torch.matmul(query.reshape(b, h // groups, groups, d), key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask  # [B, 1, 1, T] broadcasts over heads and the stacked queries
+    weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(weights, value).reshape(b, h, 1, d).transpose(1, 2).contiguous()
+    return out, weights.reshape(b, h, 1, -1)
+
+
+def register_attention() -> str:
+    """Register ATTENTION with transformers (idempotent; eager's mask) and return its name."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import eager_mask
+
+    AttentionInterface.register(ATTENTION, grouped_decode_attention)
+    AttentionMaskInterface.register(ATTENTION, eager_mask)
+    return ATTENTION
+
+
 def toy_model(spec: "ToyModelSpec", tokenizer: "PreTrainedTokenizerFast", seed: int) -> "PreTrainedModel":
     """A freshly initialised Qwen2ForCausalLM sized by the spec (same seed → same weights), fp32 master
-    weights, eager attention (the fastest at these sizes on CPU, and exact under autocast)."""
+    weights, eager attention with grouped decoding (ATTENTION: the fastest at these sizes on CPU, and exact under
+    autocast)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -33,7 +80,7 @@ def toy_model(spec: "ToyModelSpec", tokenizer: "PreTrainedTokenizerFast", seed: 
         num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
         intermediate_size=spec.intermediate_size, max_position_embeddings=spec.max_position,
         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None, use_cache=True, attn_implementation="eager")
+        bos_token_id=None, use_cache=True, attn_implementation=register_attention())
     with seeded(seed):
         model = Qwen2ForCausalLM(config)
     return model.to(torch.float32)
@@ -63,11 +110,12 @@ def save_model(model: "PreTrainedModel", out_dir: Path) -> Path:
 
 
 def load_model(path: Path, device: str = "cpu") -> "PreTrainedModel":
-    """Reload in fp32 (the master precision) whatever the checkpoint's dtype note says."""
+    """Reload in fp32 (the master precision) whatever the checkpoint's dtype note says, with ATTENTION."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                 attn_implementation=register_attention())
     return model.to(device)
 
 
