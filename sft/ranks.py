@@ -42,6 +42,11 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 STOP = -1
 
 
+def ready_file(store_path: str, rank: int) -> str:
+    """The file a follower creates once it is ready for the rendezvous (next to the FileStore)."""
+    return f"{store_path}.rank{rank}.ready"
+
+
 def deal(n_parts: int, world: int) -> list[list[int]]:
     """Micro-batch indices per rank, dealt snake-wise over length-sorted micro-batches: with 4 parts and 2 ranks,
     rank 0 gets [0, 3] and rank 1 [1, 2]. A rank may get none (a short batch)."""
@@ -85,12 +90,31 @@ class Ranks:
                                               for rank in range(1, self.world)],
                                 self.tmp, [self.log_dir / f"rank-{rank}.log" for rank in range(1, self.world)])
         try:
+            self._wait_ready(store_path)
             dist.init_process_group("gloo", store=dist.FileStore(store_path, self.world), rank=0,
                                     world_size=self.world, timeout=COLLECTIVE_TIMEOUT)
         except BaseException:
             kill_all(self.procs, self.tmp)
             raise
         return self
+
+    def _wait_ready(self, store_path: str) -> None:
+        """Wait until every follower has built its model (its ready file), so that the rendezvous, which waits up to
+        COLLECTIVE_TIMEOUT, never waits for a follower that died starting. Raises TwinarmError naming its log."""
+        import time
+
+        waiting = dict(enumerate(self.procs, start=1))
+        while waiting:
+            for rank, proc in list(waiting.items()):
+                if Path(ready_file(store_path, rank)).exists():
+                    del waiting[rank]
+                elif proc.poll() is not None:
+                    log = self.log_dir / f"rank-{rank}.log"
+                    tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.is_file() else []
+                    raise TwinarmError(f"data-parallel training ({self.world} ranks): rank {rank} exited with code "
+                                       f"{proc.returncode} while starting: {' '.join(tail) or 'no output'} "
+                                       f"(log: {log})")
+            time.sleep(0.05)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         import torch.distributed as dist

@@ -261,12 +261,14 @@ def follow(job: dict[str, Any]) -> None:
     import torch.distributed as dist
     from torch.nn.utils import vector_to_parameters
 
-    from sft.ranks import COLLECTIVE_TIMEOUT, STOP, deal, flat_grads
-    from worlds.model import set_threads
+    from sft.ranks import COLLECTIVE_TIMEOUT, STOP, deal, flat_grads, ready_file
+    from worlds.model import register_attention, set_threads
 
     set_threads(job["threads"])
+    register_attention()  # the config names it; this process has not loaded a model through worlds.model
     model = job["model_class"](job["model_config"]).to(torch.float32).to(job["device"]).train()
     params = list(model.parameters())
+    Path(ready_file(job["store"], job["rank"])).touch()  # rank 0 starts the rendezvous once every rank is here
     dist.init_process_group("gloo", store=dist.FileStore(job["store"], job["world"]), rank=job["rank"],
                             world_size=job["world"], timeout=COLLECTIVE_TIMEOUT)
     try:

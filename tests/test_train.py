@@ -229,6 +229,24 @@ def test_a_dead_rank_is_named(world, tokenizer, tmp_path):
     assert not [c for c in psutil.Process().children(recursive=True) if "twinarm-ranks-" in " ".join(c.cmdline())]
 
 
+def test_a_rank_that_dies_starting_is_named_at_once(tmp_path):
+    """A follower that cannot build its model never reaches the rendezvous: rank 0 must not wait there (up to
+    COLLECTIVE_TIMEOUT) but raise, naming the rank, its exit code and its log's last line."""
+    import time
+
+    from transformers import Qwen2ForCausalLM
+
+    from infra.errors import TwinarmError
+    from sft.ranks import Ranks
+
+    job = {"model_class": Qwen2ForCausalLM, "model_config": None, "threads": 1, "device": "cpu"}  # no config: fails
+    t0 = time.monotonic()
+    with pytest.raises(TwinarmError, match=r"rank 1 exited with code 1 while starting: .*Error.*rank-1.log"):
+        with Ranks(2, job, tmp_path):
+            pass
+    assert time.monotonic() - t0 < 60
+
+
 def test_early_stop_from_callback(world, tokenizer, tmp_path):
     _, run = _train(world, tokenizer, tmp_path, "stop", steps=10, on_step=lambda r: r["step"] == 3)
     assert run["steps"] == 3 and run["stopped"] == "callback"
