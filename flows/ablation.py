@@ -29,7 +29,8 @@ from infra.spec import AblationSpec, BaseSpec, resolved_arms  # noqa: E402
 from tasks import report as report_stage  # noqa: E402
 from tasks import rl_verl  # noqa: E402
 from tasks.base_model import CORPUS_ROLES  # noqa: E402
-from tasks.common import SHARED, Session, Stage, StageOutput, run_chains, run_task  # noqa: E402
+from infra.ray_exec import start_early  # noqa: E402
+from tasks.common import SHARED, Session, Stage, StageOutput, load_output, run_chains, run_task  # noqa: E402
 from tasks.stages import STAGES, load_checked_spec  # noqa: E402
 from tasks.twins import TWIN_SOURCES  # noqa: E402
 
@@ -67,14 +68,16 @@ Arms = dict[str, BaseSpec]
 Outputs = dict[str, Artifact]
 
 
-def shared(s: Session, stage: Stage, arms: Arms, inputs_for: Callable[[str], Outputs], **kwargs: Any
-           ) -> dict[str, StageOutput]:
+def shared(s: Session, stage: Stage, arms: Arms, inputs_for: Callable[[str], Outputs],
+           on_compute: Callable[[], None] | None = None, **kwargs: Any) -> dict[str, StageOutput]:
     """Run a shared stage once per group of arms with equal config slice and inputs; arm label '*' when every
-    arm shares it."""
+    arm shares it. `on_compute` runs first when a group's output is not complete (the stage will compute)."""
     groups: dict[str, tuple[Any, list[str]]] = {}
     for arm, cfg in arms.items():
         call = s.stage_call(stage, SHARED, None, stage.config(cfg), inputs_for(arm))
         groups.setdefault(call.key, (call, []))[1].append(arm)
+    if on_compute and any(load_output(call) is None for call, _ in groups.values()):
+        on_compute()
     out: dict[str, StageOutput] = {}
     for call, members in groups.values():
         label = SHARED if len(members) == len(arms) else "+".join(members)
@@ -126,8 +129,10 @@ def ablation(spec_file: str = "configs/demo.yaml", overrides: RunOverrides = Run
             run_task(s, resolve.task, s.begin(s.stage_call(resolve, arm, None, resolve.config(cfg),
                                                            {"spec": spec_art})), **placement)
         data = shared(s, STAGES["data"], arms, lambda arm: {}, **placement)
+        # the base model trains for minutes: a Ray instance the per-arm stages need starts meanwhile
         base = shared(s, STAGES["base_model"], arms, lambda arm: {
-            role: art for role, art in data[arm].outputs.items() if role in CORPUS_ROLES}, **placement)
+            role: art for role, art in data[arm].outputs.items() if role in CORPUS_ROLES},
+            on_compute=lambda: start_early(spec.base.executor), **placement)
         twins = shared(s, STAGES["twins"], arms, lambda arm: {
             "base_model": base[arm].outputs["model"],
             **{n: data[arm].outputs[n] for n in TWIN_SOURCES if n in data[arm].outputs}}, **placement)

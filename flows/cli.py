@@ -143,7 +143,7 @@ def run(spec: Path = typer.Argument(..., help="ablation spec (YAML)"),
     def body() -> int:
         from flows.ui import run_server
 
-        with interruptible(), run_server():
+        with interruptible(), run_server(while_starting="flows.ablation"):
             from flows.ablation import RunOverrides, ablation
 
             quiet_prefect_failures()
@@ -259,7 +259,7 @@ def heldout(ablation: str = typer.Argument(..., help="a registered ablation (its
         from infra.home import home
         from infra.lineage import Lineage
 
-        with interruptible(), run_server():
+        with interruptible(), run_server(while_starting="flows.heldout"):
             from flows.heldout import line, nightly_heldout, registered
 
             known = registered(Lineage(home().lineage_db))

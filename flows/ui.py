@@ -7,6 +7,7 @@ base URL at each start) goes to TWINARM_HOME/prefect/ui-build (PREFECT_UI_STATIC
 output to TWINARM_HOME/prefect/*.log."""
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
@@ -75,11 +76,15 @@ def start_prefect(home: Home, port: int, env: dict[str, str]) -> subprocess.Pope
 
 
 @contextmanager
-def run_server() -> Iterator[None]:
+def run_server(while_starting: str | None = None) -> Iterator[None]:
     """The Prefect API of one `twinarm run`/`heldout` when PREFECT_API_URL is not set: the temporary server Prefect
     would start itself (no UI, no services), but in its own process group, so that a Ctrl-C reaches the flow,
-    which stops its stages and records its end, and not the server it records them in. Stopped on exit."""
+    which stops its stages and records its end, and not the server it records them in. Stopped on exit.
+    `while_starting`: a module to import while the server starts (the flow's; a few seconds on a 2-core box). Its
+    PREFECT_API_URL is set first: prefect reads its settings once, when it is imported."""
     if os.environ.get("PREFECT_API_URL"):
+        if while_starting:
+            importlib.import_module(while_starting)
         yield
         return
     home = configure_environment()
@@ -88,9 +93,11 @@ def run_server() -> Iterator[None]:
     proc = spawn([sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host",
                   "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"], env,
                  home.prefect / "run-server.log")
+    os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
     try:
+        if while_starting:
+            importlib.import_module(while_starting)
         wait_http(f"http://127.0.0.1:{port}/api/health", 120, proc)
-        os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
         yield
     finally:
         if "prefect.logging.handlers" in sys.modules:  # send what is queued while the server still answers

@@ -76,6 +76,27 @@ def ensure_ray(executor: ExecutorSpec) -> None:
                                f"or set executor.use_ray: false to run arms in the flow process.") from None
 
 
+def start_early(executor: ExecutorSpec) -> None:
+    """Start (or join) Ray in a background thread when the executor uses it, so that the first stage placed on it
+    does not wait for it (a local instance takes ~5 s to start on a 2-core box). An error is not raised here:
+    the first `call` runs ensure_ray again and raises it there.
+
+    The thread then parks until the process exits: Ray binds its local processes (GCS, raylet) to the thread that
+    started them (PR_SET_PDEATHSIG, which Linux fires when that *thread* ends), so a thread that returned would
+    take the instance down with it."""
+    if not executor.use_ray:
+        return
+
+    def start_and_park() -> None:
+        try:
+            ensure_ray(executor)
+        except TwinarmError:
+            return
+        threading.Event().wait()
+
+    threading.Thread(target=start_and_park, name="ray-start", daemon=True).start()
+
+
 def in_run_log(target: RunLog | None, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """fn(*args, **kwargs) in a Ray worker, its progress lines sent to the logs of the Prefect run `target`."""
     with run_log(target):

@@ -270,13 +270,14 @@ def test_flow_runs_left_running_by_a_killed_process_are_marked_crashed(server, t
     assert task_states == {"killed": "Crashed", "other": "Running", "now": "Crashed"}
 
 
-# What `twinarm run` does (flows/cli.py): its temporary server, then a flow whose task places a body on Ray. Run as
-# a script, so that Prefect reads the server's PREFECT_API_URL at import, as in the CLI; its output is the terminal.
+# What `twinarm run` does (flows/cli.py): its temporary server, importing prefect while it starts, then a flow whose
+# task places a body on Ray, started early. Run as a script, so that Prefect reads the server's PREFECT_API_URL at
+# import, as in the CLI; its output is the terminal.
 RAY_PLACED = r'''
 import json, os, sys
 from flows.ui import run_server
 from infra.progress import current_run_log, progress, stage_label
-from infra.ray_exec import call
+from infra.ray_exec import call, start_early
 from infra.spec import ExecutorSpec
 
 def body(n):
@@ -285,7 +286,9 @@ def body(n):
             bar.advance(acc=0.5)
     return os.getpid()
 
-with run_server():
+# prefect is imported while the server starts (it reads PREFECT_API_URL then); Ray starts in the background
+with run_server(while_starting="prefect"):
+    start_early(ExecutorSpec(use_ray=True, cpus_per_arm=1))
     from prefect import flow, get_client, task
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
