@@ -143,7 +143,7 @@ def run(spec: Path = typer.Argument(..., help="ablation spec (YAML)"),
     def body() -> int:
         from flows.ui import run_server
 
-        with interruptible(), run_server(while_starting="flows.ablation"):
+        with interruptible(), run_server(while_starting=prepare_flow):
             from flows.ablation import RunOverrides, ablation
 
             quiet_prefect_failures()
@@ -154,6 +154,19 @@ def run(spec: Path = typer.Argument(..., help="ablation spec (YAML)"),
         return 0
 
     _guard(body)
+
+
+def prepare_flow() -> None:
+    """What a flow needs before its first stage and can do while the Prefect server starts: import the flows (and so
+    prefect, which reads its settings then) and create the MLflow store (a fresh SQLite store migrates for ~3 s)."""
+    import importlib
+
+    from infra.home import configure_environment
+    from infra.tracking import Tracker
+
+    for module in ("flows.ablation", "flows.heldout"):
+        importlib.import_module(module)
+    Tracker(configure_environment())
 
 
 @contextmanager
@@ -259,7 +272,7 @@ def heldout(ablation: str = typer.Argument(..., help="a registered ablation (its
         from infra.home import home
         from infra.lineage import Lineage
 
-        with interruptible(), run_server(while_starting="flows.heldout"):
+        with interruptible(), run_server(while_starting=prepare_flow):
             from flows.heldout import line, nightly_heldout, registered
 
             known = registered(Lineage(home().lineage_db))

@@ -7,7 +7,6 @@ base URL at each start) goes to TWINARM_HOME/prefect/ui-build (PREFECT_UI_STATIC
 output to TWINARM_HOME/prefect/*.log."""
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import signal
@@ -17,7 +16,7 @@ import sys
 import time
 import urllib.request
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from infra.errors import TwinarmError
 from infra.home import Home, configure_environment
@@ -76,15 +75,16 @@ def start_prefect(home: Home, port: int, env: dict[str, str]) -> subprocess.Pope
 
 
 @contextmanager
-def run_server(while_starting: str | None = None) -> Iterator[None]:
+def run_server(while_starting: Callable[[], Any] | None = None) -> Iterator[None]:
     """The Prefect API of one `twinarm run`/`heldout` when PREFECT_API_URL is not set: the temporary server Prefect
     would start itself (no UI, no services), but in its own process group, so that a Ctrl-C reaches the flow,
     which stops its stages and records its end, and not the server it records them in. Stopped on exit.
-    `while_starting`: a module to import while the server starts (the flow's; a few seconds on a 2-core box). Its
-    PREFECT_API_URL is set first: prefect reads its settings once, when it is imported."""
+    `while_starting`: what to do while the server starts (~10 s with a fresh database on a 2-core box), such as
+    importing the flow or creating the MLflow store. PREFECT_API_URL is set first: prefect reads its settings once,
+    when it is imported."""
     if os.environ.get("PREFECT_API_URL"):
         if while_starting:
-            importlib.import_module(while_starting)
+            while_starting()
         yield
         return
     home = configure_environment()
@@ -96,7 +96,7 @@ def run_server(while_starting: str | None = None) -> Iterator[None]:
     os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
     try:
         if while_starting:
-            importlib.import_module(while_starting)
+            while_starting()
         wait_http(f"http://127.0.0.1:{port}/api/health", 120, proc)
         yield
     finally:

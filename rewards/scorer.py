@@ -132,8 +132,8 @@ class HFScorer:
     pass each).
     """
 
-    def __init__(self, model: Any, tokenizer: Any = None, *, token_budget: int = 16384, max_rows: int = 256
-                 ) -> None:
+    def __init__(self, model: Any, tokenizer: Any = None, *, token_budget: int = 16384, max_rows: int = 256,
+                 min_shared: int = 8) -> None:
         cfg = model.config
         if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1.0):
             raise NotImplementedError(f"{type(model).__name__}: logits are not lm_head(hidden); not supported")
@@ -144,18 +144,22 @@ class HFScorer:
         self.token_budget = token_budget
         self.max_rows = max_rows
         self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0  # any id: padded positions are masked
+        self.min_shared = min_shared
         self.calls = 0
         self.forwards = 0
 
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu", dtype: str = "auto", **kw: Any) -> "HFScorer":
-        """The frozen reference model (an arm's SFT checkpoint in HF format) and its tokenizer."""
+        """The frozen reference model (an arm's SFT checkpoint in HF format) and its tokenizer, with twinarm's
+        attention (worlds.model.ATTENTION: the continuation passes attend per key/value head)."""
         import torch
         from transformers import AutoModelForCausalLM
 
+        from worlds.model import register_attention
         from worlds.tokenizer import load_tokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+                                                     attn_implementation=register_attention())
         model.to(device).requires_grad_(False)
         return cls(model, load_tokenizer(path), **kw)
 
@@ -199,46 +203,71 @@ class HFScorer:
         for ctx, members in by_context.items():
             hosted.setdefault(host[ctx], []).extend((i, len(ctx)) for i in members)
         groups = list(hosted.items())
-        for batch in self._batches([len(c) for c, _ in groups], [1 + len(reqs) for _, reqs in groups]):
-            self._score([groups[j] for j in batch], targets, out)
+        # the hosts' shared starts (an RL group's prompt) run once per batch; batches are packed by what is left
+        row, plen = shared_prefixes([c for c, _ in groups], self.min_shared)
+        for batch in self._batches([len(c) - plen[j] for j, (c, _) in enumerate(groups)],
+                                   [1 + len(reqs) for _, reqs in groups]):
+            self._score([groups[j] for j in batch], [(row[j], plen[j]) for j in batch], targets, out)
         self.calls += len(contexts)
         return out
 
-    def _score(self, groups: list[tuple[tuple[int, ...], list[tuple[int, int]]]], targets: Sequence[Sequence[int]],
-               out: list[list[float]]) -> None:
-        """One batch: the host contexts' forward with a cache, then every target's continuation on its context's
-        cache (its own context: the host's first `n` positions; the last target token is never an input)."""
+    def _score(self, groups: list[tuple[tuple[int, ...], list[tuple[int, int]]]], shared: list[tuple[int, int]],
+               targets: Sequence[Sequence[int]], out: list[list[float]]) -> None:
+        """One batch: the shared prefixes' forward (`shared`: per host, its prefix's id and length, from
+        shared_prefixes), the host contexts' suffixes on their prefix's cache, then every target's continuation on
+        its context's cache (its own context: the host's first `n` positions; the last target token is never an
+        input). Each pass keeps a real token's unpadded position and masks everything that is not its own context,
+        so no request sees a batch mate's tokens."""
         import torch
 
         dev = self.device
-        width = max(len(c) for c, _ in groups)
-        ids = torch.full((len(groups), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(groups), width), dtype=torch.long)
-        for b, (ctx, _) in enumerate(groups):
-            ids[b, :len(ctx)] = torch.tensor(ctx, dtype=torch.long)
-            mask[b, :len(ctx)] = 1
+        hosts = [c for c, _ in groups]
+        row, plen = [r for r, _ in shared], [p for _, p in shared]
+        prefixes = {(row[b], plen[b]): hosts[b][:plen[b]] for b in range(len(hosts)) if plen[b]}
+        p_rows = {key: r for r, key in enumerate(prefixes)}
+        p_width = max((p for _, p in prefixes), default=0)
+        s_width = max(len(c) - plen[b] for b, c in enumerate(hosts))
         reqs = [(b, i, n) for b, (_, members) in enumerate(groups) for i, n in members]
         t_width = max(len(targets[i]) - 1 for _, i, _ in reqs)
+
+        def padded(rows: list[Sequence[int]], width: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, tokens in enumerate(rows):
+                ids[r, :len(tokens)] = torch.tensor(list(tokens), dtype=torch.long)
+                mask[r, :len(tokens)] = 1
+            return ids, mask
+
         with torch.inference_mode():
-            first = self.decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=t_width > 0)
-            row_ctx = torch.tensor([b for b, _, _ in reqs], dtype=torch.long)
-            ctx_len = torch.tensor([n for _, _, n in reqs], dtype=torch.long)
+            cache, first = None, None
+            if prefixes:  # pass 1: each shared prefix once
+                ids, mask = padded(list(prefixes.values()), p_width)
+                first = self.decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=True)
+                cache = first.past_key_values
+                cache.batch_select_indices(torch.tensor([p_rows.get((row[b], plen[b]), 0) for b in range(len(hosts))],
+                                                        device=dev))
+            # pass 2: every host's suffix after its own prefix (positions continue from it; other prefixes masked)
+            p_len = torch.tensor(plen, dtype=torch.long)
+            s_ids, s_mask = padded([c[plen[b]:] for b, c in enumerate(hosts)], s_width)
+            own_prefix = (torch.arange(p_width)[None, :] < p_len[:, None]).long()
+            second = self.decoder(input_ids=s_ids.to(dev), attention_mask=torch.cat([own_prefix, s_mask], 1).to(dev),
+                                  position_ids=(p_len[:, None] + torch.arange(s_width)[None, :]).to(dev),
+                                  past_key_values=cache, use_cache=t_width > 0)
             # the hidden state at each request's last context position predicts its target's first token
-            last = first.last_hidden_state[row_ctx.to(dev), (ctx_len - 1).to(dev)]
+            last = torch.stack([first.last_hidden_state[p_rows[(row[b], plen[b])], n - 1] if n <= plen[b] else
+                                second.last_hidden_state[b, n - 1 - plen[b]] for b, _, n in reqs])
             rest = None
             if t_width > 0:
-                cache = first.past_key_values
+                cache = second.past_key_values
+                row_ctx = torch.tensor([b for b, _, _ in reqs], dtype=torch.long)
                 cache.batch_select_indices(row_ctx.to(dev))  # one copy of the host's cache per target
-                t_ids = torch.full((len(reqs), t_width), self.pad_id, dtype=torch.long)
-                t_mask = torch.zeros((len(reqs), t_width), dtype=torch.long)
-                for r, (_, i, _) in enumerate(reqs):
-                    n = len(targets[i]) - 1
-                    t_ids[r, :n] = torch.tensor(list(targets[i][:-1]), dtype=torch.long)
-                    t_mask[r, :n] = 1
-                pos = ctx_len[:, None] + torch.arange(t_width)[None, :]
-                own = (torch.arange(width)[None, :] < ctx_len[:, None]).long()  # the host past the context is masked
-                full_mask = torch.cat([own, t_mask], 1)  # so is context padding, for the targets
-                rest = self.decoder(input_ids=t_ids.to(dev), attention_mask=full_mask.to(dev), position_ids=pos.to(dev),
+                t_ids, t_mask = padded([targets[i][:-1] for _, i, _ in reqs], t_width)
+                ctx_len = torch.tensor([n for _, _, n in reqs], dtype=torch.long)
+                req_p = p_len[row_ctx]
+                own = torch.cat([torch.arange(p_width)[None, :] < torch.minimum(ctx_len, req_p)[:, None],
+                                 torch.arange(s_width)[None, :] < (ctx_len - req_p)[:, None]], 1).long()
+                rest = self.decoder(input_ids=t_ids.to(dev), attention_mask=torch.cat([own, t_mask], 1).to(dev),
+                                    position_ids=(ctx_len[:, None] + torch.arange(t_width)[None, :]).to(dev),
                                     past_key_values=cache, use_cache=True).last_hidden_state
             picked = []
             for r, (_, i, _) in enumerate(reqs):
@@ -253,6 +282,37 @@ class HFScorer:
         for _, i, _ in reqs:
             out[i] = lp[k:k + len(targets[i])]
             k += len(targets[i])
+
+
+def shared_prefixes(contexts: Sequence[Sequence[int]], min_shared: int) -> tuple[list[int], list[int]]:
+    """(group, prefix length) per context: contexts sorted by their ids fall into runs whose neighbours share at
+    least `min_shared` leading ids (an RL group's rollouts share their rendered prompt); a run's prefix is what all
+    its members share. A context in no run gets length 0. No context is a prefix of another (HFScorer hosts those on
+    their extension), so every context keeps at least one id past its prefix."""
+    order = sorted(range(len(contexts)), key=lambda i: tuple(contexts[i]))
+    group, length = [0] * len(contexts), [0] * len(contexts)
+
+    def common(a: Sequence[int], b: Sequence[int]) -> int:
+        k = 0
+        for x, y in zip(a, b):
+            if x != y:
+                break
+            k += 1
+        return k
+
+    run: list[int] = []
+    shared = 0
+    for pos, i in enumerate(order + [None]):  # type: ignore[list-item]
+        k = common(contexts[run[-1]], contexts[i]) if run and i is not None else 0
+        if run and k >= min_shared:
+            run.append(i)
+            shared = min(shared, k)
+            continue
+        if len(run) > 1:
+            for j in run:
+                group[j], length[j] = run[0], min(shared, len(contexts[j]) - 1)
+        run, shared = ([i], len(contexts[i])) if i is not None else ([], 0)
+    return group, length
 
 
 class PieceTokenizer:

@@ -287,7 +287,7 @@ def body(n):
     return os.getpid()
 
 # prefect is imported while the server starts (it reads PREFECT_API_URL then); Ray starts in the background
-with run_server(while_starting="prefect"):
+with run_server(while_starting=lambda: __import__("prefect")):
     start_early(ExecutorSpec(use_ray=True, cpus_per_arm=1))
     from prefect import flow, get_client, task
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId

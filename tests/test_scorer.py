@@ -82,8 +82,9 @@ def test_shared_contexts_give_the_unbatched_beliefs(tiny_model):
     real = scorer.decoder.forward
     scorer.decoder.forward = lambda *a, **k: widths.append(k["input_ids"].shape) or real(*a, **k)
     scorer.target_logprobs(ctxs, tgts)
-    # 3 context rows, 12 target rows: each before-context is a prefix of its after-context, whose forward serves it
-    assert widths[0][0] == len(befores) and widths[1][0] == len(ctxs)
+    # each before-context is a prefix of its after-context, whose forward serves it: 3 host contexts, whose
+    # shared start runs once (1 row), then their 3 suffixes, then 12 target rows
+    assert [w[0] for w in widths] == [1, len(befores), len(ctxs)]
     for k in range(0, len(ctxs), 2):
         ours = sum(got[k][t] - got[k + 1][t] for t in diff)
         alone = [reference(tiny_model, ctxs[k + j], tgts[k + j]) for j in (0, 1)]
@@ -104,9 +105,44 @@ def test_prefix_contexts_ride_on_their_longest_extension(tiny_model):
     real = scorer.decoder.forward
     scorer.decoder.forward = lambda *args, **k: widths.append(k["input_ids"].shape) or real(*args, **k)
     got = scorer.target_logprobs(ctxs, tgts)
-    assert widths[0] == (3, len(axy)) and scorer.forwards == 1
+    # hosts A∘x∘y, A∘z, B: A runs once for the two that start with it, then the 3 hosts' suffixes
+    assert widths[:2] == [(1, len(a)), (3, max(len(axy) - len(a), len(b)))] and scorer.forwards == 1
     for ctx, tgt, ours in zip(ctxs, tgts, got):
         assert ours == pytest.approx(reference(tiny_model, ctx, tgt), abs=1e-5)
+
+
+def test_rollouts_of_one_prompt_share_its_forward(tiny_model):
+    """An RL group: 8 rollouts of one prompt, each scored before its own block; another prompt's 8 beside them.
+    Each prompt runs once (2 prefix rows), then only the responses; every request equals its own unpadded forward
+    to 1e-5, and a request whose context ends inside the shared prompt (a block at the very start) too."""
+    prompts = [encode(TOK, "Q: 7-3*(2-5)=?\nA: "), encode(TOK, "Q: 12/(2+1)=?\nA: ")]
+    responses = [encode(TOK, r) for r in ("2-5=3", "2-5=-3, 3*(-3)=-9", "7-3=4", "x", "2-5=3, 7-9=-2.", "16",
+                                          "a much longer response " * 2, "-9")]
+    ctxs = [p + r for p in prompts for r in responses] + [prompts[0][:-2]]
+    tgts = [encode(TOK, "\\boxed{16}")] * len(ctxs)
+    scorer = HFScorer(tiny_model)
+    widths = []
+    real = scorer.decoder.forward
+    scorer.decoder.forward = lambda *args, **k: widths.append(k["input_ids"].shape) or real(*args, **k)
+    got = scorer.target_logprobs(ctxs, tgts)
+    # 14 hosts: per prompt, "2-5=3" rides on "2-5=3, 7-9=-2." (its prefix), and the cut prompt on any of them
+    assert widths[0] == (2, max(len(p) for p in prompts)) and widths[1][0] == 14
+    for ctx, tgt, ours in zip(ctxs, tgts, got):
+        assert ours == pytest.approx(reference(tiny_model, ctx, tgt), abs=1e-5)
+
+
+def test_shared_prefixes_groups_runs_of_a_common_start():
+    from rewards.scorer import shared_prefixes
+
+    a, b = [1, 2, 3, 4], [9, 9, 9]
+    contexts = [a + [5], b + [1], a + [6, 7], [4, 4], a[:3] + [8], b + [2, 2]]
+    group, length = shared_prefixes(contexts, min_shared=3)
+    # a∘5, a∘6∘7 and a[:3]∘8 share a[:3] (the run's least common start); b∘1, b∘2∘2 share b; [4, 4] is alone
+    assert length == [3, 3, 3, 0, 3, 3]
+    assert group[0] == group[2] == group[4] != group[1] == group[5]
+    assert shared_prefixes(contexts, min_shared=4)[1] == [4, 0, 4, 0, 0, 0]  # a∘8 shares only 3 with them
+    assert shared_prefixes(contexts, min_shared=5)[1] == [0] * 6  # no neighbours share 5
+    assert shared_prefixes([[1, 2], [1, 2, 3]], 1)[1] == [1, 2]  # each keeps at least one id past its prefix
 
 
 def test_hf_scorer_edges(tiny_model):

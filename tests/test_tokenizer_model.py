@@ -143,11 +143,12 @@ def test_engine_generates_deterministically(tokenizer):
     assert model.training  # the engine restores the caller's mode
 
 
-def test_grouped_decode_attention_matches_eager():
-    """A decoding step's grouped attention computes eager's values (up to summation order); other calls are eager's."""
+def test_grouped_attention_matches_eager():
+    """Queries continuing a cache (a decoding step, a scored continuation) under grouped attention compute eager's
+    values (up to summation order); a pass over the whole sequence (training, a prompt) is eager's own."""
     import torch
 
-    from worlds.model import autocast, grouped_decode_attention
+    from worlds.model import autocast, grouped_attention
 
     class Attn(torch.nn.Module):  # what the attention functions read of a Qwen2Attention
         num_key_value_groups = 3
@@ -156,27 +157,29 @@ def test_grouped_decode_attention_matches_eager():
 
     module = Attn().eval()
     gen = torch.Generator().manual_seed(0)
-    for length in (1, 5):  # a decoding step, a prefill
+    neg = torch.finfo(torch.float32).min
+    for length in (1, 3, 9):  # a decoding step, a 3-token continuation of a 6-token cache, a whole 9-token pass
         q = torch.randn(4, 6, length, 8, generator=gen)
         k, v = torch.randn(4, 2, 9, 8, generator=gen), torch.randn(4, 2, 9, 8, generator=gen)
         mask = torch.zeros(4, 1, length, 9)
-        mask[1, ..., :3] = torch.finfo(torch.float32).min  # a left-padded row
+        mask[..., 9 - length:] = torch.full((length, length), neg).triu(1)  # causal among the new queries
+        mask[1, ..., :3] = neg  # a left-padded row
+        mask[2, ..., 1] = neg  # a masked hole (another context's padding in the scorer's cache)
         for precision in ("fp32", "bf16"):
             with autocast("cpu", precision):
                 want, want_w = eager(module, q, k, v, mask, scaling=0.3)
-                got, got_w = grouped_decode_attention(module, q, k, v, mask, scaling=0.3)
+                got, got_w = grouped_attention(module, q, k, v, mask, scaling=0.3)
             assert got.shape == want.shape == (4, length, 6, 8) and got_w.shape == want_w.shape == (4, 6, length, 9)
             tol = 1e-6 if precision == "fp32" else 1e-2
             torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
             torch.testing.assert_close(got_w.float(), want_w.float(), atol=tol, rtol=tol)
-            if length > 1:  # not a decoding step: eager's own function ran
+            if length == 9:  # not a continuation: eager's own function ran
                 assert torch.equal(got, want)
-    # no mask (a batch without padding)
+    # a one-token query without a mask (a batch without padding)
     q = torch.randn(2, 6, 1, 8, generator=gen)
     k, v = torch.randn(2, 2, 5, 8, generator=gen), torch.randn(2, 2, 5, 8, generator=gen)
-    out, _ = grouped_decode_attention(module, q, k, v, None, scaling=1.0)
-    want, _ = eager(module, q, k, v, None, scaling=1.0)
-    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(grouped_attention(module, q, k, v, None, scaling=1.0)[0],
+                               eager(module, q, k, v, None, scaling=1.0)[0])
 
 
 def test_models_decode_the_same_with_grouped_attention(tokenizer):

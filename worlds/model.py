@@ -19,40 +19,45 @@ if TYPE_CHECKING:
     from infra.spec import ComputeSpec, ToyModelSpec
 
 
-# The attention every model twinarm trains or samples from uses (toy_model, load_model): transformers' eager attention,
-# except that a one-token query (a decoding step) of a grouped-query model attends per key/value head
-# (grouped_decode_attention). Registered with transformers' AttentionInterface under this name when a model is made.
+# The attention every model twinarm trains, samples from or scores with (toy_model, load_model, the PMI-shift
+# scorer): transformers' eager attention, except that queries continuing a KV cache (a decoding step, a scored
+# continuation) of a grouped-query model attend per key/value head (grouped_attention). Registered with
+# transformers' AttentionInterface under this name when a model is made.
 ATTENTION = "twinarm_eager"
 
 
-def grouped_decode_attention(module: "torch.nn.Module", query: "torch.Tensor", key: "torch.Tensor",
-                             value: "torch.Tensor", attention_mask: "torch.Tensor | None", scaling: float,
-                             dropout: float = 0.0, **kwargs: object) -> tuple["torch.Tensor", "torch.Tensor"]:
+def grouped_attention(module: "torch.nn.Module", query: "torch.Tensor", key: "torch.Tensor", value: "torch.Tensor",
+                      attention_mask: "torch.Tensor | None", scaling: float, dropout: float = 0.0, **kwargs: object
+                      ) -> tuple["torch.Tensor", "torch.Tensor"]:
     """Eager attention (transformers' `eager_attention_forward` of the module's own model family) with one
-    deviation for decoding under grouped-query attention (GQA; Ainslie et al. 2023, arXiv 2305.13245).
+    deviation for queries that continue a KV cache under grouped-query attention (GQA; Ainslie et al. 2023,
+    arXiv 2305.13245).
 
-    query [B, H, L, D], key/value [B, KV, T, D] with H = KV·g, attention_mask additive [B, 1, L, T] or None.
-    Eager attention first copies every key/value head g times (`repeat_kv`: the whole KV cache, at every decoding
-    step) and then runs B·H matrix products of one row. When L == 1 the g query heads that share a key/value head
-    are instead stacked as g rows of one product against that head: query [B, KV, g, D] @ key^T [B, KV, D, T]. Every
-    output element is the same dot product, softmax and weighted sum as eager's, so outputs are bit-identical
-    (tests/test_model.py checks bf16 and fp32), without the copy: a demo RL batch (16 prompts × 8, bf16, 1 thread)
-    decodes in about half the CPU time. Returns (output [B, L, H, D], weights [B, H, L, T]) like eager."""
+    query [B, H, L, D], key/value [B, KV, T, D] with H = KV·g, attention_mask additive [B, 1, L, T] (or None for a
+    one-token query). Eager attention first copies every key/value head g times (`repeat_kv`: the whole cache, at
+    every decoding step) and then multiplies per query head. When the L queries continue a longer cache (L < T) the
+    g query heads that share a key/value head are instead stacked as g·L rows of one product against that head:
+    query [B, KV, g·L, D] @ key^T [B, KV, D, T], the mask repeated for each stacked head. Every output element is the
+    same dot product, softmax and weighted sum as eager's, without the copy (tests/test_tokenizer_model.py: equal to
+    eager within fp32 rounding, and bit-identical decoding in bf16 on the demo box): a demo RL batch (16 prompts ×
+    8, bf16, 1 thread) decodes in about half the CPU time. Training and prompt passes (L == T) are eager's own.
+    Returns (output [B, L, H, D], weights [B, H, L, T]) like eager."""
     import importlib
 
     import torch
 
     groups = getattr(module, "num_key_value_groups", 1)
-    if query.shape[2] != 1 or groups == 1 or (dropout and module.training):
+    b, h, length, d = query.shape
+    if length >= key.shape[2] or groups == 1 or (dropout and module.training) or (
+            attention_mask is None and length > 1):
         eager = importlib.import_module(type(module).__module__).eager_attention_forward
         return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    b, h, _, d = query.shape
-    weights = torch.matmul(query.reshape(b, h // groups, groups, d), key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        weights = weights + attention_mask  # [B, 1, 1, T] broadcasts over heads and the stacked queries
+    weights = torch.matmul(query.reshape(b, h // groups, groups * length, d), key.transpose(2, 3)) * scaling
+    if attention_mask is not None:  # [B, 1, L, T]: row r·L + l of the stacked queries is query l of head r
+        weights = weights + (attention_mask if length == 1 else attention_mask.repeat(1, 1, groups, 1))
     weights = torch.nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    out = torch.matmul(weights, value).reshape(b, h, 1, d).transpose(1, 2).contiguous()
-    return out, weights.reshape(b, h, 1, -1)
+    out = torch.matmul(weights, value).reshape(b, h, length, d).transpose(1, 2).contiguous()
+    return out, weights.reshape(b, h, length, -1)
 
 
 def register_attention() -> str:
@@ -60,7 +65,7 @@ def register_attention() -> str:
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import eager_mask
 
-    AttentionInterface.register(ATTENTION, grouped_decode_attention)
+    AttentionInterface.register(ATTENTION, grouped_attention)
     AttentionMaskInterface.register(ATTENTION, eager_mask)
     return ATTENTION
 
