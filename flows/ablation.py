@@ -129,13 +129,14 @@ def ablation(spec_file: str = "configs/demo.yaml", overrides: RunOverrides = Run
             run_task(s, resolve.task, s.begin(s.stage_call(resolve, arm, None, resolve.config(cfg),
                                                            {"spec": spec_art})), **placement)
         data = shared(s, STAGES["data"], arms, lambda arm: {}, **placement)
-        # the base model trains for minutes: a Ray instance the per-arm stages need starts meanwhile
         base = shared(s, STAGES["base_model"], arms, lambda arm: {
-            role: art for role, art in data[arm].outputs.items() if role in CORPUS_ROLES},
-            on_compute=lambda: start_early(spec.base.executor), **placement)
+            role: art for role, art in data[arm].outputs.items() if role in CORPUS_ROLES}, **placement)
+        # the twins take one core for seconds: a Ray instance for the per-arm stages starts on the other meanwhile
+        # (started during the base model, its idle processes would take CPU from it for minutes)
         twins = shared(s, STAGES["twins"], arms, lambda arm: {
             "base_model": base[arm].outputs["model"],
-            **{n: data[arm].outputs[n] for n in TWIN_SOURCES if n in data[arm].outputs}}, **placement)
+            **{n: data[arm].outputs[n] for n in TWIN_SOURCES if n in data[arm].outputs}},
+            on_compute=lambda: start_early(spec.base.executor), **placement)
 
         def sft_inputs(arm: str, seed: int, earlier: list[StageOutput]) -> Outputs:
             side = twin_side(arms[arm].sft.strip_meta)

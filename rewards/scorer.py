@@ -132,7 +132,7 @@ class HFScorer:
     pass each).
     """
 
-    def __init__(self, model: Any, tokenizer: Any = None, *, token_budget: int = 16384, max_rows: int = 256,
+    def __init__(self, model: Any, tokenizer: Any = None, *, token_budget: int | None = None, max_rows: int = 256,
                  min_shared: int = 8) -> None:
         cfg = model.config
         if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1.0):
@@ -141,7 +141,9 @@ class HFScorer:
         self.decoder = model.get_decoder()
         self.head = model.get_output_embeddings()
         self.tokenizer = tokenizer
-        self.token_budget = token_budget
+        # padded tokens per batch: on CPU small batches stay in cache (a demo RL batch's PMI-shift scoring, 1 thread:
+        # 0.33 s at 4096 vs 0.44 s at 16384); a GPU wants them large
+        self.token_budget = token_budget or (4096 if self.device.type == "cpu" else 16384)
         self.max_rows = max_rows
         self.pad_id = getattr(tokenizer, "pad_token_id", None) or 0  # any id: padded positions are masked
         self.min_shared = min_shared
