@@ -121,15 +121,17 @@ class HFScorer:
     Requests that share a context share its forward pass: the distinct contexts of a call are right-padded into
     batches, run once through the decoder with a KV cache, and every target of a context then runs as one short
     continuation on a copy of that context's cache. PMI-shift's four requests per rollout (gold and decoy after
-    the before-context, gold and decoy after the after-context) are two context passes, not four, and a whole
-    call (a group, or a batch) packs into as few forwards as the token budget allows: a batch holds contexts
-    sorted by length whose padded size (rows × longest, one row per context and per target) stays within
-    `token_budget`. Padding is masked and every real token keeps its unpadded position, so a request's log-probs
+    the before-context, gold and decoy after the after-context) are one context pass, not four (the before-context
+    is a prefix of the after-context), and contexts that start alike (an RL group's rollouts after one prompt) run
+    that start once per batch (`shared_prefixes`), then their own suffixes on its cache. A whole call (a group, or
+    a batch) packs into as few forwards as the token budget allows: a batch holds contexts sorted by suffix length
+    whose padded size (rows × longest suffix, one row per context and per target) stays within `token_budget`.
+    Padding is masked and every real token keeps its unpadded position, so a request's log-probs
     do not depend on its batch mates (to fp rounding). The LM head and an fp32 log-softmax are applied to the
     gathered target positions alone (a full-vocabulary logit tensor over every position would dominate memory
     for a 150k vocabulary). Models whose logits are not lm_head(hidden) (final soft-capping, logit scaling) are
-    refused rather than scored wrongly. `forwards` counts batches (one context pass plus at most one target
-    pass each).
+    refused rather than scored wrongly. `forwards` counts batches (a shared-start pass, a context pass and a target
+    pass at most each).
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, *, token_budget: int | None = None, max_rows: int = 256,
