@@ -53,6 +53,20 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen) -> None:
     raise TwinarmError(f"{url} did not answer within {timeout_s:.0f}s")
 
 
+def check_api(url: str, timeout_s: float = 5.0) -> None:
+    """Raise TwinarmError naming PREFECT_API_URL when nothing answers at `url` (a server that answers, even with an
+    HTTP error such as a cloud workspace's 401, is reachable)."""
+    import urllib.error
+
+    try:
+        urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as exc:
+        raise TwinarmError(f"PREFECT_API_URL={url} does not answer ({getattr(exc, 'reason', exc)}): start that Prefect "
+                           f"server, or unset PREFECT_API_URL and twinarm starts its own for the run") from None
+
+
 def prefect_env(home: Home, port: int) -> dict[str, str]:
     """The environment of a Prefect server on 127.0.0.1:port and of the clients that use it."""
     api = f"http://127.0.0.1:{port}/api"
@@ -83,6 +97,7 @@ def run_server(while_starting: Callable[[], Any] | None = None) -> Iterator[None
     importing the flow or creating the MLflow store. PREFECT_API_URL is set first: prefect reads its settings once,
     when it is imported."""
     if os.environ.get("PREFECT_API_URL"):
+        check_api(os.environ["PREFECT_API_URL"])
         if while_starting:
             while_starting()
         yield

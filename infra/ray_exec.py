@@ -49,52 +49,81 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
                            f"/ RAY_ADDRESS, or set executor.use_ray: false to run arms in the flow process.") from None
 
 
-def ensure_ray(executor: ExecutorSpec) -> None:
-    """Initialise Ray once per process (thread-safe): join the cluster at `ray_address` with the repository as
-    working_dir, or start a local instance on every CPU; workers get FORWARD_ENV. Raises TwinarmError when the
-    cluster is unreachable or Ray fails to start."""
+def _init(executor: ExecutorSpec) -> None:
+    """ray.init: join the cluster at `ray_address` with the repository as working_dir, or start a local instance on
+    every CPU; workers get FORWARD_ENV. Raises TwinarmError when the cluster is unreachable or Ray fails to start."""
     import ray
 
-    with _init_lock:
-        if ray.is_initialized():
-            return
-        env_vars = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}
-        address = ray_address(executor)
+    env_vars = {k: os.environ[k] for k in FORWARD_ENV if k in os.environ}
+    address = ray_address(executor)
+    if address:
+        check_reachable(address)
+    try:
         if address:
-            check_reachable(address)
-        try:
-            if address:
-                ray.init(address=address, configure_logging=False, runtime_env={
-                    "env_vars": env_vars, "working_dir": str(REPO_ROOT),
-                    "excludes": [".venv", ".twinarm", ".git", "bench-out", "*.duckdb", "*.db"]})
-            else:
-                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False,
-                         runtime_env={"env_vars": env_vars})
-        except Exception as exc:  # Ray raises several types for a bad address; the user needs one message
-            where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-            raise TwinarmError(f"could not connect to {where}: {exc}. Check executor.ray_address / RAY_ADDRESS, "
-                               f"or set executor.use_ray: false to run arms in the flow process.") from None
+            ray.init(address=address, configure_logging=False, runtime_env={
+                "env_vars": env_vars, "working_dir": str(REPO_ROOT),
+                "excludes": [".venv", ".twinarm", ".git", "bench-out", "*.duckdb", "*.db"]})
+        else:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False,
+                     runtime_env={"env_vars": env_vars})
+    except Exception as exc:  # Ray raises several types for a bad address; the user needs one message
+        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        raise TwinarmError(f"could not connect to {where}: {exc}. Check executor.ray_address / RAY_ADDRESS, "
+                           f"or set executor.use_ray: false to run arms in the flow process.") from None
+
+
+_starter: tuple[threading.Thread, threading.Event, list[BaseException]] | None = None
+
+
+def _start(executor: ExecutorSpec) -> tuple[threading.Event, list[BaseException]]:
+    """The thread that runs ray.init and then parks until the process exits (started once; again when the last
+    start failed or Ray was shut down since): Ray binds its local processes (GCS, raylet) to the thread that started
+    them (PR_SET_PDEATHSIG, which Linux fires when that *thread* ends), so a thread that returned, such as a Prefect
+    task runner's at the end of a flow, would kill them and leave their agents orphaned. Returns (set when the start
+    ended, its error if any)."""
+    import ray
+
+    global _starter
+    with _init_lock:
+        if _starter is None or (_starter[1].is_set() and not ray.is_initialized()):
+            done, error = threading.Event(), []
+
+            def start_and_park() -> None:
+                try:
+                    _init(executor)
+                except BaseException as exc:
+                    error.append(exc)
+                    return
+                finally:
+                    done.set()
+                threading.Event().wait()
+
+            thread = threading.Thread(target=start_and_park, name="ray-start", daemon=True)
+            thread.start()
+            _starter = (thread, done, error)
+        return _starter[1], _starter[2]
+
+
+def ensure_ray(executor: ExecutorSpec) -> None:
+    """Initialise Ray once per process (thread-safe), on the thread `_start` parks: join the cluster at
+    `ray_address`, or start a local instance. Raises TwinarmError when the cluster is unreachable or Ray fails to
+    start (a later call tries again)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    done, error = _start(executor)
+    done.wait()
+    if error:
+        raise error[0]
 
 
 def start_early(executor: ExecutorSpec) -> None:
-    """Start (or join) Ray in a background thread when the executor uses it, so that the first stage placed on it
-    does not wait for it (a local instance takes ~5 s to start on a 2-core box). An error is not raised here:
-    the first `call` runs ensure_ray again and raises it there.
-
-    The thread then parks until the process exits: Ray binds its local processes (GCS, raylet) to the thread that
-    started them (PR_SET_PDEATHSIG, which Linux fires when that *thread* ends), so a thread that returned would
-    take the instance down with it."""
-    if not executor.use_ray:
-        return
-
-    def start_and_park() -> None:
-        try:
-            ensure_ray(executor)
-        except TwinarmError:
-            return
-        threading.Event().wait()
-
-    threading.Thread(target=start_and_park, name="ray-start", daemon=True).start()
+    """Start (or join) Ray in the background when the executor uses it, so that the first stage placed on it does
+    not wait for it (a local instance takes ~5 s to start on a 2-core box). An error is not raised here: the first
+    `call` raises it (ensure_ray)."""
+    if executor.use_ray:
+        _start(executor)
 
 
 def in_run_log(target: RunLog | None, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

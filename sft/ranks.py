@@ -39,7 +39,21 @@ if TYPE_CHECKING:
 
 # rank 0 may evaluate between two steps (the base model's greedy val) while followers wait in a collective
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+# every follower has built its model before the rendezvous starts (Ranks._wait_ready), so it takes well under a
+# second: one that dies in it is named after this long, not after COLLECTIVE_TIMEOUT
+RENDEZVOUS_TIMEOUT = timedelta(seconds=30)
+START_TIMEOUT_S = 600  # a follower not ready (imports, model build) after this long is named as hung
 STOP = -1
+
+
+def join(store_path: str, rank: int, world: int) -> Any:
+    """Join the ranks' rendezvous (a FileStore at store_path, RENDEZVOUS_TIMEOUT) and return the process group the
+    steps' collectives run in (COLLECTIVE_TIMEOUT). Raises RuntimeError when a rank does not join."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world,
+                            timeout=RENDEZVOUS_TIMEOUT)
+    return dist.new_group(timeout=COLLECTIVE_TIMEOUT)
 
 
 def ready_file(store_path: str, rank: int) -> str:
@@ -76,6 +90,7 @@ class Ranks:
         self.log_dir = Path(log_dir)
         self.procs: list[subprocess.Popen] = []
         self.tmp: str | None = None
+        self.group: Any = None  # the collectives' process group (join)
 
     def __enter__(self) -> "Ranks":
         if self.world == 1:
@@ -91,29 +106,49 @@ class Ranks:
                                 self.tmp, [self.log_dir / f"rank-{rank}.log" for rank in range(1, self.world)])
         try:
             self._wait_ready(store_path)
-            dist.init_process_group("gloo", store=dist.FileStore(store_path, self.world), rank=0,
-                                    world_size=self.world, timeout=COLLECTIVE_TIMEOUT)
+            try:
+                self.group = join(store_path, 0, self.world)
+            except RuntimeError as exc:
+                raise self._peer_failure("the rendezvous", exc) from None
         except BaseException:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            else:
+                # a failed init_process_group has still used up a group name (c10d counts them; the names prefix
+                # the store's keys): reset the count as destroy_process_group does, or a later rendezvous in this
+                # process would name its groups differently from its fresh followers and wait for nothing
+                from torch.distributed import distributed_c10d
+
+                distributed_c10d._world.group_count = 0
             kill_all(self.procs, self.tmp)
             raise
         return self
 
+    def _log(self, rank: int) -> Path:
+        return self.log_dir / f"rank-{rank}.log"
+
     def _wait_ready(self, store_path: str) -> None:
-        """Wait until every follower has built its model (its ready file), so that the rendezvous, which waits up to
-        COLLECTIVE_TIMEOUT, never waits for a follower that died starting. Raises TwinarmError naming its log."""
+        """Wait until every follower has built its model (its ready file), so that the rendezvous never waits for a
+        follower that died starting. Raises TwinarmError naming its log when one exits first, or is not ready after
+        START_TIMEOUT_S."""
         import time
 
         waiting = dict(enumerate(self.procs, start=1))
+        deadline = time.monotonic() + START_TIMEOUT_S
         while waiting:
             for rank, proc in list(waiting.items()):
                 if Path(ready_file(store_path, rank)).exists():
                     del waiting[rank]
                 elif proc.poll() is not None:
-                    log = self.log_dir / f"rank-{rank}.log"
+                    log = self._log(rank)
                     tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.is_file() else []
                     raise TwinarmError(f"data-parallel training ({self.world} ranks): rank {rank} exited with code "
                                        f"{proc.returncode} while starting: {' '.join(tail) or 'no output'} "
                                        f"(log: {log})")
+            if waiting and time.monotonic() > deadline:
+                raise TwinarmError(f"data-parallel training ({self.world} ranks): rank(s) {sorted(waiting)} not "
+                                   f"ready after {START_TIMEOUT_S} s (logs: "
+                                   f"{', '.join(str(self._log(r)) for r in sorted(waiting))})")
             time.sleep(0.05)
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -140,18 +175,25 @@ class Ranks:
         import torch.distributed as dist
 
         try:
-            dist.broadcast(tensor, src=0) if what == "broadcast" else dist.reduce(tensor, dst=0)
+            if what == "broadcast":
+                dist.broadcast(tensor, src=0, group=self.group)
+            else:
+                dist.reduce(tensor, dst=0, group=self.group)
         except RuntimeError as exc:
-            for proc in self.procs:  # a peer's socket closes while its process is still being torn down
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    pass
-            dead = [(i + 1, p.returncode) for i, p in enumerate(self.procs) if p.poll() is not None]
-            who = ", ".join(f"rank {r} exited with code {c} (log: {self.log_dir / f'rank-{r}.log'})"
-                            for r, c in dead) or "no follower has exited"
-            raise TwinarmError(f"data-parallel training ({self.world} ranks): {what} failed: "
-                               f"{str(exc).splitlines()[0]}; {who}") from None
+            raise self._peer_failure(what, exc) from None
+
+    def _peer_failure(self, what: str, exc: RuntimeError) -> TwinarmError:
+        """The error of a collective that failed: which followers exited, with their codes and logs."""
+        for proc in self.procs:  # a peer's socket closes while its process is still being torn down
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        dead = [(i + 1, p.returncode) for i, p in enumerate(self.procs) if p.poll() is not None]
+        who = ", ".join(f"rank {r} exited with code {c} (log: {self._log(r)})" for r, c in dead) or \
+            "no follower has exited"
+        return TwinarmError(f"data-parallel training ({self.world} ranks): {what} failed: "
+                            f"{str(exc).splitlines()[0]}; {who}")
 
     def begin_step(self, step: int, model: "PreTrainedModel", n_parts: int) -> list[int]:
         """Send the step (0-based) and the weights; returns the indices of the step's `n_parts` micro-batches that

@@ -261,7 +261,7 @@ def follow(job: dict[str, Any]) -> None:
     import torch.distributed as dist
     from torch.nn.utils import vector_to_parameters
 
-    from sft.ranks import COLLECTIVE_TIMEOUT, STOP, deal, flat_grads, ready_file
+    from sft.ranks import STOP, deal, flat_grads, join, ready_file
     from worlds.model import register_attention, set_threads
 
     set_threads(job["threads"])
@@ -269,24 +269,23 @@ def follow(job: dict[str, Any]) -> None:
     model = job["model_class"](job["model_config"]).to(torch.float32).to(job["device"]).train()
     params = list(model.parameters())
     Path(ready_file(job["store"], job["rank"])).touch()  # rank 0 starts the rendezvous once every rank is here
-    dist.init_process_group("gloo", store=dist.FileStore(job["store"], job["world"]), rank=job["rank"],
-                            world_size=job["world"], timeout=COLLECTIVE_TIMEOUT)
+    group = join(job["store"], job["rank"], job["world"])
     try:
         while True:
             control = torch.zeros(1, dtype=torch.long)
-            dist.broadcast(control, src=0)
+            dist.broadcast(control, src=0, group=group)
             step = int(control[0])
             if step == STOP:
                 return
             weights = torch.empty(sum(p.numel() for p in params), dtype=torch.float32)
-            dist.broadcast(weights, src=0)
+            dist.broadcast(weights, src=0, group=group)
             vector_to_parameters(weights, params)
             model.zero_grad(set_to_none=True)
             parts, n_tokens = step_parts(job["encoded"], step, job["batch_size"], job["seed"])
             mine = [parts[i] for i in deal(len(parts), job["world"])[job["rank"]]]
             loss_sum = accumulate(model, mine, job["pad"], n_tokens, job["device"], job["precision"])
-            dist.reduce(flat_grads(params), dst=0)
-            dist.reduce(torch.tensor([loss_sum], dtype=torch.float64), dst=0)
+            dist.reduce(flat_grads(params), dst=0, group=group)
+            dist.reduce(torch.tensor([loss_sum], dtype=torch.float64), dst=0, group=group)
     finally:
         dist.destroy_process_group()
 

@@ -1,5 +1,5 @@
 """Data-parallel start-up (sft.ranks): rank 0 must never wait out COLLECTIVE_TIMEOUT for a follower that is gone,
-whenever it dies: while building its model (SIGKILL), or after its ready file but before the rendezvous."""
+whenever it dies: while building its model (SIGKILL), or after its ready file, before or in the rendezvous."""
 from __future__ import annotations
 
 import os
@@ -81,14 +81,14 @@ def test_a_follower_killed_while_starting_is_named(tmp_path, followers_import_th
 
 def test_a_follower_that_dies_after_its_ready_file_does_not_hang_rank_0(tmp_path, monkeypatch,
                                                                       followers_import_this_module):
-    """Rank 0 stops watching a follower once its ready file exists and then waits in the rendezvous for up to
-    COLLECTIVE_TIMEOUT (30 minutes), then raises gloo's RuntimeError. Shortened to 5 s here: rank 0 should name the
-    dead rank (TwinarmError, its log) well before."""
+    """A follower that dies after its ready file, before or in the rendezvous: rank 0 waits there at most
+    RENDEZVOUS_TIMEOUT (30 s; 2 s here), never COLLECTIVE_TIMEOUT (30 minutes), and names the dead rank
+    (TwinarmError, its exit code and log), not gloo's RuntimeError."""
     import sft.ranks
     from infra.errors import TwinarmError
     from sft.ranks import Ranks
 
-    monkeypatch.setattr(sft.ranks, "COLLECTIVE_TIMEOUT", timedelta(seconds=5))
+    monkeypatch.setattr(sft.ranks, "RENDEZVOUS_TIMEOUT", timedelta(seconds=2))
     job = {"model_class": DiesAfterReady, "model_config": None, "threads": 1, "device": "cpu"}
     ready_at = []
     scratch = tmp_path / "scratch"  # where Ranks makes its temporary directory (tempfile.mkdtemp)
@@ -106,5 +106,5 @@ def test_a_follower_that_dies_after_its_ready_file_does_not_hang_rank_0(tmp_path
         with Ranks(2, job, tmp_path / "logs"):
             pass
     waited = time.monotonic() - ready_at[0]
-    assert waited < 4, f"rank 0 waited {waited:.0f} s for a dead follower"
+    assert waited < 10, f"rank 0 waited {waited:.0f} s for a dead follower"
     assert not _followers()

@@ -46,3 +46,27 @@ def test_unreachable_cluster_is_one_clear_error(monkeypatch):
 
     with pytest.raises(TwinarmError, match="could not connect to the Ray cluster at 127.0.0.1:1"):
         call(body, 1, executor=ExecutorSpec(use_ray=True, ray_address="127.0.0.1:1"))
+
+
+def test_a_local_instance_outlives_the_thread_that_first_needed_it():
+    """Ray binds its local processes to the thread that ran ray.init (PR_SET_PDEATHSIG): started from a thread that
+    then ends (a Prefect task runner's), the GCS server would be killed with it. ensure_ray starts it on a thread
+    that parks, so the instance keeps serving after the caller's thread is gone."""
+    import threading
+    import time
+
+    import psutil
+    import ray
+
+    from infra.ray_exec import ensure_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    spec = ExecutorSpec(use_ray=True, cpus_per_arm=1)
+    caller = threading.Thread(target=ensure_ray, args=(spec,))
+    caller.start()
+    caller.join()
+    time.sleep(1.0)  # a parent-death signal is delivered at once
+    assert any("gcs_server" in p.name() for p in psutil.Process().children(recursive=True))
+    pid, value = call(body, 4, executor=spec)
+    assert value == 8 and pid != os.getpid()

@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 # continuation) of a grouped-query model attend per key/value head (grouped_attention). Registered with
 # transformers' AttentionInterface under this name when a model is made.
 ATTENTION = "twinarm_eager"
+# model families whose eager attention is the plain one (scaled scores + additive mask, softmax, weighted sum):
+# grouped_attention reproduces exactly that; any other family (Gemma-2's score soft-capping, attention sinks, ...)
+# keeps its own eager attention for every call
+PLAIN_EAGER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def grouped_attention(module: "torch.nn.Module", query: "torch.Tensor", key: "torch.Tensor", value: "torch.Tensor",
@@ -40,17 +44,20 @@ def grouped_attention(module: "torch.nn.Module", query: "torch.Tensor", key: "to
     query [B, KV, g·L, D] @ key^T [B, KV, D, T], the mask repeated for each stacked head. Every output element is the
     same dot product, softmax and weighted sum as eager's, without the copy (tests/test_tokenizer_model.py: equal to
     eager within fp32 rounding, and bit-identical decoding in bf16 on the demo box): a demo RL batch (16 prompts ×
-    8, bf16, 1 thread) decodes in about half the CPU time. Training and prompt passes (L == T) are eager's own.
-    Returns (output [B, L, H, D], weights [B, H, L, T]) like eager."""
+    8, bf16, 1 thread) decodes in about half the CPU time. Training and prompt passes (L == T), and every call of a
+    family outside PLAIN_EAGER_FAMILIES, are eager's own. Returns (output [B, L, H, D], weights [B, H, L, T]) like
+    eager."""
     import importlib
 
     import torch
 
     groups = getattr(module, "num_key_value_groups", 1)
     b, h, length, d = query.shape
+    where = type(module).__module__  # transformers.models.<family>.modeling_<family>
+    family = where.split(".")[-2] if "." in where else where
     if length >= key.shape[2] or groups == 1 or (dropout and module.training) or (
-            attention_mask is None and length > 1):
-        eager = importlib.import_module(type(module).__module__).eager_attention_forward
+            attention_mask is None and length > 1) or family not in PLAIN_EAGER_FAMILIES:
+        eager = importlib.import_module(where).eager_attention_forward
         return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     weights = torch.matmul(query.reshape(b, h // groups, groups * length, d), key.transpose(2, 3)) * scaling
     if attention_mask is not None:  # [B, 1, L, T]: row r·L + l of the stacked queries is query l of head r
