@@ -143,7 +143,7 @@ def stop_ids(tokenizer: "PreTrainedTokenizerFast") -> list[int]:
 # the HF engine's own decoding loop (below): part of the evaluation protocol (evals.engines.engine_identity), so
 # samples it drew never share a stored result with those of another loop (HF generate's, before it). /3: its models
 # attend per key/value head when decoding (worlds.model.grouped_attention): eager's values to fp32 rounding, the
-# same samples in bf16 on the demo box, about half the decoding CPU time of /2 on a demo RL batch
+# same samples in bf16 on the demo box, about a third less decoding time than /2 on a demo RL batch
 HF_DECODE = "hf-engine-decode/3: stopped rows leave the batch; grouped-query decoding attention"
 
 

@@ -44,9 +44,9 @@ def grouped_attention(module: "torch.nn.Module", query: "torch.Tensor", key: "to
     query [B, KV, g·L, D] @ key^T [B, KV, D, T], the mask repeated for each stacked head. Every output element is the
     same dot product, softmax and weighted sum as eager's, without the copy (tests/test_tokenizer_model.py: equal to
     eager within fp32 rounding, and bit-identical decoding in bf16 on the demo box): a demo RL batch (16 prompts ×
-    8, bf16, 1 thread) decodes in about half the CPU time. Training and prompt passes (L == T), and every call of a
-    family outside PLAIN_EAGER_FAMILIES, are eager's own. Returns (output [B, L, H, D], weights [B, H, L, T]) like
-    eager."""
+    8, bf16, 1 thread) decodes in about a third less time (the GRPO step's sampling: 2.05 → 1.35–1.42 s).
+    Training and prompt passes (L == T), and every call of a family outside PLAIN_EAGER_FAMILIES, are eager's own.
+    Returns (output [B, L, H, D], weights [B, H, L, T]) like eager."""
     import importlib
 
     import torch
