@@ -72,7 +72,7 @@ def _init(executor: ExecutorSpec) -> None:
                            f"or set executor.use_ray: false to run arms in the flow process.") from None
 
 
-_starter: tuple[threading.Thread, threading.Event, list[BaseException]] | None = None
+_starter: tuple[threading.Event, list[BaseException]] | None = None  # the last start: (ended, its error if any)
 
 
 def _start(executor: ExecutorSpec) -> tuple[threading.Event, list[BaseException]]:
@@ -85,7 +85,7 @@ def _start(executor: ExecutorSpec) -> tuple[threading.Event, list[BaseException]
 
     global _starter
     with _init_lock:
-        if _starter is None or (_starter[1].is_set() and not ray.is_initialized()):
+        if _starter is None or (_starter[0].is_set() and not ray.is_initialized()):
             done, error = threading.Event(), []
 
             def start_and_park() -> None:
@@ -98,10 +98,9 @@ def _start(executor: ExecutorSpec) -> tuple[threading.Event, list[BaseException]
                     done.set()
                 threading.Event().wait()
 
-            thread = threading.Thread(target=start_and_park, name="ray-start", daemon=True)
-            thread.start()
-            _starter = (thread, done, error)
-        return _starter[1], _starter[2]
+            threading.Thread(target=start_and_park, name="ray-start", daemon=True).start()
+            _starter = (done, error)
+        return _starter
 
 
 def ensure_ray(executor: ExecutorSpec) -> None:

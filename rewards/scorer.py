@@ -226,8 +226,8 @@ class HFScorer:
 
         dev = self.device
         hosts = [c for c, _ in groups]
-        row, plen = [r for r, _ in shared], [p for _, p in shared]
-        prefixes = {(row[b], plen[b]): hosts[b][:plen[b]] for b in range(len(hosts)) if plen[b]}
+        plen = [p for _, p in shared]
+        prefixes = {key: hosts[b][:key[1]] for b, key in enumerate(shared) if key[1]}  # (run, length) -> its ids
         p_rows = {key: r for r, key in enumerate(prefixes)}
         p_width = max((p for _, p in prefixes), default=0)
         s_width = max(len(c) - plen[b] for b, c in enumerate(hosts))
@@ -248,8 +248,7 @@ class HFScorer:
                 ids, mask = padded(list(prefixes.values()), p_width)
                 first = self.decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=True)
                 cache = first.past_key_values
-                cache.batch_select_indices(torch.tensor([p_rows.get((row[b], plen[b]), 0) for b in range(len(hosts))],
-                                                        device=dev))
+                cache.batch_select_indices(torch.tensor([p_rows.get(key, 0) for key in shared], device=dev))
             # pass 2: every host's suffix after its own prefix (positions continue from it; other prefixes masked)
             p_len = torch.tensor(plen, dtype=torch.long)
             s_ids, s_mask = padded([c[plen[b]:] for b, c in enumerate(hosts)], s_width)
@@ -258,7 +257,7 @@ class HFScorer:
                                   position_ids=(p_len[:, None] + torch.arange(s_width)[None, :]).to(dev),
                                   past_key_values=cache, use_cache=t_width > 0)
             # the hidden state at each request's last context position predicts its target's first token
-            last = torch.stack([first.last_hidden_state[p_rows[(row[b], plen[b])], n - 1] if n <= plen[b] else
+            last = torch.stack([first.last_hidden_state[p_rows[shared[b]], n - 1] if n <= plen[b] else
                                 second.last_hidden_state[b, n - 1 - plen[b]] for b, _, n in reqs])
             rest = None
             if t_width > 0:
@@ -293,21 +292,14 @@ def shared_prefixes(contexts: Sequence[Sequence[int]], min_shared: int) -> tuple
     least `min_shared` leading ids (an RL group's rollouts share their rendered prompt); a run's prefix is what all
     its members share. A context in no run gets length 0. No context is a prefix of another (HFScorer hosts those on
     their extension), so every context keeps at least one id past its prefix."""
+    from os.path import commonprefix  # any sequences, not only paths
+
     order = sorted(range(len(contexts)), key=lambda i: tuple(contexts[i]))
     group, length = [0] * len(contexts), [0] * len(contexts)
-
-    def common(a: Sequence[int], b: Sequence[int]) -> int:
-        k = 0
-        for x, y in zip(a, b):
-            if x != y:
-                break
-            k += 1
-        return k
-
     run: list[int] = []
     shared = 0
-    for pos, i in enumerate(order + [None]):  # type: ignore[list-item]
-        k = common(contexts[run[-1]], contexts[i]) if run and i is not None else 0
+    for i in order + [None]:  # type: ignore[list-item]
+        k = len(commonprefix([contexts[run[-1]], contexts[i]])) if run and i is not None else 0
         if run and k >= min_shared:
             run.append(i)
             shared = min(shared, k)

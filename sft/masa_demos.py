@@ -114,7 +114,6 @@ def calibrate_slips(model: Any, tokenizer: Any, problems: list["Problem"], fit: 
     se, steps per class, identified (per class), log_lik and log_lik_declared (the declared SLIP_BY_RISK on the
     same samples), mean_pass_fitted / mean_pass_declared (mean predicted pass probability), calibration
     (`calibration_table` of the fit) and seconds."""
-    import random
     import time
 
     from evals.engine import HFEngine, render_prompt, seed_for
